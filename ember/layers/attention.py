@@ -1,0 +1,145 @@
+"""Grouped-query attention over a paged KV cache.
+
+The runner flattens a step's tokens into one batch: single-token decodes first, then prefill chunks.
+Each layer writes its new K/V into cache slots (`slot_mapping`) and reads each sequence's context back
+through its slot list, so a decode step touches only the blocks its sequences own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ember.config import ModelConfig
+from ember.layers.mlp import make_linear
+from ember.layers.norm import RMSNorm
+from ember.layers.rotary import RotaryEmbedding
+
+
+@dataclass
+class PrefillSlice:
+    start: int  # offset of this sequence's queries in the flat batch
+    length: int  # number of new tokens (queries)
+    context_len: int  # cached + new tokens it attends to
+    context_slots: torch.Tensor | None  # [context_len] cache slots; None when nothing was cached before
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [T] cache slot each new token's K/V is written to
+    num_decode: int = 0
+    decode_slots: torch.Tensor | None = None  # [D, max_context] slots, padded
+    decode_lens: torch.Tensor | None = None  # [D]
+    prefills: list[PrefillSlice] = field(default_factory=list)
+    _masks: dict = field(default_factory=dict)  # shared by every layer of one step
+
+    def decode_mask(self, window: int | None) -> torch.Tensor:
+        key = ("decode", window)
+        if key not in self._masks:
+            cols = torch.arange(self.decode_slots.shape[1], device=self.decode_slots.device)[None, :]
+            lens = self.decode_lens[:, None]
+            mask = cols < lens
+            if window is not None:
+                mask &= cols > lens - 1 - window
+            self._masks[key] = mask[:, None, None, :]
+        return self._masks[key]
+
+    def prefill_mask(self, index: int, window: int | None, device: torch.device) -> torch.Tensor:
+        key = ("prefill", index, window)
+        if key not in self._masks:
+            piece = self.prefills[index]
+            query_pos = torch.arange(piece.context_len - piece.length, piece.context_len, device=device)[:, None]
+            key_pos = torch.arange(piece.context_len, device=device)[None, :]
+            mask = key_pos <= query_pos
+            if window is not None:
+                mask &= key_pos > query_pos - window
+            self._masks[key] = mask
+        return self._masks[key]
+
+
+def attend(q, k, v, mask, scale: float, softcap: float | None, causal: bool = False):
+    """softmax(q k^T * scale) v over [B, heads, L, D] tensors; tanh soft-capping needs the explicit form."""
+    if softcap is None:
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal and mask is None, scale=scale, enable_gqa=True
+        )
+    if k.shape[1] != q.shape[1]:
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    scores = softcap * torch.tanh(scores / softcap)
+    if mask is None and causal:
+        mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1), v.float()).to(q.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_index: int):
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        self.scale = config.attn_scale if config.attn_scale is not None else self.head_dim**-0.5
+        self.softcap = config.attn_logit_softcap
+        self.window = config.sliding_windows[layer_index]
+        hidden, q_size, kv_size = config.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.q_proj = make_linear(hidden, q_size, config.qkv_bias)
+        self.k_proj = make_linear(hidden, kv_size, config.qkv_bias)
+        self.v_proj = make_linear(hidden, kv_size, config.qkv_bias)
+        self.o_proj = make_linear(q_size, hidden)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, config.norm_weight_offset)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, config.norm_weight_offset)
+        else:
+            self.q_norm = self.k_norm = None
+        # Set by the model runner: this layer's slice of the paged cache, [num_slots, kv_heads, head_dim].
+        self.k_cache: torch.Tensor | None = None
+        self.v_cache: torch.Tensor | None = None
+
+    def forward(self, x, cos, sin, rotary: RotaryEmbedding, meta: AttentionMetadata) -> torch.Tensor:
+        tokens = x.shape[0]
+        q = self.q_proj(x).view(tokens, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rotary.apply(q, cos, sin), rotary.apply(k, cos, sin)
+        self.k_cache.index_copy_(0, meta.slot_mapping, k.to(self.k_cache.dtype))
+        self.v_cache.index_copy_(0, meta.slot_mapping, v.to(self.v_cache.dtype))
+
+        out = torch.empty_like(q)
+        if meta.num_decode:
+            out[: meta.num_decode] = self._decode(q[: meta.num_decode], meta)
+        for index, piece in enumerate(meta.prefills):
+            span = slice(piece.start, piece.start + piece.length)
+            out[span] = self._prefill(q[span], k[span], v[span], piece, index, meta)
+        return self.o_proj(out.view(tokens, self.num_heads * self.head_dim))
+
+    def _decode(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        # Fold each KV head's query group into the query-length axis: [D, kv_heads, group, head_dim],
+        # so keys are read once per KV head instead of being repeated for every query head.
+        batch, group = q.shape[0], self.num_heads // self.num_kv_heads
+        qg = q.view(batch, self.num_kv_heads, group, self.head_dim)
+        keys = self.k_cache[meta.decode_slots].transpose(1, 2).to(q.dtype)
+        values = self.v_cache[meta.decode_slots].transpose(1, 2).to(q.dtype)
+        out = attend(qg, keys, values, meta.decode_mask(self.window), self.scale, self.softcap)
+        return out.reshape(batch, self.num_heads, self.head_dim)
+
+    def _prefill(self, q, k, v, piece: PrefillSlice, index: int, meta: AttentionMetadata) -> torch.Tensor:
+        if piece.context_slots is None:  # a fresh prompt: attend its own K/V directly, no cache read
+            keys, values = k, v
+            mask = None if self.window is None else meta.prefill_mask(index, self.window, q.device)
+        else:
+            keys = self.k_cache[piece.context_slots].to(q.dtype)
+            values = self.v_cache[piece.context_slots].to(q.dtype)
+            mask = meta.prefill_mask(index, self.window, q.device)
+        out = attend(
+            q.transpose(0, 1)[None], keys.transpose(0, 1)[None], values.transpose(0, 1)[None],
+            mask, self.scale, self.softcap, causal=True,
+        )
+        return out[0].transpose(0, 1)

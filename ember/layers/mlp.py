@@ -1,0 +1,34 @@
+"""The gated feed-forward block shared by every supported family."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ember.errors import ModelLoadError
+
+ACTIVATIONS = {
+    "silu": F.silu,
+    "swish": F.silu,
+    "gelu": F.gelu,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+}
+
+
+def make_linear(in_features: int, out_features: int, bias: bool = False) -> nn.Linear:
+    """A Linear without initialisation: weights are created on the meta device and loaded into place."""
+    return nn.Linear(in_features, out_features, bias=bias, device="meta")
+
+
+class GatedMLP(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int, act: str):
+        super().__init__()
+        if act not in ACTIVATIONS:
+            raise ModelLoadError(f"unsupported hidden_act {act!r} (supported: {', '.join(ACTIVATIONS)})")
+        self.act = ACTIVATIONS[act]
+        self.gate_proj = make_linear(hidden_size, intermediate_size)
+        self.up_proj = make_linear(hidden_size, intermediate_size)
+        self.down_proj = make_linear(intermediate_size, hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))

@@ -1,0 +1,25 @@
+"""RMSNorm in the two numerically distinct forms checkpoints were trained with."""
+
+import torch
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm computed in float32.
+
+    `weight_offset=0` is Llama's form (cast back, then scale by weight); `weight_offset=1` is Gemma's
+    (scale by 1 + weight in float32, then cast), which is why the two are not interchangeable.
+    """
+
+    def __init__(self, dim: int, eps: float, weight_offset: float = 0.0):
+        super().__init__()
+        self.eps = eps
+        self.weight_offset = weight_offset
+        self.weight = nn.Parameter(torch.empty(dim, device="meta"))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.weight_offset:
+            return (h * (self.weight_offset + self.weight.float())).to(x.dtype)
+        return self.weight * h.to(x.dtype)

@@ -1,0 +1,29 @@
+"""Putting loaded tensors into a meta-device model, with shape checks."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ember.errors import ModelLoadError
+
+
+def set_weight(model: nn.Module, name: str, param: torch.Tensor, tensor: torch.Tensor, dtype, device) -> None:
+    if tuple(tensor.shape) != tuple(param.shape):
+        raise ModelLoadError(f"tensor {name}: shape {tuple(tensor.shape)} does not match the config's {tuple(param.shape)}")
+    owner_name, _, attr = name.rpartition(".")
+    owner = model.get_submodule(owner_name)
+    setattr(owner, attr, nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=False))
+
+
+def finish_loading(model: nn.Module, device: torch.device) -> None:
+    """Fail on any parameter the checkpoint did not provide; move non-parameter state to the device."""
+    missing = [name for name, p in model.named_parameters() if p.is_meta]
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise ModelLoadError(f"checkpoint is missing weights: {shown}")
+    rotary = model.model.rotary
+    rotary.inv_freq = rotary.inv_freq.to(device)
+    if rotary.long_inv_freq is not None:
+        rotary.long_inv_freq = rotary.long_inv_freq.to(device)
+    model.eval()

@@ -1,0 +1,92 @@
+"""The decoder-only transformer every supported family is a variant of.
+
+Family files subclass `CausalLM` to name their architectures and to map checkpoint tensors whose layout
+differs (fused projections); everything else is switched by fields of `ModelConfig`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from ember.config import ModelConfig
+from ember.layers.attention import Attention, AttentionMetadata
+from ember.layers.mlp import GatedMLP, make_linear
+from ember.layers.norm import RMSNorm
+from ember.layers.rotary import RotaryEmbedding
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, index: int):
+        super().__init__()
+        eps, offset = config.rms_norm_eps, config.norm_weight_offset
+        self.sandwich = config.sandwich_norm
+        self.self_attn = Attention(config, index)
+        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act)
+        self.input_layernorm = RMSNorm(config.hidden_size, eps, offset)
+        # Without sandwich norms this is the pre-MLP norm (Llama's naming); with them it follows attention.
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, offset)
+        if self.sandwich:
+            self.pre_feedforward_layernorm = RMSNorm(config.hidden_size, eps, offset)
+            self.post_feedforward_layernorm = RMSNorm(config.hidden_size, eps, offset)
+
+    def forward(self, x, cos, sin, rotary, meta):
+        attn = self.self_attn(self.input_layernorm(x), cos, sin, rotary, meta)
+        if self.sandwich:
+            x = x + self.post_attention_layernorm(attn)
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        x = x + attn
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, device="meta")
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.norm_weight_offset)
+        self.rotary = RotaryEmbedding(config)
+        self.embed_scale = config.embed_scale
+
+    def forward(self, input_ids, positions, meta: AttentionMetadata) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        if self.embed_scale is not None:
+            # Gemma rounds the scale to the activation dtype before multiplying.
+            x = x * torch.tensor(self.embed_scale, dtype=x.dtype)
+        cos, sin = self.rotary.cos_sin(positions)
+        for layer in self.layers:
+            x = layer(x, cos, sin, self.rotary, meta)
+        return self.norm(x)
+
+
+class CausalLM(nn.Module):
+    """Base for every family: `model` (the decoder) and `lm_head`, with HF checkpoint names."""
+
+    architectures: tuple[str, ...] = ()  # HF `architectures` entries this class serves
+    model_types: tuple[str, ...] = ()  # HF `model_type` / GGUF `general.architecture` values
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = DecoderModel(config)
+        self.lm_head = None if config.tie_word_embeddings else make_linear(config.hidden_size, config.vocab_size)
+        self.final_softcap = config.final_logit_softcap
+
+    def forward(self, input_ids, positions, meta: AttentionMetadata) -> torch.Tensor:
+        return self.model(input_ids, positions, meta)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.lm_head is None:
+            logits = torch.nn.functional.linear(hidden, self.model.embed_tokens.weight)
+        else:
+            logits = self.lm_head(hidden)
+        logits = logits.float()
+        if self.final_softcap is not None:
+            logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
+        return logits
+
+    def split_checkpoint_tensor(self, name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+        """Map one checkpoint tensor to this module's parameters; families with fused tensors override."""
+        yield name, tensor
