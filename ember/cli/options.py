@@ -1,0 +1,54 @@
+"""Command-line options shared by the commands that load a model or sample from it."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                       help="weights/activations dtype (auto: bfloat16 on CPU, the checkpoint's on GPU)")
+    group.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    group.add_argument("--max-model-len", type=int, default=None, help="context length (default: model's, ≤ 8192)")
+    group.add_argument("--kv-memory", type=_size, default=None, help="KV cache size, e.g. 2G or 512M")
+    group.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
+    group.add_argument("--max-num-seqs", type=int, default=32, help="sequences decoded together")
+    group.add_argument("--max-batched-tokens", type=int, default=512, help="token budget of one engine step")
+
+
+def engine_args(args: argparse.Namespace) -> dict:
+    return {
+        "dtype": args.dtype, "device": args.device, "max_model_len": args.max_model_len,
+        "kv_memory": args.kv_memory, "block_size": args.block_size, "max_num_seqs": args.max_num_seqs,
+        "max_batched_tokens": args.max_batched_tokens,
+    }
+
+
+def add_sampling_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("sampling")
+    group.add_argument("--max-tokens", type=int, default=512, help="tokens to generate per reply")
+    group.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
+    group.add_argument("--top-p", type=float, default=0.9)
+    group.add_argument("--top-k", type=int, default=40)
+    group.add_argument("--min-p", type=float, default=0.05)
+    group.add_argument("--repeat-penalty", type=float, default=1.1)
+    group.add_argument("--seed", type=int, default=None)
+
+
+def sampling_kwargs(args: argparse.Namespace) -> dict:
+    return {
+        "max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p,
+        "top_k": args.top_k, "min_p": args.min_p, "repetition_penalty": args.repeat_penalty, "seed": args.seed,
+    }
+
+
+def _size(text: str) -> int:
+    units = {"k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+    text = text.strip().lower().removesuffix("b").removesuffix("i")
+    try:
+        if text and text[-1] in units:
+            return int(float(text[:-1]) * units[text[-1]])
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 512M, 4G)") from None

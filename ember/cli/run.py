@@ -1,0 +1,117 @@
+"""`ember run [MODEL] [PROMPT]`: one-shot generation streamed to stdout, or an interactive chat."""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+
+from ember.cli.options import add_model_options, add_sampling_options, engine_args, sampling_kwargs
+
+HELP = "commands: /bye to exit, /clear to forget the conversation, /help for this; Ctrl-C stops a reply"
+
+
+def add_parser(sub) -> None:
+    parser = sub.add_parser("run", help="chat with a model, or complete one prompt",
+                            description="Chat with a model interactively, or answer PROMPT and exit.")
+    parser.add_argument("model", nargs="?", default=None,
+                        help="GGUF file or transformers folder (default: the bundled model)")
+    parser.add_argument("prompt", nargs="*", help="answer this and exit (reads stdin when it is '-')")
+    parser.add_argument("--system", default=None, help="system message for the chat")
+    parser.add_argument("--raw", action="store_true", help="send the prompt as-is, without the chat template")
+    add_model_options(parser)
+    add_sampling_options(parser)
+
+
+class Chat:
+    """Streams replies from the engine, keeping the conversation for the chat template."""
+
+    def __init__(self, engine, params, system: str | None, raw: bool):
+        self.engine = engine
+        self.params = params
+        self.system = system
+        self.raw = raw or engine.loaded.chat_template is None
+        self.history: list[dict] = []
+        self._ids = itertools.count()
+
+    def clear(self) -> None:
+        self.history = []
+
+    def _prompt_ids(self, text: str) -> list[int]:
+        tokenizer = self.engine.tokenizer
+        if self.raw:
+            return tokenizer.encode(text)
+        messages = ([{"role": "system", "content": self.system}] if self.system else []) + self.history
+        messages.append({"role": "user", "content": text})
+        rendered = self.engine.loaded.chat_template.render(messages, add_generation_prompt=True)
+        return tokenizer.encode(rendered, add_special_tokens=False)
+
+    def reply(self, text: str, out=sys.stdout) -> str:
+        """Stream the answer to `text`; Ctrl-C ends the reply early and keeps what was said."""
+        request_id = f"run-{next(self._ids)}"
+        self.engine.add_request(request_id, self._prompt_ids(text), self.params)
+        answer: list[str] = []
+        try:
+            finished = False
+            while not finished:
+                for step in self.engine.step():
+                    if step.request_id == request_id:
+                        answer.append(step.text_delta)
+                        out.write(step.text_delta)
+                        out.flush()
+                        finished = step.finished
+        except KeyboardInterrupt:
+            self.engine.abort(request_id)
+            out.write("\n[stopped]")
+        out.write("\n")
+        reply = "".join(answer)
+        if not self.raw:
+            self.history += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
+        return reply
+
+
+def interactive(chat: Chat) -> None:
+    print(f"ember · {chat.engine.model_name} · {HELP}")
+    while True:
+        try:
+            line = input(">>> ")
+        except EOFError:
+            print()
+            return
+        except KeyboardInterrupt:
+            print("\nUse Ctrl-D or /bye to exit.")
+            continue
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/bye", "/exit", "/quit"):
+            return
+        if text == "/clear":
+            chat.clear()
+            print("Cleared the conversation.")
+            continue
+        if text in ("/help", "/?"):
+            print(HELP)
+            continue
+        chat.reply(text)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ember.engine.engine import EngineArgs, LLMEngine
+    from ember.sampling_params import SamplingParams
+
+    params = SamplingParams(**sampling_kwargs(args))
+    prompt = " ".join(args.prompt)
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    engine = LLMEngine(args.model, EngineArgs(**engine_args(args)))
+    chat = Chat(engine, params, args.system, args.raw)
+    if prompt:
+        chat.reply(prompt)
+    elif sys.stdin.isatty():
+        interactive(chat)
+    else:  # piped input without a prompt: one reply per non-empty line, like a scripted chat
+        for line in sys.stdin:
+            if line.strip() and line.strip() != "/bye":
+                chat.reply(line.strip())
+    return 0

@@ -1,0 +1,85 @@
+"""LLM: the offline Python API. `generate` runs every prompt through the batching engine at once."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence as Seq
+from dataclasses import replace
+
+from ember.engine.engine import EngineArgs, LLMEngine
+from ember.engine.outputs import CompletionOutput
+from ember.errors import ChatTemplateError, InvalidParameter
+from ember.sampling_params import SamplingParams
+
+Prompt = str | list[int]
+
+
+class LLM:
+    """`LLM(model)` with a GGUF file, a transformers folder, or None for the bundled default model."""
+
+    def __init__(self, model: str | None = None, **engine_args):
+        self.engine = LLMEngine(model, EngineArgs(**engine_args))
+        self.tokenizer = self.engine.tokenizer
+        self.chat_template = self.engine.loaded.chat_template
+        self._ids = itertools.count()
+
+    def encode(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt)
+        if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            return list(prompt)
+        raise InvalidParameter("prompt", "expected a string or a list of token ids")
+
+    def generate(
+        self, prompts: Prompt | Seq[Prompt], params: SamplingParams | None = None, use_tqdm: bool = False
+    ) -> list[CompletionOutput]:
+        """One output per prompt and per sample (`params.n`), in prompt order."""
+        params = params or SamplingParams()
+        single = isinstance(prompts, str) or (
+            isinstance(prompts, list) and bool(prompts) and isinstance(prompts[0], int)
+        )
+        prompt_list = [prompts] if single else list(prompts)
+        order: list[str] = []
+        prompt_ids: dict[str, list[int]] = {}
+        for prompt in prompt_list:
+            ids = self.encode(prompt)
+            for sample in range(params.n):
+                seed = None if params.seed is None else params.seed + sample
+                request_id = f"gen-{next(self._ids)}"
+                self.engine.add_request(request_id, ids, replace(params, n=1, seed=seed))
+                order.append(request_id)
+                prompt_ids[request_id] = ids
+        results = self._run(order)
+        for request_id, out in results.items():
+            out.prompt_token_ids = prompt_ids[request_id]
+        return [results[r] for r in order]
+
+    def _run(self, request_ids: list[str]) -> dict[str, CompletionOutput]:
+        pieces: dict[str, CompletionOutput] = {}
+        pending = set(request_ids)
+        while pending:
+            for out in self.engine.step():
+                done = pieces.setdefault(out.request_id, CompletionOutput(
+                    out.request_id, [], "", [], "", [] if out.logprobs is not None else None))
+                done.text += out.text_delta
+                done.token_ids.extend(out.token_ids)
+                if out.logprobs is not None:
+                    done.logprobs = (done.logprobs or []) + out.logprobs
+                if out.finished:
+                    done.finish_reason = out.finish_reason
+                    done.cached_tokens = out.cached_tokens
+                    pending.discard(out.request_id)
+        return pieces
+
+    def render_chat(self, messages: list[dict], tools: list[dict] | None = None, **template_kwargs) -> str:
+        if self.chat_template is None:
+            raise ChatTemplateError("this model has no chat template; use generate() with a plain prompt")
+        return self.chat_template.render(messages, tools=tools, add_generation_prompt=True, **template_kwargs)
+
+    def chat(self, messages: list[dict] | list[list[dict]], params: SamplingParams | None = None,
+             tools: list[dict] | None = None, **template_kwargs) -> list[CompletionOutput]:
+        """Apply the model's chat template to one conversation (or a list of them) and generate."""
+        conversations = messages if messages and isinstance(messages[0], list) else [messages]
+        prompts = [self.tokenizer.encode(self.render_chat(c, tools, **template_kwargs), add_special_tokens=False)
+                   for c in conversations]
+        return self.generate(prompts, params)

@@ -1,0 +1,49 @@
+"""Drive a loaded model through ember's paged runner without the sampler: the reference path for tests."""
+
+from __future__ import annotations
+
+import torch
+
+from ember.engine.block_manager import BlockManager
+from ember.engine.model_runner import ModelRunner
+from ember.engine.scheduler import ScheduledChunk
+from ember.engine.sequence import Sequence
+
+
+def _runner(model, config, block_size=4, num_blocks=128):
+    return BlockManager(num_blocks, block_size), ModelRunner(model, config, torch.device("cpu"),
+                                                            next(model.parameters()).dtype, block_size, num_blocks)
+
+
+def prefill_logits(model, config, prompt: list[int], chunk: int = 7) -> torch.Tensor:
+    """Logits at every prompt position, prefilled in chunks so later chunks read earlier ones from the cache."""
+    blocks, runner = _runner(model, config)
+    seq = Sequence("ref", prompt, None)
+    blocks.allocate(seq)
+    hidden = []
+    while seq.num_computed_tokens < len(seq):
+        count = min(chunk, len(seq) - seq.num_computed_tokens)
+        hidden.append(runner.hidden_states(ScheduledChunk(seq, count)))
+        seq.num_computed_tokens += count
+    with torch.inference_mode():
+        return model.compute_logits(torch.cat(hidden))
+
+
+def greedy_tokens(model, config, prompt: list[int], steps: int) -> list[int]:
+    blocks, runner = _runner(model, config)
+    seq = Sequence("ref", prompt, None)
+    blocks.allocate(seq)
+    out = []
+    chunk = 5
+    while seq.num_computed_tokens < len(seq):
+        count = min(chunk, len(seq) - seq.num_computed_tokens)
+        _, logits = runner.run([ScheduledChunk(seq, count)])
+        seq.num_computed_tokens += count
+    for _ in range(steps):
+        token = int(logits[0].argmax())
+        out.append(token)
+        seq.token_ids.append(token)
+        blocks.grow(seq, len(seq))
+        _, logits = runner.run([ScheduledChunk(seq, 1)])
+        seq.num_computed_tokens += 1
+    return out
