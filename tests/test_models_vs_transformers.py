@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from ember.loader.safetensors import load_safetensors_model
-from tests.tiny_models import FAMILIES, build_tiny_model
 from tests.engine_helpers import greedy_tokens, prefill_logits
+from tests.tiny_models import FAMILIES, build_tiny_model
 
 PROMPT = [3, 17, 99, 250, 7, 64, 128, 5, 42, 200, 11, 301, 77, 8, 150, 33, 90, 12, 4, 260]
 
