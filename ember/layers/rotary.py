@@ -81,6 +81,8 @@ class RotaryEmbedding(nn.Module):
             inv_freq = _llama3_inv_freq(inv_freq, self.params)
         elif self.kind == "yarn":
             inv_freq, self.attention_scaling = _yarn(self.base, self.dim, self.params, self.max_pos)
+        elif self.kind == "freq_factors":  # GGUF's rope_freqs: frequencies divided by stored factors
+            inv_freq = inv_freq / torch.tensor(self.params["factors"], dtype=torch.float32)
         elif self.kind == "longrope":
             factor = self.params.get("factor") or self.max_pos / self.original_max
             attention = self.params.get("attention_factor")
