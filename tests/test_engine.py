@@ -3,13 +3,13 @@
 import asyncio
 
 import pytest
-from ember.sampling_params import SamplingParams
 
 from ember.engine.async_engine import AsyncEngine
 from ember.engine.engine import EngineArgs, LLMEngine
 from ember.engine.model_runner import kv_bytes_per_token
 from ember.errors import InvalidParameter
 from ember.llm import LLM
+from ember.sampling_params import SamplingParams
 from tests.tiny_models import build_tiny_model, copy_tokenizer
 
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
