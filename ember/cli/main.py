@@ -14,6 +14,8 @@ COMMANDS = {
     "run": "ember.cli.run",
     "serve": "ember.cli.serve",
     "tokenize": "ember.cli.tokenize",
+    "bench": "ember.cli.bench",
+    "recommend": "ember.cli.recommend",
 }
 
 

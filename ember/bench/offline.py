@@ -1,0 +1,153 @@
+"""`ember bench MODEL`: prompt-processing and generation throughput of the engine itself, like llama-bench.
+
+Two kinds of test, each run with `concurrency` sequences at once:
+  ppN  every sequence prefills N random prompt tokens and samples one token; rate = prompt tokens / time.
+  tgN  every sequence starts from one random token and generates N tokens with EOS ignored; rate =
+       generated tokens / time (each step is one single-token forward, as llama-bench's tg measures).
+Prompts are fresh random ids on every repetition, so the prefix cache never turns a run into a lookup.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ember.engine.engine import LLMEngine
+from ember.loader.model import LoadedModel
+from ember.sampling_params import SamplingParams
+
+# Random prompts avoid the lowest ids, where vocabularies keep BOS/EOS/padding and other control tokens.
+FIRST_ORDINARY_ID = 16
+DTYPE_NAMES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}  # as GGUF names them
+
+
+@dataclass
+class TestSpec:
+    kind: str  # "pp" | "tg"
+    tokens: int
+    concurrency: int
+    threads: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}{self.tokens}"
+
+
+@dataclass
+class TestResult:
+    spec: TestSpec
+    samples: list[float] = field(default_factory=list)  # tokens/s of each repetition
+    preemptions: int = 0  # KV cache pressure during the timed runs; should be 0 for clean figures
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.samples)
+
+    @property
+    def sd(self) -> float:
+        return statistics.stdev(self.samples) if len(self.samples) > 1 else 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "test": self.spec.name, "n_prompt": self.spec.tokens if self.spec.kind == "pp" else 0,
+            "n_gen": self.spec.tokens if self.spec.kind == "tg" else 0, "concurrency": self.spec.concurrency,
+            "threads": self.spec.threads, "repetitions": len(self.samples),
+            "tokens_per_s_mean": self.mean, "tokens_per_s_sd": self.sd, "tokens_per_s_samples": self.samples,
+            "preemptions": self.preemptions,
+        }
+
+
+def plan(prompt_sizes: list[int], gen_sizes: list[int], concurrency: list[int], threads: list[int]) -> list[TestSpec]:
+    """Every test in run order; a size of 0 skips that kind, as in llama-bench."""
+    specs = []
+    for t in threads:
+        for c in concurrency:
+            specs += [TestSpec("pp", p, c, t) for p in prompt_sizes if p > 0]
+            specs += [TestSpec("tg", n, c, t) for n in gen_sizes if n > 0]
+    return specs
+
+
+def _timed_run(engine: LLMEngine, spec: TestSpec, generator: torch.Generator) -> float:
+    """Seconds for one repetition of `spec`, from the first add_request until every sequence finishes."""
+    vocab = engine.vocab_size
+    low = min(FIRST_ORDINARY_ID, vocab - 1)
+    prompt_len, max_tokens = (spec.tokens, 1) if spec.kind == "pp" else (1, spec.tokens)
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    prompts = [torch.randint(low, vocab, (prompt_len,), generator=generator).tolist()
+               for _ in range(spec.concurrency)]
+    start = time.perf_counter()
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"bench-{spec.name}-{i}", prompt, params)
+    while engine.has_work():
+        engine.step()
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize(engine.device)
+    return time.perf_counter() - start
+
+
+def run_test(engine: LLMEngine, spec: TestSpec, repetitions: int, warmup: bool, seed: int = 0) -> TestResult:
+    torch.set_num_threads(spec.threads)
+    generator = torch.Generator().manual_seed(seed)
+    if warmup:
+        _timed_run(engine, spec, generator)
+    preempted = engine.stats()["preemptions"]
+    result = TestResult(spec)
+    tokens = spec.tokens * spec.concurrency
+    for _ in range(repetitions):
+        result.samples.append(tokens / _timed_run(engine, spec, generator))
+    result.preemptions = engine.stats()["preemptions"] - preempted
+    return result
+
+
+def run_tests(engine: LLMEngine, specs: list[TestSpec], repetitions: int, warmup: bool = True,
+              on_result: Callable[[TestResult], None] | None = None) -> list[TestResult]:
+    results = []
+    for i, spec in enumerate(specs):
+        results.append(run_test(engine, spec, repetitions, warmup, seed=i))
+        if on_result:
+            on_result(results[-1])
+    return results
+
+
+def _gguf_quant(path: Path) -> str:
+    """The GGUF's declared file type (Q4_K_M, ...), else its most common weight type."""
+    from collections import Counter
+
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    field_ = reader.fields.get("general.file_type")
+    if field_ is not None:
+        try:
+            return gguf.LlamaFileType(int(field_.parts[field_.data[0]][0])).name.removeprefix("MOSTLY_")
+        except ValueError:
+            pass
+    types = Counter(t.tensor_type.name for t in reader.tensors if len(t.shape) > 1)
+    return types.most_common(1)[0][0] if types else "unknown"
+
+
+def _files_size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.glob("*.safetensors"))
+
+
+def describe_model(loaded: LoadedModel) -> dict:
+    """What a benchmark figure depends on besides the hardware."""
+    from ember.bench.shapes import parameter_count
+
+    if loaded.format == "gguf":
+        quant = _gguf_quant(loaded.path)
+    else:
+        dtype = loaded.config.torch_dtype or str(loaded.dtype).removeprefix("torch.")
+        quant = DTYPE_NAMES.get(dtype, dtype.upper())
+    return {
+        "name": loaded.name, "path": str(loaded.path), "format": loaded.format, "quant": quant,
+        "params": parameter_count(loaded.config), "size_bytes": _files_size(Path(loaded.path)),
+        "dtype": str(loaded.dtype).removeprefix("torch."), "device": str(loaded.device),
+    }

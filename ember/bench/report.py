@@ -1,0 +1,160 @@
+"""Benchmark records as a rich table (for people), Markdown (for issues and READMEs), JSON or CSV (for tools).
+
+A record is a plain dict: metadata (ember version, hardware, model or server settings) plus a list of
+result rows. JSON keeps everything; CSV flattens one row per result with the metadata repeated so each
+line stands alone when files from several machines are concatenated.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+
+from rich.table import Table
+
+from ember.bench.metrics import LATENCIES, STATISTICS
+
+GB = 1e9
+LATENCY_NAMES = {"ttft": "TTFT", "tpot": "TPOT", "itl": "ITL", "e2el": "E2E"}
+
+SERVE_ROWS = [
+    ("completed", "requests ok", "{:d}"),
+    ("failed", "requests failed", "{:d}"),
+    ("duration_s", "duration s", "{:.2f}"),
+    ("input_tokens", "input tokens", "{:d}"),
+    ("output_tokens", "output tokens", "{:d}"),
+    ("request_throughput", "requests/s", "{:.2f}"),
+    ("goodput", "goodput req/s", "{:.2f}"),
+    ("output_throughput", "output tok/s", "{:.1f}"),
+    ("total_token_throughput", "total tok/s", "{:.1f}"),
+] + [
+    (f"{metric}_{stat}_ms", f"{LATENCY_NAMES[metric]} {stat} ms", "{:.1f}")
+    for metric in LATENCIES for stat in STATISTICS
+]
+
+
+def _fmt(template: str, value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return template.format(value)
+
+
+def _markdown(headers: list[str], rows: list[list[str]], right: set[int]) -> str:
+    lines = ["| " + " | ".join(headers) + " |",
+             "| " + " | ".join("---:" if i in right else "---" for i in range(len(headers))) + " |"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _csv(rows: list[dict]) -> str:
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+def to_json(record: dict) -> str:
+    return json.dumps(record, indent=2, default=str)
+
+
+# offline (`ember bench MODEL`)
+
+OFFLINE_HEADERS = ["model", "size", "params", "quant", "dtype", "device", "threads", "test", "c", "t/s"]
+
+
+def _offline_rows(record: dict) -> list[list[str]]:
+    model = record["model"]
+    rows = []
+    for r in record["results"]:
+        rows.append([
+            model["name"], f"{model['size_bytes'] / 2**30:.2f} GiB", f"{model['params'] / 1e9:.2f} B",
+            model["quant"], model["dtype"], model["device"], str(r["threads"]), r["test"], str(r["concurrency"]),
+            f"{r['tokens_per_s_mean']:.2f} ± {r['tokens_per_s_sd']:.2f}",
+        ])
+    return rows
+
+
+def offline_caption(record: dict) -> str:
+    hw = record["hardware"]
+    gpus = ", ".join(g["name"] for g in hw["gpus"]) or "no GPU"
+    return (f"ember {record['ember_version']} · {hw['cpu_model']} ({hw['physical_cores']} cores, "
+            f"{' '.join(hw['cpu_features']) or 'no SIMD flags'}) · {hw['ram_bytes'] / GB:.0f} GB RAM · {gpus} · "
+            f"{record['repetitions']} repetitions")
+
+
+def offline_table(record: dict) -> Table:
+    table = Table(title=f"ember bench · {record['model']['path']}", caption=offline_caption(record))
+    for i, header in enumerate(OFFLINE_HEADERS):
+        table.add_column(header, justify="right" if i >= 6 or header in ("size", "params") else "left")
+    for row in _offline_rows(record):
+        table.add_row(*row)
+    return table
+
+
+def offline_markdown(record: dict) -> str:
+    right = {i for i, h in enumerate(OFFLINE_HEADERS) if h in ("size", "params", "threads", "c", "t/s")}
+    return _markdown(OFFLINE_HEADERS, _offline_rows(record), right) + f"\n\n{offline_caption(record)}\n"
+
+
+def offline_csv(record: dict) -> str:
+    hw, model = record["hardware"], record["model"]
+    meta = {
+        "ember_version": record["ember_version"], "cpu": hw["cpu_model"], "cores": hw["physical_cores"],
+        "ram_bytes": hw["ram_bytes"], "gpu": ";".join(g["name"] for g in hw["gpus"]),
+        **{f"model_{k}": v for k, v in model.items()},
+    }
+    rows = [{**meta, **{k: v for k, v in r.items() if k != "tokens_per_s_samples"}} for r in record["results"]]
+    return _csv(rows)
+
+
+# serving (`ember bench serve`)
+
+def run_title(run: dict, separator: str = " · ") -> str:
+    rate = run["request_rate"]
+    rate_text = "" if rate is None else f" {rate:g} req/s"
+    return f"{run['label']}{separator}c={run['max_concurrency'] or '∞'}{rate_text}"
+
+
+def _serve_rows(record: dict) -> list[list[str]]:
+    runs = record["runs"]
+    rows = []
+    for key, label, template in SERVE_ROWS:
+        if all(run.get(key) is None for run in runs):
+            continue  # e.g. goodput without --goodput
+        rows.append([label] + [_fmt(template, run.get(key)) for run in runs])
+    return rows
+
+
+def serve_table(record: dict) -> Table:
+    settings = record["settings"]
+    table = Table(title=f"ember bench serve · {settings['dataset']} · {settings['num_prompts']} prompts",
+                  caption=serve_caption(record))
+    table.add_column("metric", no_wrap=True)
+    for run in record["runs"]:
+        table.add_column(run_title(run, "\n"), justify="right", overflow="fold")
+    for row in _serve_rows(record):
+        table.add_row(*row)
+    return table
+
+
+def serve_caption(record: dict) -> str:
+    settings = record["settings"]
+    exact = "token-exact" if settings["exact_lengths"] else "approximate"
+    slos = " ".join(f"{k}:{v:g}" for k, v in settings["goodput"].items()) or "none"
+    return (f"ember {record['ember_version']} · endpoint {settings['endpoint']} · prompt lengths {exact} · "
+            f"SLOs {slos}")
+
+
+def serve_markdown(record: dict) -> str:
+    headers = ["metric"] + [run_title(run) for run in record["runs"]]
+    right = set(range(1, len(headers)))
+    return _markdown(headers, _serve_rows(record), right) + f"\n\n{serve_caption(record)}\n"
+
+
+def serve_csv(record: dict) -> str:
+    rows = [{k: v for k, v in run.items() if k != "errors"} for run in record["runs"]]
+    return _csv(rows)
