@@ -79,6 +79,7 @@ class Hardware:
     ram_bytes: int
     ram_available_bytes: int
     gpus: list[GPU] = field(default_factory=list)
+    memory_limit_bytes: int | None = None  # a container's cgroup limit, when below the RAM
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -208,6 +209,15 @@ def _gpus(cpu_model: str, ram_bytes: int) -> list[GPU]:
     return gpus
 
 
+def cgroup_memory_limit(ram_bytes: int, root: str = "/sys/fs/cgroup") -> int | None:
+    """The container's memory limit (cgroup v2 memory.max, or v1 limit_in_bytes) when it is below the RAM."""
+    for path in (f"{root}/memory.max", f"{root}/memory/memory.limit_in_bytes"):
+        text = _read(path).strip()
+        if text.isdigit() and int(text) < ram_bytes:
+            return int(text)
+    return None
+
+
 def detect() -> Hardware:
     model, features = _cpu()
     memory = psutil.virtual_memory()
@@ -221,6 +231,7 @@ def detect() -> Hardware:
         ram_bytes=memory.total,
         ram_available_bytes=memory.available,
         gpus=_gpus(model, memory.total),
+        memory_limit_bytes=cgroup_memory_limit(memory.total),
     )
 
 

@@ -23,7 +23,6 @@ from ember.sampling_params import SamplingParams
 
 # Random prompts avoid the lowest ids, where vocabularies keep BOS/EOS/padding and other control tokens.
 FIRST_ORDINARY_ID = 16
-DTYPE_NAMES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}  # as GGUF names them
 
 
 @dataclass
@@ -114,23 +113,6 @@ def run_tests(engine: LLMEngine, specs: list[TestSpec], repetitions: int, warmup
     return results
 
 
-def _gguf_quant(path: Path) -> str:
-    """The GGUF's declared file type (Q4_K_M, ...), else its most common weight type."""
-    from collections import Counter
-
-    import gguf
-
-    reader = gguf.GGUFReader(path)
-    field_ = reader.fields.get("general.file_type")
-    if field_ is not None:
-        try:
-            return gguf.LlamaFileType(int(field_.parts[field_.data[0]][0])).name.removeprefix("MOSTLY_")
-        except ValueError:
-            pass
-    types = Counter(t.tensor_type.name for t in reader.tensors if len(t.shape) > 1)
-    return types.most_common(1)[0][0] if types else "unknown"
-
-
 def _files_size(path: Path) -> int:
     if path.is_file():
         return path.stat().st_size
@@ -139,10 +121,11 @@ def _files_size(path: Path) -> int:
 
 def describe_model(loaded: LoadedModel) -> dict:
     """What a benchmark figure depends on besides the hardware."""
+    from ember.bench.estimates import DTYPE_NAMES, gguf_quant
     from ember.bench.shapes import parameter_count
 
     if loaded.format == "gguf":
-        quant = _gguf_quant(loaded.path)
+        quant = gguf_quant(loaded.path)
     else:
         dtype = loaded.config.torch_dtype or str(loaded.dtype).removeprefix("torch.")
         quant = DTYPE_NAMES.get(dtype, dtype.upper())

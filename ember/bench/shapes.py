@@ -62,8 +62,9 @@ def parameter_count(config: ModelConfig) -> int:
     return config.num_layers * (attention + mlp) + embeddings
 
 
-def known_shape(params: str, family: str | None = None) -> tuple[str, ModelConfig]:
-    """(display name, shape) for a size such as "70b" in a family (default: the only family with that size)."""
+def known_shape(params: str, family: str | None = None) -> tuple[str, str, ModelConfig]:
+    """(family, display name, shape) for a size such as "70b" in a family (default: the only family with
+    that size)."""
     size = params.strip().lower()
     size = size if size.endswith("b") or size in ("mini", "medium") else size + "b"
     if family is None:
@@ -78,4 +79,4 @@ def known_shape(params: str, family: str | None = None) -> tuple[str, ModelConfi
     size = SIZE_ALIASES.get(family, {}).get(size, size)
     if size not in SHAPES[family]:
         raise UnknownShape(f"no built-in {family} of size {params!r}; known: {', '.join(SHAPES[family])}")
-    return SHAPES[family][size]
+    return (family, *SHAPES[family][size])
