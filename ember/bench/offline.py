@@ -105,11 +105,15 @@ def run_test(engine: LLMEngine, spec: TestSpec, repetitions: int, warmup: bool, 
 
 def run_tests(engine: LLMEngine, specs: list[TestSpec], repetitions: int, warmup: bool = True,
               on_result: Callable[[TestResult], None] | None = None) -> list[TestResult]:
+    threads = torch.get_num_threads()
     results = []
-    for i, spec in enumerate(specs):
-        results.append(run_test(engine, spec, repetitions, warmup, seed=i))
-        if on_result:
-            on_result(results[-1])
+    try:
+        for i, spec in enumerate(specs):
+            results.append(run_test(engine, spec, repetitions, warmup, seed=i))
+            if on_result:
+                on_result(results[-1])
+    finally:
+        torch.set_num_threads(threads)  # the thread count is process-wide: leave it as found
     return results
 
 

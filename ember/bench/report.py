@@ -66,16 +66,24 @@ def to_json(record: dict) -> str:
 OFFLINE_HEADERS = ["model", "size", "params", "quant", "dtype", "device", "threads", "test", "c", "t/s"]
 
 
+def _size(size_bytes: int) -> str:
+    return f"{size_bytes / 2**30:.2f} GiB" if size_bytes >= 2**30 else f"{size_bytes / 2**20:.1f} MiB"
+
+
+def _count(params: int) -> str:
+    return f"{params / 1e9:.2f} B" if params >= 1e9 else f"{params / 1e6:.1f} M"
+
+
+def _rate(result: dict) -> str:
+    return f"{result['tokens_per_s_mean']:.2f} ± {result['tokens_per_s_sd']:.2f}"
+
+
 def _offline_rows(record: dict) -> list[list[str]]:
+    """llama-bench's layout: every row names its model, so tables from several runs can be merged."""
     model = record["model"]
-    rows = []
-    for r in record["results"]:
-        rows.append([
-            model["name"], f"{model['size_bytes'] / 2**30:.2f} GiB", f"{model['params'] / 1e9:.2f} B",
-            model["quant"], model["dtype"], model["device"], str(r["threads"]), r["test"], str(r["concurrency"]),
-            f"{r['tokens_per_s_mean']:.2f} ± {r['tokens_per_s_sd']:.2f}",
-        ])
-    return rows
+    return [[model["name"], _size(model["size_bytes"]), _count(model["params"]), model["quant"], model["dtype"],
+             model["device"], str(r["threads"]), r["test"], str(r["concurrency"]), _rate(r)]
+            for r in record["results"]]
 
 
 def offline_caption(record: dict) -> str:
@@ -87,11 +95,17 @@ def offline_caption(record: dict) -> str:
 
 
 def offline_table(record: dict) -> Table:
-    table = Table(title=f"ember bench · {record['model']['path']}", caption=offline_caption(record))
-    for i, header in enumerate(OFFLINE_HEADERS):
-        table.add_column(header, justify="right" if i >= 6 or header in ("size", "params") else "left")
-    for row in _offline_rows(record):
-        table.add_row(*row)
+    """One model per run, so its facts go in the title and the rows keep only what varies."""
+    model = record["model"]
+    table = Table(title=f"{model['name']} · {model['quant']} · {_size(model['size_bytes'])} · "
+                        f"{_count(model['params'])} params · {model['dtype']} on {model['device']}",
+                  caption=offline_caption(record))
+    for header in ("test", "c", "threads", "t/s", "t/s per sequence"):
+        table.add_column(header, justify="left" if header == "test" else "right", no_wrap=True)
+    for r in record["results"]:
+        per_sequence = r["tokens_per_s_mean"] / r["concurrency"] if r["n_gen"] else None
+        table.add_row(r["test"], str(r["concurrency"]), str(r["threads"]), _rate(r),
+                      f"{per_sequence:.2f}" if per_sequence is not None else "")
     return table
 
 

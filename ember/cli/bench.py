@@ -135,7 +135,10 @@ def _run_offline(args: argparse.Namespace) -> int:
     status = Console(stderr=True)
     loaded = load_model(args.target, dtype=args.dtype, device=args.device)
     options = engine_args(args)
-    longest = max(spec.tokens for spec in specs) + 1
+    # The longest sequence plus its sampled token, in whole KV blocks: the engine sizes its default cache
+    # as max_model_len × max_num_seqs, so every test's sequences then fit at once without preemption.
+    block = args.block_size
+    longest = -(-(max(spec.tokens for spec in specs) + 1) // block) * block
     options["max_num_seqs"] = max(concurrency)
     options["max_model_len"] = args.max_model_len or longest
     engine = LLMEngine(loaded.name, EngineArgs(**options), loaded=loaded)
