@@ -183,7 +183,6 @@ class LLMEngine:
         self.generation_tokens_total += 1
         text, reason = request.stop.update(token, request.detokenizer.add(token))
         if reason is not None:
-            text += request.stop.flush() if reason != "stop" else ""
             seq.finish_reason = reason
             self.scheduler.finish(seq)
             del self.requests[seq.request_id]
