@@ -20,8 +20,9 @@ FIRST_TOKEN_DELAY = 0.02  # seconds before the first token: TTFT can be no short
 TOKEN_DELAY = 0.005  # seconds between tokens: TPOT and ITL can be no shorter
 
 
-def fake_app(tokenize: bool = True) -> FastAPI:
-    """Streams max_tokens chunks of one word each; /tokenize counts one token per word."""
+def fake_app(tokenize: str | None = "content") -> FastAPI:
+    """Streams max_tokens chunks of one word each; /tokenize counts one token per word of the text under
+    the key `tokenize` ("content" as llama.cpp, "prompt" as vLLM; None: no /tokenize)."""
     app = FastAPI()
 
     @app.get("/v1/models")
@@ -32,7 +33,9 @@ def fake_app(tokenize: bool = True) -> FastAPI:
         @app.post("/tokenize")
         async def tokenize_(request: Request):
             body = await request.json()
-            return {"tokens": list(range(len(body["content"].split())))}
+            if tokenize not in body:
+                return JSONResponse({"error": f"{tokenize} is required"}, status_code=400)
+            return {"tokens": list(range(len(body[tokenize].split())))}
 
     async def stream(body: dict, chat: bool):
         prompt_tokens = len((body["messages"][-1]["content"] if chat else body["prompt"]).split())
@@ -91,7 +94,7 @@ def server_url():
 
 @pytest.fixture(scope="module")
 def second_url():
-    with FakeServer(fake_app(tokenize=False)) as url:
+    with FakeServer(fake_app(tokenize=None)) as url:
         yield url
 
 
@@ -194,11 +197,22 @@ def test_sharegpt_dataset(capsys, server_url, tmp_path):
 
 
 def test_approximate_lengths_without_tokenize(second_url):
-    assert datasets.detect_tokenizer(second_url, "fake-model") is None
+    tokenizer = datasets.ServerTokenizer(second_url, "fake-model")
+    assert not tokenizer.available
+    tokenizer.close()
     workload = datasets.random_workload(20, 100, 10, 0.5, None, seed=1)
     assert not workload.exact_lengths
     assert all(50 <= r.prompt_len <= 150 and 5 <= r.output_len <= 15 for r in workload.requests)
     assert len({r.prompt_len for r in workload.requests}) > 1
+
+
+def test_vllm_style_tokenize():
+    with FakeServer(fake_app(tokenize="prompt")) as url:
+        tokenizer = datasets.ServerTokenizer(url, "fake-model")
+        try:
+            assert tokenizer.available and tokenizer("three little words") == 3
+        finally:
+            tokenizer.close()
 
 
 def test_exact_lengths_with_a_multi_token_tokenizer():

@@ -52,26 +52,39 @@ class Workload:
 Tokenize = Callable[[str], int]  # text -> token count
 
 
-def detect_tokenizer(base_url: str, model: str, timeout: float = 10.0) -> Tokenize | None:
-    """A token counter backed by the server's /tokenize, or None when the server has none."""
-    client = httpx.Client(base_url=base_url, timeout=timeout)
-    # llama.cpp (and ember) take {"content"}; vLLM takes {"model", "prompt"}. Neither counts BOS here.
-    for text_key, extra in (("content", {}), ("prompt", {"model": model, "add_special_tokens": False})):
-        try:
-            response = client.post("/tokenize", json={text_key: "hello world", **extra})
-            tokens = response.json().get("tokens") if response.status_code == 200 else None
-        except (httpx.HTTPError, ValueError, AttributeError):
-            tokens = None
-        if isinstance(tokens, list) and tokens:
+class ServerTokenizer:
+    """Counts tokens with a server's /tokenize: llama.cpp and ember take {"content"}, vLLM {"model", "prompt"}."""
 
-            def count(text: str, text_key=text_key, extra=extra) -> int:
-                response = client.post("/tokenize", json={text_key: text, **extra})
-                response.raise_for_status()
-                return len(response.json()["tokens"])
+    STYLES = (("content", {}), ("prompt", {"add_special_tokens": False}))
 
-            return count
-    client.close()
-    return None
+    def __init__(self, base_url: str, model: str, timeout: float = 10.0):
+        self.client = httpx.Client(base_url=base_url, timeout=timeout)
+        self.model = model
+        self.style: tuple[str, dict] | None = None
+        for text_key, extra in self.STYLES:
+            try:
+                self.style = (text_key, extra)
+                if self("hello world") > 0:
+                    return
+            except (httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError):
+                pass
+        self.style = None
+
+    @property
+    def available(self) -> bool:
+        return self.style is not None
+
+    def __call__(self, text: str) -> int:
+        text_key, extra = self.style
+        response = self.client.post("/tokenize", json={text_key: text, "model": self.model, **extra})
+        response.raise_for_status()
+        tokens = response.json()["tokens"]
+        if not isinstance(tokens, list):
+            raise ValueError("/tokenize answered without a token list")
+        return len(tokens)
+
+    def close(self) -> None:
+        self.client.close()
 
 
 def _lengths(rng: random.Random, n: int, mean: int, ratio: float) -> list[int]:

@@ -131,6 +131,8 @@ async def stream_request(client: httpx.AsyncClient, target: Target, settings: Ru
                 usage = event.get("usage")
                 if isinstance(usage, dict) and usage.get("completion_tokens") is not None:
                     usage_tokens = int(usage["completion_tokens"])
+                    # The server's own count includes BOS and any chat template around the prompt.
+                    result.prompt_len = int(usage.get("prompt_tokens") or result.prompt_len)
     except (httpx.HTTPError, json.JSONDecodeError) as err:
         result.error = f"{type(err).__name__}: {err}"[:200]
         return result

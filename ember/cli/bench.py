@@ -220,10 +220,14 @@ def _run_serve(args: argparse.Namespace) -> int:
                            max_seconds=args.max_seconds, ignore_eos=not args.no_ignore_eos,
                            timeout=args.timeout, seed=args.seed)
     status = Console(stderr=True)
-    count = datasets.detect_tokenizer(targets[0].base_url, targets[0].model)
-    # A fresh workload per concurrency level, the same one for every server: a repeated prompt would be
-    # answered from the prefix cache and flatter every level after the first.
-    workloads = [_workload(args, count, args.seed + i) for i in range(len(levels))]
+    tokenizer = datasets.ServerTokenizer(targets[0].base_url, targets[0].model)
+    try:
+        # A fresh workload per concurrency level, the same one for every server: a repeated prompt would be
+        # answered from the prefix cache and flatter every level after the first.
+        count = tokenizer if tokenizer.available else None
+        workloads = [_workload(args, count, args.seed + i) for i in range(len(levels))]
+    finally:
+        tokenizer.close()
     runs = []
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         console=status, disable=args.no_progress or not status.is_terminal)
