@@ -1,13 +1,15 @@
-"""Turns a batch of next-token logits into tokens, each row with its own sampling parameters.
+"""Turns a batch of next-token logits into tokens, each row under its own SamplingParams.
 
-Order as in transformers/vLLM: logit bias -> repetition penalty -> presence/frequency penalties ->
-min_tokens -> (greedy argmax) or temperature -> top-k -> top-p -> min-p -> draw with the row's generator.
-Filters run vectorised over the batch on one descending sort; only the draw is per row, so a seeded
-request gets the same tokens whatever else shares its batch.
+Order, as in transformers and vLLM: logit bias -> repetition penalty -> presence/frequency penalties ->
+min_tokens -> greedy argmax, or temperature -> top-k -> top-p -> min-p -> draw. Every filter runs on the
+whole batch at once with per-row parameter columns (neutral values for rows that do not use it); only
+the draw loops over rows, so that a seeded request draws from its own generator and gets the same tokens
+whatever else shares its batch.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -21,83 +23,195 @@ class SamplingState:
     """One sequence's sampling inputs, kept by the engine for the life of the request."""
 
     params: SamplingParams
-    generator: torch.Generator | None
+    generator: torch.Generator | None  # seeded from params.seed; None draws from torch's global RNG
     prompt_token_ids: list[int]
     output_token_ids: list[int]
-    eos_token_ids: frozenset[int] = field(default_factory=frozenset)
+    eos_token_ids: frozenset[int] = frozenset()  # banned until min_tokens; empty when ignore_eos
+    # The prompt as a tensor, built on first use: the repetition penalty needs it every step and
+    # converting a long prompt from a list each time would dominate the step.
+    _prompt_tensor: torch.Tensor | None = field(default=None, init=False, repr=False)
+
+    def seen_token_ids(self, device: torch.device) -> torch.Tensor:
+        """Prompt and output token ids, the set the repetition penalty applies to."""
+        if self._prompt_tensor is None or self._prompt_tensor.device != device:
+            self._prompt_tensor = torch.tensor(self.prompt_token_ids, dtype=torch.long, device=device)
+        output = torch.tensor(self.output_token_ids, dtype=torch.long, device=device)
+        return torch.cat([self._prompt_tensor, output])
+
+    def min_tokens_banned(self) -> frozenset[int]:
+        """Token ids that would end the sequence before params.min_tokens; empty once it is reached."""
+        if len(self.output_token_ids) >= self.params.min_tokens:
+            return frozenset()
+        return self.eos_token_ids | frozenset(self.params.stop_token_ids)
 
 
-def _penalize(logits: torch.Tensor, state: SamplingState) -> None:
-    params, row = state.params, logits
-    if params.logit_bias:
-        ids = torch.tensor(list(params.logit_bias), device=row.device)
-        row[ids] += torch.tensor(list(params.logit_bias.values()), device=row.device, dtype=row.dtype)
-    if params.repetition_penalty != 1.0:
-        seen = torch.tensor(sorted(set(state.prompt_token_ids) | set(state.output_token_ids)), device=row.device)
-        if seen.numel():
-            scores = row[seen]
-            row[seen] = torch.where(scores > 0, scores / params.repetition_penalty, scores * params.repetition_penalty)
-    if (params.presence_penalty or params.frequency_penalty) and state.output_token_ids:
-        ids, counts = torch.tensor(state.output_token_ids, device=row.device).unique(return_counts=True)
-        row[ids] -= params.frequency_penalty * counts.to(row.dtype) + params.presence_penalty
-    if len(state.output_token_ids) < params.min_tokens:
-        banned = torch.tensor(sorted(state.eos_token_ids | set(params.stop_token_ids)), device=row.device)
-        if banned.numel():
-            row[banned] = float("-inf")
+def _changes_logits(state: SamplingState) -> bool:
+    params = state.params
+    return bool(
+        params.logit_bias
+        or params.repetition_penalty != 1.0
+        or params.presence_penalty
+        or params.frequency_penalty
+        or state.min_tokens_banned()
+    )
 
 
-def _needs_processing(params: SamplingParams) -> bool:
-    return bool(params.logit_bias or params.repetition_penalty != 1.0 or params.presence_penalty
-                or params.frequency_penalty or params.min_tokens)
+def _column(values: list[float], like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(values, dtype=like.dtype, device=like.device)[:, None]
 
 
-def _filtered_probs(logits: torch.Tensor, states: list[SamplingState]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Probabilities after temperature, top-k, top-p and min-p, in descending order, with their token ids."""
-    device, vocab = logits.device, logits.shape[-1]
-    temperature = torch.tensor([s.params.temperature for s in states], device=device)[:, None]
-    top_k = torch.tensor([s.params.top_k if s.params.top_k > 0 else vocab for s in states], device=device)[:, None]
-    top_p = torch.tensor([s.params.top_p for s in states], device=device)[:, None]
-    min_p = torch.tensor([s.params.min_p for s in states], device=device)[:, None]
-    probs = torch.softmax(logits / temperature, dim=-1)
-    sorted_probs, order = probs.sort(dim=-1, descending=True)
-    rank = torch.arange(vocab, device=device)[None, :]
-    sorted_probs = sorted_probs.masked_fill(rank >= top_k, 0.0)
-    sorted_probs = sorted_probs / sorted_probs.sum(-1, keepdim=True)
-    before = sorted_probs.cumsum(-1) - sorted_probs  # mass of better tokens; the best is always kept
-    sorted_probs = sorted_probs.masked_fill(before >= top_p, 0.0)
-    sorted_probs = sorted_probs.masked_fill(sorted_probs < min_p * sorted_probs[:, :1], 0.0)
-    return sorted_probs, order
+def _rows_and_ids(per_row: list[torch.Tensor], rows: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flatten per-row token id tensors into (row index, token id) pairs for index_put_."""
+    lengths = torch.tensor([ids.numel() for ids in per_row], device=device)
+    row_index = torch.repeat_interleave(torch.tensor(rows, device=device), lengths)
+    return row_index, torch.cat(per_row)
+
+
+def _apply_logit_bias(logits: torch.Tensor, states: list[SamplingState]) -> None:
+    rows, ids, amounts = [], [], []
+    for row, state in enumerate(states):
+        bias = state.params.logit_bias
+        rows += [row] * len(bias)
+        ids += bias.keys()
+        amounts += bias.values()
+    if rows:
+        index = (torch.tensor(rows, device=logits.device), torch.tensor(ids, device=logits.device))
+        logits.index_put_(index, torch.tensor(amounts, dtype=logits.dtype, device=logits.device), accumulate=True)
+
+
+def _apply_repetition_penalty(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
+    """transformers' semantics: a seen token's positive logit is divided by the penalty, a negative one multiplied."""
+    rows = [row for row, state in enumerate(states) if state.params.repetition_penalty != 1.0]
+    if not rows:
+        return logits
+    seen = torch.zeros_like(logits, dtype=torch.bool)
+    seen.index_put_(_rows_and_ids([states[r].seen_token_ids(logits.device) for r in rows], rows, logits.device),
+                    torch.tensor(True, device=logits.device))
+    penalty = _column([state.params.repetition_penalty for state in states], logits)
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalized, logits)
+
+
+def _apply_presence_frequency(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
+    """OpenAI's semantics over the generated tokens: minus frequency * count, minus presence if count > 0."""
+    rows = [
+        row for row, state in enumerate(states)
+        if (state.params.presence_penalty or state.params.frequency_penalty) and state.output_token_ids
+    ]
+    if not rows:
+        return logits
+    device = logits.device
+    counts = torch.zeros_like(logits)
+    outputs = [torch.tensor(states[r].output_token_ids, dtype=torch.long, device=device) for r in rows]
+    counts.index_put_(_rows_and_ids(outputs, rows, device), torch.tensor(1.0, device=device), accumulate=True)
+    frequency = _column([state.params.frequency_penalty for state in states], logits)
+    presence = _column([state.params.presence_penalty for state in states], logits)
+    return logits - frequency * counts - presence * (counts > 0).to(logits.dtype)
+
+
+def _apply_min_tokens(logits: torch.Tensor, states: list[SamplingState]) -> None:
+    vocab = logits.shape[-1]
+    rows, ids = [], []
+    for row, state in enumerate(states):
+        # EOS ids come from model files, not from the request, so one past the logits is skipped, not fatal.
+        banned = [token for token in state.min_tokens_banned() if token < vocab]
+        rows += [row] * len(banned)
+        ids += banned
+    if rows:
+        index = (torch.tensor(rows, device=logits.device), torch.tensor(ids, device=logits.device))
+        logits.index_put_(index, torch.tensor(float("-inf"), device=logits.device))
+
+
+def _top_k_top_p(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    vocab = logits.shape[-1]
+    top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
+    uses_top_p = any(p.top_p < 1.0 for p in params)
+    if not uses_top_p:
+        if min(top_k) == vocab:
+            return logits
+        # No top-p: a partial top-k is far cheaper than sorting the whole vocabulary.
+        best = logits.topk(max(k for k in top_k if k < vocab), dim=-1).values
+        kth = best.gather(1, (torch.tensor(top_k, device=logits.device).clamp(max=best.shape[-1]) - 1)[:, None])
+        keep_all = torch.tensor([k == vocab for k in top_k], device=logits.device)[:, None]
+        return logits.masked_fill(~keep_all & (logits < kth), float("-inf"))
+    ranked, order = logits.sort(dim=-1, descending=True)
+    rank = torch.arange(vocab, device=logits.device)[None, :]
+    ranked = ranked.masked_fill(rank >= torch.tensor(top_k, device=logits.device)[:, None], float("-inf"))
+    probs = ranked.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs  # probability of the better-ranked tokens; the best one is always kept
+    # top_p = 1 must keep everything, even where rounding pushes the cumulative sum to 1 before the tail.
+    top_p = _column([p.top_p if p.top_p < 1.0 else math.inf for p in params], logits)
+    ranked = ranked.masked_fill(mass_before >= top_p, float("-inf"))
+    return torch.empty_like(logits).scatter_(1, order, ranked)
+
+
+def _min_p(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Drop tokens less likely than min_p times the best one: p_i < min_p * p_max <=> l_i < l_max + log(min_p)."""
+    if not any(p.min_p > 0 for p in params):
+        return logits
+    floor = logits.max(dim=-1, keepdim=True).values + torch.log(_column([p.min_p for p in params], logits))
+    return logits.masked_fill(logits < floor, float("-inf"))
+
+
+def _draw(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
+    """Exponential race: argmax(p_i / q_i) with q_i ~ Exp(1) picks token i with probability p_i."""
+    probs = logits.softmax(dim=-1)
+    noise = torch.empty_like(probs)
+    unseeded = [row for row, state in enumerate(states) if state.generator is None]
+    if unseeded:
+        noise[unseeded] = torch.empty_like(probs[unseeded]).exponential_()
+    for row, state in enumerate(states):
+        if state.generator is not None:
+            noise[row].exponential_(generator=state.generator)
+    # A draw of exactly 0 would make 0/0 = NaN for a banned token, and argmax would pick the NaN.
+    noise.clamp_min_(torch.finfo(noise.dtype).tiny)
+    return (probs / noise).argmax(dim=-1)
+
+
+def _sample(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
+    params = [state.params for state in states]
+    logits = logits / _column([p.temperature for p in params], logits)
+    logits = _top_k_top_p(logits, params)
+    logits = _min_p(logits, params)
+    return _draw(logits, states)
+
+
+def _logprobs(raw: torch.Tensor, states: list[SamplingState], tokens: list[int]) -> list[TokenLogprob | None]:
+    """Log-probabilities under the model's own distribution (before any penalty or filter), as OpenAI reports."""
+    result: list[TokenLogprob | None] = [None] * len(states)
+    wanted = [row for row, state in enumerate(states) if state.params.logprobs is not None]
+    if not wanted:
+        return result
+    logprobs = torch.log_softmax(raw[wanted].float(), dim=-1)
+    chosen = logprobs.gather(1, torch.tensor([tokens[r] for r in wanted], device=raw.device)[:, None])[:, 0].tolist()
+    most = max(states[r].params.logprobs for r in wanted)
+    top_values, top_ids = logprobs.topk(most, dim=-1)
+    top_values, top_ids = top_values.tolist(), top_ids.tolist()
+    for j, row in enumerate(wanted):
+        count = states[row].params.logprobs
+        top = list(zip(top_ids[j][:count], top_values[j][:count], strict=True))
+        result[row] = TokenLogprob(tokens[row], chosen[j], top)
+    return result
 
 
 class Sampler:
-    def __call__(self, logits: torch.Tensor, states: list[SamplingState]) -> tuple[list[int], list[TokenLogprob | None]]:
-        raw = logits
-        if any(_needs_processing(s.params) for s in states):
-            logits = logits.clone()
-            for row, state in zip(logits, states, strict=True):
-                _penalize(row, state)
-        tokens = logits.argmax(dim=-1)
-        random_rows = [i for i, s in enumerate(states) if not s.params.is_greedy]
+    def __call__(
+        self, logits: torch.Tensor, states: list[SamplingState]
+    ) -> tuple[list[int], list[TokenLogprob | None]]:
+        """Pick one token per row of `logits` [B, V]; also return each row's logprobs if it asked for them."""
+        if logits.shape[0] != len(states):
+            raise ValueError(f"{logits.shape[0]} rows of logits for {len(states)} sampling states")
+        if all(state.params.is_greedy and not _changes_logits(state) for state in states):
+            tokens = logits.argmax(dim=-1).tolist()
+            return tokens, _logprobs(logits, states, tokens)
+        processed = logits.clone()
+        _apply_logit_bias(processed, states)
+        processed = _apply_repetition_penalty(processed, states)
+        processed = _apply_presence_frequency(processed, states)
+        _apply_min_tokens(processed, states)
+        chosen = processed.argmax(dim=-1)
+        random_rows = [row for row, state in enumerate(states) if not state.params.is_greedy]
         if random_rows:
-            picked = [states[i] for i in random_rows]
-            sorted_probs, order = _filtered_probs(logits[random_rows], picked)
-            for j, (row, state) in enumerate(zip(random_rows, picked, strict=True)):
-                choice = torch.multinomial(sorted_probs[j], 1, generator=state.generator)
-                tokens[row] = order[j, choice[0]]
-        token_list = tokens.tolist()
-        return token_list, self._logprobs(raw, states, token_list)
-
-    @staticmethod
-    def _logprobs(raw: torch.Tensor, states: list[SamplingState], tokens: list[int]) -> list[TokenLogprob | None]:
-        wanted = [i for i, s in enumerate(states) if s.params.logprobs is not None]
-        result: list[TokenLogprob | None] = [None] * len(states)
-        if not wanted:
-            return result
-        logprobs = torch.log_softmax(raw[wanted].float(), dim=-1)
-        most = max(states[i].params.logprobs for i in wanted)
-        top_values, top_ids = logprobs.topk(max(most, 1), dim=-1)
-        for j, i in enumerate(wanted):
-            k = states[i].params.logprobs
-            top = list(zip(top_ids[j, :k].tolist(), top_values[j, :k].tolist(), strict=True))
-            result[i] = TokenLogprob(tokens[i], logprobs[j, tokens[i]].item(), top)
-        return result
+            chosen[random_rows] = _sample(processed[random_rows], [states[r] for r in random_rows])
+        tokens = chosen.tolist()
+        return tokens, _logprobs(logits, states, tokens)
