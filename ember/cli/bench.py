@@ -55,16 +55,17 @@ def add_parser(sub) -> None:
     parser.add_argument("target", nargs="?", default=None, metavar="MODEL|serve",
                         help="GGUF file or model folder (default: the bundled model), or `serve`")
     parser.add_argument("-c", "--concurrency", type=_int_list, default=None,
-                        help="sequences decoded together (offline) or requests in flight (serve); a list sweeps")
+                        help="sequences decoded together (offline; sets --max-num-seqs) or requests in flight (serve); "
+                             "a comma list sweeps")
     parser.add_argument("--output", choices=["table", "md", "json", "csv"], default="table",
                         help="output format on stdout (progress goes to stderr)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
 
     offline = parser.add_argument_group("engine (ember bench MODEL)")
-    offline.add_argument("-p", "--n-prompt", type=_int_list, default=[512], help="prompt sizes (0 skips pp)")
-    offline.add_argument("-n", "--n-gen", type=_int_list, default=[128], help="generation sizes (0 skips tg)")
+    offline.add_argument("-p", "--n-prompt", type=_int_list, default=[512], help="prompt sizes, comma list (default 512; 0 skips pp)")
+    offline.add_argument("-n", "--n-gen", type=_int_list, default=[128], help="generation sizes, comma list (default 128; 0 skips tg)")
     offline.add_argument("-t", "--threads", type=_int_list, default=None, help="CPU threads (default: torch's)")
-    offline.add_argument("-r", "--repetitions", type=int, default=5, help="timed runs per test")
+    offline.add_argument("-r", "--repetitions", type=int, default=5, help="timed runs per test (default 5)")
     offline.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up run of each test")
     add_model_options(parser)
 
@@ -75,9 +76,9 @@ def add_parser(sub) -> None:
                        help="/v1/completions or /v1/chat/completions")
     serve.add_argument("--dataset", choices=["random", "sharegpt"], default="random")
     serve.add_argument("--dataset-path", type=Path, help="ShareGPT-format JSON file")
-    serve.add_argument("--num-prompts", type=int, default=100, help="requests per run")
-    serve.add_argument("--random-input-len", type=int, default=512)
-    serve.add_argument("--random-output-len", type=int, default=128)
+    serve.add_argument("--num-prompts", type=int, default=100, help="requests per run (default 100)")
+    serve.add_argument("--random-input-len", type=int, default=512, help="prompt tokens (default 512)")
+    serve.add_argument("--random-output-len", type=int, default=128, help="max_tokens (default 128)")
     serve.add_argument("--random-range-ratio", type=float, default=0.0,
                        help="lengths drawn uniformly within ±ratio of the given lengths")
     serve.add_argument("--sharegpt-output-len", type=int, default=None, help="fix max_tokens for ShareGPT")
