@@ -1,0 +1,80 @@
+"""`ember` as a user runs it: one-shot and piped chat, and one-line errors without tracebacks."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.tiny_models import build_tiny_model, copy_tokenizer
+
+
+def ember(*args: str, stdin: str | None = None, timeout: int = 180) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ember.cli.main", *args], input=stdin, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def tiny_chat_model(tmp_path_factory, testdata) -> Path:
+    directory = build_tiny_model("llama", tmp_path_factory.mktemp("cli-llama"))
+    copy_tokenizer(testdata / "gguf" / "tiny-llama-hf", directory)
+    return directory
+
+
+def test_one_shot_prompt_streams_text(testdata):
+    result = ember("run", str(testdata / "gguf" / "tiny-llama-hf"), "Once upon a time", "--max-tokens", "8",
+                   "--temperature", "0")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip()
+
+
+def test_greedy_one_shot_matches_python_api(testdata):
+    from ember import LLM, SamplingParams
+
+    model = str(testdata / "gguf" / "tiny-llama-hf")
+    expected = LLM(model).generate("Hello", SamplingParams(temperature=0, max_tokens=6))[0].text
+    result = ember("run", model, "Hello", "--raw", "--max-tokens", "6", "--temperature", "0", "--repeat-penalty", "1")
+    assert result.stdout == expected + "\n"
+
+
+def test_piped_chat_lines(testdata):
+    model = str(testdata / "gguf" / "tiny-llama-hf")
+    result = ember("run", model, "--raw", "--max-tokens", "4", stdin="hello\nworld\n/bye\n")
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.strip().splitlines()) >= 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["run", "/no/such/model", "hi"], "not found"),
+    (["run", "--temperature", "9", "/no/such/model", "hi"], "temperature"),
+    (["tokenize", "/no/such.gguf", "hi"], "not a model folder"),
+])
+def test_errors_are_one_line(args, message):
+    result = ember(*args)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_bad_checkpoint_files(tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    result = ember("run", str(tmp_path), "hi")
+    assert result.returncode == 1 and "not readable JSON" in result.stderr
+    (tmp_path / "config.json").write_text('{"architectures": ["MambaForCausalLM"], "model_type": "mamba"}')
+    result = ember("run", str(tmp_path), "hi")
+    assert "unsupported architecture MambaForCausalLM" in result.stderr and "LlamaForCausalLM" in result.stderr
+
+
+def test_corrupt_and_mismatched_weights(tiny_chat_model, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_chat_model, broken)
+    (broken / "model.safetensors").write_bytes(b"\x00" * 64)
+    result = ember("run", str(broken), "hi")
+    assert result.returncode == 1 and "safetensors" in result.stderr and "Traceback" not in result.stderr
+    shutil.copy(tiny_chat_model / "model.safetensors", broken / "model.safetensors")
+    config = (broken / "config.json").read_text().replace('"hidden_size": 64', '"hidden_size": 96')
+    (broken / "config.json").write_text(config)
+    result = ember("run", str(broken), "hi")
+    assert result.returncode == 1 and "shape" in result.stderr
