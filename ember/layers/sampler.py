@@ -204,14 +204,21 @@ class Sampler:
         if all(state.params.is_greedy and not _changes_logits(state) for state in states):
             tokens = logits.argmax(dim=-1).tolist()
             return tokens, _logprobs(logits, states, tokens)
-        processed = logits.clone()
-        _apply_logit_bias(processed, states)
-        processed = _apply_repetition_penalty(processed, states)
-        processed = _apply_presence_frequency(processed, states)
-        _apply_min_tokens(processed, states)
+        processed = self.adjust_logits(logits, states)
         chosen = processed.argmax(dim=-1)
         random_rows = [row for row, state in enumerate(states) if not state.params.is_greedy]
         if random_rows:
             chosen[random_rows] = _sample(processed[random_rows], [states[r] for r in random_rows])
         tokens = chosen.tolist()
         return tokens, _logprobs(logits, states, tokens)
+
+    @staticmethod
+    def adjust_logits(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
+        """A copy of `logits` after logit bias, repetition/presence/frequency penalties and min_tokens bans:
+        the scores greedy rows take the argmax of and the others sample from after temperature."""
+        adjusted = logits.clone()
+        _apply_logit_bias(adjusted, states)
+        adjusted = _apply_repetition_penalty(adjusted, states)
+        adjusted = _apply_presence_frequency(adjusted, states)
+        _apply_min_tokens(adjusted, states)
+        return adjusted
