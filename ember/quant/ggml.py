@@ -1,0 +1,282 @@
+"""GGML tensor types, their block layouts, and vectorized dequantization in torch.
+
+Each quantized type stores a row as whole blocks of `BLOCK_SIZES[t][0]` values in `BLOCK_SIZES[t][1]` bytes.
+`dequantize` views the bytes as [n_blocks, block_bytes], slices the fields and unpacks them with bit ops on
+uint8 tensors; there is no Python loop over blocks, so it runs on any device torch supports.
+
+The results are bit-exact to `gguf.quants.dequantize` (the reference in the tests): fp16 scales are widened to
+float32 and combined in the same order as gguf does it (e.g. Q4_K is `(d * sc) * q - (dmin * m)`, Q4_1 is
+`d * q + m`), since float32 rounding makes `d * (q - 8)` and `d * q - 8 * d` differ.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+import torch
+
+from ember.errors import GGUFError
+
+
+class GGMLType(IntEnum):
+    F32 = 0
+    F16 = 1
+    Q4_0 = 2
+    Q4_1 = 3
+    Q5_0 = 6
+    Q5_1 = 7
+    Q8_0 = 8
+    Q8_1 = 9
+    Q2_K = 10
+    Q3_K = 11
+    Q4_K = 12
+    Q5_K = 13
+    Q6_K = 14
+    Q8_K = 15
+    IQ2_XXS = 16
+    IQ2_XS = 17
+    IQ3_XXS = 18
+    IQ1_S = 19
+    IQ4_NL = 20
+    IQ3_S = 21
+    IQ2_S = 22
+    IQ4_XS = 23
+    I8 = 24
+    I16 = 25
+    I32 = 26
+    I64 = 27
+    F64 = 28
+    IQ1_M = 29
+    BF16 = 30
+
+
+QK_K = 256
+
+# (elements per block, bytes per block) of the supported types.
+BLOCK_SIZES: dict[GGMLType, tuple[int, int]] = {
+    GGMLType.F32: (1, 4),
+    GGMLType.F16: (1, 2),
+    GGMLType.BF16: (1, 2),
+    GGMLType.Q4_0: (32, 2 + 16),
+    GGMLType.Q4_1: (32, 2 + 2 + 16),
+    GGMLType.Q5_0: (32, 2 + 4 + 16),
+    GGMLType.Q5_1: (32, 2 + 2 + 4 + 16),
+    GGMLType.Q8_0: (32, 2 + 32),
+    GGMLType.Q2_K: (QK_K, QK_K // 16 + QK_K // 4 + 2 + 2),
+    GGMLType.Q3_K: (QK_K, QK_K // 8 + QK_K // 4 + 12 + 2),
+    GGMLType.Q4_K: (QK_K, 2 + 2 + 12 + QK_K // 2),
+    GGMLType.Q5_K: (QK_K, 2 + 2 + 12 + QK_K // 8 + QK_K // 2),
+    GGMLType.Q6_K: (QK_K, QK_K // 2 + QK_K // 4 + QK_K // 16 + 2),
+    GGMLType.IQ4_NL: (32, 2 + 16),
+    GGMLType.IQ4_XS: (QK_K, 2 + 2 + QK_K // 64 + QK_K // 2),
+}
+
+SUPPORTED = frozenset(BLOCK_SIZES)
+
+IQ4_NL_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+
+
+def _ggml_type(ggml_type) -> GGMLType:
+    try:
+        t = GGMLType(int(ggml_type))
+    except ValueError:
+        raise GGUFError(f"tensor type {ggml_type} is not supported") from None
+    if t not in SUPPORTED:
+        raise GGUFError(f"tensor type {t.name} is not supported")
+    return t
+
+
+def row_bytes(ggml_type, n: int) -> int:
+    """Bytes of a row of `n` values (n must be a whole number of blocks)."""
+    t = _ggml_type(ggml_type)
+    block, size = BLOCK_SIZES[t]
+    if n % block:
+        raise GGUFError(f"{t.name} row of {n} values is not a whole number of {block}-value blocks")
+    return n // block * size
+
+
+# --- field helpers -------------------------------------------------------------------------------------------
+
+def _f16(blocks: torch.Tensor, offset: int) -> torch.Tensor:
+    """The fp16 field at `offset` of every block, as float32 [n, 1]."""
+    return blocks[:, offset:offset + 2].contiguous().view(torch.float16).to(torch.float32)
+
+
+def _nibbles(qs: torch.Tensor) -> torch.Tensor:
+    """[..., k] bytes -> [..., 2, k]: the low nibbles, then the high nibbles."""
+    return torch.stack((qs & 0x0F, qs >> 4), dim=-2)
+
+
+def _shifts(x: torch.Tensor, shifts: tuple[int, ...], mask: int) -> torch.Tensor:
+    """[..., k] bytes -> [..., len(shifts), k]: (x >> s) & mask for each shift s."""
+    s = torch.tensor(shifts, dtype=torch.uint8, device=x.device).view(len(shifts), 1)
+    return (x.unsqueeze(-2) >> s) & mask
+
+
+def _bits_le(x: torch.Tensor) -> torch.Tensor:
+    """[n, k] bytes of a little-endian bit field -> [n, 8k] bits (bit i of the field at index i)."""
+    s = torch.arange(8, dtype=torch.uint8, device=x.device)
+    return ((x.unsqueeze(-1) >> s) & 1).flatten(-2)
+
+
+def _scale_min_k4(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_K/Q5_K's 12 bytes of 6-bit scales and mins -> two uint8 [n, 8]."""
+    d, m, md = scales[:, 0:4], scales[:, 4:8], scales[:, 8:12]
+    sc = torch.cat((d & 0x3F, (md & 0x0F) | ((d >> 2) & 0x30)), dim=-1)
+    mn = torch.cat((m & 0x3F, (md >> 4) | ((m >> 2) & 0x30)), dim=-1)
+    return sc, mn
+
+
+# --- per-type block dequantizers: uint8 [n, block_bytes] -> float32 [n, block_values] -------------------------
+
+def _q4_0(b: torch.Tensor) -> torch.Tensor:
+    d = _f16(b, 0)
+    q = _nibbles(b[:, 2:]).flatten(1)
+    return d * (q.to(torch.float32) - 8)
+
+
+def _q4_1(b: torch.Tensor) -> torch.Tensor:
+    d, m = _f16(b, 0), _f16(b, 2)
+    q = _nibbles(b[:, 4:]).flatten(1)
+    return d * q.to(torch.float32) + m
+
+
+def _q5_0(b: torch.Tensor) -> torch.Tensor:
+    d = _f16(b, 0)
+    q = _nibbles(b[:, 6:]).flatten(1) | (_bits_le(b[:, 2:6]) << 4)
+    return d * (q.to(torch.float32) - 16)
+
+
+def _q5_1(b: torch.Tensor) -> torch.Tensor:
+    d, m = _f16(b, 0), _f16(b, 2)
+    q = _nibbles(b[:, 8:]).flatten(1) | (_bits_le(b[:, 4:8]) << 4)
+    return d * q.to(torch.float32) + m
+
+
+def _q8_0(b: torch.Tensor) -> torch.Tensor:
+    d = _f16(b, 0)
+    return b[:, 2:].contiguous().view(torch.int8).to(torch.float32) * d
+
+
+def _q2_k(b: torch.Tensor) -> torch.Tensor:
+    n = b.shape[0]
+    scales, qs = b[:, :16], b[:, 16:80]
+    d, dmin = _f16(b, 80), _f16(b, 82)
+    dl = (d * (scales & 0x0F).to(torch.float32)).view(n, 16, 1)
+    ml = (dmin * (scales >> 4).to(torch.float32)).view(n, 16, 1)
+    q = _shifts(qs.reshape(n, 2, 32), (0, 2, 4, 6), 3).reshape(n, 16, 16).to(torch.float32)
+    return (dl * q - ml).view(n, QK_K)
+
+
+def _q3_k(b: torch.Tensor) -> torch.Tensor:
+    n = b.shape[0]
+    hmask, qs, sc = b[:, :32], b[:, 32:96], b[:, 96:108]
+    d = _f16(b, 108)
+    low = _nibbles(sc[:, :8]).reshape(n, 16)
+    high = _shifts(sc[:, 8:12], (0, 2, 4, 6), 3).reshape(n, 16)
+    scales = (low | (high << 4)).to(torch.float32) - 32
+    dl = (d * scales).view(n, 16, 1)
+    ql = _shifts(qs.reshape(n, 2, 32), (0, 2, 4, 6), 3).reshape(n, 16, 16)
+    qh = _shifts(hmask, tuple(range(8)), 1).reshape(n, 16, 16)
+    q = ql.to(torch.float32) - ((qh ^ 1) << 2).to(torch.float32)
+    return (dl * q).view(n, QK_K)
+
+
+def _q4_k(b: torch.Tensor) -> torch.Tensor:
+    n = b.shape[0]
+    d, dmin = _f16(b, 0), _f16(b, 2)
+    sc, mn = _scale_min_k4(b[:, 4:16])
+    dl = (d * sc.to(torch.float32)).view(n, 8, 1)
+    ml = (dmin * mn.to(torch.float32)).view(n, 8, 1)
+    q = _nibbles(b[:, 16:].reshape(n, 4, 32)).reshape(n, 8, 32).to(torch.float32)
+    return (dl * q - ml).view(n, QK_K)
+
+
+def _q5_k(b: torch.Tensor) -> torch.Tensor:
+    n = b.shape[0]
+    d, dmin = _f16(b, 0), _f16(b, 2)
+    sc, mn = _scale_min_k4(b[:, 4:16])
+    dl = (d * sc.to(torch.float32)).view(n, 8, 1)
+    ml = (dmin * mn.to(torch.float32)).view(n, 8, 1)
+    qh = _shifts(b[:, 16:48], tuple(range(8)), 1)  # [n, 8, 32]
+    ql = _nibbles(b[:, 48:].reshape(n, 4, 32)).reshape(n, 8, 32)
+    q = (ql | (qh << 4)).to(torch.float32)
+    return (dl * q - ml).view(n, QK_K)
+
+
+def _q6_k(b: torch.Tensor) -> torch.Tensor:
+    n = b.shape[0]
+    ql, qh, sc = b[:, :128], b[:, 128:192], b[:, 192:208]
+    d = _f16(b, 208)
+    dl = (d * sc.contiguous().view(torch.int8).to(torch.float32)).view(n, 16, 1)
+    low = _nibbles(ql.reshape(n, 2, 64)).reshape(n, 8, 32)
+    high = _shifts(qh.reshape(n, 2, 32), (0, 2, 4, 6), 3).reshape(n, 8, 32)
+    q = (low | (high << 4)).to(torch.float32) - 32
+    return (dl * q.view(n, 16, 16)).view(n, QK_K)
+
+
+def _kvalues(device: torch.device) -> torch.Tensor:
+    return torch.tensor(IQ4_NL_VALUES, dtype=torch.float32, device=device)
+
+
+def _iq4_nl(b: torch.Tensor) -> torch.Tensor:
+    d = _f16(b, 0)
+    q = _nibbles(b[:, 2:]).flatten(1)
+    return d * _kvalues(b.device)[q.long()]
+
+
+def _iq4_xs(b: torch.Tensor) -> torch.Tensor:
+    n = b.shape[0]
+    d = _f16(b, 0)
+    scales_h = b[:, 2:4].contiguous().view(torch.int16).to(torch.int32) & 0xFFFF  # [n, 1]
+    sh = (scales_h >> torch.arange(0, 16, 2, dtype=torch.int32, device=b.device)) & 3  # [n, 8]
+    sl = _nibbles(b[:, 4:8]).transpose(1, 2).reshape(n, 8)  # byte i -> scales 2i (low), 2i+1 (high)
+    scales = (sl.to(torch.int32) | (sh << 4)).to(torch.float32) - 32
+    dl = (d * scales).view(n, 8, 1)
+    q = _nibbles(b[:, 8:].reshape(n, 8, 16)).reshape(n, 8, 32)
+    return (dl * _kvalues(b.device)[q.long()]).view(n, QK_K)
+
+
+_DEQUANT = {
+    GGMLType.Q4_0: _q4_0,
+    GGMLType.Q4_1: _q4_1,
+    GGMLType.Q5_0: _q5_0,
+    GGMLType.Q5_1: _q5_1,
+    GGMLType.Q8_0: _q8_0,
+    GGMLType.Q2_K: _q2_k,
+    GGMLType.Q3_K: _q3_k,
+    GGMLType.Q4_K: _q4_k,
+    GGMLType.Q5_K: _q5_k,
+    GGMLType.Q6_K: _q6_k,
+    GGMLType.IQ4_NL: _iq4_nl,
+    GGMLType.IQ4_XS: _iq4_xs,
+}
+
+
+def dequantize_blocks(blocks: torch.Tensor, ggml_type) -> torch.Tensor:
+    """uint8 [n_blocks, block_bytes] of a block-quantized type -> float32 [n_blocks, block_values]."""
+    return _DEQUANT[_ggml_type(ggml_type)](blocks)
+
+
+def dequantize(raw: torch.Tensor, ggml_type, shape: tuple[int, ...]) -> torch.Tensor:
+    """Raw uint8 bytes of a tensor (any shape) -> float32 tensor of `shape`."""
+    t = _ggml_type(ggml_type)
+    shape = tuple(int(s) for s in shape)
+    numel = 1
+    for s in shape:
+        numel *= s
+    block, size = BLOCK_SIZES[t]
+    if raw.dtype != torch.uint8:
+        raise GGUFError(f"raw tensor bytes must be uint8, got {raw.dtype}")
+    if numel % block or raw.numel() != numel // block * size:
+        raise GGUFError(f"{t.name} tensor of shape {shape} needs {numel // block * size} bytes, got {raw.numel()}")
+    flat = raw.reshape(-1)
+    if t == GGMLType.F32:
+        out = flat.clone().view(torch.float32)  # a copy: raw may be a read-only mmap
+    elif t == GGMLType.F16:
+        out = flat.contiguous().view(torch.float16).to(torch.float32)
+    elif t == GGMLType.BF16:
+        out = flat.contiguous().view(torch.bfloat16).to(torch.float32)
+    else:
+        out = _DEQUANT[t](flat.view(-1, size))
+    return out.reshape(shape)
