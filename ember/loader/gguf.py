@@ -13,7 +13,6 @@ from __future__ import annotations
 import mmap
 import struct
 from dataclasses import dataclass
-from enum import IntEnum
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +20,7 @@ import torch
 from gguf import GGML_QUANT_SIZES
 
 from ember.errors import GGUFError
+from ember.quant.ggml import GGMLType  # re-exported: TensorInfo.ggml_type is one of these
 
 MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
@@ -31,41 +31,6 @@ MAX_ARRAY_LEN = 16 * 2**20  # elements of one array (a 256k-token vocabulary fit
 MAX_ARRAY_DEPTH = 2  # an array of arrays, no deeper
 MAX_DIMS = 4
 MAX_ELEMENTS = 2**40  # per tensor
-
-
-class GGMLType(IntEnum):
-    """ggml tensor type ids, as stored in GGUF tensor infos."""
-
-    F32 = 0
-    F16 = 1
-    Q4_0 = 2
-    Q4_1 = 3
-    Q5_0 = 6
-    Q5_1 = 7
-    Q8_0 = 8
-    Q8_1 = 9
-    Q2_K = 10
-    Q3_K = 11
-    Q4_K = 12
-    Q5_K = 13
-    Q6_K = 14
-    Q8_K = 15
-    IQ2_XXS = 16
-    IQ2_XS = 17
-    IQ3_XXS = 18
-    IQ1_S = 19
-    IQ4_NL = 20
-    IQ3_S = 21
-    IQ2_S = 22
-    IQ4_XS = 23
-    I8 = 24
-    I16 = 25
-    I32 = 26
-    I64 = 27
-    F64 = 28
-    IQ1_M = 29
-    BF16 = 30
-
 
 # (elements per block, bytes per block), keyed by plain int type id.
 _BLOCK_SIZES: dict[int, tuple[int, int]] = {int(k): v for k, v in GGML_QUANT_SIZES.items()}
