@@ -1,0 +1,108 @@
+"""`ember serve [MODEL]`: the OpenAI-, Ollama- and llama.cpp-compatible HTTP server."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import sys
+
+from ember.cli.options import _size, add_model_options, engine_args
+
+
+def add_parser(sub) -> None:
+    parser = sub.add_parser("serve", help="serve a model over HTTP (OpenAI, Ollama and llama.cpp APIs)",
+                            description="Serve MODEL over HTTP with OpenAI-, Ollama- and llama.cpp-compatible "
+                                        "endpoints.")
+    parser.add_argument("model", nargs="?", default=None,
+                        help="GGUF file or transformers folder (default: the bundled model)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=8080, help="port to listen on (default: %(default)s)")
+    parser.add_argument("--api-key", default=os.environ.get("EMBER_API_KEY") or None,
+                        help="require 'Authorization: Bearer KEY' on every endpoint but /health "
+                             "(default: $EMBER_API_KEY)")
+    parser.add_argument("--cors-origins", default="",
+                        help="comma-separated origins allowed to call the API from a browser ('*' for any)")
+    parser.add_argument("--max-queue", type=int, default=256,
+                        help="requests that may wait for a slot; more get 503 (default: %(default)s)")
+    parser.add_argument("--max-body", type=_size, default=4 * 2**20,
+                        help="largest request body, e.g. 4M (default: 4M)")
+    parser.add_argument("--shutdown-grace", type=float, default=5.0,
+                        help="seconds in-flight requests may finish after SIGTERM before they are aborted "
+                             "(default: %(default)s)")
+    add_model_options(parser)
+
+
+class _Server:
+    """uvicorn's server, except that SIGTERM/SIGINT start our graceful shutdown and the exit code stays 0."""
+
+    def __new__(cls, config, state):
+        import uvicorn
+
+        class Server(uvicorn.Server):
+            def handle_exit(self, sig, frame):
+                state.begin_shutdown()
+                super().handle_exit(sig, frame)
+
+            @contextlib.contextmanager
+            def capture_signals(self):
+                # uvicorn re-raises the caught signal after shutdown (exit status 143); a clean stop is 0.
+                previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+                try:
+                    yield
+                finally:
+                    for sig, handler in previous.items():
+                        signal.signal(sig, handler)
+
+        return Server(config)
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from ember.engine.async_engine import AsyncEngine
+    from ember.errors import InvalidParameter
+    from ember.server.app import create_app
+    from ember.server.state import ServerState, Settings
+
+    if not 0 <= args.port <= 65535:
+        raise InvalidParameter("--port", f"must be in [0, 65535], got {args.port}")
+    if args.max_queue < 0:
+        raise InvalidParameter("--max-queue", f"must be >= 0, got {args.max_queue}")
+    settings = Settings(
+        host=args.host, port=args.port, api_key=args.api_key,
+        cors_origins=[o.strip() for o in args.cors_origins.split(",") if o.strip()],
+        max_body_bytes=args.max_body, max_queue=args.max_queue, shutdown_grace=args.shutdown_grace)
+    options = engine_args(args)
+    server = None
+
+    async def ready():
+        import asyncio
+
+        while server is not None and not server.started and not server.should_exit:
+            await asyncio.sleep(0.02)
+        if server is not None and server.started:
+            host = f"[{args.host}]" if ":" in args.host else args.host
+            port = args.port
+            if port == 0 and server.servers and server.servers[0].sockets:
+                port = server.servers[0].sockets[0].getsockname()[1]
+            print(f"ember serving {state.registry.list()[0].name} on http://{host}:{port}", flush=True)
+
+    def failed(err: BaseException) -> None:
+        if server is not None:
+            server.should_exit = True
+
+    state = ServerState(settings, loader=lambda: AsyncEngine.from_model(args.model, **options),
+                        on_ready=ready, on_load_error=failed)
+    config = uvicorn.Config(create_app(state), host=args.host, port=args.port, log_level="warning",
+                            timeout_graceful_shutdown=args.shutdown_grace + 5, access_log=False,
+                            timeout_keep_alive=5)
+    server = _Server(config, state)
+    server.run()
+    if state.load_error is not None:
+        raise state.load_error
+    if not server.started:
+        print(f"error: could not listen on {args.host}:{args.port}", file=sys.stderr)
+        return 1
+    return 0

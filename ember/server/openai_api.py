@@ -1,0 +1,371 @@
+"""OpenAI-compatible endpoints: chat completions, completions, models, embeddings and responses."""
+
+from __future__ import annotations
+
+import base64
+import json
+import struct
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+
+from ember.engine.async_engine import AsyncEngine
+from ember.engine.outputs import StepOutput, TokenLogprob
+from ember.errors import EmberError
+from ember.sampling_params import SamplingParams
+from ember.server.errors import APIError, bad_request, from_exception, not_supported
+from ember.server.generation import Choice, Generation, collect, start_generation, validate
+from ember.server.prompting import chat_prompt_ids, content_text, plain_messages, prompt_ids_list, token_text
+from ember.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    ResponsesRequest,
+    SamplingFields,
+)
+from ember.server.state import ModelEntry, ServerState
+
+router = APIRouter()
+
+EMBEDDINGS_NOTE = ("mean-pooled final hidden states of a decoder model: usable for rough similarity, not a "
+                   "trained embedding model")
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def get_state(request: Request) -> ServerState:
+    return request.app.state.ember
+
+
+def sse(data: dict | str, event: str | None = None) -> str:
+    payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    return (f"event: {event}\n" if event else "") + f"data: {payload}\n\n"
+
+
+def sse_error(err: BaseException) -> str:
+    api = from_exception(err)
+    return sse({"error": {"message": api.message, "type": api.type, "param": api.param, "code": api.code}})
+
+
+def streaming(events: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+def check_format(response_format, param: str = "response_format") -> None:
+    if response_format is not None and response_format.type != "text":
+        raise not_supported(f"{param} of type {response_format.type!r} (structured output)", param=param)
+
+
+def sampling_params(body: SamplingFields, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    kwargs = {name: getattr(body, name) for name in (
+        "temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty", "frequency_penalty",
+        "repetition_penalty", "logit_bias", "stop", "stop_token_ids") if getattr(body, name) is not None}
+    return SamplingParams(
+        n=body.n, max_tokens=max_tokens, logprobs=logprobs, min_tokens=body.min_tokens, ignore_eos=body.ignore_eos,
+        skip_special_tokens=body.skip_special_tokens, include_stop_str_in_output=body.include_stop_str_in_output,
+        **kwargs)
+
+
+def usage(generation: Generation, choices: list[Choice]) -> dict:
+    prompt = sum(len(p) for p in generation.prompts)
+    completion = sum(c.completion_tokens for c in choices)
+    cached = sum(c.cached_tokens for c in choices if c.index % generation.params.n == 0)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+# --- logprobs in OpenAI's two shapes ------------------------------------------------------------------------
+def chat_logprobs(engine: AsyncEngine, logprobs: list[TokenLogprob] | None) -> dict | None:
+    if logprobs is None:
+        return None
+
+    def entry(token_id: int, logprob: float) -> dict:
+        text = token_text(engine, token_id)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    return {"content": [{**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]}
+                        for lp in logprobs]}
+
+
+def completion_logprobs(engine: AsyncEngine, logprobs: list[TokenLogprob] | None, offset: int = 0) -> dict | None:
+    if logprobs is None:
+        return None
+    tokens, offsets = [], []
+    for lp in logprobs:
+        offsets.append(offset)
+        tokens.append(token_text(engine, lp.token_id))
+        offset += len(tokens[-1])
+    return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in logprobs],
+            "top_logprobs": [{token_text(engine, t): v for t, v in lp.top} for lp in logprobs],
+            "text_offset": offsets}
+
+
+# --- models -------------------------------------------------------------------------------------------------
+def model_card(entry: ModelEntry) -> dict:
+    engine = entry.engine
+    return {"id": entry.name, "object": "model", "created": entry.created, "owned_by": "ember",
+            "max_model_len": engine.max_model_len,
+            "meta": {"max_model_len": engine.max_model_len, "chat_template": engine.chat_template is not None,
+                     "embeddings": EMBEDDINGS_NOTE}}
+
+
+@router.get("/v1/models")
+async def list_models(request: Request):
+    return {"object": "list", "data": [model_card(e) for e in get_state(request).registry.list()]}
+
+
+@router.get("/v1/models/{model_id:path}")
+async def get_model(model_id: str, request: Request):
+    return model_card(get_state(request).registry.entry(model_id))
+
+
+# --- chat completions ---------------------------------------------------------------------------------------
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request):
+    state = get_state(request)
+    check_format(body.response_format)
+    if body.top_logprobs is not None and not body.logprobs:
+        raise bad_request("top_logprobs: requires logprobs to be true", param="top_logprobs")
+    entry = state.registry.entry(body.model)
+    prompt = chat_prompt_ids(entry.engine, plain_messages(body.messages), body.tools, body.add_generation_prompt,
+                             **(body.chat_template_kwargs or {}))
+    params = sampling_params(body, body.max_completion_tokens or body.max_tokens,
+                             (body.top_logprobs or 0) if body.logprobs else None)
+    generation = start_generation(state, entry.name, [prompt], params, "chatcmpl")
+    head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": entry.name,
+            "system_fingerprint": None}
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return streaming(_chat_stream(generation, head, include_usage))
+    choices = await collect(request, generation)
+    return {**head, "object": "chat.completion", "choices": [
+        {"index": c.index, "message": {"role": "assistant", "content": c.text},
+         "logprobs": chat_logprobs(entry.engine, c.logprobs), "finish_reason": c.finish_reason}
+        for c in choices], "usage": usage(generation, choices)}
+
+
+async def _chat_stream(generation: Generation, head: dict, include_usage: bool) -> AsyncIterator[str]:
+    engine = generation.engine
+    head = {**head, "object": "chat.completion.chunk"}
+    extra = {"usage": None} if include_usage else {}
+    choices = [Choice(i) for i in range(generation.num_choices)]
+    started: set[int] = set()
+
+    def chunk(index: int, delta: dict, logprobs=None, finish_reason=None) -> str:
+        return sse({**head, "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
+                                         "finish_reason": finish_reason}], **extra})
+
+    try:
+        async with aclosing(generation.stream()) as stream:
+            async for index, out in stream:
+                choices[index].add(out)
+                if index not in started:
+                    started.add(index)
+                    yield chunk(index, {"role": "assistant", "content": ""})
+                if out.text_delta or out.logprobs:
+                    yield chunk(index, {"content": out.text_delta}, chat_logprobs(engine, out.logprobs))
+                if out.finished:
+                    yield chunk(index, {}, None, out.finish_reason)
+    except (EmberError, APIError) as err:
+        yield sse_error(err)
+        yield sse("[DONE]")
+        return
+    if include_usage:
+        yield sse({**head, "choices": [], "usage": usage(generation, choices)})
+    yield sse("[DONE]")
+
+
+# --- completions --------------------------------------------------------------------------------------------
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, request: Request):
+    state = get_state(request)
+    check_format(body.response_format)
+    if body.suffix:
+        raise not_supported("suffix (fill-in-the-middle)", param="suffix")
+    if body.best_of is not None and body.best_of != body.n:
+        raise not_supported("best_of different from n", param="best_of")
+    entry = state.registry.entry(body.model)
+    prompts = prompt_ids_list(entry.engine, body.prompt)
+    params = sampling_params(body, 16 if body.max_tokens is None else body.max_tokens, body.logprobs)
+    generation = start_generation(state, entry.name, prompts, params, "cmpl")
+    echoes = [entry.engine.tokenizer.decode(p) if body.echo else "" for p in prompts]
+    head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": entry.name,
+            "system_fingerprint": None}
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return streaming(_completion_stream(generation, head, include_usage, echoes))
+    choices = await collect(request, generation)
+    result = []
+    for c in choices:
+        echo = echoes[generation.prompt_of(c.index)]
+        result.append({"index": c.index, "text": echo + c.text, "finish_reason": c.finish_reason,
+                       "logprobs": completion_logprobs(entry.engine, c.logprobs, len(echo))})
+    return {**head, "object": "text_completion", "choices": result, "usage": usage(generation, choices)}
+
+
+async def _completion_stream(generation: Generation, head: dict, include_usage: bool,
+                             echoes: list[str]) -> AsyncIterator[str]:
+    engine = generation.engine
+    head = {**head, "object": "text_completion"}
+    extra = {"usage": None} if include_usage else {}
+    choices = [Choice(i) for i in range(generation.num_choices)]
+    offsets = [len(echoes[generation.prompt_of(i)]) for i in range(generation.num_choices)]
+    started: set[int] = set()
+
+    def chunk(index: int, text: str, out: StepOutput) -> str:
+        logprobs = completion_logprobs(engine, out.logprobs, offsets[index])
+        offsets[index] += len(out.text_delta)
+        return sse({**head, "choices": [{"index": index, "text": text, "logprobs": logprobs,
+                                         "finish_reason": out.finish_reason}], **extra})
+
+    try:
+        async with aclosing(generation.stream()) as stream:
+            async for index, out in stream:
+                choices[index].add(out)
+                echo = ""
+                if index not in started:
+                    started.add(index)
+                    echo = echoes[generation.prompt_of(index)]
+                if echo or out.text_delta or out.logprobs or out.finished:
+                    yield chunk(index, echo + out.text_delta, out)
+    except (EmberError, APIError) as err:
+        yield sse_error(err)
+        yield sse("[DONE]")
+        return
+    if include_usage:
+        yield sse({**head, "choices": [], "usage": usage(generation, choices)})
+    yield sse("[DONE]")
+
+
+# --- embeddings ---------------------------------------------------------------------------------------------
+async def embed_all(state: ServerState, entry: ModelEntry, inputs: list[list[int]]) -> list[list[float]]:
+    if state.shutting_down:
+        raise APIError(503, "the server is shutting down", code="shutting_down")
+    probe = SamplingParams(max_tokens=1)
+    for ids in inputs:
+        validate(entry.engine, ids, probe)
+    return [await entry.engine.embed(ids) for ids in inputs]
+
+
+@router.post("/v1/embeddings")
+async def embeddings(body: EmbeddingRequest, request: Request):
+    state = get_state(request)
+    entry = state.registry.entry(body.model)
+    if body.dimensions is not None:
+        raise not_supported("dimensions (shortened embeddings)", param="dimensions")
+    inputs = prompt_ids_list(entry.engine, body.input, "input")
+    vectors = await embed_all(state, entry, inputs)
+    data = []
+    for index, vector in enumerate(vectors):
+        value = (base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+                 if body.encoding_format == "base64" else vector)
+        data.append({"object": "embedding", "index": index, "embedding": value})
+    tokens = sum(len(ids) for ids in inputs)
+    return {"object": "list", "data": data, "model": entry.name,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+
+# --- responses ----------------------------------------------------------------------------------------------
+def _responses_messages(body: ResponsesRequest) -> list[dict]:
+    messages = [{"role": "system", "content": body.instructions}] if body.instructions else []
+    if isinstance(body.input, str):
+        return [*messages, {"role": "user", "content": body.input}]
+    for item in body.input:
+        kind = item.get("type", "message")
+        if kind != "message" or not isinstance(item.get("role"), str):
+            raise not_supported(f"input items of type {kind!r}", param="input")
+        content = item.get("content")
+        if not isinstance(content, (str, list)) or (isinstance(content, list)
+                                                    and not all(isinstance(p, dict) for p in content)):
+            raise bad_request("input: a message's content must be a string or a list of content parts",
+                              param="input")
+        messages.append({"role": item["role"], "content": content_text(content, "input")})
+    return messages
+
+
+def _response_object(rid: str, created: int, body: ResponsesRequest, model: str, status: str,
+                     choice: Choice | None, msg_id: str) -> dict:
+    output = []
+    if choice is not None:
+        output = [{"type": "message", "id": msg_id, "status": "completed" if status == "completed" else status,
+                   "role": "assistant",
+                   "content": [{"type": "output_text", "text": choice.text, "annotations": [], "logprobs": []}]}]
+    usage_block = None
+    if choice is not None:
+        usage_block = {"input_tokens": choice.prompt_tokens, "output_tokens": choice.completion_tokens,
+                       "total_tokens": choice.prompt_tokens + choice.completion_tokens,
+                       "input_tokens_details": {"cached_tokens": choice.cached_tokens},
+                       "output_tokens_details": {"reasoning_tokens": 0}}
+    incomplete = None
+    if status == "incomplete" and choice is not None:
+        incomplete = {"reason": "max_output_tokens" if choice.finish_reason == "length" else "aborted"}
+    return {"id": rid, "object": "response", "created_at": created, "status": status, "error": None,
+            "incomplete_details": incomplete, "instructions": body.instructions,
+            "max_output_tokens": body.max_output_tokens, "model": model, "output": output,
+            "parallel_tool_calls": False, "previous_response_id": None, "reasoning": {"effort": None, "summary": None},
+            "store": False, "temperature": body.temperature if body.temperature is not None else 1.0,
+            "text": {"format": {"type": "text"}}, "tool_choice": "auto", "tools": [],
+            "top_p": body.top_p if body.top_p is not None else 1.0, "truncation": "disabled",
+            "usage": usage_block, "user": body.user, "metadata": body.metadata or {}}
+
+
+@router.post("/v1/responses")
+async def responses(body: ResponsesRequest, request: Request):
+    state = get_state(request)
+    text_format = (body.text or {}).get("format")
+    if isinstance(text_format, dict) and text_format.get("type", "text") != "text":
+        raise not_supported(f"text.format of type {text_format.get('type')!r} (structured output)", param="text")
+    entry = state.registry.entry(body.model)
+    prompt = chat_prompt_ids(entry.engine, _responses_messages(body))
+    kwargs = {k: getattr(body, k) for k in ("temperature", "top_p", "seed") if getattr(body, k) is not None}
+    params = SamplingParams(max_tokens=body.max_output_tokens, **kwargs)
+    generation = start_generation(state, entry.name, [prompt], params, "resp")
+    rid, msg_id, created = f"resp_{uuid.uuid4().hex}", f"msg_{uuid.uuid4().hex}", int(time.time())
+    if body.stream:
+        return streaming(_responses_stream(generation, body, rid, msg_id, created))
+    choice = (await collect(request, generation))[0]
+    status = "completed" if choice.finish_reason == "stop" else "incomplete"
+    return _response_object(rid, created, body, entry.name, status, choice, msg_id)
+
+
+async def _responses_stream(generation: Generation, body: ResponsesRequest, rid: str, msg_id: str,
+                            created: int) -> AsyncIterator[str]:
+    sequence = 0
+
+    def event(kind: str, **fields) -> str:
+        nonlocal sequence
+        sequence += 1
+        return sse({"type": kind, "sequence_number": sequence - 1, **fields}, event=kind)
+
+    model = generation.model
+    yield event("response.created",
+                response=_response_object(rid, created, body, model, "in_progress", None, msg_id))
+    yield event("response.in_progress",
+                response=_response_object(rid, created, body, model, "in_progress", None, msg_id))
+    item = {"type": "message", "id": msg_id, "status": "in_progress", "role": "assistant", "content": []}
+    yield event("response.output_item.added", output_index=0, item=item)
+    part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+    yield event("response.content_part.added", item_id=msg_id, output_index=0, content_index=0, part=part)
+    choice = Choice(0)
+    try:
+        async with aclosing(generation.stream()) as stream:
+            async for _, out in stream:
+                choice.add(out)
+                if out.text_delta:
+                    yield event("response.output_text.delta", item_id=msg_id, output_index=0, content_index=0,
+                                delta=out.text_delta, logprobs=[])
+    except (EmberError, APIError) as err:
+        api = from_exception(err)
+        yield event("error", code=api.code, message=api.message, param=api.param)
+        return
+    yield event("response.output_text.done", item_id=msg_id, output_index=0, content_index=0, text=choice.text,
+                logprobs=[])
+    yield event("response.content_part.done", item_id=msg_id, output_index=0, content_index=0,
+                part={**part, "text": choice.text})
+    status = "completed" if choice.finish_reason == "stop" else "incomplete"
+    final = _response_object(rid, created, body, model, status, choice, msg_id)
+    yield event("response.output_item.done", output_index=0, item=final["output"][0])
+    yield event("response.completed" if status == "completed" else "response.incomplete", response=final)

@@ -1,0 +1,80 @@
+"""From request bodies to token ids: chat messages through the model's template, prompts in every OpenAI
+shape, and the text of a single token for logprobs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ember.engine.async_engine import AsyncEngine
+from ember.server.errors import bad_request, not_supported
+
+_TEXT_PARTS = {"text", "input_text", "output_text"}
+
+
+def content_text(content: Any, param: str = "messages") -> str:
+    """A message's content as text: a string, or the text parts of a list of content parts."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    pieces = []
+    for part in content:
+        kind = part.get("type")
+        if kind in _TEXT_PARTS:
+            text = part.get("text")
+            if not isinstance(text, str):
+                raise bad_request(f"{param}: a {kind} part needs a string 'text'", param=param)
+            pieces.append(text)
+        else:
+            raise not_supported(f"message content of type {kind!r}", param=param)
+    return "".join(pieces)
+
+
+def plain_messages(messages: list[Any]) -> list[dict]:
+    """Pydantic messages (or dicts) as template-ready dicts with text content."""
+    plain = []
+    for message in messages:
+        data = message.model_dump(exclude_none=True) if hasattr(message, "model_dump") else dict(message)
+        data["content"] = content_text(data.get("content"))
+        plain.append(data)
+    return plain
+
+
+def render_chat(engine: AsyncEngine, messages: list[dict], tools: list[dict] | None = None,
+                add_generation_prompt: bool = True, **template_kwargs) -> str:
+    template = engine.chat_template
+    if template is None:  # no template in the model: a plain transcript the model can continue
+        lines = [f"{m.get('role', 'user')}: {m.get('content', '')}" for m in messages]
+        if add_generation_prompt:
+            lines.append("assistant:")
+        return "\n".join(lines)
+    return template.render(messages, tools=tools, add_generation_prompt=add_generation_prompt, **template_kwargs)
+
+
+def chat_prompt_ids(engine: AsyncEngine, messages: list[dict], tools: list[dict] | None = None,
+                    add_generation_prompt: bool = True, **template_kwargs) -> list[int]:
+    text = render_chat(engine, messages, tools, add_generation_prompt, **template_kwargs)
+    # A template writes its own BOS; only the template-less transcript needs the tokenizer's.
+    return engine.tokenizer.encode(text, add_special_tokens=engine.chat_template is None)
+
+
+def prompt_ids_list(engine: AsyncEngine, prompt: Any, param: str = "prompt") -> list[list[int]]:
+    """A string, a list of strings, a list of token ids or a list of token-id lists, as token-id lists."""
+    tokenizer = engine.tokenizer
+    if isinstance(prompt, str):
+        return [tokenizer.encode(prompt)]
+    if not prompt:
+        raise bad_request(f"{param}: must not be empty", param=param)
+    if isinstance(prompt[0], str):
+        return [tokenizer.encode(p) for p in prompt]
+    if isinstance(prompt[0], int):
+        return [list(prompt)]
+    return [list(p) for p in prompt]
+
+
+def token_text(engine: AsyncEngine, token_id: int) -> str:
+    tokenizer = engine.tokenizer
+    text = tokenizer.decode([token_id], skip_special_tokens=False)
+    if tokenizer.id_to_piece(token_id).startswith("\u2581") and not text.startswith(" "):
+        text = " " + text  # SentencePiece drops the word-start space when decoding a lone token
+    return text

@@ -1,0 +1,147 @@
+"""A tiny model and a real `ember serve` subprocess for the server tests."""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+SERVE_ARGS = ["--dtype", "float32", "--kv-memory", "64M", "--max-num-seqs", "64"]
+
+
+def make_tiny_chat_model(directory: Path, testdata: Path) -> Path:
+    """The shared tiny llama (4 layers, 32k vocabulary, 4k context) with a chat template added."""
+    source = testdata / "gguf" / "tiny-llama-hf"
+    directory.mkdir(parents=True, exist_ok=True)
+    for name in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json"):
+        (directory / name).write_bytes((source / name).read_bytes())
+    config = json.loads((source / "tokenizer_config.json").read_text())
+    config["chat_template"] = CHAT_TEMPLATE
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    return directory
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class ServerProcess:
+    url: str
+    process: subprocess.Popen
+    model_dir: Path
+    api_key: str | None = None
+
+    @property
+    def model(self) -> str:
+        return self.model_dir.name
+
+    def headers(self) -> dict:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    def stop(self, timeout: float = 20) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise
+
+
+def start_server(model_dir: Path, *extra: str, api_key: str | None = None, timeout: float = 60) -> ServerProcess:
+    port = free_port()
+    args = [sys.executable, "-m", "ember.cli.main", "serve", str(model_dir), "--host", "127.0.0.1", "--port",
+            str(port), *SERVE_ARGS, *extra]
+    env = {**os.environ, "EMBER_API_KEY": api_key} if api_key else {
+        k: v for k, v in os.environ.items() if k != "EMBER_API_KEY"}
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"ember serve exited with {process.returncode}: {process.stderr.read()}")
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return ServerProcess(url, process, model_dir, api_key)
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    process.kill()
+    raise RuntimeError(f"ember serve did not become healthy within {timeout} s")
+
+
+_shared: dict[str, object] = {}
+
+
+def shared_model(tmp_path_factory) -> Path:
+    """One model folder per test session, whichever test module asks first."""
+    if "model" not in _shared:
+        from tests.conftest import SHARED
+
+        if not SHARED.exists():
+            pytest.fail(f"shared test data not found at {SHARED}")
+        _shared["model"] = make_tiny_chat_model(tmp_path_factory.mktemp("server") / "tiny-chat", SHARED)
+    return _shared["model"]
+
+
+def shared_server(tmp_path_factory) -> ServerProcess:
+    """One `ember serve` process per test session, shared by the test modules, stopped at exit."""
+    if "server" not in _shared:
+        proc = start_server(shared_model(tmp_path_factory))
+        _shared["server"] = proc
+        atexit.register(proc.stop)
+    return _shared["server"]
+
+
+class InProcessServer:
+    """The app on uvicorn in a background thread: for settings a test wants to vary (queue, key, body size)."""
+
+    def __init__(self, model_dir: Path, **settings):
+        import uvicorn
+
+        from ember.engine.async_engine import AsyncEngine
+        from ember.server.app import create_app
+        from ember.server.state import ServerState, Settings
+
+        port = free_port()
+        engine_args = settings.pop("engine_args", {})
+        self.state = ServerState(Settings(host="127.0.0.1", port=port, **settings),
+                                 loader=lambda: AsyncEngine.from_model(str(model_dir), dtype="float32",
+                                                                       kv_memory=2**24, **engine_args))
+        config = uvicorn.Config(create_app(self.state), host="127.0.0.1", port=port, log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.url = f"http://127.0.0.1:{port}"
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> InProcessServer:
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError("in-process server did not start")
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
