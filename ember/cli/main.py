@@ -16,6 +16,11 @@ COMMANDS = {
     "tokenize": "ember.cli.tokenize",
     "bench": "ember.cli.bench",
     "recommend": "ember.cli.recommend",
+    "pull": "ember.cli.pull",
+    "ls": "ember.cli.ls",
+    "rm": "ember.cli.rm",
+    "show": "ember.cli.show",
+    "cp": "ember.cli.cp",
 }
 
 

@@ -32,12 +32,12 @@ class LoadedModel:
 
 
 def resolve_model_path(model: str | Path | None) -> Path:
+    """A path, store name, discovered name or HF repo id → the GGUF file or folder (see ember.store.resolve)."""
     if model is None or str(model) == "":
         return DEFAULT_MODEL_DIR
-    path = Path(model).expanduser()
-    if not path.exists():
-        raise ModelLoadError(f"model {str(model)!r} not found (give a GGUF file or a folder with config.json)")
-    return path
+    from ember.store.resolve import resolve
+
+    return resolve(model, allow_paths=True).path
 
 
 def load_model(model: str | Path | None, dtype="auto", device="auto") -> LoadedModel:

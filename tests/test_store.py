@@ -1,0 +1,330 @@
+"""Model store: names, blobs and manifests, the resolver, the memory estimator, ls/show/rm/cp in-process."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from ember.cli.main import main
+from ember.errors import EmberError, ModelLoadError
+from ember.store.memory import estimate_memory, fit_context
+from ember.store.names import parse_ref, parse_store_name
+from ember.store.resolve import DEFAULT_MODEL_DIR, resolve
+from ember.store.store import BlobInfo, ModelStore
+
+ENV_VARS = ("EMBER_HOME", "HF_HOME", "HF_HUB_CACHE", "XDG_CACHE_HOME", "OLLAMA_MODELS", "EMBER_MODELS_PATH")
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch) -> Path:
+    """A fake HOME with an empty store; no tool's real folders are seen."""
+    home = tmp_path / "home"
+    home.mkdir()
+    for var in ENV_VARS:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("EMBER_HOME", str(home / ".ember"))
+    monkeypatch.setenv("HF_HOME", str(home / ".cache" / "huggingface"))
+    return home
+
+
+@pytest.fixture
+def gguf_q4(testdata) -> Path:
+    return testdata / "gguf" / "tiny-llama-Q4_0.gguf"
+
+
+@pytest.fixture
+def hf_dir(testdata) -> Path:
+    return testdata / "gguf" / "tiny-llama-hf"
+
+
+def cli(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+# ---- names ---------------------------------------------------------------------------------------------
+
+HOSTILE = [
+    ("../etc/passwd", "path"),
+    ("/etc/passwd", "path"),
+    ("~/models/x.gguf", "path"),
+    ("C:\\models\\x.gguf", "path"),
+    ("foo\\bar", "path"),
+    ("a\x00b", "NUL"),
+    ("line\nbreak", "control"),
+    ("sha256:" + "a" * 64, "digest"),
+    ("sha256-" + "a" * 64, "digest"),
+    ("sha256:xyz", "digest"),
+    ("a" * 400, "longer"),
+    ("foo:../../x", "'..'"),
+    ("foo/../bar", "'..'"),
+    ("org/repo:../x", "'..'"),
+    ("hf.co/../x", "'..'"),
+    ("ollama/../../etc", "'..'"),
+    ("..", "path"),
+    (".hidden", "expected family"),
+    ("-flag", "expected family"),
+    ("a b", "characters"),
+    ("foo;rm -rf", "characters"),
+    ("$(reboot)", "characters"),
+    ("fam:tag:extra", "characters"),
+    ("modèle", "characters"),
+    ("org//repo", "one '/'"),
+    ("org/repo/extra", "one '/'"),
+    ("org--x/repo", "'--'"),
+    ("org/repo.git", ".git"),
+    ("org/-repo", "start"),
+    ("org/repo:", "after the repo id"),
+    ("org/repo:q4 k", "characters"),
+    ("lmstudio/a/b/c/d/e", "too many"),
+    ("local/", "part"),
+    ("fam:" + "t" * 65, "expected family"),
+    (" foo", "spaces"),
+]
+
+
+@pytest.mark.parametrize(("ref", "problem"), HOSTILE)
+def test_hostile_names_are_rejected_from_http(ref, problem):
+    with pytest.raises(ModelLoadError) as err:
+        parse_ref(ref, allow_paths=False)
+    assert problem in str(err.value)
+    assert "\x00" not in str(err.value) and len(str(err.value)) < 300
+
+
+@pytest.mark.parametrize(("ref", "kind", "text"), [
+    ("llama3", "store", "llama3:latest"),
+    ("Qwen2.5:Q4_K_M", "store", "qwen2.5:q4_k_m"),
+    ("tiny-llama_1.1b:v2", "store", "tiny-llama_1.1b:v2"),
+    ("Qwen/Qwen2.5-0.5B-Instruct-GGUF", "hf", "Qwen/Qwen2.5-0.5B-Instruct-GGUF"),
+    ("Qwen/Qwen2.5-0.5B-Instruct-GGUF:Q4_K_M", "hf", "Qwen/Qwen2.5-0.5B-Instruct-GGUF:Q4_K_M"),
+    ("bartowski/Llama-3.2-1B-GGUF:Llama-3.2-1B-Q8_0.gguf", "hf", "bartowski/Llama-3.2-1B-GGUF:Llama-3.2-1B-Q8_0.gguf"),
+    ("hf.co/org/repo:Q4_0", "hf", "org/repo:Q4_0"),
+    ("ollama/llama3.2:3b", "discovered", "ollama/llama3.2:3b"),
+    ("lmstudio/pub/repo/file-Q4_0.gguf", "discovered", "lmstudio/pub/repo/file-Q4_0.gguf"),
+    ("local/tiny", "discovered", "local/tiny"),
+])
+def test_valid_names(ref, kind, text):
+    parsed = parse_ref(ref, allow_paths=False)
+    assert (parsed.kind, parsed.text) == (kind, text)
+
+
+def test_paths_and_digests_only_where_allowed(gguf_q4):
+    assert parse_ref(str(gguf_q4), allow_paths=True).path == gguf_q4
+    assert parse_ref(gguf_q4, allow_paths=True).kind == "path"
+    with pytest.raises(ModelLoadError, match="not allowed"):
+        parse_ref(gguf_q4, allow_paths=False)
+    with pytest.raises(ModelLoadError, match="not allowed"):
+        parse_ref(str(gguf_q4), allow_paths=False)
+    with pytest.raises(ModelLoadError, match="not found"):
+        parse_ref("/no/such/model.gguf", allow_paths=True)
+    assert parse_ref("sha256:" + "b" * 64, allow_digest=True).digest == "b" * 64
+    assert parse_ref(None).kind == parse_ref("").kind == "default"
+    with pytest.raises(ModelLoadError, match="string"):
+        parse_ref(42)
+
+
+def test_store_names_reject_slashes_and_digests():
+    for bad in ("org/repo", "sha256:" + "0" * 64, "a..b", "x:.."):
+        with pytest.raises(ModelLoadError):
+            parse_store_name(bad)
+    assert parse_store_name("Fam").store_name == "fam:latest"
+
+
+# ---- store ---------------------------------------------------------------------------------------------
+
+def test_add_file_dedups_and_leaves_no_temp(tmp_path, gguf_q4):
+    store = ModelStore(tmp_path / "s")
+    a = store.add_file("a.gguf", gguf_q4)
+    b = store.add_file("b.gguf", io.BytesIO(gguf_q4.read_bytes()))
+    assert a == b and a.size == gguf_q4.stat().st_size
+    assert [p.name for p in store.blobs.iterdir()] == [f"sha256-{a.digest}"]
+    assert list(store.tmp.iterdir()) == []
+    with pytest.raises(ModelLoadError, match="checksum mismatch"):
+        store.add_file("c", io.BytesIO(b"other"), expected_sha256="0" * 64)
+    with pytest.raises(ModelLoadError, match="size mismatch"):
+        store.add_file("c", io.BytesIO(b"other"), expected_size=3)
+    assert len(list(store.blobs.iterdir())) == 1 and list(store.tmp.iterdir()) == []
+
+
+def test_register_get_path_for_remove(home, gguf_q4, hf_dir):
+    store = ModelStore()
+    assert store.root == (home / ".ember").resolve()
+    m = store.register("tiny:q4_0", {"tiny-llama-Q4_0.gguf": gguf_q4}, {"type": "test"})
+    assert m.format == "gguf" and m.details["quant"] == "Q4_0" and m.details["parameters"] > 10_000_000
+    data = json.loads((store.manifests / "tiny" / "q4_0.json").read_text())
+    assert data["files"]["tiny-llama-Q4_0.gguf"]["digest"].startswith("sha256:")
+    path = store.path_for("tiny:q4_0")
+    assert path.name == "tiny-llama-Q4_0.gguf" and path.read_bytes()[:4] == b"GGUF"
+    assert path.resolve().is_relative_to(store.root)
+
+    files = {p.name: p for p in hf_dir.iterdir()}
+    m2 = store.register("tinyhf", files, {"type": "test"})
+    assert m2.name == "tinyhf:latest" and m2.format == "safetensors"
+    folder = store.path_for("tinyhf")
+    assert folder.is_dir() and (folder / "config.json").read_text() == (hf_dir / "config.json").read_text()
+    assert sorted(p.name for p in folder.iterdir()) == sorted(files)
+    assert [x.name for x in store.list()] == ["tiny:q4_0", "tinyhf:latest"]
+
+    store.copy("tiny:q4_0", "alias:v1")
+    blobs = sorted(store.blobs.iterdir())
+    assert len(blobs) == 1 + len(files)  # cp adds no blob
+    with pytest.raises(ModelLoadError, match="already exists"):
+        store.copy("tinyhf", "alias:v1")
+    store.remove("tiny:q4_0")
+    assert store.blob_path(m.files["tiny-llama-Q4_0.gguf"].digest).exists()  # alias:v1 still uses it
+    store.remove("alias:v1")
+    assert not store.blob_path(m.files["tiny-llama-Q4_0.gguf"].digest).exists()
+    assert not (store.models / "tiny").exists() and not (store.manifests / "tiny").exists()
+    with pytest.raises(ModelLoadError, match="not in the store"):
+        store.get("tiny:q4_0")
+
+
+def test_failed_register_leaves_nothing(home, gguf_q4, tmp_path):
+    store = ModelStore()
+    with pytest.raises(OSError):
+        store.register("x:y", {"a.gguf": gguf_q4, "config.json": tmp_path / "missing.json"}, {})
+    with pytest.raises(ModelLoadError, match="one GGUF"):
+        store.register("x:y", {"a.gguf": gguf_q4, "b.gguf": gguf_q4}, {})
+    with pytest.raises(ModelLoadError, match="bad file name"):
+        store.register("x:y", {"../a.gguf": gguf_q4}, {})
+    with pytest.raises(ModelLoadError, match="not in the store"):
+        store.register("x:y", {"a.gguf": BlobInfo("1" * 64, 3)}, {})
+    assert store.list() == [] and list(store.blobs.iterdir()) == [] and list(store.tmp.iterdir()) == []
+
+
+def test_paths_stay_inside_the_root(home, tmp_path, gguf_q4):
+    store = ModelStore()
+    store.register("tiny", {"t.gguf": gguf_q4}, {})
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (store.manifests / "evil").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(ModelLoadError, match="outside the model store"):
+        store.manifest_path("evil:latest")
+    with pytest.raises(ModelLoadError, match="bad digest"):
+        store.blob_path("../../etc/passwd")
+    bad = store.manifests / "tiny" / "broken.json"
+    bad.write_text(json.dumps({"name": "x", "format": "gguf", "files": {"../x": {"digest": "sha256:" + "a" * 64,
+                                                                                 "size": 1}}}))
+    assert [m.name for m in store.list()] == ["tiny:latest"]  # the hostile manifest is skipped
+    with pytest.raises(ModelLoadError, match="malformed manifest"):
+        store.get("tiny:broken")
+
+
+# ---- resolver -----------------------------------------------------------------------------------------
+
+def test_resolve(home, gguf_q4, hf_dir):
+    assert resolve(None, allow_paths=False).path == DEFAULT_MODEL_DIR
+    r = resolve(str(gguf_q4), allow_paths=True)
+    assert (r.path, r.format, r.source) == (gguf_q4, "gguf", "path")
+    assert resolve(str(hf_dir), allow_paths=True).format == "safetensors"
+    with pytest.raises(ModelLoadError, match="not allowed"):
+        resolve(str(gguf_q4), allow_paths=False)
+    with pytest.raises(ModelLoadError, match=r"model 'tiny:latest' not found; try `ember pull tiny:latest`"):
+        resolve("tiny", allow_paths=False)
+    ModelStore().register("tiny:q4_0", {"tiny-llama-Q4_0.gguf": gguf_q4}, {})
+    r = resolve("tiny:Q4_0", allow_paths=False)
+    assert (r.name, r.format, r.source) == ("tiny:q4_0", "gguf", "store")
+    assert r.path.read_bytes() == gguf_q4.read_bytes()
+    with pytest.raises(ModelLoadError, match="tiny has tags: q4_0"):
+        resolve("tiny", allow_paths=False)
+    with pytest.raises(ModelLoadError, match="not found; try `ember pull org/repo`"):
+        resolve("org/repo", allow_paths=False)
+
+    from ember.loader.model import resolve_model_path
+
+    assert resolve_model_path("tiny:q4_0") == r.path
+    assert resolve_model_path(None) == DEFAULT_MODEL_DIR
+    with pytest.raises(ModelLoadError, match="not found"):
+        resolve_model_path("/no/such/model")
+
+
+# ---- memory -------------------------------------------------------------------------------------------
+
+def test_estimate_memory_from_the_files(gguf_q4, hf_dir, testdata):
+    from ember.bench.estimates import overhead_bytes
+    from ember.store.ggufinfo import read_gguf_summary
+
+    kv_per_token = 2 * 4 * 2 * 32 * 2  # K and V, 4 layers, 2 KV heads, head_dim 32, bf16
+    est = estimate_memory(gguf_q4, 1024)
+    assert est.weights_bytes == read_gguf_summary(gguf_q4).weights_bytes
+    assert est.kv_bytes == kv_per_token * 1024
+    assert est.total == est.weights_bytes + est.kv_bytes + est.overhead_bytes > est.overhead_bytes
+    q8 = estimate_memory(testdata / "gguf" / "tiny-llama-Q8_0.gguf", 1024)
+    assert q8.weights_bytes > est.weights_bytes and q8.overhead_bytes == est.overhead_bytes
+    hf16 = estimate_memory(hf_dir, 1024)
+    hf32 = estimate_memory(hf_dir, 1024, dtype="float32")
+    raw = (hf_dir / "model.safetensors").read_bytes()
+    assert hf16.weights_bytes == len(raw) - 8 - int.from_bytes(raw[:8], "little")  # a bf16 file: its data bytes
+    assert hf32.weights_bytes == 2 * hf16.weights_bytes and hf32.kv_bytes == 2 * hf16.kv_bytes
+    from ember.config import config_from_hf, read_config_json
+
+    assert hf16.overhead_bytes == overhead_bytes(config_from_hf(read_config_json(hf_dir), "llama"))
+
+    fixed = est.weights_bytes + est.overhead_bytes
+    assert fit_context(gguf_q4, fixed + kv_per_token * 5000, 4096) == 4096
+    assert fit_context(gguf_q4, fixed + kv_per_token * 1000, 4096) == 768
+    with pytest.raises(EmberError, match="256 tokens"):
+        fit_context(gguf_q4, fixed + kv_per_token * 100, 4096)
+    with pytest.raises(ModelLoadError, match="unknown dtype"):
+        estimate_memory(gguf_q4, 16, dtype="int3")
+
+
+# ---- CLI ----------------------------------------------------------------------------------------------
+
+def test_cli_ls_show_cp_rm(home, capsys, gguf_q4, hf_dir, tmp_path):
+    code, out, _ = cli(capsys, "ls")
+    assert code == 0 and "no models" in out
+    store = ModelStore()
+    store.register("tiny:q4_0", {"tiny-llama-Q4_0.gguf": gguf_q4}, {"type": "huggingface", "repo": "o/r"})
+    store.register("tinyhf", {p.name: p for p in hf_dir.iterdir()}, {})
+
+    code, out, _ = cli(capsys, "ls")
+    lines = out.splitlines()
+    assert lines[0].split() == ["NAME", "SIZE", "FORMAT", "QUANT", "PARAMS", "MODIFIED"]
+    assert lines[1].split()[:6] == ["tiny:q4_0", "9.2", "MB", "gguf", "Q4_0", "11.2M"]
+    assert lines[2].split()[:6] == ["tinyhf:latest", "26.0", "MB", "safetensors", "BF16", "11.2M"]
+    code, out, _ = cli(capsys, "ls", "--json")
+    assert [row["name"] for row in json.loads(out)] == ["tiny:q4_0", "tinyhf:latest"]
+
+    code, out, _ = cli(capsys, "cp", "tiny:q4_0", "mine")
+    assert code == 0 and "mine:latest" in out
+    code, out, _ = cli(capsys, "show", "mine")
+    assert code == 0
+    assert "architecture  llama" in out and "quantization  Q4_0" in out and "context       4096" in out
+    assert "tiny-llama-Q4_0.gguf" in out
+    code, out, _ = cli(capsys, "show", str(hf_dir))
+    assert "LlamaForCausalLM" in out and "model.safetensors" in out and "BF16" in out
+
+    code, out, _ = cli(capsys, "rm", "tiny:q4_0", "mine")
+    assert code == 0 and "deleted tiny:q4_0" in out and "deleted mine:latest" in out
+    code, out, _ = cli(capsys, "ls")
+    assert "tiny:q4_0" not in out and "tinyhf:latest" in out
+    code, _, err = cli(capsys, "rm", "tiny:q4_0")
+    assert code == 1 and err.startswith("error: ") and "not in the store" in err
+    code, _, err = cli(capsys, "rm", "ollama/llama3:8b")
+    assert code == 1 and "not in ember's store" in err
+    code, _, err = cli(capsys, "show", "nothing:here")
+    assert code == 1 and err.strip() == "error: model 'nothing:here' not found; try `ember pull nothing:here` " \
+                                       "or `ember ls --all`"
+    code, _, err = cli(capsys, "cp", "tinyhf", "../x")
+    assert code == 1 and "invalid model name" in err and err.count("\n") == 1
+
+
+def test_cli_show_template_and_license(home, capsys, hf_dir, tmp_path):
+    folder = tmp_path / "withtemplate"
+    shutil.copytree(hf_dir, folder)
+    (folder / "chat_template.jinja").write_text("\n".join(f"line {i}" for i in range(10)))
+    (folder / "README.md").write_text("---\nlicense: apache-2.0\n---\n# model\n")
+    code, out, _ = cli(capsys, "show", str(folder))
+    assert code == 0 and "license       apache-2.0" in out
+    assert "line 5" in out and "line 6" not in out and "4 more lines" in out
+    code, out, _ = cli(capsys, "show", str(folder), "--json")
+    assert json.loads(out)["template"].startswith("line 0")
+    assert os.environ["EMBER_HOME"].startswith(str(home))
