@@ -26,6 +26,7 @@ RENDER_SECONDS = 5.0
 MAX_OUTPUT_CHARS = 4_000_000
 MAX_REPEAT = 1_000_000  # largest string/list a template may build with `*`
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+_LOOP_FILTER = "ember_timed_iter"
 
 
 class _GenerationTag(jinja2.ext.Extension):
@@ -88,6 +89,19 @@ class _LimitedEnvironment(ImmutableSandboxedEnvironment):
         if time.monotonic() > self.deadline:
             raise ChatTemplateError("chat template took too long to render")
 
+    def _parse(self, source, name, filename):
+        # A loop whose body makes no call (`{% for a in r %}{% for b in r %}...`) would never reach a deadline
+        # check, so every `for` iterates through a filter that checks the deadline on each item.
+        tree = super()._parse(source, name, filename)
+        for loop in tree.find_all(nodes.For):
+            loop.iter = nodes.Filter(loop.iter, _LOOP_FILTER, [], [], None, None, lineno=loop.iter.lineno)
+        return tree
+
+    def _timed_iter(self, iterable):
+        for item in iterable:
+            self._check_time()
+            yield item
+
     def call(self, context, obj, *args, **kwargs):
         self._check_time()
         return super().call(context, obj, *args, **kwargs)
@@ -125,6 +139,7 @@ def _compile(source: str) -> tuple[_LimitedEnvironment, jinja2.Template]:
     env = _LimitedEnvironment(trim_blocks=True, lstrip_blocks=True,
                               extensions=[_GenerationTag, jinja2.ext.loopcontrols])
     env.filters["tojson"] = _tojson
+    env.filters[_LOOP_FILTER] = env._timed_iter
     env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now, dict=_TemplateDict(),
                        namespace=_Namespace)
     try:
