@@ -73,6 +73,13 @@ BLOCK_SIZES: dict[GGMLType, tuple[int, int]] = {
 
 SUPPORTED = frozenset(BLOCK_SIZES)
 
+# Byte offsets, within a block, of each type's fp16 scale fields (d, and dmin/m where the type has one).
+FP16_FIELDS: dict[GGMLType, tuple[int, ...]] = {
+    GGMLType.Q4_0: (0,), GGMLType.Q4_1: (0, 2), GGMLType.Q5_0: (0,), GGMLType.Q5_1: (0, 2),
+    GGMLType.Q8_0: (0,), GGMLType.Q2_K: (80, 82), GGMLType.Q3_K: (108,), GGMLType.Q4_K: (0, 2),
+    GGMLType.Q5_K: (0, 2), GGMLType.Q6_K: (208,), GGMLType.IQ4_NL: (0,), GGMLType.IQ4_XS: (0,),
+}
+
 IQ4_NL_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 
 
@@ -127,48 +134,50 @@ def _scale_min_k4(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return sc, mn
 
 
-# --- per-type block dequantizers: uint8 [n, block_bytes] -> float32 [n, block_values] -------------------------
+# --- per-type block decoders ---------------------------------------------------------------------------------
+# Each takes uint8 [n, block_bytes] and returns (q, scale, offset): q integer-valued [n, groups, group] (int8 or
+# uint8), scale float32 [n, groups, 1] and offset float32 [n, groups, 1] or None, such that gguf computes the
+# values as scale * q (+ offset) in float32 -- so `decode` followed by that formula is bit-exact.
 
-def _q4_0(b: torch.Tensor) -> torch.Tensor:
-    d = _f16(b, 0)
-    q = _nibbles(b[:, 2:]).flatten(1)
-    return d * (q.to(torch.float32) - 8)
-
-
-def _q4_1(b: torch.Tensor) -> torch.Tensor:
-    d, m = _f16(b, 0), _f16(b, 2)
-    q = _nibbles(b[:, 4:]).flatten(1)
-    return d * q.to(torch.float32) + m
+Decoded = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]
 
 
-def _q5_0(b: torch.Tensor) -> torch.Tensor:
-    d = _f16(b, 0)
+def _q4_0(b: torch.Tensor) -> Decoded:
+    q = _nibbles(b[:, 2:]).view(-1, 1, 32).to(torch.int8) - 8
+    return q, _f16(b, 0).view(-1, 1, 1), None
+
+
+def _q4_1(b: torch.Tensor) -> Decoded:
+    q = _nibbles(b[:, 4:]).view(-1, 1, 32)
+    return q, _f16(b, 0).view(-1, 1, 1), _f16(b, 2).view(-1, 1, 1)
+
+
+def _q5_0(b: torch.Tensor) -> Decoded:
     q = _nibbles(b[:, 6:]).flatten(1) | (_bits_le(b[:, 2:6]) << 4)
-    return d * (q.to(torch.float32) - 16)
+    return q.view(-1, 1, 32).to(torch.int8) - 16, _f16(b, 0).view(-1, 1, 1), None
 
 
-def _q5_1(b: torch.Tensor) -> torch.Tensor:
-    d, m = _f16(b, 0), _f16(b, 2)
+def _q5_1(b: torch.Tensor) -> Decoded:
     q = _nibbles(b[:, 8:]).flatten(1) | (_bits_le(b[:, 4:8]) << 4)
-    return d * q.to(torch.float32) + m
+    return q.view(-1, 1, 32), _f16(b, 0).view(-1, 1, 1), _f16(b, 2).view(-1, 1, 1)
 
 
-def _q8_0(b: torch.Tensor) -> torch.Tensor:
-    d = _f16(b, 0)
-    return b[:, 2:].contiguous().view(torch.int8).to(torch.float32) * d
+def _q8_0(b: torch.Tensor) -> Decoded:
+    q = b[:, 2:].contiguous().view(torch.int8)
+    return q.view(-1, 1, 32), _f16(b, 0).view(-1, 1, 1), None
 
 
-def _q2_k(b: torch.Tensor) -> torch.Tensor:
+def _q2_k(b: torch.Tensor) -> Decoded:
     n = b.shape[0]
     scales, qs = b[:, :16], b[:, 16:80]
     d, dmin = _f16(b, 80), _f16(b, 82)
     dl = (d * (scales & 0x0F).to(torch.float32)).view(n, 16, 1)
     ml = (dmin * (scales >> 4).to(torch.float32)).view(n, 16, 1)
-    q = _shifts(qs.reshape(n, 2, 32), (0, 2, 4, 6), 3).reshape(n, 16, 16).to(torch.float32)
-    return (dl * q - ml).view(n, QK_K)
+    q = _shifts(qs.reshape(n, 2, 32), (0, 2, 4, 6), 3).reshape(n, 16, 16)
+    return q, dl, -ml
 
 
-def _q3_k(b: torch.Tensor) -> torch.Tensor:
+def _q3_k(b: torch.Tensor) -> Decoded:
     n = b.shape[0]
     hmask, qs, sc = b[:, :32], b[:, 32:96], b[:, 96:108]
     d = _f16(b, 108)
@@ -178,21 +187,21 @@ def _q3_k(b: torch.Tensor) -> torch.Tensor:
     dl = (d * scales).view(n, 16, 1)
     ql = _shifts(qs.reshape(n, 2, 32), (0, 2, 4, 6), 3).reshape(n, 16, 16)
     qh = _shifts(hmask, tuple(range(8)), 1).reshape(n, 16, 16)
-    q = ql.to(torch.float32) - ((qh ^ 1) << 2).to(torch.float32)
-    return (dl * q).view(n, QK_K)
+    q = ql.to(torch.int8) - ((qh ^ 1) << 2).to(torch.int8)
+    return q, dl, None
 
 
-def _q4_k(b: torch.Tensor) -> torch.Tensor:
+def _q4_k(b: torch.Tensor) -> Decoded:
     n = b.shape[0]
     d, dmin = _f16(b, 0), _f16(b, 2)
     sc, mn = _scale_min_k4(b[:, 4:16])
     dl = (d * sc.to(torch.float32)).view(n, 8, 1)
     ml = (dmin * mn.to(torch.float32)).view(n, 8, 1)
-    q = _nibbles(b[:, 16:].reshape(n, 4, 32)).reshape(n, 8, 32).to(torch.float32)
-    return (dl * q - ml).view(n, QK_K)
+    q = _nibbles(b[:, 16:].reshape(n, 4, 32)).reshape(n, 8, 32)
+    return q, dl, -ml
 
 
-def _q5_k(b: torch.Tensor) -> torch.Tensor:
+def _q5_k(b: torch.Tensor) -> Decoded:
     n = b.shape[0]
     d, dmin = _f16(b, 0), _f16(b, 2)
     sc, mn = _scale_min_k4(b[:, 4:16])
@@ -200,32 +209,30 @@ def _q5_k(b: torch.Tensor) -> torch.Tensor:
     ml = (dmin * mn.to(torch.float32)).view(n, 8, 1)
     qh = _shifts(b[:, 16:48], tuple(range(8)), 1)  # [n, 8, 32]
     ql = _nibbles(b[:, 48:].reshape(n, 4, 32)).reshape(n, 8, 32)
-    q = (ql | (qh << 4)).to(torch.float32)
-    return (dl * q - ml).view(n, QK_K)
+    return ql | (qh << 4), dl, -ml
 
 
-def _q6_k(b: torch.Tensor) -> torch.Tensor:
+def _q6_k(b: torch.Tensor) -> Decoded:
     n = b.shape[0]
     ql, qh, sc = b[:, :128], b[:, 128:192], b[:, 192:208]
     d = _f16(b, 208)
     dl = (d * sc.contiguous().view(torch.int8).to(torch.float32)).view(n, 16, 1)
     low = _nibbles(ql.reshape(n, 2, 64)).reshape(n, 8, 32)
     high = _shifts(qh.reshape(n, 2, 32), (0, 2, 4, 6), 3).reshape(n, 8, 32)
-    q = (low | (high << 4)).to(torch.float32) - 32
-    return (dl * q.view(n, 16, 16)).view(n, QK_K)
+    q = (low | (high << 4)).to(torch.int8) - 32
+    return q.view(n, 16, 16), dl, None
 
 
 def _kvalues(device: torch.device) -> torch.Tensor:
-    return torch.tensor(IQ4_NL_VALUES, dtype=torch.float32, device=device)
+    return torch.tensor(IQ4_NL_VALUES, dtype=torch.int8, device=device)
 
 
-def _iq4_nl(b: torch.Tensor) -> torch.Tensor:
-    d = _f16(b, 0)
-    q = _nibbles(b[:, 2:]).flatten(1)
-    return d * _kvalues(b.device)[q.long()]
+def _iq4_nl(b: torch.Tensor) -> Decoded:
+    q = _kvalues(b.device)[_nibbles(b[:, 2:]).flatten(1).long()]
+    return q.view(-1, 1, 32), _f16(b, 0).view(-1, 1, 1), None
 
 
-def _iq4_xs(b: torch.Tensor) -> torch.Tensor:
+def _iq4_xs(b: torch.Tensor) -> Decoded:
     n = b.shape[0]
     d = _f16(b, 0)
     scales_h = b[:, 2:4].contiguous().view(torch.int16).to(torch.int32) & 0xFFFF  # [n, 1]
@@ -233,11 +240,11 @@ def _iq4_xs(b: torch.Tensor) -> torch.Tensor:
     sl = _nibbles(b[:, 4:8]).transpose(1, 2).reshape(n, 8)  # byte i -> scales 2i (low), 2i+1 (high)
     scales = (sl.to(torch.int32) | (sh << 4)).to(torch.float32) - 32
     dl = (d * scales).view(n, 8, 1)
-    q = _nibbles(b[:, 8:].reshape(n, 8, 16)).reshape(n, 8, 32)
-    return (dl * _kvalues(b.device)[q.long()]).view(n, QK_K)
+    q = _kvalues(b.device)[_nibbles(b[:, 8:].reshape(n, 8, 16)).reshape(n, 8, 32).long()]
+    return q, dl, None
 
 
-_DEQUANT = {
+_DECODERS = {
     GGMLType.Q4_0: _q4_0,
     GGMLType.Q4_1: _q4_1,
     GGMLType.Q5_0: _q5_0,
@@ -253,9 +260,20 @@ _DEQUANT = {
 }
 
 
+def decode_blocks(blocks: torch.Tensor, ggml_type) -> Decoded:
+    """uint8 [n_blocks, block_bytes] of a block type -> (q, scale, offset) as described above."""
+    return _DECODERS[_ggml_type(ggml_type)](blocks)
+
+
+def apply_scales(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None) -> torch.Tensor:
+    """scale * q (+ offset) in float32, in gguf's order of operations."""
+    out = scale * q.to(torch.float32)
+    return out if offset is None else out + offset
+
+
 def dequantize_blocks(blocks: torch.Tensor, ggml_type) -> torch.Tensor:
     """uint8 [n_blocks, block_bytes] of a block-quantized type -> float32 [n_blocks, block_values]."""
-    return _DEQUANT[_ggml_type(ggml_type)](blocks)
+    return apply_scales(*decode_blocks(blocks, ggml_type)).view(blocks.shape[0], -1)
 
 
 def dequantize(raw: torch.Tensor, ggml_type, shape: tuple[int, ...]) -> torch.Tensor:
@@ -278,5 +296,5 @@ def dequantize(raw: torch.Tensor, ggml_type, shape: tuple[int, ...]) -> torch.Te
     elif t == GGMLType.BF16:
         out = flat.contiguous().view(torch.bfloat16).to(torch.float32)
     else:
-        out = _DEQUANT[t](flat.view(-1, size))
+        out = dequantize_blocks(flat.view(-1, size), t)
     return out.reshape(shape)

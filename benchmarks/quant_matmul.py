@@ -1,0 +1,87 @@
+"""Time QuantLinear's forward per GGML type and backend against a plain bf16 F.linear.
+
+    python benchmarks/quant_matmul.py                      # 2048x2048 and 5632x2048, batch 1 and 16, bf16, CPU
+    python benchmarks/quant_matmul.py --shapes 4096x4096 --batch 1 --types Q4_K,Q8_0 --threads 2
+
+The weights are random blocks (finite fp16 scales). Prints the median time per forward and the effective
+bandwidth over the weight's stored bytes (for bf16: 2 bytes per value).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from functools import partial
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ember.quant.ggml import BLOCK_SIZES, FP16_FIELDS, SUPPORTED, GGMLType, row_bytes
+from ember.quant.linear import QuantLinear
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def random_rows(t: GGMLType, out_features: int, in_features: int, seed: int = 0) -> torch.Tensor:
+    rng = np.random.default_rng(seed)
+    n_blocks = out_features * in_features // BLOCK_SIZES[t][0]
+    blocks = rng.integers(0, 256, (n_blocks, BLOCK_SIZES[t][1]), dtype=np.uint8)
+    for off in FP16_FIELDS[t]:
+        blocks[:, off:off + 2] = (rng.standard_normal((n_blocks, 1)) * 0.01).astype(np.float16).view(np.uint8)
+    return torch.from_numpy(blocks.reshape(out_features, row_bytes(t, in_features)))
+
+
+def median_ms(fn, min_time: float, device: torch.device) -> float:
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(3):
+        fn()
+    times: list[float] = []
+    start = time.perf_counter()
+    while time.perf_counter() - start < min_time or len(times) < 10:
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shapes", default="2048x2048,5632x2048", help="comma-separated OUTxIN weight shapes")
+    p.add_argument("--batch", default="1,16", help="comma-separated batch sizes (rows of x)")
+    block_types = sorted(t.name for t in SUPPORTED if BLOCK_SIZES[t][0] > 1)
+    p.add_argument("--types", default=",".join(block_types), help="comma-separated GGML types")
+    p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES), help="activation dtype")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--min-time", type=float, default=0.5, help="seconds of timing per row")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype, device = DTYPES[args.dtype], torch.device(args.device)
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    batches = [int(b) for b in args.batch.split(",")]
+    types = [GGMLType[n] for n in args.types.split(",")]
+    print(f"device={device} dtype={args.dtype} threads={torch.get_num_threads()} torch={torch.__version__}")
+    print(f"{'shape':>10} {'batch':>5} {'type':>7} {'backend':>8} {'ms':>8} {'GB/s':>7} {'vs bf16':>8}")
+    for out_f, in_f in shapes:
+        w = (torch.randn(out_f, in_f) * 0.02).to(dtype).to(device)
+        for batch in batches:
+            x = torch.randn(batch, in_f, dtype=dtype, device=device)
+            base = median_ms(partial(F.linear, x, w), args.min_time, device)
+            nbytes = w.numel() * w.element_size()
+            print(f"{out_f}x{in_f:<5} {batch:>5} {args.dtype[:7]:>7} {'linear':>8} {base:8.3f} "
+                  f"{nbytes / base / 1e6:7.1f} {1.0:8.2f}")
+            for t in types:
+                layer = QuantLinear(random_rows(t, out_f, in_f), t, (out_f, in_f), dtype, device)
+                ms = median_ms(partial(layer, x), args.min_time, device)
+                nbytes = row_bytes(t, in_f) * out_f
+                print(f"{out_f}x{in_f:<5} {batch:>5} {t.name:>7} {layer.backend:>8} {ms:8.3f} "
+                      f"{nbytes / ms / 1e6:7.1f} {ms / base:8.2f}")
+
+
+if __name__ == "__main__":
+    main()
