@@ -137,8 +137,7 @@ _FAMILY_BY_PRE: dict[str, str] = {
 # Families whose tokenizers look a whole pre-token up before merging (HF `ignore_merges`).
 _IGNORE_MERGES_FAMILIES = {"llama3", "tekken"}
 # Byte-level BPE pre-tokenizer names for which llama.cpp adds BOS when the file does not say.
-_ADD_BOS_PRES = {"llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2",
-                 "tekken", "chameleon"}
+_ADD_BOS_PRES = {"llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2", "tekken"}
 
 # Texts of tokens that end a turn although the file does not name them EOS (llama.cpp's list).
 _END_OF_TURN_TEXTS = {
@@ -155,6 +154,8 @@ def tokenizer_from_gguf_metadata(metadata: dict) -> Tokenizer:
     tokens = metadata.get(_PREFIX + "tokens")
     if model is None or not tokens:
         raise TokenizerError("the GGUF file has no tokenizer (tokenizer.ggml.model/tokens missing)")
+    if not all(isinstance(text, str) for text in tokens):
+        raise TokenizerError("tokenizer.ggml.tokens must be a list of strings")
     # llama.cpp refuses empty token texts too; it renames them so every id keeps a text.
     tokens = [text or f"[EMPTY_{i}]" for i, text in enumerate(tokens)]
     types = _token_types(metadata, len(tokens))
@@ -172,6 +173,7 @@ def tokenizer_from_gguf_metadata(metadata: dict) -> Tokenizer:
         raise TokenizerError("the GGUF tokenizer asks for a BOS token but names none")
     if specials.add_eos and specials.eos_id is None:
         raise TokenizerError("the GGUF tokenizer asks for an EOS token but names none")
+    template = metadata.get("tokenizer.chat_template")
     return Tokenizer(
         hf,
         bos_token=tokens[specials.bos_id] if specials.bos_id is not None else None,
@@ -179,7 +181,7 @@ def tokenizer_from_gguf_metadata(metadata: dict) -> Tokenizer:
         eos_token_ids=_end_of_generation_ids(metadata, tokens, specials.eos_id),
         add_bos=specials.add_bos,
         add_eos=specials.add_eos,
-        chat_template=metadata.get("tokenizer.chat_template"),
+        chat_template=template if isinstance(template, str) else None,
         pad_token_id=specials.pad_id,
     )
 
@@ -213,9 +215,9 @@ def _sentencepiece_bpe(metadata: dict, tokens: list[str]) -> tuple[HFTokenizer, 
         raise TokenizerError("the GGUF 'llama' tokenizer needs one tokenizer.ggml.scores entry per token")
     vocab = _vocab(tokens)
     unk_id = _token_id(metadata, "unknown_token_id", len(tokens), 0)
-    model = BPE(vocab, _merges_by_score(tokens, scores, vocab), unk_token=tokens[unk_id] if unk_id is not None else None,
-                fuse_unk=True, byte_fallback=True)
-    hf = HFTokenizer(model)
+    unk_token = tokens[unk_id] if unk_id is not None else None
+    hf = HFTokenizer(BPE(vocab, _merges_by_score(tokens, scores, vocab), unk_token=unk_token, fuse_unk=True,
+                         byte_fallback=True))
 
     add_space_prefix = bool(metadata.get(_PREFIX + "add_space_prefix", True))
     # A normalizer (not a Metaspace pre-tokenizer) so that a text already starting with a space still
