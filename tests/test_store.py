@@ -328,3 +328,71 @@ def test_cli_show_template_and_license(home, capsys, hf_dir, tmp_path):
     code, out, _ = cli(capsys, "show", str(folder), "--json")
     assert json.loads(out)["template"].startswith("line 0")
     assert os.environ["EMBER_HOME"].startswith(str(home))
+
+
+# ---- GGUF headers -------------------------------------------------------------------------------------
+
+def _gguf_header(n_tensors: int, n_kv: int, body: bytes = b"", version: int = 3) -> bytes:
+    import struct
+
+    return b"GGUF" + struct.pack("<IQQ", version, n_tensors, n_kv) + body
+
+
+def _kv(key: str, vtype: int, payload: bytes) -> bytes:
+    import struct
+
+    raw = key.encode()
+    return struct.pack("<Q", len(raw)) + raw + struct.pack("<I", vtype) + payload
+
+
+@pytest.mark.parametrize(("data", "problem"), [
+    (b"GGML" + bytes(40), "bad magic"),
+    (b"GGUF", "too short"),
+    (_gguf_header(0, 0, version=1), "version 1"),
+    (_gguf_header(2**40, 0), "implausible"),
+    (_gguf_header(0, 1, _kv("a", 8, (2**62).to_bytes(8, "little"))), "string of"),
+    (_gguf_header(0, 1, _kv("a", 9, (8).to_bytes(4, "little") + (2**60).to_bytes(8, "little"))), "array of"),
+    (_gguf_header(0, 1, _kv("a", 9, (9).to_bytes(4, "little") + (1).to_bytes(8, "little")
+                            + (9).to_bytes(4, "little") + (1).to_bytes(8, "little")
+                            + (9).to_bytes(4, "little") + (1).to_bytes(8, "little") + bytes(16))), "nested"),
+    (_gguf_header(0, 1, _kv("a", 99, b"")), "unknown GGUF value type"),
+    (_gguf_header(0, 3, _kv("a", 4, bytes(4))), "truncated"),
+])
+def test_hostile_gguf_headers(tmp_path, data, problem):
+    from ember.errors import GGUFError
+    from ember.store.ggufinfo import read_gguf_summary
+
+    path = tmp_path / "bad.gguf"
+    path.write_bytes(data.ljust(24, b"\0") if problem != "too short" else data)
+    with pytest.raises(GGUFError, match=problem):
+        read_gguf_summary(path)
+
+
+def test_gguf_summary_matches_the_loader(testdata):
+    from ember.loader.gguf import GGUFFile
+    from ember.store.ggufinfo import read_gguf_summary
+
+    for name in ("tiny-llama-Q4_K_M.gguf", "tiny-llama-bf16.gguf"):
+        summary = read_gguf_summary(testdata / "gguf" / name)
+        with GGUFFile(testdata / "gguf" / name) as f:
+            assert {t.name: (t.shape, t.type_name, t.nbytes) for t in summary.tensors} == {
+                t.name: (t.shape, t.ggml_type.name, t.nbytes) for t in f.tensors.values()}
+            assert summary.metadata["llama.block_count"] == f.metadata["llama.block_count"]
+
+
+def test_catalog_lists_store_then_discovered(home, gguf_q4, tmp_path, monkeypatch):
+    from ember.store.catalog import list_models
+
+    folder = tmp_path / "models"
+    folder.mkdir()
+    shutil.copyfile(gguf_q4, folder / "tiny-Q4_0.gguf")
+    (folder / "broken-Q5_K_M.gguf").write_bytes(b"GGUF" + bytes(30))
+    monkeypatch.setenv("EMBER_MODELS_PATH", str(folder))
+    ModelStore().register("tiny", {"t.gguf": gguf_q4}, {"type": "huggingface", "repo": "o/r"})
+    entries = list_models(include_discovered=True)
+    assert [(e.name, e.source, e.quant) for e in entries] == [
+        ("tiny:latest", "store", "Q4_0"), ("local/broken-Q5_K_M", "local", "Q5_K_M"),
+        ("local/tiny-Q4_0", "local", "Q4_0")]
+    assert entries[0].origin == "o/r" and entries[2].parameters == entries[0].parameters > 0
+    assert entries[1].parameters is None  # listed even though its header is unreadable
+    assert [e.name for e in list_models()] == ["tiny:latest"]

@@ -76,8 +76,10 @@ def no_network(monkeypatch):
 def hub(home, tmp_path, testdata, monkeypatch):  # noqa: F811
     fake = FakeHub(tmp_path / "downloads")
     gguf = testdata / "gguf"
+    readme = tmp_path / "README.md"
+    readme.write_text("---\nlicense: apache-2.0\nbase_model: someorg/tiny\n---\n# Tiny\n")
     fake.add("someorg/Tiny-GGUF", {
-        "README.md": Path(testdata / "README.md"),
+        "README.md": readme,
         "tiny-llama-Q4_0.gguf": gguf / "tiny-llama-Q4_0.gguf",
         "tiny-llama-Q4_K_M.gguf": gguf / "tiny-llama-Q4_K_M.gguf",
         "tiny-llama-Q8_0.gguf": gguf / "tiny-llama-Q8_0.gguf",
@@ -102,7 +104,7 @@ def empty_store(store: ModelStore) -> bool:
 def test_pull_gguf_default_quant(hub, testdata):
     manifest = pull("someorg/Tiny-GGUF", progress=False)
     assert manifest.name == "tiny-gguf:q4_k_m" and manifest.format == "gguf"
-    assert hub.downloads == ["tiny-llama-Q4_K_M.gguf"]
+    assert hub.downloads == ["tiny-llama-Q4_K_M.gguf", "README.md"]
     assert manifest.source == {"type": "huggingface", "repo": "someorg/Tiny-GGUF", "revision": COMMIT,
                                "format": "gguf", "file": "tiny-llama-Q4_K_M.gguf", "quant": "Q4_K_M"}
     store = ModelStore()
@@ -122,8 +124,8 @@ def test_pull_gguf_default_quant(hub, testdata):
 ])
 def test_pull_picks_the_file(hub, ref, file, name):
     manifest = pull(ref, progress=False)
-    assert hub.downloads == [file] and manifest.name == name
-    assert list(manifest.files) == [file.rsplit("/", 1)[-1]]
+    assert hub.downloads[0] == file and set(hub.downloads[1:]) <= {"README.md"} and manifest.name == name
+    assert [f for f in manifest.files if f.endswith(".gguf")] == [file.rsplit("/", 1)[-1]]
 
 
 @pytest.mark.parametrize(("ref", "message"), [
@@ -181,7 +183,7 @@ def test_interrupted_pull_registers_nothing(hub):
     with pytest.raises(KeyboardInterrupt):
         pull("someorg/tiny-hf", progress=False)
     store = ModelStore()
-    assert [m.name for m in store.list()] == ["tiny-gguf:q8_0"] and len(list(store.blobs.iterdir())) == 1
+    assert [m.name for m in store.list()] == ["tiny-gguf:q8_0"] and len(list(store.blobs.iterdir())) == 2  # + README
 
 
 def test_cli_pull(hub, capsys):
@@ -191,7 +193,20 @@ def test_cli_pull(hub, capsys):
     assert code == 0 and out == "tiny-hf:latest\n" and "pulling someorg/tiny-hf@fedcba987654" in err
     code, out, _ = cli(capsys, "ls")
     assert "mine:q8" in out and "tiny-hf:latest" in out
+    code, out, _ = cli(capsys, "show", "mine:q8")
+    assert "license       apache-2.0" in out and "quantization  Q8_0" in out and "README.md" in out
     code, _, err = cli(capsys, "pull", "someorg/Tiny-GGUF:Q5_K_M")
     assert code == 1 and err.startswith("error: someorg/Tiny-GGUF has no Q5_K_M GGUF") and err.count("\n") == 1
     code, _, err = cli(capsys, "pull", "someorg/Tiny-GGUF", "--name", "bad/name")
     assert code == 1 and "invalid model name" in err
+
+
+def test_pull_again_replaces_and_collects(hub, testdata):
+    first = pull("someorg/Tiny-GGUF:Q8_0", name="tiny:latest", progress=False)
+    old = first.files["tiny-llama-Q8_0.gguf"].digest
+    second = pull("someorg/Tiny-GGUF:Q4_0", name="tiny", progress=False)
+    store = ModelStore()
+    assert [m.name for m in store.list()] == ["tiny:latest"] and second.details["quant"] == "Q4_0"
+    assert not store.blob_path(old).exists()
+    assert store.path_for("tiny").name == "tiny-llama-Q4_0.gguf"
+    assert len(list(store.blobs.iterdir())) == 2  # the GGUF and the README

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 import time
-
-log = logging.getLogger(__name__)
 
 
 def add_parser(sub) -> None:
@@ -18,34 +15,6 @@ def add_parser(sub) -> None:
     parser.add_argument("--all", "-a", action="store_true", help="also list models other tools downloaded")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.set_defaults(command="ls")
-
-
-def rows(include_discovered: bool) -> list[dict]:
-    from ember.store.store import ModelStore
-
-    found = []
-    for manifest in ModelStore().list():
-        details = manifest.details
-        found.append({"name": manifest.name, "size": manifest.size, "format": manifest.format,
-                      "quant": details.get("quant"), "parameters": details.get("parameters"),
-                      "modified": manifest.created, "source": "store",
-                      "origin": manifest.source.get("repo") or manifest.source.get("copied_from")})
-    if include_discovered:
-        from ember.store.discovery import discover_all
-
-        for model in discover_all():
-            quant, params = model.quant, None
-            try:
-                from ember.store.info import describe_path
-
-                details = describe_path(model.path)
-                quant, params = details.get("quant") or quant, details.get("parameters")
-            except Exception as err:  # a broken file is still listed
-                log.debug("cannot describe %s: %s", model.path, err)
-            found.append({"name": model.name, "size": model.size, "format": model.format, "quant": quant,
-                          "parameters": params, "modified": model.modified, "source": model.source,
-                          "path": str(model.path)})
-    return found
 
 
 def _ago(timestamp: float) -> str:
@@ -64,9 +33,10 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from ember.store.catalog import list_models
     from ember.store.info import format_params, format_size
 
-    found = rows(args.all)
+    found = [entry.to_json() for entry in list_models(include_discovered=args.all)]
     if args.json:
         print(json.dumps(found, indent=2))
         return 0

@@ -19,6 +19,7 @@ from ember.errors import GGUFError
 MAX_KV = 1 << 20
 MAX_TENSORS = 1 << 20
 MAX_DIMS = 8
+MAX_ARRAY_DEPTH = 2  # an array of arrays, no deeper
 SMALL_ARRAY = 64  # arrays up to this length are kept; longer ones become ArrayInfo
 # GGUF value types: fixed-size scalars by id
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
@@ -117,18 +118,20 @@ class _Cursor:
         self.need(n)
         self.pos += n
 
-    def value(self, vtype: int) -> Any:
+    def value(self, vtype: int, depth: int = 0) -> Any:
         if vtype in _SCALARS:
             return self.unpack(_SCALARS[vtype])
         if vtype == _STRING:
             return self.string()
         if vtype == _ARRAY:
+            if depth >= MAX_ARRAY_DEPTH:
+                raise GGUFError(f"{self.path}: arrays nested too deeply in the GGUF header")
             item_type = self.unpack("<I")
             count = self.unpack("<Q")
             if count > len(self.buf):
                 raise GGUFError(f"{self.path}: array of {count} items in the GGUF header")
             if count <= SMALL_ARRAY and item_type != _ARRAY:
-                return [self.value(item_type) for _ in range(count)]
+                return [self.value(item_type, depth + 1) for _ in range(count)]
             if item_type in _SCALARS:
                 size = struct.calcsize(_SCALARS[item_type]) * count
                 self.need(size)
@@ -138,7 +141,7 @@ class _Cursor:
                     self.skip_string()
             else:
                 for _ in range(count):
-                    self.value(item_type)
+                    self.value(item_type, depth + 1)
             return ArrayInfo(item_type, count)
         raise GGUFError(f"{self.path}: unknown GGUF value type {vtype}")
 

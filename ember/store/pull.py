@@ -29,6 +29,8 @@ CHECKPOINT_FILES = ("config.json", "generation_config.json", "tokenizer.json", "
                     "tokenizer.model", "special_tokens_map.json", "chat_template.jinja", "chat_template.json",
                     "*.safetensors", "model.safetensors.index.json", "README.md", "LICENSE", "LICENSE.txt",
                     "LICENSE.md")
+LICENSE_FILES = ("README.md", "LICENSE", "LICENSE.txt", "LICENSE.md")
+MAX_LICENSE_BYTES = 1 << 20
 SPLIT_GGUF = re.compile(r"-\d{5}-of-\d{5}\.gguf$", re.IGNORECASE)
 
 
@@ -132,7 +134,8 @@ def pull(ref: str, store: ModelStore | None = None, *, name: str | None = None, 
         if not ggufs:
             raise ModelLoadError(f"{repo} has only split or projector GGUF files, which ember cannot load")
         chosen = pick_gguf(ggufs, parsed.variant, repo)
-        wanted = [chosen]
+        # the repo's README/LICENSE (small) too: `ember show` reads the license from them
+        wanted = [chosen] + [f for f in files if f.name in LICENSE_FILES and (f.size or 0) < MAX_LICENSE_BYTES]
         variant = quant_from_filename(chosen.name) or chosen.name.rsplit("/", 1)[-1]
         fmt = "gguf"
     else:

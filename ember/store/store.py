@@ -247,12 +247,20 @@ class ModelStore:
             if not manifest.details:
                 manifest.details = self._details(manifest)
             with self._lock():
+                previous = self._previous_digests(ref)
                 self._write_manifest(ref, manifest)
                 self._clear_view(ref)
+                self._collect(previous)  # blobs of the manifest this one replaced, if nothing else uses them
             return manifest
         except BaseException:
             self.collect_garbage(only=added)
             raise
+
+    def _previous_digests(self, ref: ModelRef) -> list[str]:
+        try:
+            return [f.digest for f in self.get(ref).files.values()]
+        except ModelLoadError:
+            return []
 
     def _details(self, manifest: Manifest) -> dict[str, Any]:
         from ember.store.info import describe_files
@@ -340,7 +348,9 @@ class ModelStore:
         view = self.view_path(ref)
         if not self._view_ok(view, manifest):
             with self._lock():
-                self._build_view(view, manifest)
+                manifest = self.get(ref)
+                if not self._view_ok(view, manifest):  # another process may have built it meanwhile
+                    self._build_view(view, manifest)
         if manifest.format == "gguf":
             (fname,) = [f for f in manifest.files if f.lower().endswith(".gguf")]
             return view / fname
