@@ -6,6 +6,7 @@ import io
 import json
 import os
 import shutil
+import socket
 from pathlib import Path
 
 import pytest
@@ -22,9 +23,16 @@ ENV_VARS = ("EMBER_HOME", "HF_HOME", "HF_HUB_CACHE", "XDG_CACHE_HOME", "OLLAMA_M
 
 @pytest.fixture
 def home(tmp_path, monkeypatch) -> Path:
-    """A fake HOME with an empty store; no tool's real folders are seen."""
+    """A fake HOME with an empty store; no tool's real folders are seen, and no network."""
     home = tmp_path / "home"
     home.mkdir()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("tests must not reach the network")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     for var in ENV_VARS:
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HOME", str(home))

@@ -195,6 +195,7 @@ def test_cli_pull(hub, capsys):
     assert "mine:q8" in out and "tiny-hf:latest" in out
     code, out, _ = cli(capsys, "show", "mine:q8")
     assert "license       apache-2.0" in out and "quantization  Q8_0" in out and "README.md" in out
+    assert "origin        hf.co/someorg/Tiny-GGUF@fedcba987654" in out
     code, _, err = cli(capsys, "pull", "someorg/Tiny-GGUF:Q5_K_M")
     assert code == 1 and err.startswith("error: someorg/Tiny-GGUF has no Q5_K_M GGUF") and err.count("\n") == 1
     code, _, err = cli(capsys, "pull", "someorg/Tiny-GGUF", "--name", "bad/name")

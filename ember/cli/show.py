@@ -56,6 +56,10 @@ def run(args: argparse.Namespace) -> int:
             ("parameters", format_params(info.get("parameters"))),
             ("context", str(info.get("context_length") or "-")), ("quantization", info.get("quant") or "-"),
             ("license", info.get("license") or "-")]
+    origin = info.get("origin") or {}
+    if origin.get("repo"):
+        rows.append(("origin", f"hf.co/{origin['repo']}" + (f"@{origin['revision'][:12]}" if origin.get("revision")
+                                                             else "")))
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
