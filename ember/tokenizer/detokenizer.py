@@ -33,6 +33,10 @@ class IncrementalDetokenizer:
         self.ids.append(token_id)
         before = self._decode(self.ids[self.prefix : self.read])
         after = self._decode(self.ids[self.prefix :])
+        if not after.startswith(before):
+            # The prompt ended inside a character (its decode ends in U+FFFD) that the new tokens complete:
+            # the completed character is new text, so measure from before the replacement characters.
+            before = before.rstrip("\ufffd")
         if len(after) <= len(before) or after.endswith("\ufffd"):
             return ""  # nothing new yet, or a character still incomplete
         delta = after[len(before) :]
