@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import time
@@ -110,6 +111,11 @@ def test_unsupported_and_unknown_routes(server):
     assert_openai_error(r, 400)
     r = httpx.post(f"{server.url}/v1/chat/completions", json={"messages": []})
     assert_openai_error(r, 400, "messages")
+    r = httpx.post(f"{server.url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                              "chat_template_kwargs": {"messages": 1}})
+    assert_openai_error(r, 400, "chat_template_kwargs")
+    r = httpx.post(f"{server.url}/v1/completions", json={"prompt": "x", "n": 3, "seed": 2**63 - 2})
+    assert_openai_error(r, 400, "seed")
     assert_openai_error(httpx.get(f"{server.url}/v1/nothing"), 404)
     assert_openai_error(httpx.get(f"{server.url}/v1/chat/completions"), 405)
     r = httpx.post(f"{server.url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
@@ -234,3 +240,28 @@ def test_sigterm_real_process_with_env_key(tmp_path_factory):
         assert "ember serving tiny-chat on http://127.0.0.1:" in proc.process.stdout.read()
     finally:
         proc.stop()
+
+
+def test_loading_state_and_cors_in_process():
+    """Before the model is loaded: /health and generation answer 503; CORS preflights pass for listed origins."""
+    from ember.server.app import create_app
+    from ember.server.state import ServerState, Settings
+
+    app = create_app(ServerState(Settings(cors_origins=["http://ui.test"], api_key="k")))
+
+    async def run():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1:8080") as client:
+            health = await client.get("/health")
+            assert health.status_code == 503 and health.json()["status"] == "loading"
+            r = await client.post("/v1/completions", json={"prompt": "hi"}, headers={"Authorization": "Bearer k"})
+            assert assert_openai_error(r, 503)["code"] == "loading" and r.headers["Retry-After"]
+            preflight = await client.options("/v1/chat/completions", headers={
+                "Origin": "http://ui.test", "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "authorization,content-type"})
+            assert preflight.status_code == 200
+            assert preflight.headers["access-control-allow-origin"] == "http://ui.test"
+            denied = await client.get("/v1/models", headers={"Origin": "http://evil.test"})
+            assert denied.status_code == 401 and "access-control-allow-origin" not in denied.headers
+
+    asyncio.run(run())

@@ -128,6 +128,8 @@ def start_generation(state: ServerState, model: str | None, prompts: list[list[i
                      prefix: str) -> Generation:
     """Validate and admit a request (raising the 4xx/503 before any byte is sent)."""
     entry = state.registry.entry(model)
+    if params.seed is not None and params.n > 1:
+        replace(params, n=1, seed=params.seed + params.n - 1)  # sample i uses seed + i: check the last one fits
     for prompt in prompts:
         validate(entry.engine, prompt, params)
     state.admit(entry.engine, len(prompts) * params.n)

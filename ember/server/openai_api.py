@@ -131,7 +131,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         raise bad_request("top_logprobs: requires logprobs to be true", param="top_logprobs")
     entry = state.registry.entry(body.model)
     prompt = chat_prompt_ids(entry.engine, plain_messages(body.messages), body.tools, body.add_generation_prompt,
-                             **(body.chat_template_kwargs or {}))
+                             body.chat_template_kwargs)
     params = sampling_params(body, body.max_completion_tokens or body.max_tokens,
                              (body.top_logprobs or 0) if body.logprobs else None)
     generation = start_generation(state, entry.name, [prompt], params, "chatcmpl")

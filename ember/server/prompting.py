@@ -41,8 +41,13 @@ def plain_messages(messages: list[Any]) -> list[dict]:
 
 
 def render_chat(engine: AsyncEngine, messages: list[dict], tools: list[dict] | None = None,
-                add_generation_prompt: bool = True, **template_kwargs) -> str:
+                add_generation_prompt: bool = True, template_kwargs: dict | None = None) -> str:
+    template_kwargs = template_kwargs or {}
     template = engine.chat_template
+    reserved = {"messages", "tools", "documents", "add_generation_prompt"} & set(template_kwargs)
+    if reserved:
+        raise bad_request(f"chat_template_kwargs: {sorted(reserved)[0]!r} cannot be set here",
+                          param="chat_template_kwargs")
     if template is None:  # no template in the model: a plain transcript the model can continue
         lines = [f"{m.get('role', 'user')}: {m.get('content', '')}" for m in messages]
         if add_generation_prompt:
@@ -52,8 +57,8 @@ def render_chat(engine: AsyncEngine, messages: list[dict], tools: list[dict] | N
 
 
 def chat_prompt_ids(engine: AsyncEngine, messages: list[dict], tools: list[dict] | None = None,
-                    add_generation_prompt: bool = True, **template_kwargs) -> list[int]:
-    text = render_chat(engine, messages, tools, add_generation_prompt, **template_kwargs)
+                    add_generation_prompt: bool = True, template_kwargs: dict | None = None) -> list[int]:
+    text = render_chat(engine, messages, tools, add_generation_prompt, template_kwargs)
     # A template writes its own BOS; only the template-less transcript needs the tokenizer's.
     return engine.tokenizer.encode(text, add_special_tokens=engine.chat_template is None)
 
