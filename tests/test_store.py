@@ -244,13 +244,8 @@ def test_resolve(home, gguf_q4, hf_dir):
         resolve("tiny", allow_paths=False)
     with pytest.raises(ModelLoadError, match="not found; try `ember pull org/repo`"):
         resolve("org/repo", allow_paths=False)
-
-    from ember.loader.model import resolve_model_path
-
-    assert resolve_model_path("tiny:q4_0") == r.path
-    assert resolve_model_path(None) == DEFAULT_MODEL_DIR
     with pytest.raises(ModelLoadError, match="not found"):
-        resolve_model_path("/no/such/model")
+        resolve("/no/such/model", allow_paths=True)
 
 
 # ---- memory -------------------------------------------------------------------------------------------

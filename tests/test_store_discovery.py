@@ -140,16 +140,14 @@ def test_ls_all(layout, capsys):
 
 
 def test_resolve_discovered_names(layout):
-    store_root = layout["home"] / ".ember"
     for name, (fmt, source, _) in EXPECTED.items():
         r = resolve(name, allow_paths=False)
         assert (r.name, r.format, r.source) == (name, fmt, source)
         assert r.path.exists()
         if fmt == "gguf":
-            assert r.path.suffix == ".gguf" and r.path.read_bytes()[:4] == b"GGUF"
+            assert r.path.read_bytes()[:4] == b"GGUF"
     r = resolve("ollama/tiny:q4", allow_paths=False)
-    assert r.path.parent == store_root / "links" and r.path.resolve() == (
-        layout["ollama"] / "blobs" / f"sha256-{layout['digest']}")
+    assert r.path == layout["ollama"] / "blobs" / f"sha256-{layout['digest']}"
     # HF repo ids find the cache: a quantization tag, a file name, a checkpoint repo
     assert resolve("someorg/Tiny-GGUF:Q6_K", allow_paths=False).name == "hf.co/someorg/Tiny-GGUF:tiny-llama-Q6_K"
     assert resolve("someorg/tiny-gguf:tiny-llama-Q4_0.gguf", allow_paths=False).format == "gguf"
@@ -161,10 +159,7 @@ def test_resolve_discovered_names(layout):
                     "someorg/Tiny-GGUF:Q8_0"):
         with pytest.raises(ModelLoadError, match=r"not found; try `ember pull"):
             resolve(missing, allow_paths=False)
-
-    from ember.loader.model import resolve_model_path
-
-    assert resolve_model_path("local/tiny-hf") == layout["local"] / "tiny-hf"
+    assert resolve("local/tiny-hf", allow_paths=False).path == layout["local"] / "tiny-hf"
 
 
 def test_show_discovered(layout, capsys):

@@ -9,12 +9,9 @@ from pathlib import Path
 import torch
 
 from ember.config import ModelConfig
-from ember.errors import ModelLoadError
 from ember.loader.device import resolve_device
 from ember.models.decoder import CausalLM
 from ember.tokenizer import ChatTemplate, Tokenizer, load_tokenizer
-
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "assets" / "default"
 
 
 @dataclass
@@ -31,35 +28,25 @@ class LoadedModel:
     load_seconds: float
 
 
-def resolve_model_path(model: str | Path | None) -> Path:
-    """A path, store name, discovered name or HF repo id → the GGUF file or folder (see ember.store.resolve)."""
-    if model is None or str(model) == "":
-        return DEFAULT_MODEL_DIR
+def load_model(model: str | Path | None, dtype="auto", device="auto", *, allow_paths: bool = True) -> LoadedModel:
+    """Load what `model` names: a path (CLI), a store or discovered name, a HF repo id; None: the bundled model."""
     from ember.store.resolve import resolve
 
-    return resolve(model, allow_paths=True).path
-
-
-def load_model(model: str | Path | None, dtype="auto", device="auto") -> LoadedModel:
     started = time.perf_counter()
-    path = resolve_model_path(model)
+    resolved = resolve(model, allow_paths=allow_paths)
+    path = resolved.path
     target = resolve_device(device)
-    if path.is_file() and path.suffix.lower() == ".gguf":
+    if resolved.format == "gguf":
         from ember.loader.gguf_model import load_gguf_model
 
-        fmt = "gguf"
         net, config, dtype = load_gguf_model(path, dtype, target)
-    elif path.is_dir():
+    else:
         from ember.loader.safetensors import load_safetensors_model
 
-        fmt = "safetensors"
         net, config, dtype = load_safetensors_model(path, dtype, target)
-    else:
-        raise ModelLoadError(f"{path}: not a GGUF file or a model folder")
     tokenizer = load_tokenizer(path)
     template = None
     if tokenizer.chat_template:
         template = ChatTemplate(tokenizer.chat_template, bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token)
-    name = "ember-default" if path == DEFAULT_MODEL_DIR else path.name
-    return LoadedModel(name, path, fmt, net, config, tokenizer, template, dtype, target,
+    return LoadedModel(resolved.name, path, resolved.format, net, config, tokenizer, template, dtype, target,
                        time.perf_counter() - started)

@@ -30,9 +30,10 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
             raise ModelLoadError(f"{index}: malformed shard index ({err})") from None
         files = []
         for name in names:
-            path = (model_dir / name).resolve()
-            if path.parent != model_dir.resolve():
+            # A bare file name in the folder; the file itself may be a symlink (the HF cache links to blobs/).
+            if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
                 raise ModelLoadError(f"{index}: shard {name!r} points outside the model folder")
+            path = model_dir / name
             if not path.is_file():
                 raise ModelLoadError(f"{model_dir}: shard {name} listed in the index is missing")
             files.append(path)

@@ -43,27 +43,6 @@ def _not_found(ref: str) -> ModelLoadError:
     return ModelLoadError(f"model {ref!r} not found; try `ember pull {ref}` or `ember ls --all`")
 
 
-def _gguf_alias(store, blob: Path) -> Path:
-    """A `<blob>.gguf` symlink for a GGUF blob without the suffix (Ollama's), so loaders see a .gguf file."""
-    if blob.suffix.lower() == ".gguf":
-        return blob
-    links = store.root / "links"
-    alias = links / f"{blob.name}.gguf"
-    with contextlib.suppress(OSError):
-        if alias.is_symlink() and Path(os.readlink(alias)) == blob:
-            return alias
-    try:
-        links.mkdir(parents=True, exist_ok=True)
-        tmp = links / f".{blob.name}.{os.getpid()}.tmp"
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        os.symlink(blob, tmp)
-        os.replace(tmp, alias)
-        return alias
-    except OSError:
-        return blob
-
-
 def resolve(ref: str | os.PathLike | None, *, allow_paths: bool, store=None) -> ResolvedModel:
     """Find the files for a model reference (see the module docstring); ModelLoadError when there are none."""
     from ember.store.store import ModelStore
@@ -108,8 +87,7 @@ def _resolve_discovered(name: str, store) -> ResolvedModel | None:
     if len(exact) != 1:
         return None
     model = exact[0]
-    path = _gguf_alias(store, model.path) if model.format == "gguf" else model.path
-    return ResolvedModel(model.name, path, model.format, model.source)
+    return ResolvedModel(model.name, model.path, model.format, model.source)
 
 
 def _resolve_hf(parsed: ModelRef, store) -> ResolvedModel:
