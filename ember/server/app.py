@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+import logging
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -16,6 +17,8 @@ from ember.server import errors, llamacpp_api, ollama_api, openai_api
 from ember.server.errors import APIError, error_body
 from ember.server.generation import ClientGone
 from ember.server.state import ServerState
+
+log = logging.getLogger("ember.server")
 
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
 OPEN_PATHS = {"/health"}  # answered without an API key
@@ -78,7 +81,7 @@ class GuardMiddleware:
         if length is not None and length.isdigit() and int(length) > limit:
             return await _send_error(scope, send, _too_large(limit))
         if scope.get("method") in ("GET", "HEAD", "OPTIONS", "DELETE"):
-            return await self.app(scope, receive, send)
+            return await self._guarded(scope, receive, send)
         # Read the body here, bounded, so a chunked upload cannot outgrow the limit; then replay it.
         chunks, size = [], 0
         while True:
@@ -101,7 +104,23 @@ class GuardMiddleware:
                 return {"type": "http.request", "body": body, "more_body": False}
             return await receive()
 
-        return await self.app(scope, replay, send)
+        return await self._guarded(scope, replay, send)
+
+    async def _guarded(self, scope, receive, send):
+        """Run the app; a bug surfacing here is logged once and answered 500 (if nothing was sent yet)."""
+        started = False
+
+        async def tracking_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:
+            log.exception("unexpected error on %s %s", scope.get("method"), scope.get("path"))
+            if not started:
+                await _send_error(scope, send, errors.from_exception(exc))
 
 
 def _too_large(limit: int) -> APIError:

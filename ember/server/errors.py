@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import logging
-
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from ember.errors import ChatTemplateError, EmberError, InvalidParameter, OutOfResources, TokenizerError
-
-log = logging.getLogger("ember.server")
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
           404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
@@ -125,9 +121,4 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(EmberError)
     async def _ember(request: Request, exc: EmberError):
-        return error_response(request.url.path, from_exception(exc))
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception):
-        log.exception("unexpected error on %s %s", request.method, request.url.path)
         return error_response(request.url.path, from_exception(exc))
