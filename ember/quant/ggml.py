@@ -72,6 +72,7 @@ BLOCK_SIZES: dict[GGMLType, tuple[int, int]] = {
 }
 
 SUPPORTED = frozenset(BLOCK_SIZES)
+FLOAT_TYPES = frozenset({GGMLType.F32, GGMLType.F16, GGMLType.BF16})
 
 # Byte offsets, within a block, of each type's fp16 scale fields (d, and dmin/m where the type has one).
 FP16_FIELDS: dict[GGMLType, tuple[int, ...]] = {

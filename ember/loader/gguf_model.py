@@ -1,0 +1,101 @@
+"""Build an ember model from a GGUF file, keeping quantized weights quantized.
+
+Matrices become `QuantLinear` modules over the file's blocks (Llama's q/k rows reordered back to the
+transformers layout), the embedding becomes a `QuantEmbedding` that dequantizes only the looked-up rows,
+and small vectors (norms, biases) are read as float tensors.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ember.config import ModelConfig
+from ember.errors import GGUFError
+from ember.loader.device import resolve_dtype
+from ember.loader.gguf import GGUFFile
+from ember.loader.gguf_config import config_from_gguf
+from ember.loader.gguf_names import ROPE_TENSORS, ember_name, unpermute_rows
+from ember.loader.weights import finish_loading, set_weight
+from ember.models.decoder import CausalLM
+from ember.models.registry import model_class_for
+from ember.quant.embedding import QuantEmbedding
+from ember.quant.ggml import FLOAT_TYPES, dequantize
+from ember.quant.linear import QuantLinear
+
+
+def _float_tensor(gguf: GGUFFile, name: str) -> torch.Tensor:
+    info = gguf.tensors[name]
+    return dequantize(gguf.raw(name), info.ggml_type, info.shape)
+
+
+def _rows(gguf: GGUFFile, name: str) -> torch.Tensor:
+    """The tensor's raw bytes as [rows, bytes_per_row] (every GGML row is a whole number of blocks)."""
+    info = gguf.tensors[name]
+    raw = gguf.raw(name)
+    return raw.view(info.shape[0], -1)
+
+
+def load_gguf_model(path: Path, dtype, device: torch.device) -> tuple[CausalLM, ModelConfig, torch.dtype]:
+    gguf = GGUFFile(path)
+    shapes = {name: tuple(t.shape) for name, t in gguf.tensors.items()}
+    rope = {name: _float_tensor(gguf, name).tolist() for name in ROPE_TENSORS if name in gguf.tensors}
+    config = config_from_gguf(gguf.metadata, shapes, rope)
+    cls, _ = model_class_for(None, config.architecture)
+    # Activations: bf16 on CPU (auto), float16 on GPUs unless asked otherwise.
+    dtype = resolve_dtype(dtype, device, "float16")
+    model = cls(config)
+    params = dict(model.named_parameters())
+    permute_qk = config.architecture == "llama"
+    for gguf_name, info in gguf.tensors.items():
+        if gguf_name in ROPE_TENSORS:
+            continue
+        name = ember_name(gguf_name, config.sandwich_norm)
+        if name is None:
+            raise GGUFError(f"{path.name}: unexpected tensor {gguf_name!r} for {config.architecture}")
+        if len(info.shape) == 1 or info.ggml_type in FLOAT_TYPES:
+            # vectors, and matrices stored unquantized (F32/F16/BF16 files): plain weights in `dtype`
+            tensor = _float_tensor(gguf, gguf_name)
+            if permute_qk and name.endswith(("q_proj.weight", "k_proj.weight")):
+                tensor = unpermute_rows(tensor, config.num_heads if "q_proj" in name else config.num_kv_heads)
+            if name.endswith("norm.weight") and config.norm_weight_offset:
+                tensor = tensor - config.norm_weight_offset
+            for target, piece in model.split_checkpoint_tensor(name, tensor):
+                _check(target, params)
+                set_weight(model, target, params[target], piece, dtype if "norm" not in target else torch.float32, device)
+            continue
+        rows = _rows(gguf, gguf_name)
+        if permute_qk and name.endswith(("q_proj.weight", "k_proj.weight")):
+            heads = config.num_heads if "q_proj" in name else config.num_kv_heads
+            rows = unpermute_rows(rows, heads)
+        for target, piece in _split_rows(model, name, rows):
+            module_name = target.removesuffix(".weight")
+            _check(target, params)
+            expected = tuple(params[target].shape)
+            if target == "model.embed_tokens.weight":
+                module = QuantEmbedding(piece, info.ggml_type, expected, dtype, device)
+            else:
+                module = QuantLinear(piece, info.ggml_type, expected, dtype, device)
+            _replace_module(model, module_name, module)
+            if target == "model.embed_tokens.weight" and config.tie_word_embeddings:
+                model.lm_head = QuantLinear(piece, info.ggml_type, expected, dtype, device)
+    finish_loading(model, device)
+    return model, config, dtype
+
+
+def _split_rows(model: CausalLM, name: str, rows: torch.Tensor):
+    """Fused checkpoint matrices (Phi-3) split along rows, which works on quantized rows too."""
+    return model.split_checkpoint_tensor(name, rows)
+
+
+def _check(name: str, params: dict) -> None:
+    if name not in params:
+        raise GGUFError(f"GGUF tensor maps to unknown parameter {name!r}")
+
+
+def _replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, attr, module)
+
