@@ -78,3 +78,27 @@ def test_corrupt_and_mismatched_weights(tiny_chat_model, tmp_path):
     (broken / "config.json").write_text(config)
     result = ember("run", str(broken), "hi")
     assert result.returncode == 1 and "shape" in result.stderr
+
+
+def test_run_gguf_matches_python_api(testdata):
+    from ember import LLM, SamplingParams
+
+    model = testdata / "gguf" / "tiny-llama-Q4_K_M.gguf"
+    result = ember("run", str(model), "--raw", "The sky is", "--max-tokens", "6", "--temperature", "0")
+    assert result.returncode == 0, result.stderr
+    expected = LLM(str(model)).generate("The sky is", SamplingParams(temperature=0, max_tokens=6))[0].text
+    assert result.stdout.rstrip("\n") == expected
+
+
+def test_tokenize_vocabulary_only_gguf(testdata):
+    result = ember("tokenize", str(testdata / "vocab" / "ggml-vocab-qwen2.gguf"), "Hello world", "--ids")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[9707, 1879]"
+
+
+def test_hostile_gguf_is_one_line_error(testdata, tmp_path):
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes((testdata / "gguf" / "tiny-llama-Q4_0.gguf").read_bytes()[:100])
+    result = ember("run", str(truncated), "hi")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "cannot fit in a file of 100 bytes" in result.stderr and len(result.stderr.strip().splitlines()) == 1
