@@ -13,8 +13,6 @@ import statistics
 import pytest
 import torch
 
-pytest.importorskip("ember.engine.engine", reason="the engine's modules have not all landed yet", exc_type=ImportError)
-
 from ember.bench.shapes import parameter_count  # noqa: E402
 from ember.cli.main import main  # noqa: E402
 from ember.config import config_from_hf, read_config_json  # noqa: E402

@@ -237,3 +237,23 @@ def test_bad_options_are_one_line_errors(capsys, server_url):
     assert main(["bench", "serve", "--url", server_url, "-c", "1,2", "--max-concurrency", "3"]) == 1
     assert main(["bench", "serve", "--url", server_url, "--dataset", "sharegpt"]) == 1
     assert "--dataset-path" in capsys.readouterr().err
+
+
+def test_against_embers_own_server(capsys, tmp_path, tmp_path_factory):
+    from tests.server_helpers import shared_server
+
+    server = shared_server(tmp_path_factory)
+    saved = tmp_path / "ember.json"
+    record = bench(capsys, "--url", server.url, "--num-prompts", "4", "--random-input-len", "16",
+                   "--random-output-len", "8", "-c", "1,4", "--save-result", str(saved))
+    assert record["settings"]["exact_lengths"] is True  # ember's /tokenize counts the prompts
+    for run in record["runs"]:
+        assert (run["completed"], run["failed"]) == (4, 0)
+        assert run["input_tokens"] == 4 * 17  # 16 random tokens, plus the BOS the server adds
+        assert 4 <= run["output_tokens"] <= 4 * 8
+        assert run["output_throughput"] > 0 and run["ttft_median_ms"] > 0
+    for request in json.loads(saved.read_text())["runs"][1]["requests"]:
+        if request["output_tokens"] > 1:
+            tpot = (request["e2el"] - request["ttft"]) / (request["output_tokens"] - 1)
+            assert tpot > 0 and request["ttft"] < request["e2el"]
+            assert sum(request["itl"]) == pytest.approx(request["e2el"] - request["ttft"], abs=0.05)
