@@ -13,10 +13,10 @@ import statistics
 import pytest
 import torch
 
-from ember.bench.shapes import parameter_count  # noqa: E402
-from ember.cli.main import main  # noqa: E402
-from ember.config import config_from_hf, read_config_json  # noqa: E402
-from tests.tiny_models import build_tiny_model, copy_tokenizer  # noqa: E402
+from ember.bench.shapes import parameter_count
+from ember.cli.main import main
+from ember.config import config_from_hf, read_config_json
+from tests.tiny_models import build_tiny_model, copy_tokenizer
 
 
 @pytest.fixture(scope="module")
