@@ -15,6 +15,10 @@ Backends, picked per type and device in the constructor (`QuantLinear.backend`):
   -> activation dtype: bit-exact to dequantize() before the cast) and multiplies it; the chunk (256K values)
   stays in cache and the full dequantized weight is never kept. Costs 1-1.5x the file's bytes for these
   5-8-bit types, and saves the bit unpacking on every forward.
+  On CPU, batches of up to ``ember.kernels.MAX_BATCH`` rows instead go through a native kernel (C, compiled
+  on first use; see ember.kernels.native) that dequantizes the same way inside its float32 dot products, so the
+  weight is read once, as int8, per forward. Without a C compiler, or with ``EMBER_NATIVE_KERNELS=0``, the
+  chunked torch path above runs.
   ``_weight_int8pack_mm`` is not used: it has one scale per output row, which Q8_0's per-32 scales do not fit.
 * ``blocks`` -- Q2_K, Q3_K, IQ4_NL, IQ4_XS (and Q4_* where int4 is unavailable): low-bit types whose point is
   memory, so the blocks are kept as they are (a zero-copy view of the file's bytes on CPU, never written) and
@@ -28,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ember import kernels
 from ember.quant.ggml import (
     BLOCK_SIZES,
     GGMLType,
@@ -155,6 +160,13 @@ class QuantLinear(nn.Module):
             raise NotImplementedError("the int4 backend keeps only the packed weight")
         return torch.cat([self._weight_chunk(r0, r1) for r0, r1 in self._chunks()])
 
+    def _native_forward(self, x2: torch.Tensor) -> torch.Tensor | None:
+        """The int8 backend's CPU kernel on [B, in] activations, or None where it does not apply."""
+        if self.backend != "int8" or x2.device.type != "cpu" or x2.shape[0] > kernels.MAX_BATCH:
+            return None
+        y = kernels.int8_group_matmul(x2, self.qs, self.scales, self.offsets)
+        return None if y is None else y.to(self.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).to(self.dtype)
@@ -165,9 +177,11 @@ class QuantLinear(nn.Module):
             else:
                 y = torch.ops.aten._weight_int4pack_mm(x2, self.weight_packed, GROUP, self.scales_and_zeros)
         else:
-            y = x2.new_empty(x2.shape[0], self.out_features)
-            for r0, r1 in self._chunks():
-                y[:, r0:r1] = F.linear(x2, self._weight_chunk(r0, r1).to(self.dtype))
+            y = self._native_forward(x2)
+            if y is None:
+                y = x2.new_empty(x2.shape[0], self.out_features)
+                for r0, r1 in self._chunks():
+                    y[:, r0:r1] = F.linear(x2, self._weight_chunk(r0, r1).to(self.dtype))
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*lead, self.out_features)
