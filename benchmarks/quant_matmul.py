@@ -4,12 +4,15 @@
     python benchmarks/quant_matmul.py --shapes 4096x4096 --batch 1 --types Q4_K,Q8_0 --threads 2
 
 The weights are random blocks (finite fp16 scales). Prints the median time per forward and the effective
-bandwidth over the weight's stored bytes (for bf16: 2 bytes per value).
+bandwidth over the weight's stored bytes (for bf16: 2 bytes per value). Layers on the int8 backend are timed
+twice: with the native kernel (path "native", ember.kernels) and with it disabled (EMBER_NATIVE_KERNELS=0,
+path "torch"); the native row is skipped where the kernel could not be built or the batch is above its limit.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from functools import partial
@@ -18,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ember import kernels
 from ember.quant.ggml import BLOCK_SIZES, FP16_FIELDS, SUPPORTED, GGMLType, row_bytes
 from ember.quant.linear import QuantLinear
 
@@ -33,13 +37,13 @@ def random_rows(t: GGMLType, out_features: int, in_features: int, seed: int = 0)
     return torch.from_numpy(blocks.reshape(out_features, row_bytes(t, in_features)))
 
 
-def median_ms(fn, min_time: float, device: torch.device) -> float:
+def median_ms(fn, min_time: float, device: torch.device, repeat: int = 10) -> float:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(3):
         fn()
     times: list[float] = []
     start = time.perf_counter()
-    while time.perf_counter() - start < min_time or len(times) < 10:
+    while time.perf_counter() - start < min_time or len(times) < repeat:
         sync()
         t0 = time.perf_counter()
         fn()
@@ -58,6 +62,7 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--min-time", type=float, default=0.5, help="seconds of timing per row")
+    p.add_argument("--repeat", type=int, default=10, help="at least this many timed calls per row")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -66,22 +71,36 @@ def main() -> None:
     batches = [int(b) for b in args.batch.split(",")]
     types = [GGMLType[n] for n in args.types.split(",")]
     print(f"device={device} dtype={args.dtype} threads={torch.get_num_threads()} torch={torch.__version__}")
-    print(f"{'shape':>10} {'batch':>5} {'type':>7} {'backend':>8} {'ms':>8} {'GB/s':>7} {'vs bf16':>8}")
+    print(f"{'shape':>10} {'batch':>5} {'type':>7} {'backend':>8} {'path':>6} {'ms':>8} {'GB/s':>7} {'vs bf16':>8}")
+
+    def row(out_f, in_f, batch, name, backend, path, ms, nbytes, base):
+        print(f"{out_f}x{in_f:<5} {batch:>5} {name:>7} {backend:>8} {path:>6} {ms:8.3f} "
+              f"{nbytes / ms / 1e6:7.1f} {ms / base:8.2f}", flush=True)
+
+    time_ms = partial(median_ms, min_time=args.min_time, device=device, repeat=args.repeat)
     for out_f, in_f in shapes:
         w = (torch.randn(out_f, in_f) * 0.02).to(dtype).to(device)
+        layers = {t: QuantLinear(random_rows(t, out_f, in_f), t, (out_f, in_f), dtype, device) for t in types}
         for batch in batches:
             x = torch.randn(batch, in_f, dtype=dtype, device=device)
-            base = median_ms(partial(F.linear, x, w), args.min_time, device)
-            nbytes = w.numel() * w.element_size()
-            print(f"{out_f}x{in_f:<5} {batch:>5} {args.dtype[:7]:>7} {'linear':>8} {base:8.3f} "
-                  f"{nbytes / base / 1e6:7.1f} {1.0:8.2f}")
-            for t in types:
-                layer = QuantLinear(random_rows(t, out_f, in_f), t, (out_f, in_f), dtype, device)
-                ms = median_ms(partial(layer, x), args.min_time, device)
+            base = time_ms(partial(F.linear, x, w))
+            row(out_f, in_f, batch, args.dtype[:7], "linear", "torch", base, w.numel() * w.element_size(), base)
+            for t, layer in layers.items():
                 nbytes = row_bytes(t, in_f) * out_f
-                print(f"{out_f}x{in_f:<5} {batch:>5} {t.name:>7} {layer.backend:>8} {ms:8.3f} "
-                      f"{nbytes / ms / 1e6:7.1f} {ms / base:8.2f}")
-
+                native = (layer.backend == "int8" and device.type == "cpu" and batch <= kernels.MAX_BATCH
+                          and kernels.library() is not None)
+                if native:
+                    row(out_f, in_f, batch, t.name, layer.backend, "native", time_ms(partial(layer, x)), nbytes, base)
+                saved = os.environ.get("EMBER_NATIVE_KERNELS")
+                os.environ["EMBER_NATIVE_KERNELS"] = "0"
+                try:
+                    ms = time_ms(partial(layer, x))
+                finally:
+                    if saved is None:
+                        del os.environ["EMBER_NATIVE_KERNELS"]
+                    else:
+                        os.environ["EMBER_NATIVE_KERNELS"] = saved
+                row(out_f, in_f, batch, t.name, layer.backend, "torch", ms, nbytes, base)
 
 if __name__ == "__main__":
     main()

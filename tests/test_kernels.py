@@ -56,9 +56,10 @@ def test_kernel_matches_dequantized_matmul(t, batch):
 @needs_native
 @pytest.mark.parametrize("group,with_offset", [(16, False), (16, True), (32, False), (32, True)])
 @pytest.mark.parametrize("batch", [1, 2, 5, 9, 17])
-def test_kernel_random_int8(group, with_offset, batch):
+@pytest.mark.parametrize("in_f", [96, 2080])  # one tile of K, several (1024 + 1024 + 32)
+def test_kernel_random_int8(group, with_offset, batch, in_f):
     gen = torch.Generator().manual_seed(group * 1000 + batch * 10 + with_offset)
-    out_f, in_f = 53, 96
+    out_f = 53
     q = torch.randint(-128, 128, (out_f, in_f), dtype=torch.int8, generator=gen)
     scale = torch.randn(out_f, in_f // group, generator=gen) * 0.01
     offset = torch.randn(out_f, in_f // group, generator=gen) * 0.1 if with_offset else None
@@ -153,5 +154,31 @@ def test_build_is_cached_and_atomic(monkeypatch, tmp_path):
         native.reset()
         monkeypatch.setattr(native.subprocess, "run", None)  # a second build would fail: the cached file is used
         assert kernels.library() is not None
+    finally:
+        native.reset()
+
+
+@needs_native
+@pytest.mark.parametrize("flags", [("-fopenmp",), ()], ids=["portable-openmp", "portable-serial"])
+def test_portable_build_matches(monkeypatch, tmp_path, flags):
+    """The scalar fallback (built without -march=native, so without AVX2 on x86) gives the same results."""
+    monkeypatch.setattr(native, "FLAG_SETS", (flags,))
+    monkeypatch.setenv("EMBER_CACHE", str(tmp_path))
+    native.reset()
+    try:
+        lib = kernels.library()
+        assert lib is not None
+        if native.platform.machine() in ("x86_64", "AMD64"):
+            assert lib.ember_kernels_simd() == 0
+        gen = torch.Generator().manual_seed(3)
+        for group, with_offset, batch, out_f in [(16, False, 1, 7), (32, True, 5, 6), (16, True, 11, 3)]:
+            q = torch.randint(-128, 128, (out_f, 2048), dtype=torch.int8, generator=gen)
+            scale = torch.randn(out_f, 2048 // group, generator=gen)
+            offset = torch.randn(out_f, 2048 // group, generator=gen) if with_offset else None
+            w = scale.repeat_interleave(group, dim=1) * q.float()
+            if offset is not None:
+                w = w + offset.repeat_interleave(group, dim=1)
+            x = torch.randn(batch, 2048, generator=gen)
+            assert_close_to_reference(kernels.int8_group_matmul(x, q, scale, offset), x, w)
     finally:
         native.reset()
