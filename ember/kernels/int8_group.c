@@ -135,9 +135,10 @@ int ember_int8_group_matmul(const float *x, int64_t B, int64_t K, const int8_t *
     const int64_t ng = K / G;
     if (nthreads < 1) nthreads = 1;
     const int64_t pairs = (N + 1) / 2; /* rows 2p and 2p + 1 (the last one alone when N is odd) */
-    /* Tiles: KT values of K, so that MAX_NB rows of x (16 KiB) stay in L1 while a chunk of weight rows is
+    /* Tiles: KT values of K, so that up to MAX_NB rows of x (24 KiB) stay in L1 while a chunk of weight rows is
      * swept; PC pairs of weight rows (~256 KiB of q), so that they stay in L2 while the batch is swept. */
-    const int64_t KT = 1024, PC = K >= 128 * 1024 ? 1 : (128 * 1024) / K;
+    const int64_t nb_max = B < MAX_NB ? (B > 0 ? B : 1) : MAX_NB;
+    const int64_t KT = (6144 / nb_max) & ~(int64_t)31, PC = K >= 128 * 1024 ? 1 : (128 * 1024) / K;
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1 && pairs > 1)
     {
 #ifdef _OPENMP
