@@ -21,6 +21,8 @@ COMMANDS = {
     "rm": "ember.cli.rm",
     "show": "ember.cli.show",
     "cp": "ember.cli.cp",
+    "ps": "ember.cli.ps",
+    "stop": "ember.cli.stop",
 }
 
 

@@ -28,6 +28,12 @@ def add_parser(sub) -> None:
                         help="requests that may wait for a slot; more get 503 (default: %(default)s)")
     parser.add_argument("--max-body", type=_size, default=4 * 2**20,
                         help="largest request body, e.g. 4M (default: 4M)")
+    parser.add_argument("--max-memory", type=_size, default=None,
+                        help="memory the loaded models may use together, e.g. 8G; idle models are unloaded to make "
+                             "room (default: 75%% of the available RAM, or 90%% of the free GPU memory)")
+    parser.add_argument("--keep-alive", default="5m",
+                        help="how long a model stays loaded after its last request: seconds or 30s/5m/1h, "
+                             "negative = forever (requests may set their own; default: %(default)s)")
     parser.add_argument("--shutdown-grace", type=float, default=5.0,
                         help="seconds in-flight requests may finish after SIGTERM before they are aborted "
                              "(default: %(default)s)")
@@ -61,9 +67,10 @@ class _Server:
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from ember.engine.async_engine import AsyncEngine
     from ember.errors import InvalidParameter
     from ember.server.app import create_app
+    from ember.server.errors import APIError
+    from ember.server.pool import ModelPool, parse_keep_alive
     from ember.server.state import ServerState, Settings
 
     if not 0 <= args.port <= 65535:
@@ -74,7 +81,15 @@ def run(args: argparse.Namespace) -> int:
         host=args.host, port=args.port, api_key=args.api_key,
         cors_origins=[o.strip() for o in args.cors_origins.split(",") if o.strip()],
         max_body_bytes=args.max_body, max_queue=args.max_queue, shutdown_grace=args.shutdown_grace)
+    if args.max_memory is not None and args.max_memory <= 0:
+        raise InvalidParameter("--max-memory", f"must be positive, got {args.max_memory}")
+    try:
+        keep_alive = parse_keep_alive(args.keep_alive)
+    except APIError as err:
+        raise InvalidParameter("--keep-alive", err.message.removeprefix("keep_alive: ")) from None
     options = engine_args(args)
+    pool = ModelPool(options, args.max_memory, args.model, allow_paths_for_default=True, keep_alive=keep_alive,
+                     preload=True)
     server = None
 
     async def ready():
@@ -87,14 +102,13 @@ def run(args: argparse.Namespace) -> int:
             port = args.port
             if port == 0 and server.servers and server.servers[0].sockets:
                 port = server.servers[0].sockets[0].getsockname()[1]
-            print(f"ember serving {state.registry.list()[0].name} on http://{host}:{port}", flush=True)
+            print(f"ember serving {pool.default_name} on http://{host}:{port}", flush=True)
 
     def failed(err: BaseException) -> None:
         if server is not None:
             server.should_exit = True
 
-    state = ServerState(settings, loader=lambda: AsyncEngine.from_model(args.model, **options),
-                        on_ready=ready, on_load_error=failed)
+    state = ServerState(settings, on_ready=ready, on_load_error=failed, pool=pool)
     config = uvicorn.Config(create_app(state), host=args.host, port=args.port, log_level="warning",
                             timeout_graceful_shutdown=args.shutdown_grace + 5, access_log=False,
                             timeout_keep_alive=5)

@@ -16,7 +16,7 @@ from ember import __version__
 from ember.server import errors, llamacpp_api, ollama_api, openai_api
 from ember.server.errors import APIError, error_body
 from ember.server.generation import ClientGone
-from ember.server.state import ServerState
+from ember.server.state import LEASES, ServerState
 
 log = logging.getLogger("ember.server")
 
@@ -107,8 +107,10 @@ class GuardMiddleware:
         return await self._guarded(scope, replay, send)
 
     async def _guarded(self, scope, receive, send):
-        """Run the app; a bug surfacing here is logged once and answered 500 (if nothing was sent yet)."""
+        """Run the app; a bug surfacing here is logged once and answered 500 (if nothing was sent yet). The models
+        the request held (ServerState.use_model) are released once its response has ended, streams included."""
         started = False
+        leases = scope[LEASES] = []
 
         async def tracking_send(message):
             nonlocal started
@@ -121,6 +123,8 @@ class GuardMiddleware:
             log.exception("unexpected error on %s %s", scope.get("method"), scope.get("path"))
             if not started:
                 await _send_error(scope, send, errors.from_exception(exc))
+        finally:
+            await self.state.release_all(leases)
 
 
 def _too_large(limit: int) -> APIError:

@@ -14,7 +14,7 @@ from starlette.requests import Request
 from ember.engine.async_engine import AsyncEngine
 from ember.engine.outputs import StepOutput, TokenLogprob
 from ember.sampling_params import SamplingParams
-from ember.server.state import ServerState
+from ember.server.state import ModelEntry, ServerState
 
 
 @dataclass
@@ -124,10 +124,9 @@ def validate(engine: AsyncEngine, prompt: list[int], params: SamplingParams) -> 
     check(prompt, params)
 
 
-def start_generation(state: ServerState, model: str | None, prompts: list[list[int]], params: SamplingParams,
+def start_generation(state: ServerState, entry: ModelEntry, prompts: list[list[int]], params: SamplingParams,
                      prefix: str) -> Generation:
-    """Validate and admit a request (raising the 4xx/503 before any byte is sent)."""
-    entry = state.registry.entry(model)
+    """Validate and admit a request on a model the request holds (raising the 4xx/503 before any byte is sent)."""
     if params.seed is not None and params.n > 1:
         replace(params, n=1, seed=params.seed + params.n - 1)  # sample i uses seed + i: check the last one fits
     for prompt in prompts:

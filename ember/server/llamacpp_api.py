@@ -18,10 +18,17 @@ def get_state(request: Request) -> ServerState:
     return request.app.state.ember
 
 
+async def _engine(request: Request, body):
+    """The engine of the request's "model" (an extension; llama.cpp serves one model), else the default one."""
+    model = getattr(body, "model", None)
+    entry = await get_state(request).use_model(request, model if isinstance(model, str) else None)
+    return entry.engine
+
+
 @router.get("/health")
 async def health(request: Request):
     state = get_state(request)
-    if state.registry.ready and not state.shutting_down:
+    if state.pool.ready and not state.shutting_down:
         return {"status": "ok"}
     message = "Shutting down" if state.shutting_down else "Loading model"
     return JSONResponse({"status": "loading" if not state.shutting_down else "shutting_down",
@@ -31,7 +38,7 @@ async def health(request: Request):
 
 @router.post("/tokenize")
 async def tokenize(body: TokenizeRequest, request: Request):
-    tokenizer = get_state(request).registry.get(None).tokenizer
+    tokenizer = (await _engine(request, body)).tokenizer
     ids = tokenizer.encode(body.content, add_special_tokens=body.add_special)
     if body.with_pieces:
         return {"tokens": [{"id": i, "piece": tokenizer.decode([i], skip_special_tokens=False)} for i in ids]}
@@ -40,7 +47,7 @@ async def tokenize(body: TokenizeRequest, request: Request):
 
 @router.post("/detokenize")
 async def detokenize(body: DetokenizeRequest, request: Request):
-    engine = get_state(request).registry.get(None)
+    engine = await _engine(request, body)
     vocab = engine.tokenizer.vocab_size
     bad = [t for t in body.tokens if t >= vocab]
     if bad:
@@ -50,7 +57,7 @@ async def detokenize(body: DetokenizeRequest, request: Request):
 
 @router.post("/apply-template")
 async def apply_template(body: ApplyTemplateRequest, request: Request):
-    engine = get_state(request).registry.get(None)
+    engine = await _engine(request, body)
     return {"prompt": render_chat(engine, plain_messages(body.messages), body.tools)}
 
 

@@ -2,24 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import math
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import PlainTextResponse, StreamingResponse
+from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 
 from ember import __version__
 from ember.errors import EmberError, InvalidParameter
 from ember.sampling_params import SamplingParams
 from ember.server.errors import APIError, bad_request, from_exception, not_supported
 from ember.server.generation import Choice, Generation, collect, start_generation
-from ember.server.openai_api import embed_all
+from ember.server.openai_api import available_models, embed_all
+from ember.server.pool import parse_keep_alive
 from ember.server.prompting import chat_prompt_ids, plain_messages
 from ember.server.protocol import (
     OllamaChatRequest,
@@ -27,10 +29,12 @@ from ember.server.protocol import (
     OllamaEmbedRequest,
     OllamaGenerateRequest,
     OllamaShowRequest,
+    _Body,
 )
 from ember.server.state import ModelEntry, ServerState
 
 router = APIRouter()
+NEVER = "2318-01-01T00:00:00Z"  # expires_at of a model kept forever (Ollama's far future)
 
 # Ollama option -> SamplingParams field; the others (num_ctx, mirostat, num_thread...) are accepted and ignored.
 OPTION_MAP = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p",
@@ -121,7 +125,10 @@ async def _run(request: Request, generation: Generation, stream: bool, piece, fi
 async def generate(body: OllamaGenerateRequest, request: Request):
     state = get_state(request)
     check_request(body)
-    entry = state.registry.entry(body.model)
+    if not body.prompt and not body.context and _is_zero(body.keep_alive):  # Ollama's "unload the model" request
+        name = await state.pool.stop(body.model)
+        return {"model": name, "created_at": now(), "response": "", "done": True, "done_reason": "unload"}
+    entry = await state.use_model(request, body.model, body.keep_alive)
     if not body.prompt and not body.context:  # Ollama's "load the model" request
         return {"model": entry.name, "created_at": now(), "response": "", "done": True, "done_reason": "load"}
     if body.suffix:
@@ -133,7 +140,7 @@ async def generate(body: OllamaGenerateRequest, request: Request):
         messages = ([{"role": "system", "content": body.system}] if body.system else [])
         prompt = chat_prompt_ids(engine, [*messages, {"role": "user", "content": body.prompt or ""}])
     prompt = list(body.context or []) + prompt
-    generation = start_generation(state, entry.name, [prompt], ollama_params(body.options), "ollama")
+    generation = start_generation(state, entry, [prompt], ollama_params(body.options), "ollama")
     return await _run(request, generation, body.stream, lambda text: {"response": text},
                       lambda choice: {"context": prompt + choice.token_ids})
 
@@ -144,12 +151,16 @@ async def chat(body: OllamaChatRequest, request: Request):
     check_request(body)
     if any(m.images for m in body.messages):
         raise not_supported("images", param="messages")
-    entry = state.registry.entry(body.model)
+    if not body.messages and _is_zero(body.keep_alive):
+        name = await state.pool.stop(body.model)
+        return {"model": name, "created_at": now(), "message": {"role": "assistant", "content": ""},
+                "done": True, "done_reason": "unload"}
+    entry = await state.use_model(request, body.model, body.keep_alive)
     if not body.messages:
         return {"model": entry.name, "created_at": now(), "message": {"role": "assistant", "content": ""},
                 "done": True, "done_reason": "load"}
     prompt = chat_prompt_ids(entry.engine, plain_messages(body.messages), body.tools)
-    generation = start_generation(state, entry.name, [prompt], ollama_params(body.options), "ollama")
+    generation = start_generation(state, entry, [prompt], ollama_params(body.options), "ollama")
     return await _run(request, generation, body.stream,
                       lambda text: {"message": {"role": "assistant", "content": text}}, lambda choice: {})
 
@@ -183,38 +194,205 @@ def _size(entry: ModelEntry) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
+def _is_zero(keep_alive) -> bool:
+    """keep_alive 0 (Ollama's "unload now")."""
+    if isinstance(keep_alive, bool) or keep_alive is None:
+        return False
+    try:
+        return parse_keep_alive(keep_alive) == 0
+    except APIError:
+        return False
+
+
 def _tag(entry: ModelEntry) -> dict:
-    return {"name": f"{entry.name}:latest", "model": f"{entry.name}:latest",
+    name = entry.name if ":" in entry.name.rsplit("/", 1)[-1] else f"{entry.name}:latest"
+    return {"name": name, "model": name,
             "modified_at": datetime.fromtimestamp(entry.created, timezone.utc).isoformat().replace("+00:00", "Z"),
             "size": _size(entry), "digest": hashlib.sha256(entry.name.encode()).hexdigest(), "details": _details(entry)}
 
 
+def _rfc3339(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def _available_tag(model) -> dict:
+    name = model.name if ":" in model.name.rsplit("/", 1)[-1] else f"{model.name}:latest"
+    family = getattr(model, "architecture", None) or "unknown"
+    return {"name": name, "model": name, "modified_at": _rfc3339(model.modified), "size": model.size,
+            "digest": hashlib.sha256(model.name.encode()).hexdigest(),
+            "details": {"parent_model": "", "format": model.format, "family": family, "families": [family],
+                        "parameter_size": _human(model.parameters) if model.parameters else "",
+                        "quantization_level": model.quant or ""}}
+
+
 @router.get("/api/tags")
 async def tags(request: Request):
-    return {"models": [_tag(e) for e in get_state(request).registry.list()]}
+    state = get_state(request)
+    loaded = state.pool.list()
+    names = {e.name for e in loaded}
+    return {"models": [_tag(e) for e in loaded]
+            + [_available_tag(m) for m in await available_models(state) if m.name not in names]}
 
 
 @router.get("/api/ps")
 async def ps(request: Request):
-    expires = (datetime.now(timezone.utc) + timedelta(days=365)).isoformat().replace("+00:00", "Z")
-    return {"models": [{**_tag(e), "expires_at": expires, "size_vram": 0,
-                        "context_length": e.engine.max_model_len} for e in get_state(request).registry.list()]}
+    models = []
+    for entry in get_state(request).pool.list():
+        expires = entry.expires_at
+        models.append({**_tag(entry), "size": entry.size, "size_vram": entry.size if entry.device != "cpu" else 0,
+                       "expires_at": _rfc3339(expires) if expires is not None else NEVER,
+                       "context_length": entry.context_length, "context_fitted": entry.context_fitted,
+                       "busy": entry.busy})
+    return {"models": models}
 
 
 @router.post("/api/show")
 async def show(body: OllamaShowRequest, request: Request):
+    from ember.store.info import describe_path
+
     name = body.model or body.name
     if not name:
         raise bad_request("model: this field is required", param="model")
-    entry = get_state(request).registry.entry(name)
-    template = entry.engine.chat_template
-    details = _details(entry)
-    return {"modelfile": f"FROM {entry.name}\n", "parameters": "", "license": "",
-            "template": template.source if template is not None else "",
-            "details": details, "modified_at": _tag(entry)["modified_at"],
-            "model_info": {"general.architecture": details["family"],
-                           f"{details['family']}.context_length": entry.engine.max_model_len},
-            "capabilities": ["completion", "embedding"]}
+    pool = get_state(request).pool
+    key, resolved = await pool.lookup(name)
+    entry = pool.loaded(key)
+    info: dict[str, Any] = {}
+    if resolved is not None:
+        try:
+            info = await asyncio.to_thread(describe_path, resolved.path)
+        except EmberError as err:
+            raise APIError(500, f"cannot read {key}: {err}", code="unreadable_model") from None
+    family = info.get("architecture") or (_details(entry)["family"] if entry is not None else "unknown")
+    details = {"parent_model": "", "format": resolved.format if resolved is not None else "safetensors",
+               "family": family, "families": [family],
+               "parameter_size": _human(info["parameters"]) if info.get("parameters") else "",
+               "quantization_level": info.get("quant") or ""}
+    if entry is not None and not info:
+        details = _details(entry)
+    template = info.get("template") or ""
+    if entry is not None and entry.engine.chat_template is not None:
+        template = entry.engine.chat_template.source
+    context = info.get("context_length") or (entry.context_length if entry is not None else None)
+    model_info: dict[str, Any] = {"general.architecture": family}
+    if info.get("parameters"):
+        model_info["general.parameter_count"] = info["parameters"]
+    if context:
+        model_info[f"{family}.context_length"] = context
+    modified = (entry.created if entry is not None else
+                (resolved.path.stat().st_mtime if resolved is not None and resolved.path.exists() else time.time()))
+    return {"modelfile": f"FROM {key}\n", "parameters": "", "license": info.get("license") or "",
+            "template": template, "details": details, "modified_at": _rfc3339(modified),
+            "model_info": model_info, "capabilities": ["completion", "embedding"]}
+
+
+# --- the store: pull, delete, copy --------------------------------------------------------------------------
+class PullRequest(_Body):
+    model: str | None = None
+    name: str | None = None
+    insecure: bool = False
+    stream: bool = True
+
+
+class DeleteRequest(_Body):
+    model: str | None = None
+    name: str | None = None
+
+
+class CopyRequest(_Body):
+    source: str
+    destination: str
+
+
+def _store_error(err: BaseException) -> APIError:
+    if isinstance(err, APIError):
+        return err
+    message = str(err)
+    return APIError(404 if "not found" in message or "no model" in message else 400, message, code="store_error")
+
+
+@router.post("/api/pull")
+async def pull(body: PullRequest, request: Request):
+    ref = body.model or body.name
+    if not ref:
+        raise bad_request("model: this field is required", param="model")
+    from ember.store.names import parse_ref
+
+    try:
+        parse_ref(ref, allow_paths=False)
+    except EmberError as err:
+        raise bad_request(str(err), param="model") from None
+    loop = asyncio.get_running_loop()
+    lines: asyncio.Queue = asyncio.Queue()
+
+    def echo(text: str) -> None:
+        loop.call_soon_threadsafe(lines.put_nowait, {"status": text})
+
+    def work():
+        from ember.store.pull import pull as pull_model
+
+        return pull_model(ref, progress=False, echo=echo)
+
+    async def items():
+        yield {"status": "pulling manifest"}
+        task = asyncio.ensure_future(asyncio.to_thread(work))
+        while True:
+            getter = asyncio.ensure_future(lines.get())
+            done, _ = await asyncio.wait({task, getter}, return_when=asyncio.FIRST_COMPLETED)
+            if getter in done:
+                yield getter.result()
+                continue
+            getter.cancel()
+            while not lines.empty():
+                yield lines.get_nowait()
+            break
+        try:
+            manifest = task.result()
+        except Exception as err:
+            yield {"error": str(err) if isinstance(err, EmberError) else f"pull failed: {err}"}
+            return
+        yield {"status": "verifying sha256 digest"}
+        yield {"status": "writing manifest"}
+        yield {"status": "success", "model": manifest.name, "total": manifest.size}
+
+    if body.stream:
+        return _ndjson(items())
+    last: dict = {}
+    async for item in items():
+        last = item
+    if "error" in last:
+        raise APIError(500, last["error"], code="pull_failed")
+    return last
+
+
+@router.delete("/api/delete")
+async def delete(body: DeleteRequest, request: Request):
+    name = body.model or body.name
+    if not name:
+        raise bad_request("model: this field is required", param="model")
+    from ember.store.store import ModelStore
+
+    pool = get_state(request).pool
+    try:
+        store = ModelStore()
+        stored = await asyncio.to_thread(store.get, name)
+        if pool.loaded(stored.name) is not None:
+            await pool.stop(stored.name)
+        await asyncio.to_thread(store.remove, name)
+    except EmberError as err:
+        raise _store_error(err) from None
+    return Response(status_code=200)
+
+
+@router.post("/api/copy")
+async def copy(body: CopyRequest, request: Request):
+    from ember.store.store import ModelStore
+
+    try:
+        store = ModelStore()
+        await asyncio.to_thread(store.copy, body.source, body.destination)
+    except EmberError as err:
+        raise _store_error(err) from None
+    return Response(status_code=200)
 
 
 # --- embeddings ---------------------------------------------------------------------------------------------
@@ -228,7 +406,7 @@ async def embed(body: OllamaEmbedRequest, request: Request):
     state = get_state(request)
     if body.dimensions is not None:
         raise not_supported("dimensions", param="dimensions")
-    entry = state.registry.entry(body.model)
+    entry = await state.use_model(request, body.model, body.keep_alive)
     started = time.monotonic()
     texts = [body.input] if isinstance(body.input, str) else body.input
     tokenizer = entry.engine.tokenizer
@@ -245,7 +423,7 @@ async def embed(body: OllamaEmbedRequest, request: Request):
 @router.post("/api/embeddings")
 async def embeddings(body: OllamaEmbeddingsRequest, request: Request):
     state = get_state(request)
-    entry = state.registry.entry(body.model)
+    entry = await state.use_model(request, body.model, body.keep_alive)
     if not body.prompt:
         return {"embedding": []}
     vector = (await embed_all(state, entry, [entry.engine.tokenizer.encode(body.prompt)]))[0]

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
+import logging
 import struct
 import time
 import uuid
@@ -30,6 +32,7 @@ from ember.server.protocol import (
 from ember.server.state import ModelEntry, ServerState
 
 router = APIRouter()
+log = logging.getLogger("ember.server")
 
 EMBEDDINGS_NOTE = ("mean-pooled final hidden states of a decoder model: usable for rough similarity, not a "
                    "trained embedding model")
@@ -112,14 +115,70 @@ def model_card(entry: ModelEntry) -> dict:
                      "embeddings": EMBEDDINGS_NOTE}}
 
 
+def available_card(model) -> dict:
+    """A model that is available (ember.store.catalog) but not loaded."""
+    return {"id": model.name, "object": "model", "created": int(model.modified), "owned_by": "ember",
+            "meta": {"loaded": False, "format": model.format, "size": model.size, "source": model.source}}
+
+
+async def available_models(state: ServerState) -> list:
+    """What the server can run without downloading: ember.store.catalog's list (store + discovered)."""
+    from ember.store.catalog import list_models as catalog_models
+
+    def listing() -> list:
+        found = catalog_models(True)
+        names = {m.name for m in found}
+        return found + [_registered_entry(r) for r in state.pool.registered() if r.name not in names]
+
+    try:
+        return await asyncio.to_thread(listing)
+    except Exception as err:  # an unreadable store still lists the loaded models
+        log.warning("cannot list the available models: %s", err)
+        return []
+
+
+def _registered_entry(resolved):
+    """A catalog entry for the `ember serve` model (a path the catalog does not list)."""
+    from types import SimpleNamespace
+
+    from ember.store.info import describe_path
+
+    path = resolved.path
+    files = [p for p in path.iterdir() if p.is_file()] if path.is_dir() else [path]
+    try:
+        details = describe_path(path)
+    except Exception:  # still listed
+        details = {}
+    return SimpleNamespace(name=resolved.name, size=sum(p.stat().st_size for p in files), format=resolved.format,
+                           quant=details.get("quant"), parameters=details.get("parameters"),
+                           modified=max((p.stat().st_mtime for p in files), default=0.0), source=resolved.source,
+                           path=str(path), architecture=details.get("architecture"))
+
+
 @router.get("/v1/models")
 async def list_models(request: Request):
-    return {"object": "list", "data": [model_card(e) for e in get_state(request).registry.list()]}
+    state = get_state(request)
+    loaded = state.pool.list()
+    names = {e.name for e in loaded}
+    cards = [model_card(e) for e in loaded]
+    cards += [available_card(m) for m in await available_models(state) if m.name not in names]
+    return {"object": "list", "data": cards}
 
 
 @router.get("/v1/models/{model_id:path}")
 async def get_model(model_id: str, request: Request):
-    return model_card(get_state(request).registry.entry(model_id))
+    state = get_state(request)
+    entry = state.pool.loaded(model_id)
+    if entry is not None:
+        return model_card(entry)
+    name, _ = await state.pool.lookup(model_id)  # 400/404 for malformed or unknown names
+    entry = state.pool.loaded(name)
+    if entry is not None:
+        return model_card(entry)
+    for model in await available_models(state):
+        if model.name == name:
+            return available_card(model)
+    return {"id": name, "object": "model", "created": int(time.time()), "owned_by": "ember", "meta": {"loaded": False}}
 
 
 # --- chat completions ---------------------------------------------------------------------------------------
@@ -129,12 +188,12 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     check_format(body.response_format)
     if body.top_logprobs is not None and not body.logprobs:
         raise bad_request("top_logprobs: requires logprobs to be true", param="top_logprobs")
-    entry = state.registry.entry(body.model)
+    entry = await state.use_model(request, body.model)
     prompt = chat_prompt_ids(entry.engine, plain_messages(body.messages), body.tools, body.add_generation_prompt,
                              body.chat_template_kwargs)
     params = sampling_params(body, body.max_completion_tokens or body.max_tokens,
                              (body.top_logprobs or 0) if body.logprobs else None)
-    generation = start_generation(state, entry.name, [prompt], params, "chatcmpl")
+    generation = start_generation(state, entry, [prompt], params, "chatcmpl")
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": entry.name,
             "system_fingerprint": None}
     if body.stream:
@@ -187,10 +246,10 @@ async def completions(body: CompletionRequest, request: Request):
         raise not_supported("suffix (fill-in-the-middle)", param="suffix")
     if body.best_of is not None and body.best_of != body.n:
         raise not_supported("best_of different from n", param="best_of")
-    entry = state.registry.entry(body.model)
+    entry = await state.use_model(request, body.model)
     prompts = prompt_ids_list(entry.engine, body.prompt)
     params = sampling_params(body, 16 if body.max_tokens is None else body.max_tokens, body.logprobs)
-    generation = start_generation(state, entry.name, prompts, params, "cmpl")
+    generation = start_generation(state, entry, prompts, params, "cmpl")
     echoes = [entry.engine.tokenizer.decode(p) if body.echo else "" for p in prompts]
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": entry.name,
             "system_fingerprint": None}
@@ -253,7 +312,7 @@ async def embed_all(state: ServerState, entry: ModelEntry, inputs: list[list[int
 @router.post("/v1/embeddings")
 async def embeddings(body: EmbeddingRequest, request: Request):
     state = get_state(request)
-    entry = state.registry.entry(body.model)
+    entry = await state.use_model(request, body.model)
     if body.dimensions is not None:
         raise not_supported("dimensions (shortened embeddings)", param="dimensions")
     inputs = prompt_ids_list(entry.engine, body.input, "input")
@@ -318,11 +377,11 @@ async def responses(body: ResponsesRequest, request: Request):
     text_format = (body.text or {}).get("format")
     if isinstance(text_format, dict) and text_format.get("type", "text") != "text":
         raise not_supported(f"text.format of type {text_format.get('type')!r} (structured output)", param="text")
-    entry = state.registry.entry(body.model)
+    entry = await state.use_model(request, body.model)
     prompt = chat_prompt_ids(entry.engine, _responses_messages(body))
     kwargs = {k: getattr(body, k) for k in ("temperature", "top_p", "seed") if getattr(body, k) is not None}
     params = SamplingParams(max_tokens=body.max_output_tokens, **kwargs)
-    generation = start_generation(state, entry.name, [prompt], params, "resp")
+    generation = start_generation(state, entry, [prompt], params, "resp")
     rid, msg_id, created = f"resp_{uuid.uuid4().hex}", f"msg_{uuid.uuid4().hex}", int(time.time())
     if body.stream:
         return streaming(_responses_stream(generation, body, rid, msg_id, created))

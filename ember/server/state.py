@@ -1,5 +1,5 @@
-"""What the server holds: the models (behind one lookup, so a multi-model pool can replace it), its settings,
-and the generation requests in flight (for the queue limit and for graceful shutdown)."""
+"""What the server holds: the model pool (ember.server.pool), its settings, and the generation requests in
+flight (for the queue limit and for graceful shutdown)."""
 
 from __future__ import annotations
 
@@ -9,59 +9,22 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from ember.server.errors import APIError, model_not_found, queue_full
+from ember.server.errors import APIError, queue_full
 from ember.server.metrics import Metrics
+from ember.server.pool import ModelEntry, ModelPool
 
 if TYPE_CHECKING:
+    from starlette.requests import Request
+
     from ember.engine.async_engine import AsyncEngine
 
 log = logging.getLogger("ember.server")
 
+__all__ = ["LEASES", "ModelEntry", "ModelPool", "ServerState", "Settings"]
 
-@dataclass
-class ModelEntry:
-    name: str
-    engine: AsyncEngine
-    created: int  # unix seconds, when it was loaded
-
-
-class ModelRegistry:
-    """Model name -> engine. One model for now; `get(None)` or `get("")` is the default model."""
-
-    def __init__(self) -> None:
-        self._models: dict[str, ModelEntry] = {}
-        self._default: str | None = None
-
-    def add(self, engine: AsyncEngine, name: str | None = None) -> ModelEntry:
-        entry = ModelEntry(name or engine.model_name, engine, int(time.time()))
-        self._models[entry.name] = entry
-        if self._default is None:
-            self._default = entry.name
-        return entry
-
-    def entry(self, name: str | None) -> ModelEntry:
-        if not name:
-            if self._default is None:
-                raise APIError(503, "the model is still loading", code="loading", headers={"Retry-After": "1"})
-            return self._models[self._default]
-        found = self._models.get(name)
-        if found is None and name.endswith(":latest"):  # Ollama clients tag every model name
-            found = self._models.get(name.removesuffix(":latest"))
-        if found is None:
-            raise model_not_found(name)
-        return found
-
-    def get(self, name: str | None) -> AsyncEngine:
-        return self.entry(name).engine
-
-    def list(self) -> list[ModelEntry]:
-        return list(self._models.values())
-
-    @property
-    def ready(self) -> bool:
-        return bool(self._models)
+LEASES = "ember.leases"  # ASGI scope key: the models a request holds, released when its response has ended
 
 
 @dataclass
@@ -77,11 +40,13 @@ class Settings:
 
 class ServerState:
     def __init__(self, settings: Settings | None = None, loader: Callable[[], AsyncEngine] | None = None,
-                 on_ready: Callable[[], object] | None = None, on_load_error: Callable[[BaseException], object] | None = None):
+                 on_ready: Callable[[], object] | None = None, on_load_error: Callable[[BaseException], object] | None = None,
+                 pool: ModelPool | None = None):
         self.settings = settings or Settings()
-        self.registry = ModelRegistry()
-        self.metrics = Metrics(self.registry)
-        self.loader = loader  # builds the engine (blocking); None when engines are added before serving
+        # `loader` (tests): builds the default model's engine (blocking), loaded at startup
+        self.pool = pool or ModelPool(default_loader=loader, preload=loader is not None)
+        self.registry = self.pool  # the loaded models behind get/entry/list
+        self.metrics = Metrics(self.pool)
         self.on_ready = on_ready
         self.on_load_error = on_load_error
         self.load_error: BaseException | None = None
@@ -92,6 +57,7 @@ class ServerState:
         self._ids = itertools.count()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._abort_timer: asyncio.TimerHandle | None = None
+        self._start_task: asyncio.Task | None = None
 
     def new_id(self, prefix: str) -> str:
         return f"{prefix}-{next(self._ids)}{time.time_ns() % 10**9:09d}"
@@ -112,17 +78,37 @@ class ServerState:
     def untrack(self, request_id: str) -> None:
         self.inflight.pop(request_id, None)
 
+    # --- models ---------------------------------------------------------------------------------------------
+    async def use_model(self, request: Request, name: str | None, keep_alive: Any = None) -> ModelEntry:
+        """Hold model `name` (loading it if needed) until the request's response has ended, streams included:
+        GuardMiddleware releases what is listed under LEASES in the ASGI scope."""
+        leases = request.scope.get(LEASES)
+        if leases is None:
+            raise RuntimeError("use_model needs the GuardMiddleware (create_app installs it)")
+        entry = await self.pool.acquire(name, keep_alive)
+        leases.append(entry)
+        return entry
+
+    async def release_all(self, leases: list[ModelEntry]) -> None:
+        while leases:
+            await self.pool.release(leases.pop())
+
     # --- lifecycle ------------------------------------------------------------------------------------------
     async def startup(self) -> None:
         self._loop = asyncio.get_running_loop()
-        if self.loader is not None and not self.registry.ready:
-            asyncio.get_running_loop().create_task(self._load())
+        self._start_task = self._loop.create_task(self._load())
+
+    async def wait_ready(self) -> None:
+        """Until startup (the default model's load, when it is preloaded) has finished; raises its error."""
+        if self._start_task is not None:
+            await asyncio.shield(self._start_task)
+        if self.load_error is not None:
+            raise self.load_error
 
     async def _load(self) -> None:
         began = time.monotonic()
         try:
-            engine = await asyncio.to_thread(self.loader)
-            await engine.start()
+            await self.pool.start()
         except BaseException as err:  # reported by the CLI as a one-line error
             self.load_error = err
             if self.on_load_error is not None:
@@ -131,7 +117,6 @@ class ServerState:
                 raise
             return
         self.load_seconds = time.monotonic() - began
-        self.registry.add(engine)
         if self.on_ready is not None:
             result = self.on_ready()
             if asyncio.iscoroutine(result):
@@ -160,5 +145,4 @@ class ServerState:
         if self._abort_timer is not None:
             self._abort_timer.cancel()
         self.abort_all()
-        for entry in self.registry.list():
-            await entry.engine.shutdown()
+        await self.pool.shutdown()

@@ -1,0 +1,492 @@
+"""The server's models: any resolvable model, loaded on first use, kept for a while, unloaded when idle.
+
+- A request names a model (resolved with ``allow_paths=False``; the model given to ``ember serve`` may be a path
+  and is registered under its name). ``async with pool.use(name, keep_alive) as entry`` holds it (a reference
+  count) for the request's lifetime; concurrent first requests for one model await ONE load.
+- ``keep_alive`` (Ollama's): seconds or a duration ("5m", "1h30m", "30s"); 0 unloads as soon as the model is idle,
+  negative keeps it forever. The last request's value wins.
+- Memory: before loading, the model's weights + KV cache at the wanted context + runtime overhead are estimated
+  (ember.store.memory). Idle models are evicted least recently used first to make room; a model with requests
+  running is never evicted. The model given to ``ember serve`` is pinned: requests' keep_alive does not unload it
+  (an explicit unload, ``ember stop``, does; it may still be evicted while idle). If the model still does not fit, its context is lowered to the largest that fits
+  (logged, and reported in /api/ps); if not even that fits, 503 (with Retry-After while other models are busy).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import logging
+import re
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ember.errors import EmberError, ModelLoadError
+from ember.server.errors import APIError, bad_request, model_not_found
+
+if TYPE_CHECKING:
+    from ember.engine.async_engine import AsyncEngine
+    from ember.store.resolve import ResolvedModel
+
+log = logging.getLogger("ember.server")
+
+DEFAULT_KEEP_ALIVE = 300.0
+REAP_INTERVAL = 1.0
+_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+
+
+def parse_keep_alive(value: Any, default: float | None = DEFAULT_KEEP_ALIVE) -> float | None:
+    """Seconds to keep a model loaded after its last request; None: forever. Accepts numbers (seconds) and
+    Go-style durations ("5m", "1h30m", "-1"); None or "" gives `default`."""
+    if value is None or value == "":
+        return default
+    if isinstance(value, bool):
+        raise bad_request("keep_alive: expected a number of seconds or a duration like '5m'", param="keep_alive")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    else:
+        text = str(value).strip().lower()
+        sign = -1.0 if text.startswith("-") else 1.0
+        body = text.lstrip("+-")
+        try:
+            seconds = sign * float(body)
+        except ValueError:
+            parts = _DURATION.findall(body)
+            if not parts or "".join(n + u for n, u in parts) != body:
+                raise bad_request(f"keep_alive: {value!r} is not a duration (e.g. 30s, 5m, 1h, -1)",
+                                  param="keep_alive") from None
+            seconds = sign * sum(float(n) * _UNITS[u] for n, u in parts)
+    if seconds != seconds:  # NaN
+        raise bad_request("keep_alive: not a number", param="keep_alive")
+    return None if seconds < 0 else seconds
+
+
+def default_max_memory(device: str = "auto") -> int:
+    """75% of the available RAM on CPU, 90% of the free memory of the GPU."""
+    try:
+        from ember.loader.device import resolve_device
+
+        target = resolve_device(device)
+        if target.type == "cuda":
+            import torch
+
+            free, _ = torch.cuda.mem_get_info(target)
+            return int(free * 0.9)
+    except Exception as err:  # no usable device info: fall back to RAM
+        log.debug("no device memory info (%s); using RAM", err)
+    import psutil
+
+    return int(psutil.virtual_memory().available * 0.75)
+
+
+@dataclass(eq=False)
+class ModelEntry:
+    """A loaded model."""
+    name: str
+    engine: AsyncEngine
+    created: int  # unix seconds, when it was loaded
+    size: int = 0  # bytes it is counted for against max_memory
+    context_length: int = 0
+    resolved: ResolvedModel | None = None
+    context_fitted: bool = False  # the context was lowered to fit the memory budget
+    refs: int = 0  # requests using it now
+    keep_alive: float | None = DEFAULT_KEEP_ALIVE  # seconds after the last request; None: forever
+    expires: float | None = None  # unix seconds when it unloads (idle only); None: not scheduled
+    last_used: float = field(default_factory=time.monotonic)
+    device: str = "cpu"
+
+    @property
+    def busy(self) -> bool:
+        return self.refs > 0
+
+    @property
+    def expires_at(self) -> float | None:
+        """Unix seconds when it will unload; None: never. A busy model counts from now."""
+        if self.keep_alive is None:
+            return None
+        if self.refs == 0 and self.expires is not None:
+            return self.expires
+        return time.time() + self.keep_alive
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+class ModelPool:
+    def __init__(self, engine_args: dict | None = None, max_memory: int | None = None,
+                 default_model: str | None = None, allow_paths_for_default: bool = True, *,
+                 keep_alive: float | None = DEFAULT_KEEP_ALIVE, preload: bool | None = None,
+                 default_loader: Callable[[], AsyncEngine] | None = None,
+                 loader: Callable[[ResolvedModel, dict], AsyncEngine] | None = None):
+        self.engine_args = {k: v for k, v in (engine_args or {}).items() if v is not None}
+        self.max_memory = max_memory if max_memory is not None else default_max_memory(
+            self.engine_args.get("device", "auto"))
+        self.default_model = default_model
+        self.allow_paths_for_default = allow_paths_for_default
+        self.keep_alive = keep_alive
+        self.preload = preload if preload is not None else (default_model is not None or default_loader is not None)
+        self._default_loader = default_loader  # builds the default model when it has no ResolvedModel
+        self.loader = loader or load_engine  # (resolved, engine args) -> engine, blocking; tests replace it
+        self.load_count = 0
+        self.default_name: str | None = None
+        self.started = False  # ready: the default model (when preloaded) is loaded
+        self._open = False  # requests may load models
+        self.closing = False
+        self._models: dict[str, ModelEntry] = {}
+        self._loading: dict[str, asyncio.Task] = {}
+        self._waiting: dict[str, int] = {}
+        self._reserved: dict[str, int] = {}
+        self._registered: dict[str, ResolvedModel | None] = {}  # names the resolver does not know (CLI paths)
+        self.pinned: set[str] = set()  # the `ember serve` model: stays loaded until `ember stop` or evicted idle
+        self._plan_lock: asyncio.Lock | None = None
+        self._reaper: asyncio.Task | None = None
+
+    # --- lifecycle --------------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Start the reaper; register (and, when `preload`, load) the default model."""
+        self._plan_lock = asyncio.Lock()
+        if self._reaper is None:
+            self._reaper = asyncio.get_running_loop().create_task(self._reap())
+        if self._default_loader is not None and self.preload:
+            engine = await asyncio.to_thread(self._default_loader)
+            await engine.start()
+            self.load_count += 1
+            self.default_name = engine.model_name
+            self._registered[engine.model_name] = None
+            self.pinned.add(engine.model_name)
+            entry = ModelEntry(engine.model_name, engine, int(time.time()), _measured_size(engine),
+                               engine.max_model_len, device=_device(engine), keep_alive=self.keep_alive)
+            self._schedule_expiry(entry)
+            self._models[entry.name] = entry
+        elif self.default_model is not None or self.preload:
+            from ember.store.resolve import resolve
+
+            resolved = await asyncio.to_thread(resolve, self.default_model, allow_paths=self.allow_paths_for_default)
+            self.default_name = resolved.name
+            self._registered[resolved.name] = resolved
+            if self.preload:
+                self.pinned.add(resolved.name)
+            self._open = True
+            if self.preload:
+                async with self.use(resolved.name):
+                    pass
+        self._open = True
+        self.started = True
+
+    async def shutdown(self) -> None:
+        self.closing = True
+        if self._reaper is not None:
+            self._reaper.cancel()
+            await asyncio.gather(self._reaper, return_exceptions=True)
+            self._reaper = None
+        for task in list(self._loading.values()):
+            await asyncio.gather(task, return_exceptions=True)
+        for entry in list(self._models.values()):
+            await self._unload(entry)
+
+    @property
+    def ready(self) -> bool:
+        return self.started
+
+    # --- lookups ----------------------------------------------------------------------------------------------
+    def list(self) -> list[ModelEntry]:
+        """The loaded models."""
+        return list(self._models.values())
+
+    def loaded(self, name: str | None) -> ModelEntry | None:
+        if not name:
+            return self._models.get(self.default_name) if self.default_name else None
+        return self._models.get(name) or (self._models.get(name.removesuffix(":latest"))
+                                          if name.endswith(":latest") else None)
+
+    def registered(self) -> list[ResolvedModel]:
+        """Models known by name without the resolver (the `ember serve` model) that are not loaded now."""
+        return [r for n, r in self._registered.items() if r is not None and n not in self._models]
+
+    def entry(self, name: str | None) -> ModelEntry:
+        """A loaded model (no loading); 404 when it is not loaded."""
+        found = self.loaded(name)
+        if found is None:
+            if not self.started:
+                raise _loading()
+            raise model_not_found(name or "")
+        return found
+
+    def get(self, name: str | None) -> AsyncEngine:
+        return self.entry(name).engine
+
+    async def lookup(self, name: str | None) -> tuple[str, ResolvedModel | None]:
+        """(the model's pool name, where its files are) for a name from a request; 400 for a malformed name,
+        404 for an unknown one. Never takes a path from a request."""
+        from ember.store.names import parse_ref
+        from ember.store.resolve import resolve
+
+        if not name:
+            if self.default_name is None:
+                resolved = await asyncio.to_thread(resolve, None, allow_paths=False)
+                self.default_name = resolved.name
+                self._registered.setdefault(resolved.name, resolved)
+            return self.default_name, self._registered.get(self.default_name)
+        candidates = [name, name.removesuffix(":latest")] if name.endswith(":latest") else [name]
+        for candidate in candidates:
+            if candidate in self._models or candidate in self._registered or candidate in self._loading:
+                entry = self._models.get(candidate)
+                return candidate, self._registered.get(candidate) or (entry.resolved if entry else None)
+        if not isinstance(name, str):
+            raise bad_request("model: expected a string", param="model")
+        try:
+            parse_ref(name, allow_paths=False)
+        except ModelLoadError as err:
+            raise APIError(400, str(err), param="model", code="invalid_model") from None
+        for candidate in candidates:
+            try:
+                resolved = await asyncio.to_thread(resolve, candidate, allow_paths=False)
+            except ModelLoadError:
+                continue
+            return resolved.name, resolved
+        raise model_not_found(name)
+
+    # --- use ------------------------------------------------------------------------------------------------
+    @contextlib.asynccontextmanager
+    async def use(self, name: str | None, keep_alive: Any = None) -> AsyncIterator[ModelEntry]:
+        """Hold a model (loading it first if needed) for the block; `entry.engine` is its engine."""
+        entry = await self.acquire(name, keep_alive)
+        try:
+            yield entry
+        finally:
+            await self.release(entry)
+
+    async def acquire(self, name: str | None, keep_alive: Any = None) -> ModelEntry:
+        if self.closing:
+            raise APIError(503, "the server is shutting down", code="shutting_down", headers={"Retry-After": "5"})
+        if not self._open:
+            raise _loading()
+        seconds = parse_keep_alive(keep_alive, self.keep_alive)
+        key, resolved = await self.lookup(name)
+        while True:
+            entry = self._models.get(key)
+            if entry is not None:
+                entry.refs += 1
+                entry.keep_alive = None if key in self.pinned else seconds
+                entry.expires = None
+                entry.last_used = time.monotonic()
+                return entry
+            task = self._loading.get(key)
+            if task is None:
+                task = asyncio.get_running_loop().create_task(self._load(key, resolved))
+                self._loading[key] = task
+                task.add_done_callback(self._loaded)
+            self._waiting[key] = self._waiting.get(key, 0) + 1
+            try:
+                await asyncio.shield(task)
+            finally:
+                self._waiting[key] -= 1
+                if not self._waiting[key]:
+                    del self._waiting[key]
+
+    def _loaded(self, task: asyncio.Task) -> None:
+        for key, pending in list(self._loading.items()):
+            if pending is task:
+                del self._loading[key]
+        if not task.cancelled():
+            task.exception()  # retrieved here: the waiters (if any are left) get it from the task
+
+    async def release(self, entry: ModelEntry) -> None:
+        entry.refs -= 1
+        entry.last_used = time.monotonic()
+        if entry.refs > 0:
+            return
+        if entry.keep_alive is not None and entry.keep_alive <= 0:
+            await asyncio.shield(self._shutdown_engine(entry.name, self._forget(entry)))
+        else:
+            self._schedule_expiry(entry)
+
+    async def stop(self, name: str | None) -> str:
+        """Unload a model now if it is idle, else as soon as its requests finish (Ollama's keep_alive 0)."""
+        entry = self.loaded(name)
+        if entry is not None:
+            self.pinned.discard(entry.name)
+        else:
+            key, _ = await self.lookup(name)  # 400/404 for bad names
+            self.pinned.discard(key)
+            task = self._loading.get(key)
+            if task is None:
+                return key
+            await asyncio.gather(task, return_exceptions=True)
+            entry = self._models.get(key)
+            if entry is None:
+                return key
+        entry.keep_alive = 0.0
+        if not entry.busy:
+            await self._unload(entry)
+        return entry.name
+
+    def _schedule_expiry(self, entry: ModelEntry) -> None:
+        entry.expires = None if entry.keep_alive is None else time.time() + entry.keep_alive
+
+    # --- loading ----------------------------------------------------------------------------------------------
+    def used_bytes(self) -> int:
+        return sum(e.size for e in self._models.values()) + sum(self._reserved.values())
+
+    async def _load(self, key: str, resolved: ResolvedModel | None) -> ModelEntry:
+        began = time.monotonic()
+        args = dict(self.engine_args)
+        if resolved is None:  # the default model built by a callable: no estimate up front
+            engine = await asyncio.to_thread(self._default_loader)
+            size, fitted = None, False
+        else:
+            size, fitted = await self._plan(key, resolved, args)
+            try:
+                engine = await asyncio.to_thread(self.loader, resolved, args)
+            finally:
+                self._reserved.pop(key, None)
+        try:
+            await engine.start()
+        except BaseException:
+            await engine.shutdown()
+            raise
+        self.load_count += 1
+        entry = ModelEntry(key, engine, int(time.time()), size if size is not None else _measured_size(engine),
+                           engine.max_model_len, resolved, fitted, keep_alive=self.keep_alive, device=_device(engine))
+        self._schedule_expiry(entry)
+        self._models[key] = entry
+        log.info("loaded %s in %.1f s (%s, context %d)", key, time.monotonic() - began, _gib(entry.size),
+                 entry.context_length)
+        return entry
+
+    async def _plan(self, key: str, resolved: ResolvedModel, args: dict) -> tuple[int | None, bool]:
+        """Make room and pick the context; sets args' max_model_len/kv_memory; reserves the bytes."""
+        from ember.engine.engine import DEFAULT_MAX_MODEL_LEN
+        from ember.store.memory import estimate_memory, fit_context
+
+        dtype = str(args.get("dtype", "auto"))
+        try:
+            limit = await asyncio.to_thread(_context_limit, resolved.path)
+            wanted = args.get("max_model_len") or min(limit or DEFAULT_MAX_MODEL_LEN, DEFAULT_MAX_MODEL_LEN)
+            if limit:
+                wanted = min(wanted, limit)
+            full = await asyncio.to_thread(estimate_memory, resolved.path, int(wanted), dtype)
+        except (EmberError, OSError, ValueError, KeyError) as err:
+            log.warning("cannot estimate the memory %s needs (%s); loading it without a budget check", key, err)
+            return None, False
+        user_kv = args.get("kv_memory")
+        fixed = full.weights_bytes + full.overhead_bytes
+        need = fixed + (user_kv if user_kv is not None else full.kv_bytes)
+        assert self._plan_lock is not None
+        async with self._plan_lock:
+            free = self.max_memory - self.used_bytes()
+            idle = sorted((e for e in self._models.values() if not e.busy and not self._waiting.get(e.name)),
+                          key=lambda e: e.last_used)
+            victims = []
+            while need > free and idle:
+                victim = idle.pop(0)
+                victims.append(victim)
+                free += victim.size
+            context, fitted = int(wanted), False
+            if need > free:
+                busy = [e for e in self._models.values() if e not in victims] + [k for k in self._reserved]
+                if user_kv is None:
+                    try:
+                        context = await asyncio.to_thread(fit_context, resolved.path, free, int(wanted), dtype)
+                        fitted = True
+                    except EmberError as err:
+                        raise self._no_room(key, need, busy, err) from None
+                else:
+                    raise self._no_room(key, need, busy, None)
+            for victim in victims:
+                log.info("unloading %s (idle) to make room for %s", victim.name, key)
+                await self._unload(victim)
+            kv = user_kv if user_kv is not None else full.kv_bytes // full.context * context
+            size = fixed + kv
+            if fitted:
+                log.warning("%s: %d tokens of context need %s but %s of --max-memory is left; context lowered "
+                            "to %d tokens", key, wanted, _gib(need), _gib(free), context)
+            args["max_model_len"] = context
+            args["kv_memory"] = kv
+            self._reserved[key] = size
+        return size, fitted
+
+    def _no_room(self, key: str, need: int, busy: list, err: Exception | None) -> APIError:
+        if busy:
+            return APIError(503, f"server busy: {len(busy)} model{'s' if len(busy) != 1 else ''} in use; not enough "
+                                 f"memory to load {key} (needs {_gib(need)}, --max-memory {_gib(self.max_memory)})",
+                            code="server_busy", headers={"Retry-After": "5"})
+        detail = str(err) if err is not None else f"needs {_gib(need)}"
+        return APIError(503, f"cannot load {key}: {detail}; --max-memory is {_gib(self.max_memory)}",
+                        code="insufficient_memory")
+
+    def _forget(self, entry: ModelEntry):
+        """Take a model out of the pool at once (no await: nothing can pick it up after this); its engine."""
+        if self._models.get(entry.name) is entry:
+            del self._models[entry.name]
+        engine, entry.engine = entry.engine, None  # drop the reference before collecting
+        return engine
+
+    async def _unload(self, entry: ModelEntry) -> None:
+        await self._shutdown_engine(entry.name, self._forget(entry))
+
+    async def _shutdown_engine(self, name: str, engine) -> None:
+        if engine is None:
+            return
+        await engine.shutdown()
+        device = _device(engine)
+        del engine
+        gc.collect()
+        if device.startswith("cuda"):
+            import torch
+
+            torch.cuda.empty_cache()
+        log.info("unloaded %s", name)
+
+    async def _reap(self) -> None:
+        while True:
+            await asyncio.sleep(REAP_INTERVAL)
+            now = time.time()
+            for entry in list(self._models.values()):
+                if not entry.busy and entry.expires is not None and entry.expires <= now \
+                        and not self._waiting.get(entry.name):
+                    try:
+                        await self._unload(entry)
+                    except Exception:
+                        log.exception("unloading %s failed", entry.name)
+
+
+def _loading() -> APIError:
+    return APIError(503, "the model is still loading", code="loading", headers={"Retry-After": "1"})
+
+
+def _context_limit(path) -> int | None:
+    from ember.store.info import describe_path
+
+    value = describe_path(path).get("context_length")
+    return int(value) if value else None
+
+
+def _device(engine) -> str:
+    return str(getattr(getattr(engine, "engine", None), "device", "cpu"))
+
+
+def _measured_size(engine) -> int:
+    """Weights + KV cache of a loaded engine, in bytes."""
+    inner = getattr(engine, "engine", None)
+    model = getattr(getattr(inner, "loaded", None), "model", None)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters()) if model is not None else 0
+    kv = getattr(getattr(inner, "args", None), "kv_memory", None) or 0
+    return weights + kv
+
+
+def load_engine(resolved: ResolvedModel, args: dict) -> AsyncEngine:
+    """Load a resolved model into an engine (blocking: run it in a worker thread)."""
+    from ember.engine.async_engine import AsyncEngine
+    from ember.engine.engine import EngineArgs, LLMEngine
+    from ember.loader.model import load_model
+
+    loaded = load_model(str(resolved.path), dtype=args.get("dtype", "auto"), device=args.get("device", "auto"),
+                        allow_paths=True)
+    loaded.name = resolved.name
+    return AsyncEngine(LLMEngine(resolved.name, EngineArgs(**args), loaded=loaded))
