@@ -136,6 +136,10 @@ def _parse_discovered(ref: str) -> ModelRef:
     return ModelRef("discovered", ref)
 
 
+# What names the bundled model: nothing, or the name it is listed under.
+DEFAULT_NAMES = ("", "ember-default", "ember-default:latest")
+
+
 def parse_ref(ref: str | os.PathLike | None, *, allow_paths: bool = False, allow_digest: bool = False) -> ModelRef:
     """Validate a model reference; raise ModelLoadError naming the problem for anything hostile or malformed."""
     if ref is None:
@@ -146,7 +150,7 @@ def parse_ref(ref: str | os.PathLike | None, *, allow_paths: bool = False, allow
         ref = os.fspath(ref)
     if not isinstance(ref, str):
         raise ModelLoadError(f"model name must be a string, not {type(ref).__name__}")
-    if ref == "":
+    if ref in DEFAULT_NAMES:
         return ModelRef("default", "")
     if "\x00" in ref:
         raise _fail(ref, "contains a NUL character")
