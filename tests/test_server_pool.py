@@ -226,3 +226,23 @@ def test_default_model_and_ember_ps_stop(models, tmp_path):
                           capture_output=True, text=True, timeout=60)
     assert gone.returncode == 1
     assert gone.stderr.strip() == f"error: no ember server at {proc.url}; start one with `ember serve`"
+
+
+def test_store_endpoints(models):
+    """/api/copy, /api/delete (unloading a loaded model first) and /api/pull's NDJSON errors, on ember's store."""
+    from ember.store.store import ModelStore
+
+    ModelStore().register("tiny:q8", {"tiny-llama-Q8_0.gguf": models / "q8.gguf"})
+    with Served(ModelPool(ENGINE_ARGS, max_memory=2**40)) as srv:
+        r = httpx.post(f"{srv.url}/api/copy", json={"source": "tiny:q8", "destination": "tiny:copy"})
+        assert r.status_code == 200, r.text
+        assert {"tiny:q8", "tiny:copy"} <= {m["name"] for m in httpx.get(f"{srv.url}/api/tags").json()["models"]}
+        assert srv.generate("tiny:copy").status_code == 200 and srv.loaded() == ["tiny:copy"]
+        r = httpx.request("DELETE", f"{srv.url}/api/delete", json={"model": "tiny:copy"})
+        assert r.status_code == 200 and srv.loaded() == []
+        r = httpx.request("DELETE", f"{srv.url}/api/delete", json={"model": "tiny:copy"})
+        assert r.status_code == 404 and "error" in r.json()
+        assert srv.generate("tiny:q8").status_code == 200  # the original still works
+        assert httpx.post(f"{srv.url}/api/pull", json={"model": "../x"}).status_code == 400
+        lines = httpx.post(f"{srv.url}/api/pull", json={"model": "not-a-repo"}).text.splitlines()
+        assert json.loads(lines[0]) == {"status": "pulling manifest"} and "error" in json.loads(lines[-1])

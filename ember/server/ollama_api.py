@@ -307,7 +307,8 @@ def _store_error(err: BaseException) -> APIError:
     if isinstance(err, APIError):
         return err
     message = str(err)
-    return APIError(404 if "not found" in message or "no model" in message else 400, message, code="store_error")
+    missing = any(w in message for w in ("not found", "is not in the store", "does not exist"))
+    return APIError(404 if missing else 400, message, code="store_error")
 
 
 @router.post("/api/pull")
