@@ -293,6 +293,20 @@ class GGUFFile:
             raise self._error("file is closed")
         return torch.frombuffer(self._view[info.offset:info.offset + info.nbytes], dtype=torch.uint8)
 
+    def release(self, name: str) -> None:
+        """Tell the kernel a tensor's pages are not needed now (after they were copied or repacked).
+
+        Safe even if a view is still used: the mapping is private and never written, so a later read just
+        pages the bytes in from the file again.
+        """
+        info = self.tensors[name]
+        if self._mm is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        start = -(-info.offset // mmap.PAGESIZE) * mmap.PAGESIZE  # whole pages inside this tensor only
+        end = (info.offset + info.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+        if end > start:
+            self._mm.madvise(mmap.MADV_DONTNEED, start, end - start)
+
     def close(self) -> None:
         """Release the map; tensors from `raw()` that are still alive keep their pages until they are freed."""
         if self._view is not None:

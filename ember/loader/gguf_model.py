@@ -22,13 +22,18 @@ from ember.loader.weights import finish_loading, set_weight
 from ember.models.decoder import CausalLM
 from ember.models.registry import model_class_for
 from ember.quant.embedding import QuantEmbedding
-from ember.quant.ggml import FLOAT_TYPES, dequantize
+from ember.quant.ggml import FLOAT_TYPES, GGMLType, dequantize
 from ember.quant.linear import QuantLinear
 
+_TORCH_FLOATS = {GGMLType.F32: torch.float32, GGMLType.F16: torch.float16, GGMLType.BF16: torch.bfloat16}
 
-def _float_tensor(gguf: GGUFFile, name: str) -> torch.Tensor:
+
+def _float_tensor(gguf: GGUFFile, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A float tensor in `dtype`; when the file already holds that dtype, a zero-copy view on the map."""
     info = gguf.tensors[name]
-    return dequantize(gguf.raw(name), info.ggml_type, info.shape)
+    if _TORCH_FLOATS.get(info.ggml_type) == dtype:
+        return gguf.raw(name).view(dtype).view(info.shape)
+    return dequantize(gguf.raw(name), info.ggml_type, info.shape).to(dtype)
 
 
 def _rows(gguf: GGUFFile, name: str) -> torch.Tensor:
@@ -57,14 +62,14 @@ def load_gguf_model(path: Path, dtype, device: torch.device) -> tuple[CausalLM, 
             raise GGUFError(f"{path.name}: unexpected tensor {gguf_name!r} for {config.architecture}")
         if len(info.shape) == 1 or info.ggml_type in FLOAT_TYPES:
             # vectors, and matrices stored unquantized (F32/F16/BF16 files): plain weights in `dtype`
-            tensor = _float_tensor(gguf, gguf_name)
+            tensor = _float_tensor(gguf, gguf_name, dtype)
             if permute_qk and name.endswith(("q_proj.weight", "k_proj.weight")):
                 tensor = unpermute_rows(tensor, config.num_heads if "q_proj" in name else config.num_kv_heads)
             if name.endswith("norm.weight") and config.norm_weight_offset:
                 tensor = tensor - config.norm_weight_offset
             for target, piece in model.split_checkpoint_tensor(name, tensor):
                 _check(target, params)
-                set_weight(model, target, params[target], piece, dtype if "norm" not in target else torch.float32, device)
+                set_weight(model, target, params[target], piece, dtype, device)
             continue
         rows = _rows(gguf, gguf_name)
         if permute_qk and name.endswith(("q_proj.weight", "k_proj.weight")):
@@ -81,6 +86,8 @@ def load_gguf_model(path: Path, dtype, device: torch.device) -> tuple[CausalLM, 
             _replace_module(model, module_name, module)
             if target == "model.embed_tokens.weight" and config.tie_word_embeddings:
                 model.lm_head = QuantLinear(piece, info.ggml_type, expected, dtype, device)
+        # The blocks were repacked: drop their pages from memory so peak RSS stays near the file size.
+        gguf.release(gguf_name)
     finish_loading(model, device)
     return model, config, dtype
 
