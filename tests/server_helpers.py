@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -46,6 +47,11 @@ class ServerProcess:
     process: subprocess.Popen
     model_dir: Path
     api_key: str | None = None
+    log_path: Path | None = None
+
+    def output(self) -> str:
+        """What the server printed so far (stdout and stderr)."""
+        return self.log_path.read_text() if self.log_path else ""
 
     @property
     def model(self) -> str:
@@ -69,17 +75,25 @@ def start_server(model_dir: Path, *extra: str, api_key: str | None = None, timeo
     port = free_port()
     args = [sys.executable, "-m", "ember.cli.main", "serve", str(model_dir), "--host", "127.0.0.1", "--port",
             str(port), *SERVE_ARGS, *extra]
-    env = {**os.environ, "EMBER_API_KEY": api_key} if api_key else {
-        k: v for k, v in os.environ.items() if k != "EMBER_API_KEY"}
-    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # A HOME of its own, so models stored or cached on this machine never show up in the tests' listings.
+    home = Path(tempfile.mkdtemp(prefix="ember-home-"))
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("EMBER_API_KEY", "EMBER_HOME", "EMBER_MODELS_PATH", "HF_HOME", "HF_HUB_CACHE", "OLLAMA_MODELS")}
+    env["HOME"] = str(home)
+    if api_key:
+        env["EMBER_API_KEY"] = api_key
+    # Logs go to a file: an unread pipe would fill up and stall the server.
+    log = open(home / "serve.log", "w+")  # noqa: SIM115 - closed with the process
+    process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"ember serve exited with {process.returncode}: {process.stderr.read()}")
+            log.seek(0)
+            raise RuntimeError(f"ember serve exited with {process.returncode}: {log.read()}")
         try:
             if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return ServerProcess(url, process, model_dir, api_key)
+                return ServerProcess(url, process, model_dir, api_key, home / "serve.log")
         except httpx.HTTPError:
             pass
         time.sleep(0.1)

@@ -237,7 +237,7 @@ def test_sigterm_real_process_with_env_key(tmp_path_factory):
         assert events[-1]["choices"][0]["finish_reason"] == "abort"
         assert [line for line in rest if line][-1] == "data: [DONE]"
         assert proc.process.wait(timeout=20) == 0
-        assert "ember serving tiny-chat on http://127.0.0.1:" in proc.process.stdout.read()
+        assert "ember serving tiny-chat on http://127.0.0.1:" in proc.output()
     finally:
         proc.stop()
 
