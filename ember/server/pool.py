@@ -402,6 +402,12 @@ class ModelPool:
                 log.info("unloading %s (idle) to make room for %s", victim.name, key)
                 await self._unload(victim)
             kv = user_kv if user_kv is not None else full.kv_bytes // full.context * context
+            if user_kv is None and not fitted:
+                # Beyond one full context, room for every sequence slot to hold a 2K-token conversation,
+                # as far as the budget allows: a cache of one context would make concurrent requests
+                # preempt each other long before the slots are used.
+                roomy = full.kv_bytes // full.context * int(args.get("max_num_seqs") or 32) * 2048
+                kv = max(kv, min(roomy, free - fixed))
             size = fixed + kv
             if fitted:
                 log.warning("%s: %d tokens of context need %s but %s of --max-memory is left; context lowered "
