@@ -53,7 +53,7 @@ def add_parser(sub) -> None:
         usage="ember bench [MODEL] [options]\n       ember bench serve --url URL [options]",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("target", nargs="?", default=None, metavar="MODEL|serve",
-                        help="GGUF file or model folder (default: the bundled model), or `serve`")
+                        help="GGUF file, model folder or model name (default: the bundled model), or `serve`")
     parser.add_argument("-c", "--concurrency", type=_int_list, default=None,
                         help="sequences decoded together (offline; sets --max-num-seqs) or requests in flight (serve); "
                              "a comma list sweeps")

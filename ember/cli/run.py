@@ -15,7 +15,7 @@ def add_parser(sub) -> None:
     parser = sub.add_parser("run", help="chat with a model, or complete one prompt",
                             description="Chat with a model interactively, or answer PROMPT and exit.")
     parser.add_argument("model", nargs="?", default=None,
-                        help="GGUF file or transformers folder (default: the bundled model)")
+                        help="GGUF file, model folder or model name from `ember ls --all` (default: the bundled model)")
     parser.add_argument("prompt", nargs="*", help="answer this and exit (reads stdin when it is '-')")
     parser.add_argument("--system", default=None, help="system message for the chat")
     parser.add_argument("--raw", action="store_true", help="send the prompt as-is, without the chat template")

@@ -16,7 +16,7 @@ def add_parser(sub) -> None:
                             description="Serve MODEL over HTTP with OpenAI-, Ollama- and llama.cpp-compatible "
                                         "endpoints.")
     parser.add_argument("model", nargs="?", default=None,
-                        help="GGUF file or transformers folder (default: the bundled model)")
+                        help="GGUF file, model folder or model name from `ember ls --all` (default: the bundled model)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     parser.add_argument("--port", type=int, default=8080, help="port to listen on (default: %(default)s)")
     parser.add_argument("--api-key", default=os.environ.get("EMBER_API_KEY") or None,
