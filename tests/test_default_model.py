@@ -12,6 +12,7 @@ def test_bundled_model_is_small_and_complete():
     files = {p.name: p.stat().st_size for p in DEFAULT_MODEL_DIR.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= set(files)
     assert sum(files.values()) <= 50 * 2**20
+    assert (DEFAULT_MODEL_DIR.parent / "ember-default-bf16.gguf").stat().st_size <= 50 * 2**20
 
 
 def test_greedy_tokens_match_transformers():
@@ -37,3 +38,15 @@ def test_chat_answers_english_and_stops():
     words = " ".join(a.text for a in answers).split()
     common = {"the", "a", "you", "is", "of", "to", "and", "i", "in", "it"}
     assert sum(w.lower().strip(".,!?\"'") in common for w in words) >= len(words) / 10
+
+
+def test_gguf_export_runs_like_the_checkpoint():
+    """ember/assets/ember-default-bf16.gguf (scripts/export_default_gguf.py): same tokens, template, outputs."""
+    gguf_llm = LLM(str(DEFAULT_MODEL_DIR.parent / "ember-default-bf16.gguf"), dtype="float32")
+    llm = LLM(None, dtype="float32")
+    messages = [{"role": "user", "content": "Tell me a fortune."}]
+    prompt = llm.render_chat(messages)
+    assert gguf_llm.render_chat(messages) == prompt
+    assert gguf_llm.tokenizer.encode(prompt) == llm.tokenizer.encode(prompt)
+    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+    assert gguf_llm.generate(prompt, params)[0].token_ids == llm.generate(prompt, params)[0].token_ids
