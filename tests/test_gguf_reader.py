@@ -167,6 +167,32 @@ def test_every_truncation_is_a_gguf_error(tmp_path):
             GGUFFile(cut)
 
 
+def test_skipped_arrays_are_checked_too(tmp_path):
+    """arrays="skip" (ember ls/show, the estimator) steps over long arrays with the same bounds checks."""
+    long = [kv("tokenizer.ggml.tokens", ARR, (STR, [f"t{i}" for i in range(100)])),
+            kv("scores", ARR, (F32, [0.5] * 100)), kv("flags", ARR, (BOOL, [1] * 100)),
+            kv("nested", ARR, (ARR, [(U8, [1] * 70)] * 70)), kv("short", ARR, (U16, [7] * 64))]
+    path = write_gguf(tmp_path / "full.gguf", long, [("a", [32], GGMLType.F32, 0)])
+    with GGUFFile(path, arrays="skip") as f:
+        assert f.metadata["tokenizer.ggml.tokens"] == reader_module.ArrayInfo(STR, 100)
+        assert f.metadata["scores"] == reader_module.ArrayInfo(F32, 100)
+        assert f.metadata["nested"] == reader_module.ArrayInfo(ARR, 70)
+        assert f.metadata["short"] == [7] * 64 and f.tensors["a"].nbytes == 128
+    blob = path.read_bytes()
+    cut = tmp_path / "cut.gguf"
+    for size in range(0, len(blob), 7):
+        cut.write_bytes(blob[:size])
+        with pytest.raises(GGUFError):
+            GGUFFile(cut, arrays="skip")
+    bad_bool = write_gguf(tmp_path / "b.gguf", [kv("flags", ARR, (BOOL, [1] * 99 + [2]))])
+    with pytest.raises(GGUFError, match="bool array holds a value other than 0 or 1"):
+        GGUFFile(bad_bool, arrays="skip")
+    long_string = write_gguf(tmp_path / "s.gguf", [gstr("k") + struct.pack("<IIQ", ARR, STR, 100)
+                                                    + struct.pack("<Q", 2**24 + 1) + bytes(2**24 + 1)])
+    with pytest.raises(GGUFError, match="a string of 16777217 bytes, over the limit"):
+        GGUFFile(long_string, arrays="skip")
+
+
 def test_random_corruption_never_escapes(tmp_path):
     path = write_gguf(tmp_path / "full.gguf",
                       [kv("general.name", STR, "tiny"), kv("toks", ARR, (STR, ["a", "bb"])), kv("f", BOOL, 1)],

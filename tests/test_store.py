@@ -7,12 +7,14 @@ import json
 import os
 import shutil
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from ember.cli.main import main
-from ember.errors import EmberError, ModelLoadError
+from ember.errors import EmberError, GGUFError, ModelLoadError
 from ember.store.memory import estimate_memory, fit_context
 from ember.store.names import parse_ref, parse_store_name
 from ember.store.resolve import DEFAULT_MODEL_DIR, resolve
@@ -252,11 +254,17 @@ def test_resolve(home, gguf_q4, hf_dir):
 
 def test_estimate_memory_from_the_files(gguf_q4, hf_dir, testdata):
     from ember.bench.estimates import overhead_bytes
-    from ember.store.ggufinfo import read_gguf_summary
+    from ember.loader.gguf import read_header
 
     kv_per_token = 2 * 4 * 2 * 32 * 2  # K and V, 4 layers, 2 KV heads, head_dim 32, bf16
     est = estimate_memory(gguf_q4, 1024)
-    assert est.weights_bytes == read_gguf_summary(gguf_q4).weights_bytes
+    # what ember holds for tiny-llama-Q4_0 (4 layers, hidden 256, FFN 768, 32000-token vocabulary, tied output):
+    matrices = 4 * (2 * 256 * 256 + 2 * 64 * 256 + 3 * 768 * 256)
+    int4 = matrices // 2 + matrices // 32 * 2 * 2  # Q4_0: packed nibbles + a bf16 (scale, zero) pair per 32
+    embedding = read_header(gguf_q4).tensors["token_embd.weight"].nbytes  # Q6_K blocks, kept as they are
+    output = 32000 * 256 + 32000 * 256 // 16 * 4  # the tied Q6_K embedding as an int8 output layer
+    norms = 9 * 256 * 2  # 2 per layer + the final one, bf16
+    assert est.weights_bytes == int4 + embedding + output + norms
     assert est.kv_bytes == kv_per_token * 1024
     assert est.total == est.weights_bytes + est.kv_bytes + est.overhead_bytes > est.overhead_bytes
     q8 = estimate_memory(testdata / "gguf" / "tiny-llama-Q8_0.gguf", 1024)
@@ -349,38 +357,63 @@ def _kv(key: str, vtype: int, payload: bytes) -> bytes:
 
 
 @pytest.mark.parametrize(("data", "problem"), [
-    (b"GGML" + bytes(40), "bad magic"),
-    (b"GGUF", "too short"),
+    (b"GGML" + bytes(40), "not a GGUF file"),
+    (b"GGUF", "shorter than the 24-byte GGUF header"),
     (_gguf_header(0, 0, version=1), "version 1"),
-    (_gguf_header(2**40, 0), "implausible"),
-    (_gguf_header(0, 1, _kv("a", 8, (2**62).to_bytes(8, "little"))), "string of"),
-    (_gguf_header(0, 1, _kv("a", 9, (8).to_bytes(4, "little") + (2**60).to_bytes(8, "little"))), "array of"),
+    (_gguf_header(2**40, 0), "tensor count 1099511627776 cannot fit"),
+    (_gguf_header(0, 1, _kv("a", 8, (2**62).to_bytes(8, "little"))), "string value of 'a' is 4611686018427387904 bytes"),
+    (_gguf_header(0, 1, _kv("a", 9, (8).to_bytes(4, "little") + (2**60).to_bytes(8, "little"))), "array of 1152921504606846976 elements, over the limit"),
+    (_gguf_header(0, 1, _kv("a", 9, (8).to_bytes(4, "little") + (100).to_bytes(8, "little") + bytes(16))),
+     "truncated file: array 'a'"),
+    (_gguf_header(0, 1, _kv("a", 9, (8).to_bytes(4, "little") + (100).to_bytes(8, "little")
+                            + (2**30).to_bytes(8, "little") * 100)), "a string of 1073741824 bytes"),
     (_gguf_header(0, 1, _kv("a", 9, (9).to_bytes(4, "little") + (1).to_bytes(8, "little")
                             + (9).to_bytes(4, "little") + (1).to_bytes(8, "little")
-                            + (9).to_bytes(4, "little") + (1).to_bytes(8, "little") + bytes(16))), "nested"),
-    (_gguf_header(0, 1, _kv("a", 99, b"")), "unknown GGUF value type"),
-    (_gguf_header(0, 3, _kv("a", 4, bytes(4))), "truncated"),
+                            + (9).to_bytes(4, "little") + (1).to_bytes(8, "little") + bytes(16))), "nested deeper"),
+    (_gguf_header(0, 1, _kv("a", 99, b"\0")), "unknown value type 99"),
+    (_gguf_header(0, 3, _kv("a", 4, bytes(4))), "kv count 3 cannot fit"),
 ])
 def test_hostile_gguf_headers(tmp_path, data, problem):
+    """The header read of `ember ls`/`show` (arrays skipped) rejects what the loader rejects."""
     from ember.errors import GGUFError
-    from ember.store.ggufinfo import read_gguf_summary
+    from ember.loader.gguf import GGUFFile, read_header
 
     path = tmp_path / "bad.gguf"
-    path.write_bytes(data.ljust(24, b"\0") if problem != "too short" else data)
-    with pytest.raises(GGUFError, match=problem):
-        read_gguf_summary(path)
+    path.write_bytes(data)
+    for read in (read_header, GGUFFile):
+        with pytest.raises(GGUFError, match=problem):
+            read(path)
 
 
-def test_gguf_summary_matches_the_loader(testdata):
-    from ember.loader.gguf import GGUFFile
-    from ember.store.ggufinfo import read_gguf_summary
+def test_gguf_header_read_matches_the_full_read(testdata):
+    from ember.loader.gguf import SMALL_ARRAY, ArrayInfo, GGUFFile, read_header
 
     for name in ("tiny-llama-Q4_K_M.gguf", "tiny-llama-bf16.gguf"):
-        summary = read_gguf_summary(testdata / "gguf" / name)
+        header = read_header(testdata / "gguf" / name)
         with GGUFFile(testdata / "gguf" / name) as f:
-            assert {t.name: (t.shape, t.type_name, t.nbytes) for t in summary.tensors} == {
-                t.name: (t.shape, t.ggml_type.name, t.nbytes) for t in f.tensors.values()}
-            assert summary.metadata["llama.block_count"] == f.metadata["llama.block_count"]
+            assert header.tensors == f.tensors and header.data_offset == f.data_offset
+            assert header.metadata.keys() == f.metadata.keys()
+            for key, value in header.metadata.items():
+                full = f.metadata[key]
+                if isinstance(value, ArrayInfo):
+                    assert len(full) == value.count > SMALL_ARRAY
+                else:
+                    assert value == full
+            assert header.metadata["tokenizer.ggml.tokens"] == ArrayInfo(8, 32000)
+            assert (header.quant, header.architecture, header.arch_key("block_count")) == (
+                f.quant, "llama", f.metadata["llama.block_count"])
+            assert header.weights_bytes == sum(t.nbytes for t in f.tensors.values())
+    with pytest.raises(GGUFError, match="file is closed"):
+        header.raw("output_norm.weight")
+    with pytest.raises(ValueError, match="arrays must be"):
+        GGUFFile(testdata / "gguf" / "tiny-llama-Q4_K_M.gguf", arrays="lazy")
+
+
+def test_listing_a_gguf_imports_no_torch(testdata):
+    code = ("import sys; from ember.store.info import describe_path; from ember.store.memory import estimate_memory;"
+            f"from pathlib import Path; p = Path({str(testdata / 'gguf' / 'tiny-llama-Q4_0.gguf')!r});"
+            "describe_path(p); estimate_memory(p, 256); assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_catalog_lists_store_then_discovered(home, gguf_q4, tmp_path, monkeypatch):

@@ -6,21 +6,30 @@ a one-line `GGUFError` instead of an allocation of 2**63 elements, a `struct.err
 That is why this is not `gguf.GGUFReader`, which trusts the counts it reads and builds numpy views of
 everything up front. Metadata becomes plain Python values; tensor data is never copied: `raw()` returns a
 zero-copy uint8 view on the memory map.
+
+`GGUFFile(path, arrays="skip")` is the fast header read for `ember ls`/`show` and the memory estimator: arrays
+longer than SMALL_ARRAY (a 150 000-token vocabulary) are walked and bounds-checked but not decoded, and
+become `ArrayInfo(item_type, count)`. This module never imports torch itself (only `raw()` does), so listing
+models stays fast.
 """
 
 from __future__ import annotations
 
 import mmap
 import struct
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import torch
 from gguf import GGML_QUANT_SIZES
 
 from ember.errors import GGUFError
-from ember.quant.ggml import GGMLType  # re-exported: TensorInfo.ggml_type is one of these
+from ember.quant.types import GGMLType  # re-exported: TensorInfo.ggml_type is one of these
+
+if TYPE_CHECKING:
+    import torch
 
 MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
@@ -31,6 +40,7 @@ MAX_ARRAY_LEN = 16 * 2**20  # elements of one array (a 256k-token vocabulary fit
 MAX_ARRAY_DEPTH = 2  # an array of arrays, no deeper
 MAX_DIMS = 4
 MAX_ELEMENTS = 2**40  # per tensor
+SMALL_ARRAY = 64  # with arrays="skip", arrays up to this length are still decoded
 
 # (elements per block, bytes per block), keyed by plain int type id.
 _BLOCK_SIZES: dict[int, tuple[int, int]] = {int(k): v for k, v in GGML_QUANT_SIZES.items()}
@@ -54,6 +64,14 @@ _MIN_ELEMENT_BYTES = {**{t: s.size for t, s in _SCALARS.items()}, _STRING: 8, _A
 
 
 @dataclass(frozen=True)
+class ArrayInfo:
+    """A long metadata array read with arrays="skip": its element type id and length, not its values."""
+
+    item_type: int
+    count: int
+
+
+@dataclass(frozen=True)
 class TensorInfo:
     name: str
     shape: tuple[int, ...]  # torch order: GGUF's ne reversed
@@ -61,12 +79,24 @@ class TensorInfo:
     offset: int  # absolute byte offset in the file
     nbytes: int
 
+    @property
+    def type_name(self) -> str:
+        return self.ggml_type.name
+
+    @property
+    def n_elements(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
 
 class _Parser:
     """A bounds-checked cursor over the mapped file; every failure is a GGUFError naming the file."""
 
-    def __init__(self, buf: mmap.mmap, size: int, pos: int, filename: str):
+    def __init__(self, buf: mmap.mmap, size: int, pos: int, filename: str, skip_arrays: bool = False):
         self.buf, self.size, self.pos, self.filename = buf, size, pos, filename
+        self.skip_arrays = skip_arrays
 
     def error(self, reason: str) -> GGUFError:
         return GGUFError(f"{self.filename}: {reason}")
@@ -116,7 +146,7 @@ class _Parser:
             return self.array(key, 1)
         raise self.error(f"metadata {key!r}: unknown value type {vtype}")
 
-    def array(self, key: str, depth: int) -> list:
+    def array(self, key: str, depth: int) -> list | ArrayInfo:
         if depth > MAX_ARRAY_DEPTH:
             raise self.error(f"metadata {key!r}: arrays nested deeper than {MAX_ARRAY_DEPTH} levels")
         etype = self.u32(f"array type of {key!r}")
@@ -128,6 +158,8 @@ class _Parser:
         self.need(count * _MIN_ELEMENT_BYTES[etype], f"array {key!r}")
         if count == 0:
             return []
+        if self.skip_arrays and count > SMALL_ARRAY:
+            return self._skip(key, etype, count, depth)
         if etype == _STRING:
             return self._strings(key, count)
         if etype == _ARRAY:
@@ -140,6 +172,30 @@ class _Parser:
                 raise self.error(f"metadata {key!r}: bool array holds a value other than 0 or 1")
             values = values.astype(bool)
         return values.tolist()
+
+    def _skip(self, key: str, etype: int, count: int, depth: int) -> ArrayInfo:
+        """Step over an array with the same bounds checks as decoding it (strings are not UTF-8-checked)."""
+        if etype == _STRING:
+            buf, pos, size, unpack = self.buf, self.pos, self.size, _U64.unpack_from
+            for _ in range(count):
+                if pos + 8 > size:
+                    raise self.error(f"truncated file: array {key!r} runs past the end of the file")
+                n = unpack(buf, pos)[0]
+                if n > MAX_STRING_BYTES:
+                    raise self.error(f"metadata {key!r}: a string of {n} bytes, over the limit of {MAX_STRING_BYTES}")
+                pos += 8 + n
+                if pos > size:
+                    raise self.error(f"truncated file: array {key!r} runs past the end of the file")
+            self.pos = pos
+        elif etype == _ARRAY:
+            for _ in range(count):
+                self.array(key, depth + 1)
+        else:
+            itemsize = _DTYPES[etype].itemsize
+            if etype == _BOOL and np.frombuffer(self.buf, dtype=np.uint8, count=count, offset=self.pos).max() > 1:
+                raise self.error(f"metadata {key!r}: bool array holds a value other than 0 or 1")
+            self.pos += count * itemsize  # in bounds: checked by the caller's need()
+        return ArrayInfo(etype, count)
 
     def _strings(self, key: str, count: int) -> list[str]:
         # The hot loop for vocabularies (150k+ tokens): locals only, one unpack and one decode per string.
@@ -165,10 +221,17 @@ class _Parser:
 
 
 class GGUFFile:
-    """An open GGUF file: `version`, `metadata`, `tensors` (file order) and zero-copy `raw(name)`."""
+    """An open GGUF file: `version`, `metadata`, `tensors` (file order) and zero-copy `raw(name)`.
 
-    def __init__(self, path: str | Path):
+    arrays="decode" (loading a model) turns every metadata array into a list; arrays="skip" (listing and
+    estimating) leaves arrays longer than SMALL_ARRAY as `ArrayInfo`. Every other check is the same.
+    """
+
+    def __init__(self, path: str | Path, arrays: Literal["decode", "skip"] = "decode"):
+        if arrays not in ("decode", "skip"):
+            raise ValueError(f"arrays must be 'decode' or 'skip', not {arrays!r}")
         self.path = Path(path)
+        self._skip_arrays = arrays == "skip"
         self._mm: mmap.mmap | None = None
         self._view: memoryview | None = None
         try:
@@ -205,7 +268,7 @@ class GGUFFile:
         return GGUFError(f"{self.path.name}: {reason}")
 
     def _parse(self, size: int, n_tensors: int, n_kv: int) -> None:
-        p = _Parser(self._mm, size, _HEADER.size, self.path.name)
+        p = _Parser(self._mm, size, _HEADER.size, self.path.name, self._skip_arrays)
         remaining = size - _HEADER.size
         if n_kv * _MIN_KV_BYTES > remaining:
             raise self._error(f"metadata kv count {n_kv} cannot fit in a file of {size} bytes")
@@ -280,6 +343,39 @@ class GGUFFile:
                 raise self._error(f"tensors {previous!r} and {info.name!r} have overlapping data")
             end, previous = info.offset + info.nbytes, info.name
 
+    # ---- what `ember ls`/`show` and the memory estimator read ----
+
+    @property
+    def architecture(self) -> str | None:
+        arch = self.metadata.get("general.architecture")
+        return arch if isinstance(arch, str) else None
+
+    def arch_key(self, name: str, default: Any = None) -> Any:
+        """`{architecture}.{name}` from the metadata (e.g. "context_length")."""
+        return self.metadata.get(f"{self.architecture}.{name}", default)
+
+    @property
+    def weights_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    @property
+    def parameters(self) -> int:
+        return sum(t.n_elements for t in self.tensors.values())
+
+    @property
+    def quant(self) -> str:
+        """The declared file type (Q4_K_M, ...), else the most common type among matrices."""
+        import gguf
+
+        file_type = self.metadata.get("general.file_type")
+        if isinstance(file_type, int) and not isinstance(file_type, bool):
+            try:
+                return gguf.LlamaFileType(file_type).name.removeprefix("MOSTLY_").removeprefix("ALL_")
+            except ValueError:
+                pass
+        types = Counter(t.type_name for t in self.tensors.values() if len(t.shape) > 1)
+        return types.most_common(1)[0][0] if types else "unknown"
+
     def raw(self, name: str) -> torch.Tensor:
         """The tensor's bytes as a 1-D uint8 tensor: a zero-copy view on the map.
 
@@ -291,6 +387,8 @@ class GGUFFile:
             raise self._error(f"no tensor named {name!r}")
         if self._view is None:
             raise self._error("file is closed")
+        import torch
+
         return torch.frombuffer(self._view[info.offset:info.offset + info.nbytes], dtype=torch.uint8)
 
     def release(self, name: str) -> None:
@@ -327,3 +425,10 @@ class GGUFFile:
 
     def __repr__(self) -> str:
         return f"GGUFFile({str(self.path)!r}, version={self.version}, tensors={len(self.tensors)})"
+
+
+def read_header(path: str | Path) -> GGUFFile:
+    """A GGUF file's header only (arrays="skip"), closed again: metadata, tensor infos and the summary
+    properties, for `ember ls`/`show` and the memory estimator. GGUFError when the file is not a valid GGUF."""
+    with GGUFFile(path, arrays="skip") as f:
+        return f

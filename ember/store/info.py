@@ -102,9 +102,9 @@ def _license_from_file(path: Path | None) -> str | None:
 
 
 def gguf_details(path: Path) -> dict[str, Any]:
-    from ember.store.ggufinfo import read_gguf_summary
+    from ember.loader.gguf import read_header
 
-    summary = read_gguf_summary(path)
+    summary = read_header(path)
     md = summary.metadata
     template = md.get("tokenizer.chat_template")
     license_ = md.get("general.license")
