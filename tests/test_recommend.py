@@ -9,6 +9,8 @@ import pytest
 from ember.bench import advice, estimates, hardware, shapes
 from ember.bench.hardware import GB, GPU, Hardware
 from ember.cli.main import main
+from tests.test_store import home  # noqa: F401  (fixture)
+from tests.test_store_discovery import layout  # noqa: F401  (fixture)
 
 
 def figures(params: str, quant: str, context: int = 8192, family: str | None = None) -> advice.Option:
@@ -195,7 +197,10 @@ def test_cli_on_a_gguf_file_uses_its_real_size(capsys, testdata):
     assert main(["recommend", str(path), "--json", "--no-probe", "--use", "throughput"]) == 0
     record = json.loads(capsys.readouterr().out)
     own = next(o for o in record["options"] if o["from_file"])
-    assert own["quant"] == "Q4_K_M" and own["weights_bytes"] < path.stat().st_size
+    from ember.store.memory import estimate_memory
+
+    # what ember holds for this file (its tied Q6_K embedding also becomes an int8 output layer), not a table's
+    assert own["quant"] == "Q4_K_M" and own["weights_bytes"] == estimate_memory(path, 4096).weights_bytes
     assert record["model"]["name"] == "tiny-llama" and record["context"] == 4096  # the model's own limit
     assert record["choice"] and record["advice"]["command"]
 
@@ -207,3 +212,36 @@ def test_cli_table_and_usage_errors(capsys):
     assert main(["recommend"]) == 1
     assert main(["recommend", "model.gguf", "--params", "8b"]) == 1
     assert "not both" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("ref", ["path", "tiny:q4", "ollama/tiny:q4", "hf.co/someorg/Tiny-GGUF:tiny-llama-Q6_K",
+                                 "local/tiny-llama-Q4_K_M", "local/tiny-hf", "ember-default"])
+def test_cli_takes_any_model_reference(capsys, layout, ref):  # noqa: F811
+    """One resolver (ember.store.resolve) and one estimator (ember.store.memory.estimate_memory, the server
+    pool's): the file's own row is exactly what estimate_memory says for the resolved file."""
+    from ember.store.memory import estimate_memory
+    from ember.store.resolve import resolve
+    from ember.store.store import ModelStore
+
+    ModelStore().register("tiny:q4", {"tiny-llama-Q4_0.gguf": layout["q4"]}, {"type": "huggingface", "repo": "o/r"})
+    if ref == "path":
+        ref = str(layout["q4"])
+    assert main(["recommend", ref, "--json", "--no-probe", "--context", "512"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    resolved = resolve(ref, allow_paths=True)
+    own = next(o for o in record["options"] if o["from_file"])
+    dtype = "bfloat16" if resolved.format == "gguf" else json.loads((resolved.path / "config.json").read_text()).get(
+        "dtype") or "bfloat16"
+    expected = estimate_memory(resolved.path, record["context"], dtype)
+    assert (own["weights_bytes"], own["kv_bytes"], own["overhead_bytes"]) == (
+        expected.weights_bytes, expected.kv_bytes, expected.overhead_bytes)
+    assert own["total_bytes"] == expected.total and record["context"] == 512
+    assert record["model"]["file_quant"] == own["quant"]
+    if resolved.format == "gguf" and record["choice"] == own["quant"] and record["advice"]:
+        assert str(resolved.path) in record["advice"]["command"] + " ".join(record["advice"]["alternatives"])
+
+
+def test_cli_unknown_reference_is_one_line(capsys, home):  # noqa: F811
+    assert main(["recommend", "nothing:here", "--json", "--no-probe"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: model 'nothing:here' not found") and err.count("\n") == 1

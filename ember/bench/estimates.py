@@ -1,20 +1,20 @@
 """Memory of a model at one quantization and context: the figures `ember recommend` places on a machine.
 
-weights  = parameters × effective bits per weight ÷ 8 (the file's tensor bytes for its own quantization)
-KV cache = 2 (K, V) × layers × KV heads × head dim × context × 2 bytes (an f16 cache, one sequence)
-overhead = runtime + activations of one 512-token prefill batch (fp32)
+weights  = parameters × effective bits per weight ÷ 8; for a real model's own quantization,
+           ember.store.memory.estimate_memory's figure (what ember holds after loading that file)
+KV cache = 2 (K, V) × layers × KV heads × head dim × context × 2 bytes (an f16 cache, one sequence), the
+           formula of ember.store.memory.kv_bytes_per_token
+overhead = runtime + activations of one 512-token prefill batch (fp32), which estimate_memory also adds
 """
 
 from __future__ import annotations
 
 import re
-from collections import Counter
 from pathlib import Path
 
 from ember.bench.advice import Option
 from ember.bench.shapes import parameter_count
 from ember.config import ModelConfig
-from ember.errors import ModelLoadError
 
 # Averages over whole GGUF files as llama-quantize writes them (mixes keep some tensors at higher
 # precision): e.g. Llama-3.3-70B Q4_K_M is 42.5 GB for 70.6 B parameters = 4.82 bits.
@@ -27,7 +27,9 @@ RUNTIME_BYTES = 256 * 2**20  # allocator pools, kernels' workspaces, the framewo
 
 
 def kv_cache_bytes(config: ModelConfig, context: int) -> int:
-    return 2 * config.num_layers * config.num_kv_heads * config.head_dim * context * KV_BYTES_PER_ELEMENT
+    from ember.store.memory import kv_bytes_per_token
+
+    return kv_bytes_per_token(config, KV_BYTES_PER_ELEMENT) * context
 
 
 def overhead_bytes(config: ModelConfig) -> int:
@@ -47,62 +49,43 @@ def option(config: ModelConfig, quant: str, context: int, own: tuple[str, int] |
 
 
 def gguf_quant(path: Path) -> str:
-    import gguf
-
-    return _declared_quant(gguf.GGUFReader(path))
-
-
-def _declared_quant(reader) -> str:
     """The GGUF's declared file type (Q4_K_M, ...), else its most common matrix type."""
-    import gguf
+    from ember.loader.gguf import read_header
 
-    field = reader.fields.get("general.file_type")
-    if field is not None:
-        try:
-            return gguf.LlamaFileType(int(field.contents())).name.removeprefix("MOSTLY_").removeprefix("ALL_")
-        except ValueError:
-            pass
-    types = Counter(t.tensor_type.name for t in reader.tensors if len(t.shape) > 1)
-    return types.most_common(1)[0][0] if types else "unknown"
+    return read_header(path).quant
 
 
-def model_from_reference(reference: str) -> tuple[str, ModelConfig, tuple[str, int] | None]:
-    """(name, shape, (the file's quantization, its weight bytes)) for a GGUF file or a checkpoint folder."""
-    path = Path(reference).expanduser()
-    if path.is_file() and path.suffix.lower() == ".gguf":
-        return _from_gguf(path)
-    if path.is_dir() and (path / "config.json").is_file():
-        return _from_folder(path)
-    raise ModelLoadError(f"{reference!r} is not a GGUF file or a folder with config.json")
+def model_from_reference(reference: str, context: int = 8192) -> tuple[str, ModelConfig, tuple[str, int] | None, Path]:
+    """(name, shape, (the file's quantization, its weight bytes), where its files are) for any model reference
+    `ember run` takes:
+    a GGUF file or checkpoint folder, a store name, a discovered name (ollama/..., hf.co/..., local/...) or
+    ember-default. The weight bytes are ember.store.memory.estimate_memory's, the estimator the server's model
+    pool uses, so `ember recommend` and the pool agree on what the file needs."""
+    from ember.store.resolve import resolve
+
+    resolved = resolve(reference, allow_paths=True)
+    read = _from_gguf if resolved.format == "gguf" else _from_folder
+    return (*read(resolved.name, resolved.path, context), resolved.path)
 
 
-def _from_gguf(path: Path) -> tuple[str, ModelConfig, tuple[str, int]]:
-    import gguf
+def _from_gguf(name: str, path: Path, context: int) -> tuple[str, ModelConfig, tuple[str, int]]:
+    from ember.loader.gguf import read_header
+    from ember.store.memory import estimate_memory, model_config
 
-    from ember.loader.gguf_config import config_from_gguf
-
-    try:
-        reader = gguf.GGUFReader(path)
-    except (ValueError, OSError) as err:
-        raise ModelLoadError(f"{path}: not a readable GGUF file ({err})") from None
-    metadata = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.")}
-    # GGUF lists dimensions innermost first; ModelConfig reads them in PyTorch's order.
-    shapes = {t.name: tuple(int(d) for d in reversed(t.shape)) for t in reader.tensors}
-    config = config_from_gguf(metadata, shapes, {})
-    weight_bytes = sum(int(t.n_bytes) for t in reader.tensors)
-    quant = _declared_quant(reader)
+    config = model_config(path)
+    quant = read_header(path).quant
+    weights = estimate_memory(path, context).weights_bytes
     # "Llama-3.3-70B-Instruct-Q4_K_M" names the model and the quantization; advice adds its own suffix.
-    name = re.sub(rf"[-._]{re.escape(quant)}$", "", path.stem, flags=re.IGNORECASE) or path.stem
-    return name, config, (quant, weight_bytes)
+    stem = name.removesuffix(".gguf") if name.lower().endswith(".gguf") else name
+    name = re.sub(rf"[-._:]{re.escape(quant)}$", "", stem, flags=re.IGNORECASE) or stem
+    return name, config, (quant, weights)
 
 
-def _from_folder(path: Path) -> tuple[str, ModelConfig, tuple[str, int] | None]:
-    from ember.config import config_from_hf, read_config_json
-    from ember.models.registry import model_class_for
+def _from_folder(name: str, path: Path, context: int) -> tuple[str, ModelConfig, tuple[str, int] | None]:
+    from ember.store.memory import estimate_memory, model_config
 
-    raw = read_config_json(path)
-    _, arch = model_class_for(raw.get("architectures"), raw.get("model_type"))
-    config = config_from_hf(raw, arch)
-    size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
-    dtype = DTYPE_NAMES.get(config.torch_dtype or "")
-    return path.name, config, (dtype, size) if dtype and size else None
+    config = model_config(path)
+    dtype = config.torch_dtype if config.torch_dtype in DTYPE_NAMES else None
+    if dtype is None:
+        return name, config, None
+    return name, config, (DTYPE_NAMES[dtype], estimate_memory(path, context, dtype).weights_bytes)

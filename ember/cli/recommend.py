@@ -18,7 +18,9 @@ def add_parser(sub) -> None:
         "recommend", help="what fits this machine, how fast, and which engine to use",
         description="Detect the hardware, estimate memory and decode speed of a model at every common "
                     "quantization, and recommend an engine and settings (see docs/choosing.md).")
-    parser.add_argument("model", nargs="?", default=None, help="GGUF file, model folder or store name")
+    parser.add_argument("model", nargs="?", default=None,
+                        help="any model reference: GGUF file, model folder, store name, ollama/..., hf.co/..., "
+                             "local/... or ember-default")
     parser.add_argument("--params", help="model size instead of a file, e.g. 8b, 70b, mini")
     parser.add_argument("--family", help="llama, qwen2.5, mistral, gemma2, phi3 (with --params)")
     parser.add_argument("--context", type=int, default=8192, help="context length to plan the KV cache for")
@@ -29,19 +31,23 @@ def add_parser(sub) -> None:
 
 
 def _model_shape(args: argparse.Namespace):
-    """(display name, ModelConfig, (the file's quantization, its weight bytes) or None)."""
+    """(display name, ModelConfig, (the file's quantization, its weight bytes) or None, the model's path or None).
+
+    A model reference goes through ember.store.resolve (the resolver of `ember run` and the server), and its
+    figures come from ember.store.memory.estimate_memory (the server's model pool's estimator)."""
     from ember.bench import shapes
 
     if args.model and args.params:
         raise RecommendUsageError("give a model or --params, not both")
     if args.params:
         _, name, config = shapes.known_shape(args.params, args.family)
-        return name, config, None
+        return name, config, None, None
     if not args.model:
-        raise RecommendUsageError("give a model (file, folder or store name) or --params SIZE [--family NAME]")
+        raise RecommendUsageError("give a model (file, folder, store or discovered name) or --params SIZE "
+                                  "[--family NAME]")
     from ember.bench.estimates import model_from_reference
 
-    return model_from_reference(args.model)
+    return model_from_reference(args.model, args.context)
 
 
 def _bandwidths(hw, probe: bool) -> dict[str, tuple[float, str]]:
@@ -83,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.context < 1:
         raise RecommendUsageError("--context must be positive")
-    name, config, own_quant = _model_shape(args)
+    name, config, own_quant, model_path = _model_shape(args)
     context = min(args.context, config.max_position_embeddings)
     hw = hardware.detect()
     bandwidth = _bandwidths(hw, probe=not args.no_probe)
@@ -100,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
         if own_quant and not same_file:
             notes.append(f"this file is {own_quant[0]}; the same model at {chosen.quant} suits better")
         guide = advice.engine_advice(args.use, chosen, budget, hw, name, context, config.num_layers,
-                                     model_file=args.model if same_file else None)
+                                     model_file=str(model_path) if same_file else None)
     if chosen is None and args.params:
         reasons += _smaller_models(args, budget, context)
     record = {
