@@ -4,7 +4,8 @@ weights  = parameters × effective bits per weight ÷ 8; for a real model's own 
            ember.store.memory.estimate_memory's figure (what ember holds after loading that file)
 KV cache = 2 (K, V) × layers × KV heads × head dim × context × 2 bytes (an f16 cache, one sequence), the
            formula of ember.store.memory.kv_bytes_per_token
-overhead = runtime + activations of one 512-token prefill batch (fp32), which estimate_memory also adds
+overhead = runtime + activations of one 512-token prefill batch (fp32) + the tokenizer (per vocabulary entry),
+           which estimate_memory also adds
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ DTYPE_NAMES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}  # as GGU
 KV_BYTES_PER_ELEMENT = 2
 PREFILL_BATCH = 512
 RUNTIME_BYTES = 256 * 2**20  # allocator pools, kernels' workspaces, the framework itself
+# Measured: a 32000-token Llama vocabulary costs 8.7 MB of RSS as ember's tokenizer (tests/test_store_rss.py).
+TOKENIZER_BYTES_PER_TOKEN = 272
 
 
 def kv_cache_bytes(config: ModelConfig, context: int) -> int:
@@ -32,9 +35,14 @@ def kv_cache_bytes(config: ModelConfig, context: int) -> int:
     return kv_bytes_per_token(config, KV_BYTES_PER_ELEMENT) * context
 
 
+def tokenizer_bytes(config: ModelConfig) -> int:
+    """The tokenizer ember builds from the model's vocabulary (Python strings, id maps, merges)."""
+    return config.vocab_size * TOKENIZER_BYTES_PER_TOKEN
+
+
 def overhead_bytes(config: ModelConfig) -> int:
     per_token = 4 * config.hidden_size + 2 * config.intermediate_size  # residual, q/k/v/o, gate/up
-    return RUNTIME_BYTES + PREFILL_BATCH * per_token * 4
+    return RUNTIME_BYTES + PREFILL_BATCH * per_token * 4 + tokenizer_bytes(config)
 
 
 def weights_bytes(config: ModelConfig, quant: str) -> int:

@@ -10,7 +10,8 @@ weights  = what ember holds after loading the file (ember.loader.gguf_model, emb
            loaded in (integer/quantized tensors keep their own size)
 KV cache = 2 (K, V) × layers × KV heads × head dim × context × bytes of the KV dtype
 overhead = ember.bench.estimates.overhead_bytes: RUNTIME_BYTES (allocator pools, kernel workspaces, the
-           framework) + fp32 activations of one 512-token prefill batch
+           framework) + fp32 activations of one 512-token prefill batch + the tokenizer (~272 bytes a vocabulary
+           entry)
 
 `ember recommend` (ember.bench.estimates) takes a real model's figures from here, and the same KV and overhead
 formulas for its per-quantization estimates. Reading a GGUF here never imports torch.
