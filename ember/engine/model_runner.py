@@ -30,49 +30,73 @@ class ModelRunner:
             layer.self_attn.k_cache = self.k_cache[index]
             layer.self_attn.v_cache = self.v_cache[index]
 
-    def _slots(self, block_table: list[int], start: int, stop: int) -> torch.Tensor:
-        positions = torch.arange(start, stop)
-        table = torch.tensor(block_table, dtype=torch.long)
-        return table[positions // self.block_size] * self.block_size + positions % self.block_size
+    def _slots(self, block_table: list[int], start: int, stop: int) -> list[int]:
+        """Cache slots of positions start..stop-1, whole blocks at a time."""
+        size = self.block_size
+        first = start // size
+        slots: list[int] = []
+        for block in block_table[first : -(-stop // size)]:
+            slots.extend(range(block * size, block * size + size))
+        skip = start - first * size
+        return slots[skip : skip + stop - start]
 
     def _build(self, chunks: list[ScheduledChunk]):
+        """Flat inputs of one step; every tensor is built once from a flat Python list."""
+        size = self.block_size
         decodes = [c for c in chunks if c.num_tokens == 1]
         prefills = [c for c in chunks if c.num_tokens > 1]
         ordered = decodes + prefills
         input_ids: list[int] = []
         positions: list[int] = []
-        slot_pieces: list[torch.Tensor] = []
+        slots: list[int] = []
+        lens: list[int] = []
+        for chunk in decodes:
+            seq = chunk.seq
+            pos = seq.num_computed_tokens
+            input_ids.append(seq.token_ids[pos])
+            positions.append(pos)
+            slots.append(seq.block_table[pos // size] * size + pos % size)
+            lens.append(pos + 1)
         prefill_slices: list[PrefillSlice] = []
-        sample_rows: list[int] = []
-        for chunk in ordered:
+        for chunk in prefills:
             seq, start = chunk.seq, chunk.seq.num_computed_tokens
             stop = start + chunk.num_tokens
             offset = len(input_ids)
             input_ids.extend(seq.token_ids[start:stop])
             positions.extend(range(start, stop))
-            slot_pieces.append(self._slots(seq.block_table, start, stop))
-            if chunk.num_tokens > 1:
-                context = self._slots(seq.block_table, 0, stop).to(self.device) if start else None
-                prefill_slices.append(PrefillSlice(offset, chunk.num_tokens, stop, context))
+            slots.extend(self._slots(seq.block_table, start, stop))
+            context = None
+            if start:
+                context = torch.tensor(self._slots(seq.block_table, 0, stop), dtype=torch.long, device=self.device)
+            prefill_slices.append(PrefillSlice(offset, chunk.num_tokens, stop, context))
+        sample_rows: list[int] = []
+        offset = 0
+        for chunk in ordered:
+            offset += chunk.num_tokens
             if chunk.samples:
-                sample_rows.append(offset + chunk.num_tokens - 1)
+                sample_rows.append(offset - 1)
         meta = AttentionMetadata(
-            slot_mapping=torch.cat(slot_pieces).to(self.device), num_decode=len(decodes), prefills=prefill_slices
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device), num_decode=len(decodes),
+            prefills=prefill_slices,
         )
         if decodes:
-            lens = [c.seq.num_computed_tokens + 1 for c in decodes]
-            width = self.block_size * max(-(-n // self.block_size) for n in lens)
-            tables = torch.zeros(len(decodes), width // self.block_size, dtype=torch.long)
-            for row, chunk in enumerate(decodes):
-                used = -(-lens[row] // self.block_size)
-                tables[row, :used] = torch.tensor(chunk.seq.block_table[:used])
-            offsets = torch.arange(self.block_size)
-            meta.decode_slots = (tables[:, :, None] * self.block_size + offsets).view(len(decodes), width).to(self.device)
+            width = max(lens)
+            # Every decode reads `width` slots; positions past a shorter context read slot 0 and are masked.
+            flat: list[int] = []
+            for chunk, n in zip(decodes, lens, strict=True):
+                flat.extend(self._slots(chunk.seq.block_table, 0, n))
+                flat.extend([0] * (width - n))
+            meta.decode_slots = torch.tensor(flat, dtype=torch.long, device=self.device)
             meta.decode_lens = torch.tensor(lens, device=self.device)
+            meta.decode_width = width
+            meta.decode_padded = min(lens) != width
         ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
         sampled = [c for c in ordered if c.samples]
-        return ids, pos, meta, torch.tensor(sample_rows, device=self.device), sampled
+        rows = None
+        if len(sample_rows) != len(input_ids):
+            rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
+        return ids, pos, meta, rows, sampled
 
     @torch.inference_mode()
     def run(self, chunks: list[ScheduledChunk]) -> tuple[list[ScheduledChunk], torch.Tensor]:
@@ -81,7 +105,8 @@ class ModelRunner:
         hidden = self.model(ids, pos, meta)
         if not sampled:
             return [], torch.empty(0)
-        return sampled, self.model.compute_logits(hidden[rows])
+        # Logits only for the rows that sample (an all-decode step samples every row: no gather).
+        return sampled, self.model.compute_logits(hidden if rows is None else hidden.index_select(0, rows))
 
     @torch.inference_mode()
     def hidden_states(self, chunk: ScheduledChunk) -> torch.Tensor:

@@ -31,15 +31,20 @@ class PrefillSlice:
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] cache slot each new token's K/V is written to
     num_decode: int = 0
-    decode_slots: torch.Tensor | None = None  # [D, max_context] slots, padded
+    decode_slots: torch.Tensor | None = None  # [D * max_context] slots, row-major, padded (with slot 0)
     decode_lens: torch.Tensor | None = None  # [D]
+    decode_width: int = 0  # max_context: the longest decode context this step
+    decode_padded: bool = False  # whether some decode context is shorter than decode_width (needs a mask)
     prefills: list[PrefillSlice] = field(default_factory=list)
     _masks: dict = field(default_factory=dict)  # shared by every layer of one step
 
-    def decode_mask(self, window: int | None) -> torch.Tensor:
+    def decode_mask(self, window: int | None) -> torch.Tensor | None:
+        """[D, 1, 1, max_context] keys each decode attends to; None when that is every key (no padding)."""
+        if not self.decode_padded and (window is None or window >= self.decode_width):
+            return None
         key = ("decode", window)
         if key not in self._masks:
-            cols = torch.arange(self.decode_slots.shape[1], device=self.decode_slots.device)[None, :]
+            cols = torch.arange(self.decode_width, device=self.decode_slots.device)[None, :]
             lens = self.decode_lens[:, None]
             mask = cols < lens
             if window is not None:
@@ -112,6 +117,9 @@ class Attention(nn.Module):
         self.k_cache.index_copy_(0, meta.slot_mapping, k.to(self.k_cache.dtype))
         self.v_cache.index_copy_(0, meta.slot_mapping, v.to(self.v_cache.dtype))
 
+        if meta.num_decode == tokens:  # a decode-only step: no prefill rows to interleave
+            out = self._decode(q, meta)
+            return self.o_proj(out.view(tokens, self.num_heads * self.head_dim))
         out = torch.empty_like(q)
         if meta.num_decode:
             out[: meta.num_decode] = self._decode(q[: meta.num_decode], meta)
@@ -125,8 +133,11 @@ class Attention(nn.Module):
         # so keys are read once per KV head instead of being repeated for every query head.
         batch, group = q.shape[0], self.num_heads // self.num_kv_heads
         qg = q.view(batch, self.num_kv_heads, group, self.head_dim)
-        keys = self.k_cache[meta.decode_slots].transpose(1, 2).to(q.dtype)
-        values = self.v_cache[meta.decode_slots].transpose(1, 2).to(q.dtype)
+        # index_select on the flat slot list copies whole [kv_heads, head_dim] rows (a memcpy each): only the
+        # blocks these sequences use are read, never the whole cache.
+        shape = (batch, meta.decode_width, self.num_kv_heads, self.head_dim)
+        keys = self.k_cache.index_select(0, meta.decode_slots).view(shape).transpose(1, 2).to(q.dtype)
+        values = self.v_cache.index_select(0, meta.decode_slots).view(shape).transpose(1, 2).to(q.dtype)
         out = attend(qg, keys, values, meta.decode_mask(self.window), self.scale, self.softcap)
         return out.reshape(batch, self.num_heads, self.head_dim)
 
@@ -135,8 +146,8 @@ class Attention(nn.Module):
             keys, values = k, v
             mask = None if self.window is None else meta.prefill_mask(index, self.window, q.device)
         else:
-            keys = self.k_cache[piece.context_slots].to(q.dtype)
-            values = self.v_cache[piece.context_slots].to(q.dtype)
+            keys = self.k_cache.index_select(0, piece.context_slots).to(q.dtype)
+            values = self.v_cache.index_select(0, piece.context_slots).to(q.dtype)
             mask = meta.prefill_mask(index, self.window, q.device)
         out = attend(
             q.transpose(0, 1)[None], keys.transpose(0, 1)[None], values.transpose(0, 1)[None],
