@@ -31,4 +31,7 @@ class GatedMLP(nn.Module):
         self.down_proj = make_linear(intermediate_size, hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        gate = self.gate_proj(x)
+        # The projection's output is a fresh tensor: activate and gate it in place (no extra [T, inter] buffers).
+        hidden = F.silu(gate, inplace=True) if self.act is F.silu else self.act(gate)
+        return self.down_proj(hidden.mul_(self.up_proj(x)))

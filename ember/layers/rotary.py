@@ -118,12 +118,23 @@ class RotaryEmbedding(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos() * self.attention_scaling, emb.sin() * self.attention_scaling
 
-    def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x: [T, heads, head_dim]; rotates the first `dim` channels."""
-        cos = cos[:, None, :].to(x.dtype)
-        sin = sin[:, None, :].to(x.dtype)
-        rot, rest = x[..., : self.dim], x[..., self.dim :]
+    def prepare(self, cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos_sin()'s tables as [T, 1, dim] in the activation dtype, sin with rotate-half's sign folded into its
+        first half; done once per forward, so that every layer's apply() is a roll, two products and a sum."""
         half = self.dim // 2
-        rotated = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
-        out = rot * cos + rotated * sin
-        return torch.cat((out, rest), dim=-1) if rest.shape[-1] else out
+        sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
+        return cos[:, None, :].to(dtype), sin[:, None, :].to(dtype)
+
+    def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x: [T, heads, head_dim]; rotates the first `dim` channels. cos, sin: from prepare().
+
+        rotate_half(r) * sin = cat(-r2, r1) * sin = roll(r, half) * cat(-sin1, sin2): the same products, bit for bit.
+        """
+        half = self.dim // 2
+        if self.dim == x.shape[-1]:
+            out = x * cos
+            return out.add_(x.roll(half, dims=-1) * sin)
+        rot, rest = x[..., : self.dim], x[..., self.dim :]
+        out = rot * cos
+        out.add_(rot.roll(half, dims=-1) * sin)
+        return torch.cat((out, rest), dim=-1)

@@ -55,7 +55,7 @@ class DecoderModel(nn.Module):
         if self.embed_scale is not None:
             # Gemma rounds the scale to the activation dtype before multiplying.
             x = x * torch.tensor(self.embed_scale, dtype=x.dtype)
-        cos, sin = self.rotary.cos_sin(positions)
+        cos, sin = self.rotary.prepare(*self.rotary.cos_sin(positions), x.dtype)
         for layer in self.layers:
             x = layer(x, cos, sin, self.rotary, meta)
         return self.norm(x)
