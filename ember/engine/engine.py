@@ -160,6 +160,7 @@ class LLMEngine:
             cached_tokens=seq.num_cached_tokens,
         )
 
+    @torch.inference_mode()
     def step(self) -> list[StepOutput]:
         chunks = self.scheduler.schedule()
         if not chunks:

@@ -134,6 +134,14 @@ def _top_k_top_p(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Te
         kth = best.gather(1, (torch.tensor(top_k, device=logits.device).clamp(max=best.shape[-1]) - 1)[:, None])
         keep_all = torch.tensor([k == vocab for k in top_k], device=logits.device)[:, None]
         return logits.masked_fill(~keep_all & (logits < kth), float("-inf"))
+    nucleus = [row for row, p in enumerate(params) if p.top_p < 1.0]
+    if len(nucleus) < len(params):
+        # Sort only the rows that use top-p; the others take the top-k path (each row is filtered on its own).
+        others = [row for row, p in enumerate(params) if p.top_p >= 1.0]
+        out = torch.empty_like(logits)
+        out[others] = _top_k_top_p(logits[others], [params[row] for row in others])
+        out[nucleus] = _top_k_top_p(logits[nucleus], [params[row] for row in nucleus])
+        return out
     ranked, order = logits.sort(dim=-1, descending=True)
     rank = torch.arange(vocab, device=logits.device)[None, :]
     ranked = ranked.masked_fill(rank >= torch.tensor(top_k, device=logits.device)[:, None], float("-inf"))
