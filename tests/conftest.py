@@ -3,9 +3,10 @@ from pathlib import Path
 import pytest
 import torch
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "testdata"
-if not SHARED.exists():  # CI clones the repo with shared/ beside it
-    SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "testdata"
+ROOT = Path(__file__).resolve().parents[1]
+# ../shared beside the checkout (as CI clones it), or a shared/ copied into it (the GPU machine).
+SHARED = next((p for p in (ROOT.parent / "shared" / "testdata", ROOT / "shared" / "testdata") if p.exists()),
+              ROOT.parent / "shared" / "testdata")
 
 
 @pytest.fixture(scope="session")

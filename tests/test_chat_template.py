@@ -6,15 +6,15 @@ import json
 import time
 import tracemalloc
 from datetime import datetime
-from pathlib import Path
 
 import jinja2
 import pytest
 
 import ember
 from ember.errors import ChatTemplateError
+from tests.conftest import SHARED
 
-TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "shared" / "testdata" / "templates"
+TEMPLATE_DIR = SHARED / "templates"
 TEMPLATES = sorted(p.name for p in TEMPLATE_DIR.glob("*.jinja")) if TEMPLATE_DIR.is_dir() else []
 BOS, EOS = "<s>", "</s>"
 FROZEN_NOW = datetime(2024, 7, 26, 9, 30)

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import functools
 import random
-from pathlib import Path
 
 import pytest
 
 import ember
 from ember.tokenizer.detokenizer import CONTEXT_TOKENS, IncrementalDetokenizer
+from tests.conftest import SHARED
 
-TESTDATA = Path(__file__).resolve().parents[2] / "shared" / "testdata"
+TESTDATA = SHARED
 TINY_LLAMA = TESTDATA / "gguf" / "tiny-llama-hf"
 VOCAB_DIR = TESTDATA / "vocab"
 GGUF_VOCABS = ["llama-spm", "qwen2", "llama-bpe", "phi-3", "bert-bge"]

@@ -11,8 +11,9 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from ember.errors import TokenizerError
 from ember.tokenizer.gguf_vocab import tokenizer_from_gguf_metadata
+from tests.conftest import SHARED
 
-TESTDATA = Path(__file__).resolve().parents[2] / "shared" / "testdata"
+TESTDATA = SHARED
 VOCAB_DIR = TESTDATA / "vocab"
 VOCABS = ["llama-spm", "llama-bpe", "phi-3", "gpt-2", "bert-bge", "deepseek-coder", "falcon", "qwen2", "starcoder"]
 CASE_SEPARATOR = "\n__ggml_vocab_test__\n"

@@ -40,6 +40,6 @@ def test_greedy_tokens_match_transformers(family_model):
         for _ in range(steps):
             token = int(step.logits[0, -1].argmax())
             expected.append(token)
-            step = reference(torch.tensor([[token]]), cache=step.past_key_values, use_cache=True)
+            step = reference(torch.tensor([[token]]), past_key_values=step.past_key_values, use_cache=True)
 
     assert greedy_tokens(model, config, PROMPT, steps) == expected, family

@@ -13,8 +13,9 @@ from tokenizers.models import BPE
 
 import ember
 from ember.errors import TokenizerError
+from tests.conftest import SHARED
 
-TINY_LLAMA = Path(__file__).resolve().parents[2] / "shared" / "testdata" / "gguf" / "tiny-llama-hf"
+TINY_LLAMA = SHARED / "gguf" / "tiny-llama-hf"
 
 TEXTS = [
     "Hello world",
