@@ -206,28 +206,19 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         for c in choices], "usage": usage(generation, choices)}
 
 
-async def _chat_stream(generation: Generation, head: dict, include_usage: bool) -> AsyncIterator[str]:
-    engine = generation.engine
-    head = {**head, "object": "chat.completion.chunk"}
-    extra = {"usage": None} if include_usage else {}
+async def _sse_stream(generation: Generation, head: dict, include_usage: bool, render) -> AsyncIterator[str]:
+    """The SSE body of a generation: `render(index, out, first)` yields each output's chunks, then come the usage
+    chunk (when asked for) and [DONE]; an error mid-stream becomes an error event and [DONE]."""
     choices = [Choice(i) for i in range(generation.num_choices)]
     started: set[int] = set()
-
-    def chunk(index: int, delta: dict, logprobs=None, finish_reason=None) -> str:
-        return sse({**head, "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
-                                         "finish_reason": finish_reason}], **extra})
-
     try:
         async with aclosing(generation.stream()) as stream:
             async for index, out in stream:
                 choices[index].add(out)
-                if index not in started:
-                    started.add(index)
-                    yield chunk(index, {"role": "assistant", "content": ""})
-                if out.text_delta or out.logprobs:
-                    yield chunk(index, {"content": out.text_delta}, chat_logprobs(engine, out.logprobs))
-                if out.finished:
-                    yield chunk(index, {}, None, out.finish_reason)
+                first = index not in started
+                started.add(index)
+                for event in render(index, out, first):
+                    yield event
     except (EmberError, APIError) as err:
         yield sse_error(err)
         yield sse("[DONE]")
@@ -235,6 +226,26 @@ async def _chat_stream(generation: Generation, head: dict, include_usage: bool) 
     if include_usage:
         yield sse({**head, "choices": [], "usage": usage(generation, choices)})
     yield sse("[DONE]")
+
+
+def _chat_stream(generation: Generation, head: dict, include_usage: bool) -> AsyncIterator[str]:
+    engine = generation.engine
+    head = {**head, "object": "chat.completion.chunk"}
+    extra = {"usage": None} if include_usage else {}
+
+    def chunk(index: int, delta: dict, logprobs=None, finish_reason=None) -> str:
+        return sse({**head, "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
+                                         "finish_reason": finish_reason}], **extra})
+
+    def render(index: int, out: StepOutput, first: bool):
+        if first:
+            yield chunk(index, {"role": "assistant", "content": ""})
+        if out.text_delta or out.logprobs:
+            yield chunk(index, {"content": out.text_delta}, chat_logprobs(engine, out.logprobs))
+        if out.finished:
+            yield chunk(index, {}, None, out.finish_reason)
+
+    return _sse_stream(generation, head, include_usage, render)
 
 
 # --- completions --------------------------------------------------------------------------------------------
@@ -265,38 +276,22 @@ async def completions(body: CompletionRequest, request: Request):
     return {**head, "object": "text_completion", "choices": result, "usage": usage(generation, choices)}
 
 
-async def _completion_stream(generation: Generation, head: dict, include_usage: bool,
-                             echoes: list[str]) -> AsyncIterator[str]:
+def _completion_stream(generation: Generation, head: dict, include_usage: bool,
+                       echoes: list[str]) -> AsyncIterator[str]:
     engine = generation.engine
     head = {**head, "object": "text_completion"}
     extra = {"usage": None} if include_usage else {}
-    choices = [Choice(i) for i in range(generation.num_choices)]
     offsets = [len(echoes[generation.prompt_of(i)]) for i in range(generation.num_choices)]
-    started: set[int] = set()
 
-    def chunk(index: int, text: str, out: StepOutput) -> str:
-        logprobs = completion_logprobs(engine, out.logprobs, offsets[index])
-        offsets[index] += len(out.text_delta)
-        return sse({**head, "choices": [{"index": index, "text": text, "logprobs": logprobs,
-                                         "finish_reason": out.finish_reason}], **extra})
+    def render(index: int, out: StepOutput, first: bool):
+        echo = echoes[generation.prompt_of(index)] if first else ""
+        if echo or out.text_delta or out.logprobs or out.finished:
+            logprobs = completion_logprobs(engine, out.logprobs, offsets[index])
+            offsets[index] += len(out.text_delta)
+            yield sse({**head, "choices": [{"index": index, "text": echo + out.text_delta, "logprobs": logprobs,
+                                            "finish_reason": out.finish_reason}], **extra})
 
-    try:
-        async with aclosing(generation.stream()) as stream:
-            async for index, out in stream:
-                choices[index].add(out)
-                echo = ""
-                if index not in started:
-                    started.add(index)
-                    echo = echoes[generation.prompt_of(index)]
-                if echo or out.text_delta or out.logprobs or out.finished:
-                    yield chunk(index, echo + out.text_delta, out)
-    except (EmberError, APIError) as err:
-        yield sse_error(err)
-        yield sse("[DONE]")
-        return
-    if include_usage:
-        yield sse({**head, "choices": [], "usage": usage(generation, choices)})
-    yield sse("[DONE]")
+    return _sse_stream(generation, head, include_usage, render)
 
 
 # --- embeddings ---------------------------------------------------------------------------------------------
