@@ -124,27 +124,22 @@ def shared_server(tmp_path_factory) -> ServerProcess:
     return _shared["server"]
 
 
-class InProcessServer:
-    """The app on uvicorn in a background thread: for settings a test wants to vary (queue, key, body size)."""
+class ThreadedServer:
+    """The app on uvicorn in a background thread (real sockets and streaming), around a state the test builds."""
 
-    def __init__(self, model_dir: Path, **settings):
+    def __init__(self, make_state):
         import uvicorn
 
-        from ember.engine.async_engine import AsyncEngine
         from ember.server.app import create_app
-        from ember.server.state import ServerState, Settings
 
         port = free_port()
-        engine_args = settings.pop("engine_args", {})
-        self.state = ServerState(Settings(host="127.0.0.1", port=port, **settings),
-                                 loader=lambda: AsyncEngine.from_model(str(model_dir), dtype="float32",
-                                                                       kv_memory=2**24, **engine_args))
+        self.state = make_state(port)
         config = uvicorn.Config(create_app(self.state), host="127.0.0.1", port=port, log_level="warning")
         self.server = uvicorn.Server(config)
         self.url = f"http://127.0.0.1:{port}"
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
-    def __enter__(self) -> InProcessServer:
+    def __enter__(self):
         self.thread.start()
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -153,9 +148,23 @@ class InProcessServer:
                     return self
             except httpx.HTTPError:
                 pass
+            assert self.state.load_error is None, self.state.load_error
             time.sleep(0.05)
         raise RuntimeError("in-process server did not start")
 
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
         self.thread.join(30)
+
+
+class InProcessServer(ThreadedServer):
+    """One model served with the settings a test wants to vary (queue, key, body size)."""
+
+    def __init__(self, model_dir: Path, **settings):
+        from ember.engine.async_engine import AsyncEngine
+        from ember.server.state import ServerState, Settings
+
+        engine_args = settings.pop("engine_args", {})
+        super().__init__(lambda port: ServerState(
+            Settings(host="127.0.0.1", port=port, **settings),
+            loader=lambda: AsyncEngine.from_model(str(model_dir), dtype="float32", kv_memory=2**24, **engine_args)))

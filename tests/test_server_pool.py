@@ -9,7 +9,6 @@ import logging
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from ember.server import pool as pool_module
 from ember.server.pool import ModelPool, load_engine, parse_keep_alive
 from ember.server.state import ServerState, Settings
 from ember.store.memory import estimate_memory
-from tests.server_helpers import free_port, make_tiny_chat_model, start_server
+from tests.server_helpers import ThreadedServer, make_tiny_chat_model, start_server
 
 ENGINE_ARGS = {"dtype": "float32", "max_num_seqs": 4}
 GEN = {"stream": False, "options": {"num_predict": 2, "temperature": 0}}
@@ -47,38 +46,12 @@ def full_size(path: Path) -> int:
     return estimate_memory(path, 4096, "float32").total
 
 
-class Served:
+class Served(ThreadedServer):
     """The app on uvicorn in a thread (real streaming), with a pool built by the test."""
 
     def __init__(self, pool: ModelPool):
-        import uvicorn
-
-        from ember.server.app import create_app
-
-        port = free_port()
         self.pool = pool
-        self.state = ServerState(Settings(host="127.0.0.1", port=port), pool=pool)
-        self.server = uvicorn.Server(uvicorn.Config(create_app(self.state), host="127.0.0.1", port=port,
-                                                    log_level="warning"))
-        self.url = f"http://127.0.0.1:{port}"
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> Served:
-        self.thread.start()
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            assert self.state.load_error is None, self.state.load_error
-            time.sleep(0.05)
-        raise RuntimeError("server did not start")
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
+        super().__init__(lambda port: ServerState(Settings(host="127.0.0.1", port=port), pool=pool))
 
     def generate(self, model: str, **extra) -> httpx.Response:
         return httpx.post(f"{self.url}/api/generate", json={"model": model, "prompt": "Hi", **GEN, **extra},
