@@ -80,10 +80,12 @@ def test_corrupt_and_mismatched_weights(tiny_chat_model, tmp_path):
     assert result.returncode == 1 and "shape" in result.stderr
 
 
-def test_run_gguf_matches_python_api(testdata):
+@pytest.mark.parametrize("name", ["tiny-llama-Q4_K_M.gguf", "tiny-llama-bf16.gguf"])
+def test_run_gguf_matches_python_api(testdata, name):
+    """With the default dtype (bf16 on CPU): quantized matrices, and float ones read straight from the map."""
     from ember import LLM, SamplingParams
 
-    model = testdata / "gguf" / "tiny-llama-Q4_K_M.gguf"
+    model = testdata / "gguf" / name
     result = ember("run", str(model), "--raw", "The sky is", "--max-tokens", "6", "--temperature", "0")
     assert result.returncode == 0, result.stderr
     expected = LLM(str(model)).generate("The sky is", SamplingParams(temperature=0, max_tokens=6))[0].text
