@@ -17,24 +17,14 @@ import statistics
 import time
 from functools import partial
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ember import kernels
-from ember.quant.ggml import BLOCK_SIZES, FP16_FIELDS, SUPPORTED, GGMLType, row_bytes
+from ember.quant.ggml import BLOCK_SIZES, SUPPORTED, GGMLType, random_rows, row_bytes
 from ember.quant.linear import QuantLinear
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
-def random_rows(t: GGMLType, out_features: int, in_features: int, seed: int = 0) -> torch.Tensor:
-    rng = np.random.default_rng(seed)
-    n_blocks = out_features * in_features // BLOCK_SIZES[t][0]
-    blocks = rng.integers(0, 256, (n_blocks, BLOCK_SIZES[t][1]), dtype=np.uint8)
-    for off in FP16_FIELDS[t]:
-        blocks[:, off:off + 2] = (rng.standard_normal((n_blocks, 1)) * 0.01).astype(np.float16).view(np.uint8)
-    return torch.from_numpy(blocks.reshape(out_features, row_bytes(t, in_features)))
 
 
 def median_ms(fn, min_time: float, device: torch.device, repeat: int = 10) -> float:

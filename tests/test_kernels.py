@@ -4,26 +4,15 @@ from __future__ import annotations
 
 import shutil
 
-import numpy as np
 import pytest
 import torch
 
 from ember import kernels
 from ember.kernels import native
-from ember.quant.ggml import BLOCK_SIZES, FP16_FIELDS, GGMLType, dequantize, row_bytes
+from ember.quant.ggml import GGMLType, dequantize, random_rows
 from ember.quant.linear import INT8_TYPES, QuantLinear
 
 needs_native = pytest.mark.skipif(kernels.library() is None, reason="native kernels could not be built here")
-
-
-def random_rows(t: GGMLType, out_features: int, in_features: int, seed: int = 0) -> torch.Tensor:
-    """uint8 [out, bytes_per_row] of random blocks with finite fp16 scales (as tests/test_quant.py makes them)."""
-    rng = np.random.default_rng(seed)
-    n_blocks = out_features * in_features // BLOCK_SIZES[t][0]
-    blocks = rng.integers(0, 256, (n_blocks, BLOCK_SIZES[t][1]), dtype=np.uint8)
-    for off in FP16_FIELDS[t]:
-        blocks[:, off:off + 2] = (rng.standard_normal((n_blocks, 1)) * 0.01).astype(np.float16).view(np.uint8)
-    return torch.from_numpy(blocks.reshape(out_features, row_bytes(t, in_features)))
 
 
 def assert_close_to_reference(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:

@@ -8,29 +8,22 @@ import pytest
 import torch
 
 from ember.errors import GGUFError
-from ember.quant.ggml import BLOCK_SIZES, FP16_FIELDS, SUPPORTED, GGMLType, dequantize, row_bytes
+from ember.quant.ggml import (
+    BLOCK_SIZES,
+    SUPPORTED,
+    GGMLType,
+    dequantize,
+    random_blocks,
+    random_rows,
+    row_bytes,
+)
 from ember.quant.linear import INT4_TYPES, INT8_TYPES, QuantLinear
 
 BLOCK_TYPES = sorted(t for t in SUPPORTED if BLOCK_SIZES[t][0] > 1)
 
-def random_blocks(t: GGMLType, n_blocks: int, seed: int = 0) -> np.ndarray:
-    """Random payload bytes with finite random fp16 scales: uint8 [n_blocks, block_bytes]."""
-    rng = np.random.default_rng(seed)
-    blocks = rng.integers(0, 256, (n_blocks, BLOCK_SIZES[t][1]), dtype=np.uint8)
-    for off in FP16_FIELDS[t]:
-        blocks[:, off:off + 2] = (rng.standard_normal((n_blocks, 1)) * 0.01).astype(np.float16).view(np.uint8)
-    return blocks
-
 
 def reference(raw: np.ndarray, t: GGMLType) -> torch.Tensor:
     return torch.from_numpy(np.array(gguf.quants.dequantize(raw, gguf.GGMLQuantizationType(int(t)))))
-
-
-def random_weight(t: GGMLType, out_features: int, in_features: int, seed: int = 0) -> torch.Tensor:
-    """uint8 [out_features, bytes_per_row] of random blocks."""
-    block = BLOCK_SIZES[t][0]
-    raw = random_blocks(t, out_features * in_features // block, seed)
-    return torch.from_numpy(raw.reshape(out_features, row_bytes(t, in_features)))
 
 
 # --- part 1: dequantize --------------------------------------------------------------------------------------
@@ -115,7 +108,7 @@ TOL = {torch.bfloat16: 2e-2, torch.float16: 2e-3, torch.float32: 1e-5}
 @pytest.mark.parametrize("batch", [1, 7])
 def test_quant_linear_matches_dequantized_matmul(t, batch):
     out_f, in_f = 48, 512
-    rows = random_weight(t, out_f, in_f, seed=int(t) + batch)
+    rows = random_rows(t, out_f, in_f, seed=int(t) + batch)
     snapshot = rows.clone()
     layer = QuantLinear(rows, t, (out_f, in_f), torch.bfloat16, torch.device("cpu"))
     assert torch.equal(rows, snapshot)  # never writes into the (read-only mmap) rows
@@ -135,7 +128,7 @@ def test_quant_linear_matches_dequantized_matmul(t, batch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_quant_linear_other_dtypes(t, dtype):
     out_f, in_f = 32, 256
-    rows = random_weight(t, out_f, in_f, seed=3)
+    rows = random_rows(t, out_f, in_f, seed=3)
     layer = QuantLinear(rows, t, (out_f, in_f), dtype, torch.device("cpu"))
     x = torch.randn(5, in_f)
     y = layer(x)
@@ -147,7 +140,7 @@ def test_quant_linear_other_dtypes(t, dtype):
 @pytest.mark.parametrize("t", [GGMLType.Q4_K, GGMLType.Q6_K, GGMLType.IQ4_XS], ids=lambda t: t.name)
 def test_quant_linear_bias_and_3d_input(t):
     out_f, in_f = 64, 256
-    rows = random_weight(t, out_f, in_f, seed=5)
+    rows = random_rows(t, out_f, in_f, seed=5)
     layer = QuantLinear(rows, t, (out_f, in_f), torch.bfloat16, "cpu")
     layer.bias = torch.nn.Parameter(torch.randn(out_f).to(torch.bfloat16))
     x = torch.randn(2, 3, in_f)
@@ -158,7 +151,7 @@ def test_quant_linear_bias_and_3d_input(t):
 
 
 def test_quant_linear_int4_falls_back_when_shape_unsupported():
-    rows = random_weight(GGMLType.Q4_0, 24, 64)  # 24 output rows: not a multiple of 16
+    rows = random_rows(GGMLType.Q4_0, 24, 64)  # 24 output rows: not a multiple of 16
     layer = QuantLinear(rows, GGMLType.Q4_0, (24, 64), torch.bfloat16, "cpu")
     assert layer.backend == "blocks"
     x = torch.randn(3, 64)
@@ -167,7 +160,7 @@ def test_quant_linear_int4_falls_back_when_shape_unsupported():
 
 def test_quant_linear_int4_float32_is_near_exact():
     for t in INT4_TYPES:
-        rows = random_weight(t, 32, 512, seed=9)
+        rows = random_rows(t, 32, 512, seed=9)
         layer = QuantLinear(rows, t, (32, 512), torch.float32, "cpu")
         x = torch.randn(4, 512)
         assert _rel_err(layer(x), x @ dequantize(rows, t, (32, 512)).T) < 1e-5
@@ -194,7 +187,7 @@ def test_quant_linear_real_tensors(testdata):
                          ids=lambda t: t.name)
 def test_quant_linear_cuda(t):
     out_f, in_f = 256, 1024
-    rows = random_weight(t, out_f, in_f, seed=11)
+    rows = random_rows(t, out_f, in_f, seed=11)
     for dtype in (torch.bfloat16, torch.float16):
         layer = QuantLinear(rows, t, (out_f, in_f), dtype, torch.device("cuda"))
         assert layer.backend == ("int4" if t in INT4_TYPES and dtype == torch.bfloat16 else

@@ -11,6 +11,7 @@ float32 and combined in the same order as gguf does it (e.g. Q4_K is `(d * sc) *
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ember.errors import GGUFError
@@ -222,3 +223,23 @@ def dequantize(raw: torch.Tensor, ggml_type, shape: tuple[int, ...]) -> torch.Te
     else:
         out = dequantize_blocks(flat.view(-1, size), t)
     return out.reshape(shape)
+
+
+# --- random blocks (tests and benchmarks) --------------------------------------------------------------------
+
+def random_blocks(ggml_type, n_blocks: int, seed: int = 0) -> np.ndarray:
+    """Random payload bytes with finite random fp16 scales: uint8 [n_blocks, block_bytes]. Random bytes in the
+    scale fields would give infs and NaNs, which no real file has."""
+    t = _ggml_type(ggml_type)
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 256, (n_blocks, BLOCK_SIZES[t][1]), dtype=np.uint8)
+    for off in FP16_FIELDS[t]:
+        blocks[:, off:off + 2] = (rng.standard_normal((n_blocks, 1)) * 0.01).astype(np.float16).view(np.uint8)
+    return blocks
+
+
+def random_rows(ggml_type, out_features: int, in_features: int, seed: int = 0) -> torch.Tensor:
+    """A random weight in the layout QuantLinear takes: uint8 [out_features, bytes_per_row]."""
+    t = _ggml_type(ggml_type)
+    blocks = random_blocks(t, out_features * in_features // BLOCK_SIZES[t][0], seed)
+    return torch.from_numpy(blocks.reshape(out_features, row_bytes(t, in_features)))
