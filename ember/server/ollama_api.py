@@ -246,13 +246,19 @@ async def ps(request: Request):
     return {"models": models}
 
 
+def _model_name(body) -> str:
+    """Ollama's model field, under its current name `model` or the older `name`."""
+    name = body.model or body.name
+    if not name:
+        raise bad_request("model: this field is required", param="model")
+    return name
+
+
 @router.post("/api/show")
 async def show(body: OllamaShowRequest, request: Request):
     from ember.store.info import describe_path
 
-    name = body.model or body.name
-    if not name:
-        raise bad_request("model: this field is required", param="model")
+    name = _model_name(body)
     pool = get_state(request).pool
     key, resolved = await pool.lookup(name)
     entry = pool.loaded(key)
@@ -313,9 +319,7 @@ def _store_error(err: BaseException) -> APIError:
 
 @router.post("/api/pull")
 async def pull(body: PullRequest, request: Request):
-    ref = body.model or body.name
-    if not ref:
-        raise bad_request("model: this field is required", param="model")
+    ref = _model_name(body)
     from ember.store.names import parse_ref
 
     try:
@@ -367,9 +371,7 @@ async def pull(body: PullRequest, request: Request):
 
 @router.delete("/api/delete")
 async def delete(body: DeleteRequest, request: Request):
-    name = body.model or body.name
-    if not name:
-        raise bad_request("model: this field is required", param="model")
+    name = _model_name(body)
     from ember.store.store import ModelStore
 
     pool = get_state(request).pool
