@@ -116,22 +116,24 @@ def _q3_k(b: torch.Tensor) -> Decoded:
     return q, dl, None
 
 
-def _q4_k(b: torch.Tensor) -> Decoded:
+def _k4_scales(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_K/Q5_K: fp16 d and dmin at bytes 0-3 times eight 6-bit (scale, min) pairs: [n, 8, 1] each."""
     n = b.shape[0]
     d, dmin = _f16(b, 0), _f16(b, 2)
     sc, mn = _scale_min_k4(b[:, 4:16])
-    dl = (d * sc.to(torch.float32)).view(n, 8, 1)
-    ml = (dmin * mn.to(torch.float32)).view(n, 8, 1)
+    return (d * sc.to(torch.float32)).view(n, 8, 1), (dmin * mn.to(torch.float32)).view(n, 8, 1)
+
+
+def _q4_k(b: torch.Tensor) -> Decoded:
+    n = b.shape[0]
+    dl, ml = _k4_scales(b)
     q = _nibbles(b[:, 16:].reshape(n, 4, 32)).reshape(n, 8, 32)
     return q, dl, -ml
 
 
 def _q5_k(b: torch.Tensor) -> Decoded:
     n = b.shape[0]
-    d, dmin = _f16(b, 0), _f16(b, 2)
-    sc, mn = _scale_min_k4(b[:, 4:16])
-    dl = (d * sc.to(torch.float32)).view(n, 8, 1)
-    ml = (dmin * mn.to(torch.float32)).view(n, 8, 1)
+    dl, ml = _k4_scales(b)
     qh = _shifts(b[:, 16:48], tuple(range(8)), 1)  # [n, 8, 32]
     ql = _nibbles(b[:, 48:].reshape(n, 4, 32)).reshape(n, 8, 32)
     return ql | (qh << 4), dl, -ml
