@@ -63,6 +63,15 @@ _MIN_TENSOR_BYTES = 8 + 1 + 4 + 8 + 4 + 8  # name length, 1-byte name, n_dims, o
 _MIN_ELEMENT_BYTES = {**{t: s.size for t, s in _SCALARS.items()}, _STRING: 8, _ARRAY: 4 + 8}
 
 
+
+def has_gguf_magic(path: str | Path) -> bool:
+    """Whether a file starts like a GGUF file (by content, not name: Ollama's blobs are named by digest)."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(4) == MAGIC
+    except OSError:
+        return False
+
 @dataclass(frozen=True)
 class ArrayInfo:
     """A long metadata array read with arrays="skip": its element type id and length, not its values."""

@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from ember.loader.gguf import has_gguf_magic
 from ember.store.info import quant_from_filename
 
 log = logging.getLogger(__name__)
@@ -245,11 +246,7 @@ def _ollama_entry(root: Path, registry: Path, namespace: Path, model: Path, tag_
             template = _read_small(path) if path else None
     if blob is None:
         return None
-    try:
-        with open(blob, "rb") as fh:
-            if fh.read(4) != b"GGUF":
-                return None
-    except OSError:
+    if not has_gguf_magic(blob):
         return None
     if registry.name == "registry.ollama.ai":
         prefix = "" if namespace.name == "library" else f"{namespace.name}/"

@@ -7,12 +7,12 @@ the store or present in the HF cache. Anything else: "not found; try `ember pull
 
 from __future__ import annotations
 
-import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from ember.errors import ModelLoadError
+from ember.loader.gguf import has_gguf_magic
 from ember.store.names import ModelRef, parse_ref
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "assets" / "default"
@@ -32,9 +32,8 @@ def path_format(path: Path) -> str:
             return "safetensors"
         raise ModelLoadError(f"{path}: a model folder needs config.json")
     if path.is_file():
-        with contextlib.suppress(OSError), open(path, "rb") as fh:
-            if fh.read(4) == b"GGUF":
-                return "gguf"
+        if has_gguf_magic(path):
+            return "gguf"
         raise ModelLoadError(f"{path}: not a GGUF file")
     raise ModelLoadError(f"model {str(path)!r} not found (give a GGUF file or a folder with config.json)")
 

@@ -121,22 +121,14 @@ def _chat_template(directory: Path, config: dict[str, Any]) -> str | None:
     return json_file.get("chat_template") if isinstance(json_file.get("chat_template"), str) else None
 
 
-def _is_gguf(path: Path) -> bool:
-    """By magic, not suffix: Ollama's blobs are GGUF files named by their digest."""
-    try:
-        with open(path, "rb") as fh:
-            return fh.read(4) == b"GGUF"
-    except OSError:
-        return False
-
-
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """A tokenizer from a model folder (tokenizer.json) or any GGUF file, vocabulary-only ones included."""
     path = Path(path)
     if path.is_dir():
         return Tokenizer.from_dir(path)
-    if path.is_file() and _is_gguf(path):
-        from ember.loader.gguf import GGUFFile
+    from ember.loader.gguf import GGUFFile, has_gguf_magic
+
+    if path.is_file() and has_gguf_magic(path):
         from ember.tokenizer.gguf_vocab import tokenizer_from_gguf_metadata
 
         with GGUFFile(path) as gguf:
