@@ -75,7 +75,8 @@ def load_gguf_model(path: Path, dtype, device: torch.device) -> tuple[CausalLM, 
         if permute_qk and name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = config.num_heads if "q_proj" in name else config.num_kv_heads
             rows = unpermute_rows(rows, heads)
-        for target, piece in _split_rows(model, name, rows):
+        # Fused matrices (Phi-3) split along rows, which works on quantized rows too.
+        for target, piece in model.split_checkpoint_tensor(name, rows):
             module_name = target.removesuffix(".weight")
             _check(target, params)
             expected = tuple(params[target].shape)
@@ -90,11 +91,6 @@ def load_gguf_model(path: Path, dtype, device: torch.device) -> tuple[CausalLM, 
         gguf.release(gguf_name)
     finish_loading(model, device)
     return model, config, dtype
-
-
-def _split_rows(model: CausalLM, name: str, rows: torch.Tensor):
-    """Fused checkpoint matrices (Phi-3) split along rows, which works on quantized rows too."""
-    return model.split_checkpoint_tensor(name, rows)
 
 
 def _check(name: str, params: dict) -> None:
