@@ -7,6 +7,7 @@ sampling -> detokenize -> stop checks. `LLM` drives it directly; `AsyncEngine` d
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 
 import psutil
@@ -89,6 +90,7 @@ class LLMEngine:
         self.num_blocks = max(num_blocks, 1)
         self.block_manager = BlockManager(self.num_blocks, block_size, salt=self.model_name)
         self.scheduler = Scheduler(self.block_manager, self.args.max_num_seqs, self.args.max_batched_tokens)
+        self.clock = time.perf_counter  # times steps for the scheduler's budget; tests substitute a fake
         self.runner = ModelRunner(self.loaded.model, config, self.device, self.loaded.dtype, block_size, self.num_blocks)
         self.sampler = Sampler()
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(config.eos_token_ids)
@@ -165,6 +167,7 @@ class LLMEngine:
         chunks = self.scheduler.schedule()
         if not chunks:
             return []
+        started = self.clock()
         sampled, logits = self.runner.run(chunks)
         for chunk in chunks:
             chunk.seq.num_computed_tokens += chunk.num_tokens
@@ -172,10 +175,14 @@ class LLMEngine:
             if chunk.seq.num_output_tokens == 0:
                 self.prompt_tokens_total += chunk.num_tokens
         if not sampled:
+            # Not timed: nothing here waits for the device (CUDA and MPS run asynchronously).
             return []
         requests = [self.requests[c.seq.request_id] for c in sampled]
         tokens, logprobs = self.sampler(logits, [r.sampling for r in requests])
-        return [self._advance(r, t, lp) for r, t, lp in zip(requests, tokens, logprobs, strict=True)]
+        outputs = [self._advance(r, t, lp) for r, t, lp in zip(requests, tokens, logprobs, strict=True)]
+        # The whole step, as the streams see it between two tokens.
+        self.scheduler.observe_step(self.clock() - started)
+        return outputs
 
     def _advance(self, request: _Request, token: int, logprob: TokenLogprob | None) -> StepOutput:
         seq = request.seq

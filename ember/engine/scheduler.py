@@ -1,9 +1,11 @@
-"""Decides what each step computes: one token budget shared by decodes first, then prefill chunks.
+"""Decides what each step computes: one token budget shared by decodes and prefill chunks.
 
 Running sequences are served in arrival order (a decode costs one token, an unfinished prompt takes a
-chunk); waiting sequences are admitted while blocks, the sequence limit and the budget allow. When the
-cache runs out of blocks, the newest running sequence is preempted: its blocks are freed and it is
-recomputed later from its tokens, which gives the same output.
+chunk); waiting sequences are admitted while blocks, the sequence limit and the budget allow. While
+decodes run, the prefill tokens of a step are further capped by a StepBudget, learnt from the measured
+step times, so that a long prompt arriving never stalls the running streams for long. When the cache
+runs out of blocks, the newest running sequence is preempted: its blocks are freed and it is recomputed
+later from its tokens, which gives the same output.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from dataclasses import dataclass
 
 from ember.engine.block_manager import BlockManager
 from ember.engine.sequence import Sequence, SequenceStatus
+from ember.engine.step_budget import StepBudget
 
 
 @dataclass
@@ -26,14 +29,23 @@ class ScheduledChunk:
         return self.seq.num_computed_tokens + self.num_tokens == len(self.seq)
 
 
+def _is_decode(seq: Sequence) -> bool:
+    """A stream waiting for its next token (a recomputation after preemption is prefill)."""
+    return seq.num_output_tokens > 0 and seq.num_uncomputed_tokens == 1
+
+
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_batched_tokens: int):
         self.blocks = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_batched_tokens = max_batched_tokens
+        self.budget = StepBudget(max_batched_tokens)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        # What the last schedule() chose, for observe_step().
+        self.step_decodes = 0
+        self.step_prefill_tokens = 0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -43,6 +55,8 @@ class Scheduler:
 
     def schedule(self) -> list[ScheduledChunk]:
         budget = self.max_batched_tokens
+        prefill_budget = self.budget.prefill_limit(sum(map(_is_decode, self.running)))
+        self.step_decodes = self.step_prefill_tokens = 0
         chunks: list[ScheduledChunk] = []
         # Oldest first: a preemption victim (the newest) is then never one already scheduled this step.
         self.running.sort(key=lambda s: s.arrival)
@@ -51,22 +65,36 @@ class Scheduler:
                 break
             if seq.status is not SequenceStatus.RUNNING:  # preempted earlier in this loop
                 continue
-            count = min(seq.num_uncomputed_tokens, budget)
+            decode = _is_decode(seq)
+            count = 1 if decode else min(seq.num_uncomputed_tokens, budget, prefill_budget)
+            if count == 0:
+                continue  # no prefill left this step; younger decodes still run
             if not self._make_room(seq, seq.num_computed_tokens + count):
                 continue  # seq itself was preempted
             chunks.append(ScheduledChunk(seq, count))
             budget -= count
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            if decode:
+                self.step_decodes += 1
+            else:
+                prefill_budget -= count
+                self.step_prefill_tokens += count
+        while self.waiting and min(budget, prefill_budget) > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             if not self.blocks.allocate(seq):
                 break
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            count = min(seq.num_uncomputed_tokens, budget)
+            count = min(seq.num_uncomputed_tokens, budget, prefill_budget)
             chunks.append(ScheduledChunk(seq, count))
             budget -= count
+            prefill_budget -= count
+            self.step_prefill_tokens += count
         return chunks
+
+    def observe_step(self, seconds: float) -> None:
+        """Report how long the step of the last schedule() took, so later steps fit the device's speed."""
+        self.budget.observe(self.step_decodes, self.step_prefill_tokens, seconds)
 
     def _make_room(self, seq: Sequence, num_tokens: int) -> bool:
         while not self.blocks.can_grow(seq, num_tokens):
