@@ -47,6 +47,10 @@ def test_piped_chat_lines(testdata):
 @pytest.mark.parametrize("args, message", [
     (["run", "/no/such/model", "hi"], "not found"),
     (["run", "--temperature", "9", "/no/such/model", "hi"], "temperature"),
+    # checked before the model is looked for (or, for serve, the server started)
+    (["run", "-t", "0", "/no/such/model", "hi"], "threads: must be a positive integer"),
+    (["serve", "--threads", "-1", "/no/such/model"], "threads: must be a positive integer"),
+    (["bench", "/no/such/model", "-t", "2,0"], "--threads values must be positive"),
     (["tokenize", "/no/such.gguf", "hi"], "not a model folder"),
 ])
 def test_errors_are_one_line(args, message):

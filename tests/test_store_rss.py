@@ -4,8 +4,9 @@ For each tiny GGUF fixture a fresh interpreter imports ember and torch and loads
 engine on the same file (so kernels, the native library and allocator pools are already there), then records
 its RSS: the baseline. It then loads the model with `ember.LLM(path, kv_memory=..., max_model_len=4096)`,
 generates a few tokens, reads every row of the token embedding once (QuantEmbedding keeps the file's blocks on
-a map and pages rows in as tokens are looked up; a long-running server ends up with all of them, and that
-worst case is what the estimator counts), and records RSS again.
+a map and pages rows in as tokens are looked up) and writes every KV cache slot (on CPU the cache is an
+anonymous map whose pages are committed as tokens fill it): a long-running server ends up with all of both,
+and that worst case is what the estimator counts. Then it records RSS again.
 
 Compared: measured = RSS after − baseline, against estimate_memory(path, 4096, "bfloat16")'s weights + KV
 (kv_memory is exactly the estimated KV, 4 MiB at 4096 tokens) + the tokenizer part of its overhead
@@ -51,6 +52,9 @@ base = settled_rss()
 llm = ember.LLM(path, device="cpu", dtype="bfloat16", max_model_len=context, kv_memory=kv_memory)
 llm.generate("Once upon a time", params)
 int(llm.engine.loaded.model.model.embed_tokens.rows.sum())  # every embedding row paged in
+# Every KV page written by a plain memset: a torch fill could start its thread pool, whose stacks RSS would count.
+for cache in (llm.engine.runner.k_cache, llm.engine.runner.v_cache):
+    ctypes.memset(cache.data_ptr(), 0, cache.nbytes)
 print(json.dumps({"base": base, "after": settled_rss()}))
 """
 

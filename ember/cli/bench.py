@@ -55,7 +55,7 @@ def add_parser(sub) -> None:
     parser.add_argument("target", nargs="?", default=None, metavar="MODEL|serve",
                         help="GGUF file, model folder or model name (default: the bundled model), or `serve`")
     parser.add_argument("-c", "--concurrency", type=_int_list, default=None,
-                        help="sequences decoded together (offline; sets --max-num-seqs) or requests in flight (serve); "
+                        help="sequences decoded together (offline) or requests in flight (serve); "
                              "a comma list sweeps")
     parser.add_argument("--output", choices=["table", "md", "json", "csv"], default="table",
                         help="output format on stdout (progress goes to stderr)")
@@ -64,10 +64,11 @@ def add_parser(sub) -> None:
     offline = parser.add_argument_group("engine (ember bench MODEL)")
     offline.add_argument("-p", "--n-prompt", type=_int_list, default=[512], help="prompt sizes, comma list (default 512; 0 skips pp)")
     offline.add_argument("-n", "--n-gen", type=_int_list, default=[128], help="generation sizes, comma list (default 128; 0 skips tg)")
-    offline.add_argument("-t", "--threads", type=_int_list, default=None, help="CPU threads (default: torch's)")
+    offline.add_argument("-t", "--threads", type=_int_list, default=None,
+                         help="CPU threads, comma list (default: torch's, one per physical core)")
     offline.add_argument("-r", "--repetitions", type=int, default=5, help="timed runs per test (default 5)")
     offline.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up run of each test")
-    add_model_options(parser)
+    add_model_options(parser, "the largest -c × the longest test's tokens", threads=False)
 
     serve = parser.add_argument_group("server (ember bench serve)")
     serve.add_argument("--url", help="server base URL, e.g. http://127.0.0.1:8080")
@@ -130,18 +131,18 @@ def _run_offline(args: argparse.Namespace) -> int:
     if 0 in concurrency:
         raise BenchUsageError("--concurrency values must be positive")
     threads = args.threads or [torch.get_num_threads()]
+    if 0 in threads:
+        raise BenchUsageError("--threads values must be positive")
     specs = offline.plan(args.n_prompt, args.n_gen, concurrency, threads)
     if not specs:
         raise BenchUsageError("nothing to run: every -p and -n size is 0")
     status = Console(stderr=True)
     loaded = load_model(args.target, dtype=args.dtype, device=args.device)
-    options = engine_args(args)
-    # The longest sequence plus its sampled token, in whole KV blocks: the engine sizes its default cache
-    # as max_model_len × max_num_seqs, so every test's sequences then fit at once without preemption.
-    block = args.block_size
-    longest = -(-(max(spec.tokens for spec in specs) + 1) // block) * block
-    options["max_num_seqs"] = max(concurrency)
-    options["max_model_len"] = args.max_model_len or longest
+    # The longest sequence is the longest test plus its sampled token: without --kv-memory the engine holds
+    # max_num_seqs sequences of max_model_len tokens, so every test's sequences fit at once without preemption.
+    # No engine thread count: each test sets its own (offline.run_test).
+    longest = max(spec.tokens for spec in specs) + 1
+    options = engine_args(args, max_num_seqs=max(concurrency), max_model_len=args.max_model_len or longest)
     engine = LLMEngine(loaded.name, EngineArgs(**options), loaded=loaded)
 
     def show(result: offline.TestResult) -> None:

@@ -5,23 +5,34 @@ from __future__ import annotations
 import argparse
 
 
-def add_model_options(parser: argparse.ArgumentParser) -> None:
+def add_model_options(parser: argparse.ArgumentParser, kv_default: str, *, threads: bool = True,
+                      max_num_seqs: bool = False) -> None:
+    """The engine's options; `kv_default` says how the command sizes the KV cache without --kv-memory.
+    `threads`: add -t/--threads (`ember bench` has its own, a sweep). `max_num_seqs`: add --max-num-seqs (only
+    the server decodes an open number of sequences: `run` has one, `bench` its -c)."""
     group = parser.add_argument_group("model")
     group.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                        help="weights/activations dtype (auto: bfloat16 on CPU, the checkpoint's on GPU)")
     group.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     group.add_argument("--max-model-len", type=int, default=None, help="context length (default: model's, ≤ 8192)")
-    group.add_argument("--kv-memory", type=_size, default=None, help="KV cache size, e.g. 2G or 512M")
+    group.add_argument("--kv-memory", type=_size, default=None,
+                       help=f"KV cache size, e.g. 2G or 512M (default: {kv_default})")
     group.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
-    group.add_argument("--max-num-seqs", type=int, default=32, help="sequences decoded together")
+    if max_num_seqs:
+        group.add_argument("--max-num-seqs", type=int, default=32, help="sequences decoded together")
     group.add_argument("--max-batched-tokens", type=int, default=512, help="token budget of one engine step")
+    if threads:
+        group.add_argument("-t", "--threads", type=int, default=None, metavar="N",
+                           help="CPU threads (default: torch's, one per physical core)")
 
 
-def engine_args(args: argparse.Namespace) -> dict:
+def engine_args(args: argparse.Namespace, **command) -> dict:
+    """EngineArgs fields from add_model_options' options; `command` adds or overrides what the command
+    decides itself (max_num_seqs, threads, ...)."""
     return {
         "dtype": args.dtype, "device": args.device, "max_model_len": args.max_model_len,
-        "kv_memory": args.kv_memory, "block_size": args.block_size, "max_num_seqs": args.max_num_seqs,
-        "max_batched_tokens": args.max_batched_tokens,
+        "kv_memory": args.kv_memory, "block_size": args.block_size, "max_batched_tokens": args.max_batched_tokens,
+        **command,
     }
 
 

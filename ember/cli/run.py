@@ -19,7 +19,7 @@ def add_parser(sub) -> None:
     parser.add_argument("prompt", nargs="*", help="answer this and exit (reads stdin when it is '-')")
     parser.add_argument("--system", default=None, help="system message for the chat")
     parser.add_argument("--raw", action="store_true", help="send the prompt as-is, without the chat template")
-    add_model_options(parser)
+    add_model_options(parser, "one sequence of the full context")
     add_sampling_options(parser)
 
 
@@ -46,8 +46,9 @@ class Chat:
         rendered = self.engine.loaded.chat_template.render(messages, add_generation_prompt=True)
         return tokenizer.encode(rendered, add_special_tokens=False)
 
-    def reply(self, text: str, out=sys.stdout) -> str:
+    def reply(self, text: str) -> str:
         """Stream the answer to `text`; Ctrl-C ends the reply early and keeps what was said."""
+        out = sys.stdout  # looked up per reply, not bound at import: tests and callers may redirect it
         request_id = f"run-{next(self._ids)}"
         self.engine.add_request(request_id, self._prompt_ids(text), self.params)
         answer: list[str] = []
@@ -104,7 +105,8 @@ def run(args: argparse.Namespace) -> int:
     prompt = " ".join(args.prompt)
     if prompt == "-":
         prompt = sys.stdin.read()
-    engine = LLMEngine(args.model, EngineArgs(**engine_args(args)))
+    # One stream: its KV cache holds one full context, not the batching default of max_num_seqs of them.
+    engine = LLMEngine(args.model, EngineArgs(**engine_args(args, max_num_seqs=1, threads=args.threads)))
     chat = Chat(engine, params, args.system, args.raw)
     if prompt:
         chat.reply(prompt)

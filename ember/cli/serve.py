@@ -37,7 +37,8 @@ def add_parser(sub) -> None:
     parser.add_argument("--shutdown-grace", type=float, default=5.0,
                         help="seconds in-flight requests may finish after SIGTERM before they are aborted "
                              "(default: %(default)s)")
-    add_model_options(parser)
+    add_model_options(parser, "a full context, then up to --max-num-seqs 2K-token conversations, "
+                              "within --max-memory", max_num_seqs=True)
 
 
 class _Server:
@@ -67,6 +68,7 @@ class _Server:
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from ember.engine.engine import EngineArgs
     from ember.errors import InvalidParameter
     from ember.server.app import create_app
     from ember.server.errors import APIError
@@ -87,7 +89,8 @@ def run(args: argparse.Namespace) -> int:
         keep_alive = parse_keep_alive(args.keep_alive)
     except APIError as err:
         raise InvalidParameter("--keep-alive", err.message.removeprefix("keep_alive: ")) from None
-    options = engine_args(args)
+    options = engine_args(args, max_num_seqs=args.max_num_seqs, threads=args.threads)
+    EngineArgs(**options)  # a bad value fails here, before a model loads and the server starts
     pool = ModelPool(options, args.max_memory, args.model, allow_paths_for_default=True, keep_alive=keep_alive,
                      preload=True)
     server = None

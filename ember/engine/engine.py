@@ -35,10 +35,12 @@ class EngineArgs:
     dtype: str = "auto"
     device: str = "auto"
     max_model_len: int | None = None  # default: the model's context, capped at 8192 unless asked
-    kv_memory: int | None = None  # bytes for the KV cache; default from free memory
+    # Bytes for the KV cache; default: max_num_seqs full contexts, within a share of the free memory.
+    kv_memory: int | None = None
     block_size: int = 16
     max_num_seqs: int = 32
     max_batched_tokens: int = 512
+    threads: int | None = None  # torch's CPU threads, process-wide; default: torch's (the physical cores)
 
     def __post_init__(self):
         for name in ("block_size", "max_num_seqs", "max_batched_tokens"):
@@ -46,6 +48,9 @@ class EngineArgs:
                 raise InvalidParameter(name, "must be a positive integer")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise InvalidParameter("max_model_len", "must be at least 2")
+        if self.threads is not None and (not isinstance(self.threads, int) or isinstance(self.threads, bool)
+                                         or self.threads < 1):
+            raise InvalidParameter("threads", f"must be a positive integer, got {self.threads!r}")
 
 
 @dataclass
@@ -67,6 +72,9 @@ def _default_kv_budget(device: torch.device) -> int:
 class LLMEngine:
     def __init__(self, model: str, args: EngineArgs | None = None, loaded: LoadedModel | None = None):
         self.args = args or EngineArgs()
+        if self.args.threads is not None:
+            # Before loading, so weight repacking uses them too; the native kernels read torch's count as well.
+            torch.set_num_threads(self.args.threads)
         self.loaded = loaded or load_model(model, dtype=self.args.dtype, device=self.args.device)
         config, self.tokenizer = self.loaded.config, self.loaded.tokenizer
         self.model_name = self.loaded.name
@@ -76,11 +84,11 @@ class LLMEngine:
         block_size = self.args.block_size
         per_token = kv_bytes_per_token(config, self.loaded.dtype)
         if self.args.kv_memory is not None:
-            budget_tokens = self.args.kv_memory // per_token
+            num_blocks = self.args.kv_memory // per_token // block_size
         else:
-            wanted = self.max_model_len * self.args.max_num_seqs
-            budget_tokens = min(wanted, _default_kv_budget(self.device) // per_token)
-        num_blocks = budget_tokens // block_size
+            # max_num_seqs sequences of the full context each (one for `ember run`), in whole blocks.
+            wanted = -(-self.max_model_len // block_size) * self.args.max_num_seqs
+            num_blocks = min(wanted, _default_kv_budget(self.device) // per_token // block_size)
         if num_blocks * block_size < self.max_model_len:
             if self.args.kv_memory is not None and num_blocks < 1:
                 raise OutOfResources(f"kv_memory {self.args.kv_memory} bytes holds no {block_size}-token block")

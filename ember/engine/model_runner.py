@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import mmap
+
 import torch
 
 from ember.config import ModelConfig
@@ -14,6 +17,18 @@ def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
     return 2 * config.num_layers * config.num_kv_heads * config.head_dim * dtype.itemsize
 
 
+def _zeroed_cache(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zero-filled cache tensor. Zeroed, not empty: padded positions of a gathered context are masked,
+    but NaN garbage would still poison the weighted sum (0 * NaN).
+
+    On CPU it lives in an anonymous memory map, whose pages the OS hands out zeroed on first write: the cache
+    takes RAM as tokens fill it, not all at once (torch.zeros would write, and so commit, every page)."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    nbytes = math.prod(shape) * dtype.itemsize
+    return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype).view(shape)
+
+
 class ModelRunner:
     def __init__(self, model: CausalLM, config: ModelConfig, device: torch.device, kv_dtype: torch.dtype,
                  block_size: int, num_blocks: int):
@@ -22,10 +37,8 @@ class ModelRunner:
         self.block_size = block_size
         slots = num_blocks * block_size
         shape = (config.num_layers, slots, config.num_kv_heads, config.head_dim)
-        # Zeroed, not empty: padded positions of a gathered context are masked, but NaN garbage would
-        # still poison the weighted sum (0 * NaN).
-        self.k_cache = torch.zeros(shape, dtype=kv_dtype, device=device)
-        self.v_cache = torch.zeros(shape, dtype=kv_dtype, device=device)
+        self.k_cache = _zeroed_cache(shape, kv_dtype, device)
+        self.v_cache = _zeroed_cache(shape, kv_dtype, device)
         for index, layer in enumerate(model.model.layers):
             layer.self_attn.k_cache = self.k_cache[index]
             layer.self_attn.v_cache = self.v_cache[index]
