@@ -1,173 +1,190 @@
-"""Native int8-group kernel (ember.kernels) vs a float32 torch reference, and its fallbacks."""
+"""Native GGML kernels (ember.kernels) against gguf's reference dequantization, on every ISA path this CPU runs.
+
+The kernels quantize the activations to int8 as llama.cpp does (Q8_0 for 32-value types, Q8_K for the 256-value
+ones); the reference below does the same in torch, so the only difference left is float32 summation order and
+the tolerance can be tight (a wrong scale on one sub-block of a 256-value block moves the result by far more).
+"""
 
 from __future__ import annotations
 
-import shutil
-
+import gguf
+import numpy as np
 import pytest
 import torch
 
 from ember import kernels
 from ember.kernels import native
-from ember.quant.ggml import GGMLType, dequantize, random_rows
-from ember.quant.linear import INT8_TYPES, QuantLinear
+from ember.quant.ggml import BLOCK_SIZES, GGMLType, random_rows
+from ember.quant.linear import QuantLinear, fuse_linears
 
-needs_native = pytest.mark.skipif(kernels.library() is None, reason="native kernels could not be built here")
+QUANT_TYPES = sorted(t for t in kernels.NATIVE_TYPES if BLOCK_SIZES[t][0] > 1)
+HALF_TYPES = [GGMLType.BF16, GGMLType.F16]
+# The ISA paths this CPU can run: AVX2 always where the kernels exist, AVX-512 VNNI where present.
+ISAS = [name for name in ("avx2", "avx512") if native.ISA_REQUIRES[name] <= native.cpu_flags()]
+
+needs_native = pytest.mark.skipif(not ISAS or native.compiler() is None,
+                                  reason="native kernels need x86-64 AVX2 and a C compiler")
 
 
-def assert_close_to_reference(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
-    """Float32 sums of the same products in another order: within a few ulps of sum |x| |w| per output."""
-    ref = x.double() @ w.double().T
-    bound = x.abs().double() @ w.abs().double().T
-    err = (y.double() - ref).abs()
-    assert y.dtype == torch.float32 and y.shape == ref.shape
-    assert (err <= 1e-5 * bound + 1e-30).all(), (err / bound.clamp_min(1e-30)).max().item()
-    assert torch.allclose(y, x @ w.T, rtol=1e-4, atol=1e-5 * bound.max().item())
+@pytest.fixture(params=ISAS)
+def isa(request, monkeypatch):
+    monkeypatch.setenv("EMBER_ISA", request.param)
+    assert kernels.isa() == request.param
+    lib = kernels.library()
+    assert lib is not None
+    # 2 = AVX-512 VNNI dot products; the AVX2 build must use maddubs (0), whatever this CPU has
+    assert lib.ember_kernels_isa() == (2 if request.param == "avx512" else 0)
+    return request.param
+
+
+def weight(t: GGMLType, out_f: int, in_f: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows in the file layout, the float64 weight gguf's reference dequantizes them to)."""
+    if t in HALF_TYPES:
+        dtype = torch.bfloat16 if t == GGMLType.BF16 else torch.float16
+        w = torch.randn(out_f, in_f, generator=torch.Generator().manual_seed(seed)).to(dtype)
+        return w.view(torch.uint8).reshape(out_f, -1), w.double()
+    rows = random_rows(t, out_f, in_f, seed=seed)
+    ref = gguf.quants.dequantize(rows.numpy(), gguf.GGMLQuantizationType(int(t)))
+    return rows, torch.from_numpy(np.array(ref)).double().reshape(out_f, in_f)
+
+
+def llamacpp_activations(x: torch.Tensor, t: GGMLType) -> torch.Tensor:
+    """x as the kernels see it: quantized to int8 and back, Q8_K-style for 256-value types, else Q8_0-style."""
+    if t in HALF_TYPES:
+        return x.double()
+    batch, k = x.shape
+    if BLOCK_SIZES[t][0] == 256:  # Q8_K: scale -127 / (the signed extreme), q capped at 127
+        xb = x.view(batch, -1, 256)
+        extreme = xb.gather(-1, xb.abs().argmax(-1, keepdim=True))
+        iscale = torch.where(extreme != 0, -127.0 / extreme, torch.zeros_like(extreme))
+        q = torch.round(xb * iscale).clamp(max=127)
+        d = torch.where(extreme != 0, 1.0 / iscale, torch.zeros_like(iscale))
+    else:  # Q8_0: d = amax / 127 rounded to fp16, q = round(x * 127 / amax)
+        xb = x.view(batch, -1, 32)
+        amax = xb.abs().amax(-1, keepdim=True)
+        d = (amax / 127.0).half().float()
+        q = torch.round(xb * torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax)))
+    return (q.double() * d.double()).view(batch, k)
+
+
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((y.double() - ref).norm() / ref.norm()).item()
 
 
 @needs_native
-@pytest.mark.parametrize("t", INT8_TYPES, ids=lambda t: t.name)
-@pytest.mark.parametrize("batch", [1, 3, 8, 40])
-def test_kernel_matches_dequantized_matmul(t, batch):
-    out_f, in_f = 37, 512
-    rows = random_rows(t, out_f, in_f, seed=int(t) * 100 + batch)
+@pytest.mark.parametrize("t", QUANT_TYPES + HALF_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("batch", [1, 3, 4, 9, 37])
+def test_matmul_matches_reference(isa, t, batch):
+    out_f, in_f = 40, 512
+    rows, w = weight(t, out_f, in_f, seed=int(t) * 7 + batch)
+    x = torch.randn(batch, in_f) * torch.linspace(0.1, 3.0, in_f)  # uneven magnitudes, as hidden states have
+    y = kernels.NativeMatmul([(rows, t)], in_f)(x)
+    assert y.dtype == torch.float32 and y.shape == (batch, out_f)
+    assert rel_err(y, llamacpp_activations(x, t) @ w.T) < 2e-6
+    # and, looser, against the unquantized activations: int8 rounding is all that separates them
+    assert rel_err(y, x.double() @ w.T) < 2e-2
+
+
+@needs_native
+@pytest.mark.parametrize("t", [GGMLType.Q4_K, GGMLType.Q6_K, GGMLType.Q8_0], ids=lambda t: t.name)
+def test_isa_paths_and_thread_counts_agree_exactly(t, monkeypatch):
+    """Integer dot products are exact and each row is summed by one thread in one order: every ISA path and
+    every thread count gives the same bits."""
+    rows, _ = weight(t, 300, 1024, seed=5)
+    x = torch.randn(6, 1024)
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for name in ISAS:
+            monkeypatch.setenv("EMBER_ISA", name)
+            for n in (1, 2, 3):
+                torch.set_num_threads(n)
+                results.append(kernels.NativeMatmul([(rows, t)], 1024)(x))
+    finally:
+        torch.set_num_threads(threads)
+    for y in results[1:]:
+        assert torch.equal(y, results[0])
+
+
+@needs_native
+def test_fused_segments_equal_separate_calls(isa):
+    in_f = 512
+    parts = [weight(t, n, in_f, seed=n)[0] for t, n in ((GGMLType.Q4_K, 64), (GGMLType.Q6_K, 16),
+                                                        (GGMLType.Q4_K, 48))]
+    types = [GGMLType.Q4_K, GGMLType.Q6_K, GGMLType.Q4_K]
+    x = torch.randn(5, in_f)
+    fused = kernels.NativeMatmul(list(zip(parts, types, strict=True)), in_f)(x)
+    separate = torch.cat([kernels.NativeMatmul([(r, t)], in_f)(x) for r, t in zip(parts, types, strict=True)], 1)
+    assert torch.equal(fused, separate)
+
+
+@needs_native
+def test_fuse_linears_layers(isa):
+    in_f = 256
+    layers = []
+    for i, t in enumerate((GGMLType.Q4_K, GGMLType.Q6_K, GGMLType.Q6_K)):
+        rows, _ = weight(t, 32 * (i + 1), in_f, seed=i)
+        layer = QuantLinear(rows, t, (32 * (i + 1), in_f), torch.float32, "cpu")
+        layer.bias = torch.nn.Parameter(torch.randn(32 * (i + 1))) if i == 1 else None
+        layers.append(layer)
+    fused = fuse_linears(layers)
+    assert fused is not None
+    x = torch.randn(2, 3, in_f)
+    for got, layer in zip(fused(x), layers, strict=True):
+        assert got.shape == (2, 3, layer.out_features)
+        assert torch.allclose(got, layer(x), atol=1e-5)
+    # 32-value and 256-value types quantize x differently: not one call
+    q8 = QuantLinear(weight(GGMLType.Q8_0, 32, in_f, 1)[0], GGMLType.Q8_0, (32, in_f), torch.float32, "cpu")
+    assert fuse_linears([layers[0], q8]) is None
+
+
+@needs_native
+@pytest.mark.parametrize("t", QUANT_TYPES + HALF_TYPES, ids=lambda t: t.name)
+def test_quant_linear_native_backend(isa, t):
+    out_f, in_f = 48, 512
+    rows, w = weight(t, out_f, in_f, seed=3)
+    snapshot = rows.clone()
     layer = QuantLinear(rows, t, (out_f, in_f), torch.float32, "cpu")
-    assert layer.backend == "int8"
-    w = dequantize(rows, t, (out_f, in_f))
-    x = torch.randn(batch, in_f)
-    y = kernels.int8_group_matmul(x, layer.qs, layer.scales, layer.offsets)
-    assert y is not None
-    assert_close_to_reference(y, x, w)
-    # through the layer: the kernel up to MAX_BATCH rows, the torch path above; both agree with the reference
-    assert_close_to_reference(layer(x), x, w)
+    assert layer.backend == "native"
+    assert layer.rows.data_ptr() == rows.data_ptr()  # the file's bytes, not a repacked copy
+    assert torch.equal(layer.dequantized_weight().double(), w)
+    x = torch.randn(7, in_f)
+    assert rel_err(layer(x), llamacpp_activations(x, t) @ w.T) < 2e-6
+    assert torch.equal(rows, snapshot)  # never writes into the (read-only mmap) rows
+    assert layer(x.to(torch.bfloat16)).dtype == torch.float32  # activations of any dtype: float32 layer
 
 
-@needs_native
-@pytest.mark.parametrize("group,with_offset", [(16, False), (16, True), (32, False), (32, True)])
-@pytest.mark.parametrize("batch", [1, 2, 5, 9, 17])
-@pytest.mark.parametrize("in_f", [96, 2080])  # one tile of K, several (1024 + 1024 + 32)
-def test_kernel_random_int8(group, with_offset, batch, in_f):
-    gen = torch.Generator().manual_seed(group * 1000 + batch * 10 + with_offset)
-    out_f = 53
-    q = torch.randint(-128, 128, (out_f, in_f), dtype=torch.int8, generator=gen)
-    scale = torch.randn(out_f, in_f // group, generator=gen) * 0.01
-    offset = torch.randn(out_f, in_f // group, generator=gen) * 0.1 if with_offset else None
-    w = (scale.repeat_interleave(group, dim=1) * q.float())
-    if offset is not None:
-        w = w + offset.repeat_interleave(group, dim=1)
-    x = torch.randn(batch, in_f, generator=gen)
-    assert_close_to_reference(kernels.int8_group_matmul(x, q, scale, offset), x, w)
-    # bf16 input is widened to float32 first; empty batches work
-    xb = x.to(torch.bfloat16)
-    assert_close_to_reference(kernels.int8_group_matmul(xb, q, scale, offset), xb.float(), w)
-    assert kernels.int8_group_matmul(x[:0], q, scale, offset).shape == (0, out_f)
+def test_isa_override_and_fallback(monkeypatch, caplog):
+    flags = native.cpu_flags()
+    detected = native._detect("auto", "x86_64", flags)
+    assert native._detect("none", "x86_64", flags) == "none"
+    assert native._detect("auto", "aarch64", flags) == "none"
+    assert native._detect("avx2", "x86_64", frozenset({"avx2", "fma", "f16c"})) == "avx2"
+    with caplog.at_level("WARNING"):
+        # a CPU without AVX-512 cannot run the AVX-512 build: the detected ISA is used, with a warning
+        assert native._detect("avx512", "x86_64", frozenset({"avx2", "fma", "f16c"})) == "avx2"
+        assert native._detect("sse9", "x86_64", flags) == detected
+    assert "lacks" in caplog.text and "sse9" in caplog.text
 
 
-@needs_native
-def test_kernel_declines_unsupported_layouts():
-    q = torch.zeros(4, 64, dtype=torch.int8)
-    assert kernels.int8_group_matmul(torch.randn(1, 64), q, torch.ones(4, 8)) is None  # group of 8
-    assert kernels.int8_group_matmul(torch.randn(1, 48), q[:, :48], torch.ones(4, 3)) is None  # K % 32
-    with pytest.raises(ValueError):
-        kernels.int8_group_matmul(torch.randn(1, 32), q, torch.ones(4, 2))
-
-
-@needs_native
-def test_layer_uses_kernel_and_env_switch(monkeypatch):
-    t, out_f, in_f = GGMLType.Q6_K, 19, 256
-    rows = random_rows(t, out_f, in_f, seed=7)
-    layer = QuantLinear(rows, t, (out_f, in_f), torch.bfloat16, "cpu")
-    x = torch.randn(2, 3, in_f).to(torch.bfloat16)
-    w = dequantize(rows, t, (out_f, in_f))
-    ref = (x.float() @ w.T).to(torch.bfloat16)
-    calls = []
-    real = kernels.int8_group_matmul
-
-    def spy(*args):
-        calls.append(args[0].shape)
-        return real(*args)
-
-    monkeypatch.setattr(kernels, "int8_group_matmul", spy)
-    y_native = layer(x)
-    assert calls == [(6, in_f)] and y_native.dtype == torch.bfloat16 and y_native.shape == (2, 3, out_f)
-    assert torch.allclose(y_native.float(), ref.float(), rtol=1e-2, atol=1e-2)
-
+def test_disabled_kernels_fall_back_to_torch(monkeypatch):
     monkeypatch.setenv("EMBER_NATIVE_KERNELS", "0")
-    assert kernels.library() is None
-    y_torch = layer(x)
-    assert y_torch.shape == (2, 3, out_f)
-    assert ((y_torch.float() - ref.float()).norm() / ref.float().norm()).item() < 2e-2
-    assert ((y_torch.float() - y_native.float()).norm() / ref.float().norm()).item() < 2e-2
+    assert kernels.library() is None and not kernels.available(GGMLType.Q4_K, 256)
+    rows, w = weight(GGMLType.Q6_K, 32, 256, seed=1)
+    layer = QuantLinear(rows, GGMLType.Q6_K, (32, 256), torch.float32, "cpu")
+    assert layer.backend == "int8"
+    x = torch.randn(3, 256)
+    assert rel_err(layer(x), x.double() @ w.T) < 1e-5
+    assert fuse_linears([layer, layer]) is None
 
 
-@pytest.mark.parametrize("cc", ["no-such-cc", "false"])
-def test_no_compiler_falls_back_silently(monkeypatch, tmp_path, cc):
-    path = shutil.which(cc) or str(tmp_path / cc)  # a missing compiler, then one that always fails
-    monkeypatch.setattr(native, "compiler", lambda: path)
-    monkeypatch.setenv("EMBER_CACHE", str(tmp_path / "cache"))
-    native.reset()
-    try:
-        assert kernels.library() is None
-        rows = random_rows(GGMLType.Q8_0, 21, 64, seed=1)
-        layer = QuantLinear(rows, GGMLType.Q8_0, (21, 64), torch.float32, "cpu")
-        x = torch.randn(3, 64)
-        assert kernels.int8_group_matmul(x, layer.qs, layer.scales) is None
-        assert_close_to_reference(layer(x), x, dequantize(rows, GGMLType.Q8_0, (21, 64)))
-        assert not list((tmp_path / "cache").rglob("*.so"))
-    finally:
-        native.reset()
-
-
-def test_missing_compiler_on_path(monkeypatch, tmp_path):
-    monkeypatch.setenv("PATH", str(tmp_path))
-    monkeypatch.delenv("CC", raising=False)
-    monkeypatch.setattr(native.sysconfig, "get_config_var", lambda name: None)
-    assert native.compiler() is None
-    monkeypatch.setenv("EMBER_CACHE", str(tmp_path / "cache"))
-    native.reset()
-    try:
-        assert kernels.library() is None
-    finally:
-        native.reset()
-
-
-@needs_native
-def test_build_is_cached_and_atomic(monkeypatch, tmp_path):
+def test_no_compiler_falls_back_with_a_warning(monkeypatch, tmp_path, caplog):
+    monkeypatch.setattr(native, "compiler", lambda: None)
     monkeypatch.setenv("EMBER_CACHE", str(tmp_path))
-    native.reset()
+    native._load.cache_clear()
     try:
-        lib = kernels.library()
-        assert lib is not None
-        files = sorted(p.name for p in (tmp_path / "kernels").iterdir())
-        assert len(files) == 1 and files[0].endswith(".so") and not files[0].startswith(".")
-        native.reset()
-        monkeypatch.setattr(native.subprocess, "run", None)  # a second build would fail: the cached file is used
-        assert kernels.library() is not None
+        with caplog.at_level("WARNING"):
+            assert native._load("avx2") is None
+        assert "no C compiler" in caplog.text
     finally:
-        native.reset()
-
-
-@needs_native
-@pytest.mark.parametrize("flags", [("-fopenmp",), ()], ids=["portable-openmp", "portable-serial"])
-def test_portable_build_matches(monkeypatch, tmp_path, flags):
-    """The scalar fallback (built without -march=native, so without AVX2 on x86) gives the same results."""
-    monkeypatch.setattr(native, "FLAG_SETS", (flags,))
-    monkeypatch.setenv("EMBER_CACHE", str(tmp_path))
-    native.reset()
-    try:
-        lib = kernels.library()
-        assert lib is not None
-        if native.platform.machine() in ("x86_64", "AMD64"):
-            assert lib.ember_kernels_simd() == 0
-        gen = torch.Generator().manual_seed(3)
-        for group, with_offset, batch, out_f in [(16, False, 1, 7), (32, True, 5, 6), (16, True, 11, 3)]:
-            q = torch.randint(-128, 128, (out_f, 2048), dtype=torch.int8, generator=gen)
-            scale = torch.randn(out_f, 2048 // group, generator=gen)
-            offset = torch.randn(out_f, 2048 // group, generator=gen) if with_offset else None
-            w = scale.repeat_interleave(group, dim=1) * q.float()
-            if offset is not None:
-                w = w + offset.repeat_interleave(group, dim=1)
-            x = torch.randn(batch, 2048, generator=gen)
-            assert_close_to_reference(kernels.int8_group_matmul(x, q, scale, offset), x, w)
-    finally:
-        native.reset()
+        native._load.cache_clear()

@@ -1,4 +1,4 @@
-"""GGML dequantization (bit-exact vs gguf.quants) and QuantLinear (vs a float32 reference matmul)."""
+"""GGML dequantization (bit-exact vs gguf.quants) and QuantLinear's torch backends (vs a float32 reference matmul)."""
 
 from __future__ import annotations
 
@@ -95,7 +95,13 @@ def test_dequantize_real_tensors_bit_exact(testdata, name):
     assert len(seen) >= 2
 
 
-# --- part 2: QuantLinear -------------------------------------------------------------------------------------
+# --- part 2: QuantLinear's torch backends (the native CPU backend: tests/test_kernels.py) ---------------------
+
+@pytest.fixture(autouse=True)
+def _torch_backends(monkeypatch):
+    """These tests cover the backends CUDA and CPUs without the native kernels use."""
+    monkeypatch.setenv("EMBER_NATIVE_KERNELS", "0")
+
 
 def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     return ((y.float() - ref).norm() / ref.norm()).item()

@@ -1,5 +1,6 @@
-"""Native CPU kernels (C, compiled on first use, called through ctypes); see ember.kernels.native."""
+"""Native CPU kernels (C, built once per ISA, called through ctypes); see ember.kernels.native."""
 
-from ember.kernels.native import MAX_BATCH, enabled, int8_group_matmul, library
+from ember.kernels.matmul import NATIVE_TYPES, NativeMatmul, available
+from ember.kernels.native import enabled, isa, library
 
-__all__ = ["MAX_BATCH", "enabled", "int8_group_matmul", "library"]
+__all__ = ["NATIVE_TYPES", "NativeMatmul", "available", "enabled", "isa", "library"]

@@ -1,13 +1,17 @@
-"""Build and load the small C kernels in this folder with the system C compiler, through ctypes.
+"""Build and load the C kernels of this folder (ggml_matmul.c) for this CPU's ISA, called through ctypes.
 
-The library is compiled on first use (``-O3 -march=native -fopenmp``, well under a second) into
-``$EMBER_CACHE/kernels/`` (default ``~/.cache/ember/kernels/``) under a name that hashes the source, the flags,
-the compiler and the CPU, written atomically (temp name, then ``os.replace``) so concurrent processes never load
-a half-written file. Without a compiler, when every compile attempt fails, or with ``EMBER_NATIVE_KERNELS=0``,
-`library()` returns None (logged once at debug level) and callers keep their torch path.
+The ISA comes from the CPU's flags at run time (`isa()`): ``avx512`` (AVX-512 F/BW/VL + VNNI), ``avx2``
+(AVX2 + FMA + F16C), or ``none`` (other CPUs: callers keep their torch path). ``EMBER_ISA=avx2`` forces the
+AVX2 build on an AVX-512 machine (tests run both paths); a request the CPU cannot run is refused with a warning.
+Each ISA has explicit compiler flags, never ``-march=native``, so the AVX2 build holds no AVX-512 code.
 
-ctypes releases the GIL for the duration of each call, so other Python threads (the server's event loop) run
-while a kernel does.
+The library is compiled once (``make`` runs ``python -m ember.kernels`` after installing; otherwise at the first
+model load, never inside a request) into ``$EMBER_CACHE/kernels/`` (default ``~/.cache/ember/kernels/``) under a
+name that hashes the source, the flags and the compiler, written atomically (temp name, then ``os.replace``) so
+concurrent processes never load a half-written file. Without a compiler, when the build fails, or with
+``EMBER_NATIVE_KERNELS=0``, `library()` returns None and a warning says so once.
+
+ctypes releases the GIL for each call, so the server's event loop runs while a kernel does.
 """
 
 from __future__ import annotations
@@ -24,31 +28,67 @@ import sysconfig
 import tempfile
 from pathlib import Path
 
-import torch
-
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("int8_group.c")
-ABI = 1
-BASE_FLAGS = ("-O3", "-shared", "-fPIC", "-ffp-contract=off", "-std=gnu11")
-# Tried in order: the first that compiles is used (no -march=native on toolchains that reject it, no OpenMP
-# where it is missing -- then the kernel runs on one thread).
-FLAG_SETS = (("-march=native", "-fopenmp"), ("-fopenmp",), ())
-# Batches above this go through the torch path: its dequantize-then-GEMM wins once the weight is reused enough.
-MAX_BATCH = 32
+SOURCE = Path(__file__).with_name("ggml_matmul.c")
+ABI = 2
+BASE_FLAGS = ("-O3", "-shared", "-fPIC", "-std=gnu11", "-pthread")
+ISA_FLAGS = {
+    "avx2": ("-mavx2", "-mfma", "-mf16c", "-mtune=native"),
+    "avx512": ("-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni",
+               "-mtune=native"),
+}
+# cpuinfo flags each ISA needs
+ISA_REQUIRES = {
+    "avx2": {"avx2", "fma", "f16c"},
+    "avx512": {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"},
+}
 
 
 def enabled() -> bool:
     return os.environ.get("EMBER_NATIVE_KERNELS", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+@functools.cache
+def _detect(requested: str, machine: str, flags: frozenset[str]) -> str:
+    if machine.lower() not in ("x86_64", "amd64"):
+        return "none"
+    best = next((name for name in ("avx512", "avx2") if ISA_REQUIRES[name] <= flags), "none")
+    if not requested or requested == "auto":
+        return best
+    if requested == "none":
+        return "none"
+    if requested not in ISA_REQUIRES:
+        logger.warning("EMBER_ISA=%s is not one of auto, avx512, avx2, none: using %s", requested, best)
+        return best
+    if not ISA_REQUIRES[requested] <= flags:
+        logger.warning("EMBER_ISA=%s: this CPU lacks %s; using %s", requested,
+                       " ".join(sorted(ISA_REQUIRES[requested] - flags)), best)
+        return best
+    return requested
+
+
+def isa() -> str:
+    """The kernel ISA for this process: avx512, avx2 or none (EMBER_ISA overrides the detected one)."""
+    return _detect(os.environ.get("EMBER_ISA", "auto").strip().lower(), platform.machine(), cpu_flags())
+
+
 def compiler() -> str | None:
     """The C compiler: $CC, Python's configured CC, then cc/gcc/clang on PATH."""
-    candidates = [os.environ.get("CC"), sysconfig.get_config_var("CC"), "cc", "gcc", "clang"]
-    for cand in candidates:
-        if not cand:
-            continue
-        path = shutil.which(cand.split()[0])
+    for cand in (os.environ.get("CC"), sysconfig.get_config_var("CC"), "cc", "gcc", "clang"):
+        path = shutil.which(cand.split()[0]) if cand else None
         if path:
             return path
     return None
@@ -62,27 +102,17 @@ def cache_dir() -> Path:
     return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "ember" / "kernels"
 
 
-def _cpu_fingerprint() -> str:
-    """What -march=native depends on: the CPU's model and feature flags (Linux), else the platform string."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            lines = [ln for ln in f if ln.startswith(("model name", "flags", "Features", "CPU part"))]
-        return "".join(sorted(set(lines)))
-    except OSError:
-        return platform.processor()
-
-
-def _compile(cc: str, source: bytes, flags: tuple[str, ...], out_dir: Path) -> Path:
+def _compile(cc: str, source: bytes, flags: tuple[str, ...], out_dir: Path, name: str) -> Path:
     key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), cc.encode(), platform.machine().encode(),
-                                     _cpu_fingerprint().encode(), str(ABI).encode()])).hexdigest()[:24]
-    target = out_dir / f"int8_group-{key}.so"
+                                     str(ABI).encode()])).hexdigest()[:24]
+    target = out_dir / f"{name}-{key}.so"
     if target.exists():
         return target
     out_dir.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}-", suffix=".so", dir=out_dir)
     os.close(fd)
     try:
-        proc = subprocess.run([cc, *flags, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=120)
+        proc = subprocess.run([cc, *flags, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=300)
         if proc.returncode:
             raise RuntimeError(f"{cc} {' '.join(flags)} failed: {proc.stderr.strip()[-2000:]}")
         os.replace(tmp, target)
@@ -97,77 +127,34 @@ def _bind(path: Path) -> ctypes.CDLL:
     lib.ember_kernels_abi.restype = ctypes.c_int
     if lib.ember_kernels_abi() != ABI:
         raise RuntimeError(f"{path} has ABI {lib.ember_kernels_abi()}, expected {ABI}")
-    lib.ember_kernels_simd.restype = ctypes.c_int
-    fn = lib.ember_int8_group_matmul
+    lib.ember_kernels_isa.restype = ctypes.c_int
+    lib.ember_supports.argtypes = [ctypes.c_int]
+    lib.ember_supports.restype = ctypes.c_int
     p, i64 = ctypes.c_void_p, ctypes.c_int64
-    fn.argtypes = [p, i64, i64, p, p, p, i64, i64, p, ctypes.c_int]
-    fn.restype = ctypes.c_int
+    lib.ember_matmul.argtypes = [p, i64, i64, ctypes.c_int, p, p, p, p, p, i64, ctypes.c_int]
+    lib.ember_matmul.restype = ctypes.c_int
     return lib
 
 
-@functools.lru_cache(maxsize=1)
-def _load() -> ctypes.CDLL | None:
+@functools.cache
+def _load(target_isa: str) -> ctypes.CDLL | None:
+    if target_isa == "none":
+        logger.warning("native CPU kernels need an x86-64 CPU with AVX2, FMA and F16C: using the torch path")
+        return None
     cc = compiler()
     if cc is None:
-        logger.debug("native kernels unavailable: no C compiler found")
+        logger.warning("no C compiler found: native CPU kernels are off, quantized models run slower")
         return None
     try:
-        source = SOURCE.read_bytes()
-    except OSError as e:
-        logger.debug("native kernels unavailable: %s", e)
+        lib = _bind(_compile(cc, SOURCE.read_bytes(), BASE_FLAGS + ISA_FLAGS[target_isa], cache_dir(),
+                             f"ggml_matmul-{target_isa}"))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        logger.warning("native CPU kernels could not be built, using the torch path: %s", e)
         return None
-    errors = []
-    for extra in FLAG_SETS:
-        flags = BASE_FLAGS + extra
-        try:
-            lib = _bind(_compile(cc, source, flags, cache_dir()))
-        except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-            errors.append(str(e))
-            continue
-        logger.debug("native kernels loaded (%s, simd=%d)", " ".join(flags), lib.ember_kernels_simd())
-        return lib
-    logger.debug("native kernels unavailable: %s", " | ".join(errors))
-    return None
+    logger.debug("native kernels loaded (%s, dot isa %d)", target_isa, lib.ember_kernels_isa())
+    return lib
 
 
 def library() -> ctypes.CDLL | None:
-    """The loaded kernel library, or None (disabled by EMBER_NATIVE_KERNELS=0, or it could not be built)."""
-    return _load() if enabled() else None
-
-
-def reset() -> None:
-    """Forget the loaded (or failed) library so the next `library()` builds again (tests)."""
-    _load.cache_clear()
-
-
-def int8_group_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None = None,
-                      ) -> torch.Tensor | None:
-    """x float32 [B, K] @ (scale * q (+ offset)).T -> float32 [B, N], or None when the kernel is unavailable or
-    does not apply (not CPU, K not a multiple of 32, group not 16 or 32).
-
-    q int8 [N, K]; scale and offset float32 [N, K // G]: every group of G consecutive values of a row of q shares
-    one scale (and offset). The weight values are computed exactly as `apply_scales` does (float32 multiply, then
-    add), so the result matches ``x @ w.T`` in float32 up to summation order."""
-    lib = library()
-    if lib is None:
-        return None
-    n, k = q.shape
-    if x.dim() != 2 or x.shape[1] != k or scale.dim() != 2 or scale.shape[0] != n or scale.shape[1] == 0:
-        raise ValueError(f"shapes do not match: x {tuple(x.shape)}, q {tuple(q.shape)}, scale {tuple(scale.shape)}")
-    group = k // scale.shape[1]
-    if (any(t.device.type != "cpu" for t in (x, q, scale)) or k % 32 or group not in (16, 32)
-            or group * scale.shape[1] != k or (offset is not None and offset.shape != scale.shape)):
-        return None
-    if q.dtype != torch.int8 or scale.dtype != torch.float32 or (offset is not None and offset.dtype != torch.float32):
-        raise TypeError("expected int8 q and float32 scale/offset")
-    x = x.to(torch.float32).contiguous()
-    q, scale = q.contiguous(), scale.contiguous()
-    offset = None if offset is None else offset.contiguous()
-    y = torch.empty(x.shape[0], n, dtype=torch.float32)
-    if x.shape[0] and n:
-        rc = lib.ember_int8_group_matmul(x.data_ptr(), x.shape[0], k, q.data_ptr(), scale.data_ptr(),
-                                         None if offset is None else offset.data_ptr(), n, group, y.data_ptr(),
-                                         torch.get_num_threads())
-        if rc:
-            return None
-    return y
+    """The kernel library for `isa()`, or None (disabled by EMBER_NATIVE_KERNELS=0, or it could not be built)."""
+    return _load(isa()) if enabled() else None

@@ -97,6 +97,7 @@ class Attention(nn.Module):
         self.k_proj = make_linear(hidden, kv_size, config.qkv_bias)
         self.v_proj = make_linear(hidden, kv_size, config.qkv_bias)
         self.o_proj = make_linear(q_size, hidden)
+        self.qkv_proj = None  # q, k and v in one call, when the loader could fuse them (fuse_projections)
         if config.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, config.norm_weight_offset)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, config.norm_weight_offset)
@@ -108,9 +109,10 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, rotary: RotaryEmbedding, meta: AttentionMetadata) -> torch.Tensor:
         tokens = x.shape[0]
-        q = self.q_proj(x).view(tokens, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
+        q, k, v = self.qkv_proj(x) if self.qkv_proj is not None else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
+        q = q.view(tokens, self.num_heads, self.head_dim)
+        k = k.view(tokens, self.num_kv_heads, self.head_dim)
+        v = v.reshape(tokens, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rotary.apply(q, cos, sin), rotary.apply(k, cos, sin)

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ember import kernels
 from ember.config import ModelConfig
 from ember.errors import GGUFError
 from ember.loader.device import resolve_dtype
@@ -49,7 +50,7 @@ def load_gguf_model(path: Path, dtype, device: torch.device) -> tuple[CausalLM, 
     rope = {name: _float_tensor(gguf, name).tolist() for name in ROPE_TENSORS if name in gguf.tensors}
     config = config_from_gguf(gguf.metadata, shapes, rope)
     cls, _ = model_class_for(None, config.architecture)
-    # Activations: bf16 on CPU (auto), float16 on GPUs unless asked otherwise.
+    # Activations: float32 on CPU (auto), float16 on GPUs unless asked otherwise.
     dtype = resolve_dtype(dtype, device, "float16")
     model = cls(config)
     params = dict(model.named_parameters())
@@ -60,7 +61,7 @@ def load_gguf_model(path: Path, dtype, device: torch.device) -> tuple[CausalLM, 
         name = ember_name(gguf_name, config.sandwich_norm)
         if name is None:
             raise GGUFError(f"{path.name}: unexpected tensor {gguf_name!r} for {config.architecture}")
-        if len(info.shape) == 1 or info.ggml_type in FLOAT_TYPES:
+        if len(info.shape) == 1 or (info.ggml_type in FLOAT_TYPES and not _native_matrix(info, device)):
             # vectors, and matrices stored unquantized (F32/F16/BF16 files): plain weights in `dtype`
             tensor = _float_tensor(gguf, gguf_name, dtype)
             if permute_qk and name.endswith(("q_proj.weight", "k_proj.weight")):
@@ -87,10 +88,18 @@ def load_gguf_model(path: Path, dtype, device: torch.device) -> tuple[CausalLM, 
             _replace_module(model, module_name, module)
             if target == "model.embed_tokens.weight" and config.tie_word_embeddings:
                 model.lm_head = QuantLinear(piece, info.ggml_type, expected, dtype, device)
-        # The blocks were repacked: drop their pages from memory so peak RSS stays near the file size.
-        gguf.release(gguf_name)
+        if device.type != "cpu" or not kernels.available(info.ggml_type, info.shape[-1]):
+            # The blocks were repacked or copied: drop their pages so peak RSS stays near the file size.
+            gguf.release(gguf_name)
     finish_loading(model, device)
+    model.fuse_projections()
     return model, config, dtype
+
+
+def _native_matrix(info, device: torch.device) -> bool:
+    """An F16/BF16 matrix the native CPU kernels multiply as it is in the file (no float32 copy)."""
+    return (info.ggml_type in (GGMLType.F16, GGMLType.BF16) and device.type == "cpu"
+            and kernels.available(info.ggml_type, info.shape[-1]))
 
 
 def _check(name: str, params: dict) -> None:

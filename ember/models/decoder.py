@@ -16,6 +16,7 @@ from ember.layers.attention import Attention, AttentionMetadata
 from ember.layers.mlp import GatedMLP, make_linear
 from ember.layers.norm import RMSNorm
 from ember.layers.rotary import RotaryEmbedding
+from ember.quant.linear import fuse_linears
 
 
 class DecoderLayer(nn.Module):
@@ -86,6 +87,13 @@ class CausalLM(nn.Module):
         if self.final_softcap is not None:
             logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
         return logits
+
+    def fuse_projections(self) -> None:
+        """Join each layer's q/k/v and gate/up projections into one kernel call where their weights allow."""
+        for layer in self.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            attn.qkv_proj = fuse_linears([attn.q_proj, attn.k_proj, attn.v_proj])
+            mlp.gate_up_proj = fuse_linears([mlp.gate_proj, mlp.up_proj])
 
     def split_checkpoint_tensor(self, name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
         """Map one checkpoint tensor to this module's parameters; families with fused tensors override."""

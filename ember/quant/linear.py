@@ -2,28 +2,23 @@
 
 Backends, picked per type and device in the constructor (`QuantLinear.backend`):
 
-* ``int4`` -- Q4_0, Q4_1, Q4_K: 4-bit values q with one affine (scale, offset) per 32 consecutive values of a
-  row, which is what PyTorch's int4 kernels compute: w = (q - 8) * scale + zero, group size 32
-  (Q4_0: scale = d, zero = 0; Q4_1: scale = d, zero = m + 8d; Q4_K: scale = d*sc, zero = 8*d*sc - dmin*m).
-  Repacked once with ``_convert_weight_to_int4pack_for_cpu`` and run with ``_weight_int4pack_mm_for_cpu`` on
-  CPU (bf16/fp16/fp32 activations, out_features % 16 == 0), ``_convert_weight_to_int4pack`` /
-  ``_weight_int4pack_mm`` on CUDA (bf16 activations only). Scale and zero are rounded to the activation dtype;
-  that rounding is the only difference from dequantize(). Same memory as the file (0.5 byte a value + scales).
-* ``int8`` -- Q5_0, Q5_1, Q5_K, Q6_K, Q8_0: every GGML type is ``scale * q (+ offset)`` per group of 16 or 32
-  values (see ember.quant.ggml.decode_blocks); these are repacked once into int8 q [out, in] plus float32
-  scale/offset per group. Forward dequantizes a chunk of rows at a time (q -> float32, * scale, + offset,
-  -> activation dtype: bit-exact to dequantize() before the cast) and multiplies it; the chunk (256K values)
-  stays in cache and the full dequantized weight is never kept. Costs 1-1.5x the file's bytes for these
-  5-8-bit types, and saves the bit unpacking on every forward.
-  On CPU, batches of up to ``ember.kernels.MAX_BATCH`` rows instead go through a native kernel (C, compiled
-  on first use; see ember.kernels.native) that dequantizes the same way inside its float32 dot products, so the
-  weight is read once, as int8, per forward. Without a C compiler, or with ``EMBER_NATIVE_KERNELS=0``, the
-  chunked torch path above runs.
-  ``_weight_int8pack_mm`` is not used: it has one scale per output row, which Q8_0's per-32 scales do not fit.
-* ``blocks`` -- Q2_K, Q3_K, IQ4_NL, IQ4_XS (and Q4_* where int4 is unavailable): low-bit types whose point is
-  memory, so the blocks are kept as they are (a zero-copy view of the file's bytes on CPU, never written) and
+* ``native`` -- on a CPU with the native kernels (ember.kernels: AVX2 or AVX-512 VNNI, C through ctypes),
+  every type of ``ember.kernels.NATIVE_TYPES`` (Q4_0/1, Q5_0/1, Q8_0, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS, and
+  F16/BF16 matrices): the rows stay exactly as in the file (a zero-copy view of the map, never repacked), the
+  activations are quantized to int8 once per call and multiplied with integer dot products. Output float32.
+  `fuse_linears` joins projections that read the same input (q/k/v, gate/up) into one call.
+* ``int4`` -- Q4_0, Q4_1, Q4_K elsewhere (CUDA; CPUs without the native kernels): 4-bit values q with one
+  affine (scale, offset) per 32 consecutive values of a row, which is what PyTorch's int4 kernels compute:
+  w = (q - 8) * scale + zero, group size 32 (Q4_0: scale = d, zero = 0; Q4_1: scale = d, zero = m + 8d;
+  Q4_K: scale = d*sc, zero = 8*d*sc - dmin*m). Repacked once with ``_convert_weight_to_int4pack[_for_cpu]``
+  and run with ``_weight_int4pack_mm[_for_cpu]``. Scale and zero are rounded to the activation dtype; that
+  rounding is the only difference from dequantize().
+* ``int8`` -- Q5_0, Q5_1, Q5_K, Q6_K, Q8_0 elsewhere: every GGML type is ``scale * q (+ offset)`` per group
+  of 16 or 32 values (see ember.quant.ggml.decode_blocks); repacked once into int8 q [out, in] plus float32
+  scale/offset per group. Forward dequantizes a chunk of rows at a time (bit-exact to dequantize() before the
+  cast) and multiplies it; the chunk (256K values) stays in cache and the full weight is never kept.
+* ``blocks`` -- every other type (Q2_K, Q3_K; IQ4 off the native path): the blocks are kept as they are and
   forward decodes them chunk by chunk the same way.
-Q5/IQ4 cannot use int4 exactly (5 bits; non-linear IQ4 grid), so they do not.
 """
 
 from __future__ import annotations
@@ -35,12 +30,14 @@ from torch import nn
 from ember import kernels
 from ember.quant.ggml import (
     BLOCK_SIZES,
+    FLOAT_TYPES,
     GGMLType,
     _f16,
     _nibbles,
     _scale_min_k4,
     apply_scales,
     decode_blocks,
+    dequantize,
     row_bytes,
 )
 
@@ -104,7 +101,11 @@ class QuantLinear(nn.Module):
         self._block_bytes = BLOCK_SIZES[self.ggml_type][1]
         self._chunk_values = CHUNK_VALUES.get(device.type, CHUNK_VALUES["cuda"])
         self.bias: nn.Parameter | None = None
-        if self.ggml_type in INT4_TYPES and _int4_supported(device, dtype, self.out_features, self.in_features):
+        if device.type == "cpu" and kernels.available(self.ggml_type, self.in_features):
+            self.backend = "native"
+            self.register_buffer("rows", rows, persistent=False)
+            self._native = kernels.NativeMatmul([(rows, self.ggml_type)], self.in_features)
+        elif self.ggml_type in INT4_TYPES and _int4_supported(device, dtype, self.out_features, self.in_features):
             self.backend = "int4"
             q, scale, zero = int4_params(rows, self.ggml_type, self.out_features, self.in_features)
             sz = torch.stack((scale.t(), zero.t()), dim=-1).to(dtype).contiguous()  # [in // 32, out, 2]
@@ -156,32 +157,60 @@ class QuantLinear(nn.Module):
 
     def dequantized_weight(self) -> torch.Tensor:
         """The whole weight in float32 (for tests and debugging; forward never builds it)."""
+        if self.backend == "native":
+            return dequantize(self.rows, self.ggml_type, (self.out_features, self.in_features))
         if self.backend == "int4":
             raise NotImplementedError("the int4 backend keeps only the packed weight")
         return torch.cat([self._weight_chunk(r0, r1) for r0, r1 in self._chunks()])
 
-    def _native_forward(self, x2: torch.Tensor) -> torch.Tensor | None:
-        """The int8 backend's CPU kernel on [B, in] activations, or None where it does not apply."""
-        if self.backend != "int8" or x2.device.type != "cpu" or x2.shape[0] > kernels.MAX_BATCH:
-            return None
-        y = kernels.int8_group_matmul(x2, self.qs, self.scales, self.offsets)
-        return None if y is None else y.to(self.dtype)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features).to(self.dtype)
-        if self.backend == "int4":
-            x2 = x2.contiguous()
+        x2 = x.reshape(-1, self.in_features)
+        if self.backend == "native":
+            y = self._native(x2).to(self.dtype)
+        elif self.backend == "int4":
+            x2 = x2.to(self.dtype).contiguous()
             if x2.device.type == "cpu":
                 y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight_packed, GROUP, self.scales_and_zeros)
             else:
                 y = torch.ops.aten._weight_int4pack_mm(x2, self.weight_packed, GROUP, self.scales_and_zeros)
         else:
-            y = self._native_forward(x2)
-            if y is None:
-                y = x2.new_empty(x2.shape[0], self.out_features)
-                for r0, r1 in self._chunks():
-                    y[:, r0:r1] = F.linear(x2, self._weight_chunk(r0, r1).to(self.dtype))
+            x2 = x2.to(self.dtype)
+            y = x2.new_empty(x2.shape[0], self.out_features)
+            for r0, r1 in self._chunks():
+                y[:, r0:r1] = F.linear(x2, self._weight_chunk(r0, r1).to(self.dtype))
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*lead, self.out_features)
+
+
+class FusedLinear(nn.Module):
+    """Native QuantLinears that read the same input (q/k/v, gate/up) run as one kernel call: the input is
+    quantized once and the threads are started once. Returns one output per part. The parts keep their own
+    modules (and weights); this one only calls the kernel over their rows."""
+
+    def __init__(self, parts: list[QuantLinear]):
+        super().__init__()
+        self.sizes = [p.out_features for p in parts]
+        self.dtype = parts[0].dtype
+        self._native = kernels.NativeMatmul([(p.rows, p.ggml_type) for p in parts], parts[0].in_features)
+        self._parts = parts  # a plain list: the parts stay registered where they are
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        lead = x.shape[:-1]
+        y = self._native(x.reshape(-1, self._native.in_features)).to(self.dtype)
+        outs = y.split(self.sizes, dim=-1)
+        return tuple((o if p.bias is None else o + p.bias.to(o.dtype)).reshape(*lead, -1)
+                     for o, p in zip(outs, self._parts, strict=True))
+
+
+def fuse_linears(parts: list[nn.Module]) -> FusedLinear | None:
+    """One FusedLinear for these projections, or None where they cannot share a native call."""
+    if not all(isinstance(p, QuantLinear) and p.backend == "native" for p in parts):
+        return None
+    if len({(p.in_features, p.dtype) for p in parts}) != 1 or len(parts) > kernels.matmul.MAX_SEGMENTS:
+        return None
+    # One activation format per call: 32-value types and 256-value (K, IQ4_XS) types quantize x differently.
+    if len({BLOCK_SIZES[p.ggml_type][0] for p in parts if p.ggml_type not in FLOAT_TYPES}) > 1:
+        return None
+    return FusedLinear(parts)

@@ -1,0 +1,736 @@
+/* Matrix products on weights kept in their GGUF form: GGML quantized blocks, bf16 or f16 rows.
+ *
+ * y[b, n] = sum_k x[b, k] * w[n, k]; x float32 [B, K] row-major, y float32 [B, ldy] (a call writes columns
+ * col0 .. col0 + N of it, so fused projections share one output), w [N, row_bytes] as in the file.
+ *
+ * Quantized weights: x is quantized once per call to int8 exactly as llama.cpp quantizes it for the same weight
+ * type (so both engines see the same activation rounding): Q8_0 for the 32-value types (scale amax / 127
+ * rounded to fp16, per 32 values), Q8_K for the 256-value K and IQ4_XS types (one scale per 256 values,
+ * -127 / the signed extreme). The kernels read a scale d and m = d * sum(q) per 32 values either way (the
+ * offset types multiply m). Then each 32-value unit of a weight row
+ * is unpacked into 32 int8 lanes in registers and multiplied with integer dot products: AVX-512 VNNI
+ * (vpdpbusd) or AVX-VNNI where the build has it, AVX2 maddubs + madd otherwise. Unsigned weights (Q4/Q5
+ * nibbles, 0..31) go straight into the unsigned operand; their offset (-8d, -16d, -dmin*m, +m) multiplies the
+ * activation's block sum once per unit. Signed weights (Q8_0, Q6_K - 32, IQ4 lookups) use |w| and x * sign(w).
+ * Each weight unit is unpacked once for up to TILE_B rows of x (batched decode and prefill reuse it).
+ *
+ * bf16/f16 weights are widened to float32 in registers (shift / F16C) and multiplied with FMAs: memory-bound
+ * for one row of x, with two weight rows by TILE_B rows of x per tile for many.
+ *
+ * Threads: one persistent pool; the calling thread works too. Rows are handed out in chunks from an atomic
+ * counter; idle workers spin briefly (the next matmul of a forward is usually tens of microseconds away) and
+ * then sleep on a condition variable. No OpenMP: torch brings its own runtime, and two would spin against
+ * each other. One call runs at a time (a lock), since the pool and the activation scratch are shared.
+ *
+ * The build picks the ISA with compiler flags (ember.kernels.native); this file needs AVX2, FMA and F16C and
+ * uses AVX-512 VNNI / AVX-VNNI when the flags enable them. Plain C, called through ctypes.
+ */
+#include <immintrin.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#define INLINE static inline __attribute__((always_inline))
+#define TILE_B 4
+#define MAX_THREADS 256
+#define SPIN_NS 200000 /* how long an idle worker spins before it sleeps */
+
+int ember_kernels_abi(void) { return 2; }
+
+/* What the build uses for integer dot products: 2 = AVX-512 VNNI, 1 = AVX-VNNI, 0 = AVX2 maddubs. */
+int ember_kernels_isa(void) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return 2;
+#elif defined(__AVXVNNI__)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* GGML type ids (ggml.h) */
+enum { T_F16 = 1, T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q5_1 = 7, T_Q8_0 = 8, T_Q4_K = 12, T_Q5_K = 13,
+       T_Q6_K = 14, T_IQ4_NL = 20, T_IQ4_XS = 23, T_BF16 = 30 };
+
+/* ---------------------------------------------------------------------------------------- SIMD helpers */
+
+INLINE float f16(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+    return _cvtsh_ss(h);
+}
+
+INLINE float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* 8 int32 sums of 4 products each of unsigned a and signed b bytes: lanes 0-3 cover bytes 0-15. */
+INLINE __m256i dot_u8s8(__m256i a, __m256i b) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), a, b);
+#elif defined(__AVXVNNI__)
+    return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), a, b);
+#else
+    /* pairs of products fit int16: |a| <= 128 and |b| <= 127 in every caller */
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1));
+#endif
+}
+
+/* 16 bytes of packed nibbles -> 32 values: the low nibbles, then the high nibbles. */
+INLINE __m256i nibbles32(const uint8_t *p) {
+    const __m128i t = _mm_loadu_si128((const __m128i *)p);
+    return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(t, 4), t), _mm256_set1_epi8(0x0F));
+}
+
+/* Bit j of x -> 0x10 in byte j (the fifth bit of Q5_0/Q5_1 values). */
+INLINE __m256i bit4_of_bits32(uint32_t x) {
+    const __m256i spread = _mm256_setr_epi64x(0, 0x0101010101010101LL, 0x0202020202020202LL,
+                                              0x0303030303030303LL);
+    __m256i v = _mm256_shuffle_epi8(_mm256_set1_epi32((int)x), spread);
+    v = _mm256_or_si256(v, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfeLL));
+    return _mm256_and_si256(_mm256_cmpeq_epi8(v, _mm256_set1_epi64x(-1)), _mm256_set1_epi8(0x10));
+}
+
+INLINE __m256i iq4_lookup(__m256i idx) {
+    const __m128i t = _mm_setr_epi8(-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113);
+    return _mm256_shuffle_epi8(_mm256_set_m128i(t, t), idx);
+}
+
+/* Q4_K / Q5_K: the 6-bit scale and min of sub-block j from the 12 packed bytes. */
+INLINE void scale_min_k4(int j, const uint8_t *q, int *sc, int *m) {
+    if (j < 4) {
+        *sc = q[j] & 63;
+        *m = q[j + 4] & 63;
+    } else {
+        *sc = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
+        *m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+    }
+}
+
+/* ------------------------------------------------------------------------- one 32-value unit per type */
+
+/* A unit of a weight row: 32 values in int8 lanes (unsigned 0..31, or signed), its scale s, and its offset o
+ * (w = s * q + o) for unsigned types. */
+typedef struct {
+    __m256i q;
+    float s, o;
+} unit_t;
+
+INLINE void unit_q4_0(const uint8_t *b, int u, unit_t *w) {
+    (void)u;
+    w->s = f16(b);
+    w->o = -8.0f * w->s;
+    w->q = nibbles32(b + 2);
+}
+
+INLINE void unit_q4_1(const uint8_t *b, int u, unit_t *w) {
+    (void)u;
+    w->s = f16(b);
+    w->o = f16(b + 2);
+    w->q = nibbles32(b + 4);
+}
+
+INLINE void unit_q5_0(const uint8_t *b, int u, unit_t *w) {
+    (void)u;
+    uint32_t qh;
+    memcpy(&qh, b + 2, 4);
+    w->s = f16(b);
+    w->o = -16.0f * w->s;
+    w->q = _mm256_or_si256(nibbles32(b + 6), bit4_of_bits32(qh));
+}
+
+INLINE void unit_q5_1(const uint8_t *b, int u, unit_t *w) {
+    (void)u;
+    uint32_t qh;
+    memcpy(&qh, b + 4, 4);
+    w->s = f16(b);
+    w->o = f16(b + 2);
+    w->q = _mm256_or_si256(nibbles32(b + 8), bit4_of_bits32(qh));
+}
+
+INLINE void unit_q8_0(const uint8_t *b, int u, unit_t *w) {
+    (void)u;
+    w->s = f16(b);
+    w->q = _mm256_loadu_si256((const __m256i *)(b + 2));
+}
+
+INLINE void unit_iq4_nl(const uint8_t *b, int u, unit_t *w) {
+    (void)u;
+    w->s = f16(b);
+    w->q = iq4_lookup(nibbles32(b + 2));
+}
+
+INLINE void unit_iq4_xs(const uint8_t *b, int u, unit_t *w) {
+    uint16_t sh;
+    memcpy(&sh, b + 2, 2);
+    const int ls = ((b[4 + u / 2] >> (4 * (u % 2))) & 0xF) | (((sh >> (2 * u)) & 3) << 4);
+    w->s = f16(b) * (float)(ls - 32);
+    w->q = iq4_lookup(nibbles32(b + 8 + 16 * u));
+}
+
+/* ------------------------------------------------------------------------------- quantized activations */
+
+typedef struct {
+    const int8_t *q; /* [B, K] */
+    const float *d;  /* [B, K / 32] scale per block */
+    const float *m;  /* [B, K / 32] d * sum(q) per block */
+    int64_t K;
+} act_t;
+
+INLINE float fp16_round(float f) { return _cvtsh_ss(_cvtss_sh(f, 0)); }
+
+/* One row of x -> int8 in blocks of 256 as ggml's Q8_K: iscale = -127 / (the value of largest magnitude),
+ * q = round(x * iscale) (ties to even) capped at 127, d = 1 / iscale. d and m are written per 32 values. */
+static void quantize_row_k(const float *x, int64_t K, int8_t *q, float *d, float *m) {
+    for (int64_t sb = 0; sb < K / 256; sb++) {
+        const float *xb = x + 256 * sb;
+        float amax = 0.0f, extreme = 0.0f;
+        for (int i = 0; i < 256; i++) {
+            const float a = xb[i] < 0 ? -xb[i] : xb[i];
+            if (a > amax) {
+                amax = a;
+                extreme = xb[i];
+            }
+        }
+        const float iscale = amax > 0.0f ? -127.0f / extreme : 0.0f, scale = amax > 0.0f ? 1.0f / iscale : 0.0f;
+        const __m256 inv = _mm256_set1_ps(iscale);
+        for (int g = 0; g < 8; g++) {
+            __m256i sum = _mm256_setzero_si256(), i32[4];
+            for (int i = 0; i < 4; i++) {
+                i32[i] = _mm256_min_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xb + 32 * g + 8 * i), inv)),
+                                          _mm256_set1_epi32(127));
+                sum = _mm256_add_epi32(sum, i32[i]);
+            }
+            const __m256i p16a = _mm256_packs_epi32(i32[0], i32[1]), p16b = _mm256_packs_epi32(i32[2], i32[3]);
+            const __m256i p8 = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(p16a, p16b),
+                                                           _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+            _mm256_storeu_si256((__m256i *)(q + 256 * sb + 32 * g), p8);
+            __m128i s = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+            s = _mm_hadd_epi32(s, s);
+            s = _mm_hadd_epi32(s, s);
+            d[8 * sb + g] = scale;
+            m[8 * sb + g] = scale * (float)_mm_cvtsi128_si32(s);
+        }
+    }
+}
+
+/* One row of x -> int8 blocks of 32 as ggml's Q8_0: q = round(x * 127 / amax) (ties to even), d = amax / 127
+ * rounded to fp16. */
+static void quantize_row_0(const float *x, int64_t K, int8_t *q, float *d, float *m) {
+    const __m256 sign_bit = _mm256_set1_ps(-0.0f);
+    for (int64_t g = 0; g < K / 32; g++) {
+        const float *xb = x + 32 * g;
+        __m256 v[4], amax = _mm256_setzero_ps();
+        for (int i = 0; i < 4; i++) {
+            v[i] = _mm256_loadu_ps(xb + 8 * i);
+            amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign_bit, v[i]));
+        }
+        __m128 mx = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+        mx = _mm_max_ps(mx, _mm_movehl_ps(mx, mx));
+        mx = _mm_max_ss(mx, _mm_movehdup_ps(mx));
+        const float top = _mm_cvtss_f32(mx), scale = fp16_round(top / 127.0f);
+        const __m256 inv = _mm256_set1_ps(top > 0.0f ? 127.0f / top : 0.0f);
+        __m256i i32[4], sum = _mm256_setzero_si256();
+        for (int i = 0; i < 4; i++) {
+            i32[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv));
+            sum = _mm256_add_epi32(sum, i32[i]);
+        }
+        /* packs interleave 128-bit lanes; the permute restores order */
+        const __m256i p16a = _mm256_packs_epi32(i32[0], i32[1]), p16b = _mm256_packs_epi32(i32[2], i32[3]);
+        const __m256i p8 = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(p16a, p16b),
+                                                       _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256((__m256i *)(q + 32 * g), p8);
+        __m128i s = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+        s = _mm_hadd_epi32(s, s);
+        s = _mm_hadd_epi32(s, s);
+        d[g] = scale;
+        m[g] = scale * (float)_mm_cvtsi128_si32(s);
+    }
+}
+
+/* ----------------------------------------------------------------------- quantized tiles and row ranges */
+
+/* The rows r0..r1 of a weight against every row of x, TILE_B rows of x at a time (NAME##_tile below). */
+#define DEFINE_ROWS(NAME)                                                                                         \
+    static void NAME##_rows(const uint8_t *w, int64_t row_bytes, int64_t r0, int64_t r1, const act_t *a,        \
+                            int64_t B, float *y, int64_t ldy) {                                                  \
+        for (int64_t b = 0; b < B; b += TILE_B) {                                                                \
+            const int64_t nb = B - b < TILE_B ? B - b : TILE_B;                                                  \
+            for (int64_t r = r0; r < r1; r++) {                                                                  \
+                const uint8_t *row = w + r * row_bytes;                                                          \
+                float *out = y + b * ldy + r;                                                                    \
+                switch (nb) {                                                                                    \
+                case 4: NAME##_tile(row, a, b, out, ldy, 4); break;                                              \
+                case 3: NAME##_tile(row, a, b, out, ldy, 3); break;                                              \
+                case 2: NAME##_tile(row, a, b, out, ldy, 2); break;                                              \
+                default: NAME##_tile(row, a, b, out, ldy, 1); break;                                             \
+                }                                                                                                \
+            }                                                                                                    \
+        }                                                                                                        \
+    }
+
+/* 32-value units with a float scale each: y[j * ldy] = dot(weight row, x row b + j) for j < NB. NB, UNITS,
+ * SIGNED and OFFSET are constants after inlining, so every type gets its own specialised loop. */
+#define DEFINE_QUANT_KERNEL(NAME, BLOCK_BYTES, UNITS, SIGNED, OFFSET)                                            \
+    INLINE void NAME##_tile(const uint8_t *row, const act_t *a, int64_t b, float *y, int64_t ldy, const int NB) { \
+        const int64_t groups = a->K / 32, nblocks = groups / (UNITS);                                            \
+        __m256 acc[TILE_B];                                                                                      \
+        float off[TILE_B];                                                                                       \
+        for (int j = 0; j < NB; j++) {                                                                           \
+            acc[j] = _mm256_setzero_ps();                                                                        \
+            off[j] = 0.0f;                                                                                       \
+        }                                                                                                        \
+        for (int64_t ib = 0; ib < nblocks; ib++) {                                                               \
+            const uint8_t *blk = row + ib * (BLOCK_BYTES);                                                       \
+            for (int u = 0; u < (UNITS); u++) {                                                                  \
+                unit_t w;                                                                                        \
+                unit_##NAME(blk, u, &w);                                                                         \
+                const int64_t g = ib * (UNITS) + u;                                                              \
+                const __m256i wq = SIGNED ? _mm256_sign_epi8(w.q, w.q) : w.q;                                    \
+                for (int j = 0; j < NB; j++) {                                                                   \
+                    __m256i xq = _mm256_loadu_si256((const __m256i *)(a->q + (b + j) * a->K + 32 * g));         \
+                    if (SIGNED) xq = _mm256_sign_epi8(xq, w.q);                                                  \
+                    const __m256 p = _mm256_cvtepi32_ps(dot_u8s8(wq, xq));                                       \
+                    const float dx = a->d[(b + j) * groups + g];                                                 \
+                    acc[j] = _mm256_fmadd_ps(p, _mm256_set1_ps(w.s * dx), acc[j]);                               \
+                    if (OFFSET) off[j] += w.o * a->m[(b + j) * groups + g];                                      \
+                }                                                                                                \
+            }                                                                                                    \
+        }                                                                                                        \
+        for (int j = 0; j < NB; j++) y[j * ldy] = hsum(acc[j]) + off[j];                                         \
+    }                                                                                                            \
+    DEFINE_ROWS(NAME)
+
+/*                  name    bytes units signed offset */
+DEFINE_QUANT_KERNEL(q4_0,   18,   1,    0,     1)
+DEFINE_QUANT_KERNEL(q4_1,   20,   1,    0,     1)
+DEFINE_QUANT_KERNEL(q5_0,   22,   1,    0,     1)
+DEFINE_QUANT_KERNEL(q5_1,   24,   1,    0,     1)
+DEFINE_QUANT_KERNEL(q8_0,   34,   1,    1,     0)
+DEFINE_QUANT_KERNEL(iq4_nl, 18,   1,    1,     0)
+DEFINE_QUANT_KERNEL(iq4_xs, 136,  8,    1,     0)
+
+/* -------------------------------------------------------------- K-quants: integer sums per super-block */
+
+/* With Q8_K activations (one scale per 256 values), a K-quant super-block's sub-block scales are small
+ * integers: products are summed in int32 with the scales applied by madd (maddubs gives int16 pairs, madd
+ * multiplies them by the scale and adds), and only the super-block total is converted to float. */
+
+/* int16 lane i of each 128-bit half -> every lane of that half: shuffle masks, one per lane */
+static const int8_t broadcast16[8][32] __attribute__((aligned(32))) = {
+#define B16(i) {2 * i, 2 * i + 1, 2 * i, 2 * i + 1, 2 * i, 2 * i + 1, 2 * i, 2 * i + 1, 2 * i, 2 * i + 1, 2 * i,    \
+                 2 * i + 1, 2 * i, 2 * i + 1, 2 * i, 2 * i + 1, 2 * i, 2 * i + 1, 2 * i, 2 * i + 1, 2 * i, 2 * i + 1,  \
+                 2 * i, 2 * i + 1, 2 * i, 2 * i + 1, 2 * i, 2 * i + 1, 2 * i, 2 * i + 1, 2 * i, 2 * i + 1}
+    B16(0), B16(1), B16(2), B16(3), B16(4), B16(5), B16(6), B16(7)
+#undef B16
+};
+
+INLINE __m256i broadcast_lane16(__m256i v, int i) {
+    return _mm256_shuffle_epi8(v, _mm256_load_si256((const __m256i *)broadcast16[i]));
+}
+
+/* The 12 packed bytes of Q4_K/Q5_K scales and mins -> sc[0..7], m[0..7] as 16 bytes. */
+INLINE __m128i k4_scales_mins(const uint8_t *p) {
+    uint32_t u[4];
+    memcpy(u, p, 12);
+    const uint32_t m1 = 0x3f3f3f3f, m2 = 0x0f0f0f0f, m3 = 0x03030303;
+    u[3] = ((u[2] >> 4) & m2) | (((u[1] >> 6) & m3) << 4);
+    const uint32_t mins_lo = u[1] & m1;
+    u[1] = (u[2] & m2) | (((u[0] >> 6) & m3) << 4);
+    u[2] = mins_lo;
+    u[0] &= m1;
+    return _mm_loadu_si128((const __m128i *)u);
+}
+
+/* Q4_K and Q5_K (HIGH_BITS): w = d * sc_j * q - dmin * m_j for sub-block j of 32 values. */
+#define DEFINE_K4_KERNEL(NAME, BLOCK_BYTES, HIGH_BITS)                                                            \
+    INLINE void NAME##_tile(const uint8_t *row, const act_t *a, int64_t b, float *y, int64_t ldy, const int NB) { \
+        const int64_t groups = a->K / 32;                                                                        \
+        const __m256i low4 = _mm256_set1_epi8(0x0F);                                                             \
+        __m256 acc[TILE_B], accm[TILE_B];                                                                        \
+        for (int j = 0; j < NB; j++) acc[j] = accm[j] = _mm256_setzero_ps();                                     \
+        for (int64_t sb = 0; sb < a->K / 256; sb++) {                                                            \
+            const uint8_t *blk = row + sb * (BLOCK_BYTES);                                                       \
+            const __m128i sm = k4_scales_mins(blk + 4);                                                          \
+            const __m256i scales = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(sm));                         \
+            const __m256 mins = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(sm, 8))),   \
+                                              _mm256_set1_ps(-f16(blk + 2)));                                    \
+            const float d = f16(blk);                                                                            \
+            const uint8_t *qs = blk + (HIGH_BITS ? 48 : 16);                                                     \
+            const __m256i qh = HIGH_BITS ? _mm256_loadu_si256((const __m256i *)(blk + 16)) : _mm256_setzero_si256(); \
+            __m256i sumi[TILE_B];                                                                                \
+            for (int j = 0; j < NB; j++) sumi[j] = _mm256_setzero_si256();                                       \
+            for (int c = 0; c < 4; c++) {                                                                        \
+                const __m256i bits = _mm256_loadu_si256((const __m256i *)(qs + 32 * c));                        \
+                __m256i lo = _mm256_and_si256(bits, low4), hi = _mm256_and_si256(_mm256_srli_epi16(bits, 4), low4); \
+                if (HIGH_BITS) {                                                                                 \
+                    const __m256i one = _mm256_set1_epi8(1);                                                     \
+                    lo = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(                                 \
+                        _mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * c)), one), 4));                               \
+                    hi = _mm256_or_si256(hi, _mm256_slli_epi16(_mm256_and_si256(                                 \
+                        _mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * c + 1)), one), 4));                           \
+                }                                                                                                \
+                const __m256i sl = broadcast_lane16(scales, 2 * c), sh = broadcast_lane16(scales, 2 * c + 1);    \
+                for (int j = 0; j < NB; j++) {                                                                   \
+                    const int8_t *xq = a->q + (b + j) * a->K + 256 * sb + 64 * c;                                \
+                    const __m256i pl = _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)xq));        \
+                    const __m256i ph = _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(xq + 32))); \
+                    sumi[j] = _mm256_add_epi32(sumi[j], _mm256_add_epi32(_mm256_madd_epi16(sl, pl),              \
+                                                                         _mm256_madd_epi16(sh, ph)));            \
+                }                                                                                                \
+            }                                                                                                    \
+            for (int j = 0; j < NB; j++) {                                                                       \
+                const int64_t g = (b + j) * groups + 8 * sb;                                                     \
+                acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(d * a->d[g]), _mm256_cvtepi32_ps(sumi[j]), acc[j]);      \
+                accm[j] = _mm256_fmadd_ps(mins, _mm256_loadu_ps(a->m + g), accm[j]);                             \
+            }                                                                                                    \
+        }                                                                                                        \
+        for (int j = 0; j < NB; j++) y[j * ldy] = hsum(_mm256_add_ps(acc[j], accm[j]));                          \
+    }                                                                                                            \
+    DEFINE_ROWS(NAME)
+
+DEFINE_K4_KERNEL(q4_k, 144, 0)
+DEFINE_K4_KERNEL(q5_k, 176, 1)
+
+/* Q6_K: w = d * sc_i * (q - 32) with one int8 scale sc_i per 16 values. q - 32 is signed, so the products
+ * take |w| and x * sign(w). In each half of 128 values, unit k (32 values) takes the low (k < 2) or high
+ * nibbles of ql[32 * (k & 1)...] and bits 2k..2k+1 of qh; its two 16-value halves use sc[2k] and sc[2k+1]. */
+INLINE void q6_k_tile(const uint8_t *row, const act_t *a, int64_t b, float *y, int64_t ldy, const int NB) {
+    const int64_t groups = a->K / 32;
+    const __m256i low4 = _mm256_set1_epi8(0x0F), three = _mm256_set1_epi8(3), k32 = _mm256_set1_epi8(32);
+    __m256 acc[TILE_B];
+    for (int j = 0; j < NB; j++) acc[j] = _mm256_setzero_ps();
+    for (int64_t sb = 0; sb < a->K / 256; sb++) {
+        const uint8_t *blk = row + sb * 210;
+        const float d = f16(blk + 208);
+        __m256i sumi[TILE_B];
+        for (int j = 0; j < NB; j++) sumi[j] = _mm256_setzero_si256();
+        for (int half = 0; half < 2; half++) {
+            /* lanes: [sc 8h .. 8h+7] in both 128-bit halves; unit k uses lane 2k below, 2k+1 above */
+            const __m256i sc = _mm256_broadcastsi128_si256(
+                _mm_cvtepi8_epi16(_mm_loadl_epi64((const __m128i *)(blk + 192 + 8 * half))));
+            const __m256i qh = _mm256_loadu_si256((const __m256i *)(blk + 128 + 32 * half));
+            for (int k = 0; k < 4; k++) {
+                const __m256i ql = _mm256_loadu_si256((const __m256i *)(blk + 64 * half + 32 * (k & 1)));
+                const __m256i lo = _mm256_and_si256(k >> 1 ? _mm256_srli_epi16(ql, 4) : ql, low4);
+                const __m256i hi = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * k)), three);
+                const __m256i w = _mm256_sub_epi8(_mm256_or_si256(lo, _mm256_slli_epi16(hi, 4)), k32);
+                const __m256i wabs = _mm256_sign_epi8(w, w);
+                const __m256i scale = _mm256_blend_epi32(broadcast_lane16(sc, 2 * k), broadcast_lane16(sc, 2 * k + 1),
+                                                         0xF0);
+                for (int j = 0; j < NB; j++) {
+                    const __m256i xq = _mm256_loadu_si256(
+                        (const __m256i *)(a->q + (b + j) * a->K + 256 * sb + 128 * half + 32 * k));
+                    const __m256i p = _mm256_maddubs_epi16(wabs, _mm256_sign_epi8(xq, w));
+                    sumi[j] = _mm256_add_epi32(sumi[j], _mm256_madd_epi16(scale, p));
+                }
+            }
+        }
+        for (int j = 0; j < NB; j++)
+            acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(d * a->d[(b + j) * groups + 8 * sb]), _mm256_cvtepi32_ps(sumi[j]),
+                                     acc[j]);
+    }
+    for (int j = 0; j < NB; j++) y[j * ldy] = hsum(acc[j]);
+}
+DEFINE_ROWS(q6_k)
+
+/* ---------------------------------------------------------------------------------- bf16 / f16 weights */
+
+INLINE __m256 widen_bf16(const uint16_t *p) {
+    const __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+}
+
+INLINE __m256 widen_f16(const uint16_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
+
+INLINE float bf16_scalar(uint16_t h) {
+    const uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* R weight rows by NB rows of x: each 8 weights are widened once and used NB times. */
+#define DEFINE_HALF_KERNEL(NAME, WIDEN, SCALAR)                                                                   \
+    INLINE void NAME##_tile(const uint16_t *w, int64_t K, const float *x, int64_t ldx, float *y, int64_t ldy,   \
+                            const int R, const int NB) {                                                         \
+        __m256 acc[2][TILE_B];                                                                                   \
+        for (int r = 0; r < R; r++)                                                                              \
+            for (int j = 0; j < NB; j++) acc[r][j] = _mm256_setzero_ps();                                        \
+        int64_t k = 0;                                                                                           \
+        for (; k + 8 <= K; k += 8) {                                                                             \
+            __m256 wv[2];                                                                                        \
+            for (int r = 0; r < R; r++) wv[r] = WIDEN(w + r * K + k);                                            \
+            for (int j = 0; j < NB; j++) {                                                                       \
+                const __m256 xv = _mm256_loadu_ps(x + j * ldx + k);                                              \
+                for (int r = 0; r < R; r++) acc[r][j] = _mm256_fmadd_ps(wv[r], xv, acc[r][j]);                   \
+            }                                                                                                    \
+        }                                                                                                        \
+        for (int r = 0; r < R; r++)                                                                              \
+            for (int j = 0; j < NB; j++) {                                                                       \
+                float s = hsum(acc[r][j]);                                                                       \
+                for (int64_t t = k; t < K; t++) s += SCALAR(w[r * K + t]) * x[j * ldx + t];                      \
+                y[j * ldy + r] = s;                                                                              \
+            }                                                                                                    \
+    }                                                                                                            \
+    static void NAME##_rows(const uint8_t *wbytes, int64_t row_bytes, int64_t r0, int64_t r1, const float *x,   \
+                            int64_t K, int64_t B, float *y, int64_t ldy) {                                       \
+        (void)row_bytes;                                                                                         \
+        const uint16_t *w = (const uint16_t *)wbytes;                                                            \
+        for (int64_t b = 0; b < B; b += TILE_B) {                                                                \
+            const int64_t nb = B - b < TILE_B ? B - b : TILE_B;                                                  \
+            for (int64_t r = r0; r < r1; r += 2) {                                                               \
+                const uint16_t *wr = w + r * K;                                                                  \
+                const float *xb = x + b * K;                                                                     \
+                float *out = y + b * ldy + r;                                                                    \
+                const int two = r + 1 < r1;                                                                      \
+                if (nb == 4 && two) NAME##_tile(wr, K, xb, K, out, ldy, 2, 4);                                   \
+                else if (nb == 1 && two) NAME##_tile(wr, K, xb, K, out, ldy, 2, 1);                              \
+                else                                                                                             \
+                    for (int64_t j = 0; j < nb; j++)                                                             \
+                        for (int64_t rr = r; rr < r + 1 + two; rr++)                                             \
+                            NAME##_tile(w + rr * K, K, xb + j * K, K, y + (b + j) * ldy + rr, ldy, 1, 1);       \
+            }                                                                                                    \
+        }                                                                                                        \
+    }
+
+DEFINE_HALF_KERNEL(bf16, widen_bf16, bf16_scalar)
+DEFINE_HALF_KERNEL(f16, widen_f16, _cvtsh_ss)
+
+/* ---------------------------------------------------------------------------------------- thread pool */
+
+typedef void (*job_fn)(void *ctx, int64_t chunk);
+
+static pthread_mutex_t call_lock = PTHREAD_MUTEX_INITIALIZER; /* one parallel call at a time */
+static pthread_mutex_t pool_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t pool_cv = PTHREAD_COND_INITIALIZER;
+static int pool_size; /* workers started (never stopped) */
+static atomic_uint pool_generation;
+static atomic_int pool_sleepers, pool_pending;
+static atomic_llong pool_next;
+static job_fn pool_job;
+static void *pool_ctx;
+static int64_t pool_chunks;
+static int pool_active; /* workers taking part in the current job: ids below it */
+static unsigned pool_born[MAX_THREADS]; /* the generation current when each worker was started */
+
+static int64_t now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000000000LL + t.tv_nsec;
+}
+
+static void run_chunks(void) {
+    int64_t c;
+    while ((c = atomic_fetch_add(&pool_next, 1)) < pool_chunks) pool_job(pool_ctx, c);
+}
+
+static void *worker_main(void *arg) {
+    const int id = (int)(intptr_t)arg;
+    unsigned seen = pool_born[id]; /* not a fresh load: the first job may already be published */
+    for (;;) {
+        unsigned g = atomic_load(&pool_generation);
+        if (g == seen) {
+            const int64_t until = now_ns() + SPIN_NS;
+            for (int i = 0; (g = atomic_load(&pool_generation)) == seen; i++) {
+                _mm_pause();
+                if ((i & 255) == 255 && now_ns() > until) {
+                    pthread_mutex_lock(&pool_mu);
+                    atomic_fetch_add(&pool_sleepers, 1);
+                    while ((g = atomic_load(&pool_generation)) == seen) pthread_cond_wait(&pool_cv, &pool_mu);
+                    atomic_fetch_sub(&pool_sleepers, 1);
+                    pthread_mutex_unlock(&pool_mu);
+                    break;
+                }
+            }
+        }
+        seen = g;
+        /* every worker reports every generation, so none can miss one and act on the next job's fields */
+        if (id < pool_active) run_chunks();
+        atomic_fetch_sub(&pool_pending, 1);
+    }
+    return NULL;
+}
+
+static void reset_after_fork(void) {
+    /* the child has none of the parent's threads */
+    pool_size = 0;
+    pthread_mutex_init(&call_lock, NULL);
+    pthread_mutex_init(&pool_mu, NULL);
+    pthread_cond_init(&pool_cv, NULL);
+    atomic_store(&pool_sleepers, 0);
+}
+
+static void parallel_for(int nthreads, job_fn fn, void *ctx, int64_t chunks) {
+    static int atfork_set;
+    if (!atfork_set) {
+        pthread_atfork(NULL, NULL, reset_after_fork);
+        atfork_set = 1;
+    }
+    if (nthreads > MAX_THREADS) nthreads = MAX_THREADS;
+    if (nthreads > chunks) nthreads = (int)chunks;
+    while (pool_size < nthreads - 1) {
+        pthread_t t;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        pool_born[pool_size] = atomic_load(&pool_generation);
+        const int ok = pthread_create(&t, &attr, worker_main, (void *)(intptr_t)pool_size) == 0;
+        pthread_attr_destroy(&attr);
+        if (!ok) break;
+        pool_size++;
+    }
+    if (nthreads <= 1 || pool_size == 0) {
+        for (int64_t c = 0; c < chunks; c++) fn(ctx, c);
+        return;
+    }
+    pool_job = fn;
+    pool_ctx = ctx;
+    pool_chunks = chunks;
+    pool_active = nthreads - 1;
+    atomic_store(&pool_next, 0);
+    atomic_store(&pool_pending, pool_size);
+    atomic_fetch_add(&pool_generation, 1);
+    if (atomic_load(&pool_sleepers) > 0) {
+        pthread_mutex_lock(&pool_mu);
+        pthread_cond_broadcast(&pool_cv);
+        pthread_mutex_unlock(&pool_mu);
+    }
+    run_chunks();
+    while (atomic_load(&pool_pending) > 0) _mm_pause();
+}
+
+/* ------------------------------------------------------------------------------------------ entry point */
+
+typedef void (*quant_rows_fn)(const uint8_t *, int64_t, int64_t, int64_t, const act_t *, int64_t, float *,
+                              int64_t);
+typedef void (*half_rows_fn)(const uint8_t *, int64_t, int64_t, int64_t, const float *, int64_t, int64_t,
+                             float *, int64_t);
+
+static quant_rows_fn quant_kernel(int type) {
+    switch (type) {
+    case T_Q4_0: return q4_0_rows;
+    case T_Q4_1: return q4_1_rows;
+    case T_Q5_0: return q5_0_rows;
+    case T_Q5_1: return q5_1_rows;
+    case T_Q8_0: return q8_0_rows;
+    case T_IQ4_NL: return iq4_nl_rows;
+    case T_IQ4_XS: return iq4_xs_rows;
+    case T_Q4_K: return q4_k_rows;
+    case T_Q5_K: return q5_k_rows;
+    case T_Q6_K: return q6_k_rows;
+    default: return NULL;
+    }
+}
+
+static int block_values(int type) {
+    switch (type) {
+    case T_IQ4_XS: case T_Q4_K: case T_Q5_K: case T_Q6_K: return 256;
+    case T_BF16: case T_F16: return 1;
+    default: return 32;
+    }
+}
+
+int ember_supports(int type) { return quant_kernel(type) != NULL || type == T_BF16 || type == T_F16; }
+
+#define MAX_SEGMENTS 8
+
+typedef struct {
+    int nseg;
+    const uint8_t *w[MAX_SEGMENTS];
+    int64_t row_bytes[MAX_SEGMENTS], rows[MAX_SEGMENTS], first[MAX_SEGMENTS + 1]; /* first: prefix of rows */
+    int type[MAX_SEGMENTS];
+    const float *x;
+    int k_activations; /* Q8_K-style (per 256) rather than Q8_0-style activations */
+    act_t act;
+    int64_t B, K, rows_per_chunk, ldy;
+    float *y;
+} job_t;
+
+static void quantize_job(void *ctx, int64_t b) {
+    job_t *j = ctx;
+    const int64_t g = j->K / 32;
+    (j->k_activations ? quantize_row_k : quantize_row_0)(j->x + b * j->K, j->K, (int8_t *)j->act.q + b * j->K,
+                                                         (float *)j->act.d + b * g, (float *)j->act.m + b * g);
+}
+
+static void matmul_job(void *ctx, int64_t chunk) {
+    job_t *j = ctx;
+    int64_t r0 = chunk * j->rows_per_chunk, r1 = r0 + j->rows_per_chunk;
+    if (r1 > j->first[j->nseg]) r1 = j->first[j->nseg];
+    for (int s = 0; s < j->nseg && r0 < r1; s++) {
+        const int64_t lo = j->first[s], hi = j->first[s + 1];
+        if (r0 >= hi) continue;
+        const int64_t e = r1 < hi ? r1 : hi;
+        float *y = j->y + lo; /* this segment's columns */
+        if (j->type[s] == T_BF16)
+            bf16_rows(j->w[s], j->row_bytes[s], r0 - lo, e - lo, j->x, j->K, j->B, y, j->ldy);
+        else if (j->type[s] == T_F16)
+            f16_rows(j->w[s], j->row_bytes[s], r0 - lo, e - lo, j->x, j->K, j->B, y, j->ldy);
+        else
+            quant_kernel(j->type[s])(j->w[s], j->row_bytes[s], r0 - lo, e - lo, &j->act, j->B, y, j->ldy);
+        r0 = e;
+    }
+}
+
+static int8_t *scratch;
+static size_t scratch_bytes;
+
+/* y[B, ldy] (columns 0 .. sum(rows)) = x[B, K] @ concat(w_s).T for nseg weights of the same K.
+ * Returns 0, or -1 for an unsupported type, a K that is not whole blocks, or no memory. */
+int ember_matmul(const float *x, int64_t B, int64_t K, int nseg, const void *const *w, const int *types,
+                 const int64_t *rows, const int64_t *row_bytes, float *y, int64_t ldy, int nthreads) {
+    if (nseg < 1 || nseg > MAX_SEGMENTS || B < 1 || K < 1) return -1;
+    job_t j = {.nseg = nseg, .x = x, .B = B, .K = K, .ldy = ldy, .y = y};
+    int quantized = 0, per32 = 0;
+    j.first[0] = 0;
+    for (int s = 0; s < nseg; s++) {
+        if (!ember_supports(types[s]) || K % block_values(types[s])) return -1;
+        if (quant_kernel(types[s]) != NULL) {
+            quantized = 1;
+            if (block_values(types[s]) == 256) j.k_activations = 1;
+            else per32 = 1;
+        }
+        j.w[s] = w[s];
+        j.type[s] = types[s];
+        j.rows[s] = rows[s];
+        j.row_bytes[s] = row_bytes[s];
+        j.first[s + 1] = j.first[s] + rows[s];
+    }
+    if (j.k_activations && per32) return -1; /* one activation format per call */
+    const int64_t total = j.first[nseg];
+    if (total == 0) return 0;
+    if (nthreads < 1) nthreads = 1;
+    pthread_mutex_lock(&call_lock);
+    if (quantized) {
+        const size_t need = (size_t)B * K + 2 * sizeof(float) * (size_t)B * (K / 32) + 64;
+        if (need > scratch_bytes) {
+            free(scratch);
+            scratch = aligned_alloc(64, (need + 63) / 64 * 64);
+            scratch_bytes = scratch ? need : 0;
+            if (!scratch) {
+                pthread_mutex_unlock(&call_lock);
+                return -1;
+            }
+        }
+        float *d = (float *)(((uintptr_t)(scratch + (size_t)B * K) + 63) & ~(uintptr_t)63);
+        j.act = (act_t){.q = scratch, .d = d, .m = d + (size_t)B * (K / 32), .K = K};
+        if (B >= 16)
+            parallel_for(nthreads, quantize_job, &j, B);
+        else
+            for (int64_t b = 0; b < B; b++) quantize_job(&j, b);
+    }
+    /* enough chunks for dynamic balance (8 per thread), each a whole number of row pairs */
+    int64_t per = total / ((int64_t)nthreads * 8);
+    per = per < 2 ? 2 : per + (per & 1);
+    j.rows_per_chunk = per;
+    parallel_for(nthreads, matmul_job, &j, (total + per - 1) / per);
+    pthread_mutex_unlock(&call_lock);
+    return 0;
+}

@@ -1,0 +1,59 @@
+"""Matrix products on weights in their GGUF layout through the native library (see ggml_matmul.c)."""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from ember.kernels.native import library
+from ember.quant.types import BLOCK_SIZES, GGMLType
+
+# The types ggml_matmul.c multiplies directly (the others stay on the torch path).
+NATIVE_TYPES = frozenset({
+    GGMLType.F16, GGMLType.BF16, GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q8_0,
+    GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K, GGMLType.IQ4_NL, GGMLType.IQ4_XS,
+})
+MAX_SEGMENTS = 8  # ggml_matmul.c's MAX_SEGMENTS
+
+
+def available(ggml_type: GGMLType, in_features: int) -> bool:
+    """Whether a [*, in_features] weight of this type can run natively on this machine's CPU."""
+    return (ggml_type in NATIVE_TYPES and in_features % BLOCK_SIZES[ggml_type][0] == 0
+            and library() is not None)
+
+
+class NativeMatmul:
+    """x [B, K] -> float32 [B, sum of rows]: one call for several weights of the same K (fused projections).
+
+    The activations are quantized (for the quantized types) once per call, not once per weight. Each weight is
+    a uint8 tensor [rows, row_bytes] in the file's layout, kept alive here since the library reads its address.
+    """
+
+    def __init__(self, weights: list[tuple[torch.Tensor, GGMLType]], in_features: int):
+        if not 1 <= len(weights) <= MAX_SEGMENTS:
+            raise ValueError(f"1 to {MAX_SEGMENTS} weights per call, not {len(weights)}")
+        self.lib = library()
+        if self.lib is None:
+            raise RuntimeError("native kernels are unavailable")
+        self.in_features = in_features
+        self._weights = [w.contiguous() for w, _ in weights]
+        n = len(weights)
+        self._n = n
+        self._ptrs = (ctypes.c_void_p * n)(*(w.data_ptr() for w in self._weights))
+        self._types = (ctypes.c_int * n)(*(int(t) for _, t in weights))
+        self._rows = (ctypes.c_int64 * n)(*(w.shape[0] for w in self._weights))
+        self._row_bytes = (ctypes.c_int64 * n)(*(w.shape[1] for w in self._weights))
+        self.out_features = sum(w.shape[0] for w in self._weights)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(torch.float32).contiguous()
+        batch = x.shape[0]
+        y = torch.empty(batch, self.out_features, dtype=torch.float32)
+        if batch:
+            rc = self.lib.ember_matmul(x.data_ptr(), batch, self.in_features, self._n, self._ptrs, self._types,
+                                       self._rows, self._row_bytes, y.data_ptr(), self.out_features,
+                                       torch.get_num_threads())
+            if rc:
+                raise RuntimeError(f"native matmul refused its arguments (K={self.in_features})")
+        return y
