@@ -27,6 +27,7 @@
  */
 #include <immintrin.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -116,10 +117,11 @@ INLINE void scale_min_k4(int j, const uint8_t *q, int *sc, int *m) {
 /* ------------------------------------------------------------------------- one 32-value unit per type */
 
 /* A unit of a weight row: 32 values in int8 lanes (unsigned 0..31, or signed), its scale s, and its offset o
- * (w = s * q + o) for unsigned types. */
+ * (w = s * q + o) for unsigned types. The direct kernels below inline these per type; the GEMM path unpacks
+ * whole tiles with them. */
 typedef struct {
     __m256i q;
-    float s, o;
+    float s, s2, o; /* s2: the scale of values 16..31 where the type has 16-value scales (Q6_K) */
 } unit_t;
 
 INLINE void unit_q4_0(const uint8_t *b, int u, unit_t *w) {
@@ -172,6 +174,46 @@ INLINE void unit_iq4_xs(const uint8_t *b, int u, unit_t *w) {
     const int ls = ((b[4 + u / 2] >> (4 * (u % 2))) & 0xF) | (((sh >> (2 * u)) & 3) << 4);
     w->s = f16(b) * (float)(ls - 32);
     w->q = iq4_lookup(nibbles32(b + 8 + 16 * u));
+}
+
+/* Q4_K/Q5_K: unit u is the low (even u) or high (odd u) nibbles of 32 bytes of qs. */
+INLINE __m256i k_nibbles(const uint8_t *qs, int u) {
+    const __m256i v = _mm256_loadu_si256((const __m256i *)(qs + 32 * (u / 2)));
+    return _mm256_and_si256(u & 1 ? _mm256_srli_epi16(v, 4) : v, _mm256_set1_epi8(0x0F));
+}
+
+INLINE void unit_q4_k(const uint8_t *b, int u, unit_t *w) {
+    int sc, m;
+    scale_min_k4(u, b + 4, &sc, &m);
+    w->s = f16(b) * (float)sc;
+    w->o = -f16(b + 2) * (float)m;
+    w->q = k_nibbles(b + 16, u);
+}
+
+INLINE void unit_q5_k(const uint8_t *b, int u, unit_t *w) {
+    int sc, m;
+    scale_min_k4(u, b + 4, &sc, &m);
+    w->s = f16(b) * (float)sc;
+    w->o = -f16(b + 2) * (float)m;
+    const __m256i qh = _mm256_loadu_si256((const __m256i *)(b + 16));
+    const __m256i hi = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(u)), _mm256_set1_epi8(1));
+    w->q = _mm256_or_si256(k_nibbles(b + 48, u), _mm256_slli_epi16(hi, 4));
+}
+
+/* Q6_K: 128 bytes of low nibbles, 64 of 2-bit highs, 16 int8 scales (one per 16 values), fp16 d. In each half
+ * of 128 values, unit k takes the low (k < 2) or high nibbles of ql[32 * (k & 1)...] and bits 2k..2k+1 of
+ * qh; values are q - 32 (signed). */
+INLINE void unit_q6_k(const uint8_t *b, int u, unit_t *w) {
+    const int half = u / 4, k = u % 4;
+    const float d = f16(b + 208);
+    const int8_t *sc = (const int8_t *)(b + 192) + 8 * half + 2 * k;
+    w->s = d * (float)sc[0];
+    w->s2 = d * (float)sc[1];
+    const __m256i ql = _mm256_loadu_si256((const __m256i *)(b + 64 * half + 32 * (k & 1)));
+    const __m256i qh = _mm256_loadu_si256((const __m256i *)(b + 128 + 32 * half));
+    const __m256i lo = _mm256_and_si256(k >> 1 ? _mm256_srli_epi16(ql, 4) : ql, _mm256_set1_epi8(0x0F));
+    const __m256i hi = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * k)), _mm256_set1_epi8(3));
+    w->q = _mm256_sub_epi8(_mm256_or_si256(lo, _mm256_slli_epi16(hi, 4)), _mm256_set1_epi8(32));
 }
 
 /* ------------------------------------------------------------------------------- quantized activations */
@@ -440,6 +482,213 @@ INLINE void q6_k_tile(const uint8_t *row, const act_t *a, int64_t b, float *y, i
 }
 DEFINE_ROWS(q6_k)
 
+/* ------------------------------------------------------------ GEMM: interleaved int8 tiles for many rows */
+
+/* For batches of GEMM_MIN_B rows and more, each task unpacks GEMM_R weight rows into an int8 tile in a
+ * thread-local scratch (a few hundred KB: it stays in L2) laid out so that one vector holds 4 consecutive
+ * values of each of the GEMM_R rows; a broadcast of 4 bytes of x then multiplies all GEMM_R rows at once
+ * (vpdpbusd, or maddubs + madd), summed in int32 over a block of 16 or 32 values, then scaled in float32.
+ * The unpacking costs a few operations per weight once per tile, shared by every row of x.
+ * x enters as unsigned (x + 128) since the instructions take one unsigned operand: each block subtracts
+ * 128 * sum(w), precomputed with the tile. */
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define GEMM_R 16
+#define GEMM_NB 8
+#define GEMM_ANY_W 1 /* vpdpbusd sums in int32: any int8 weight */
+typedef __m512i ivec;
+typedef __m512 fvec;
+#define IV_ZERO() _mm512_setzero_si512()
+#define IV_LOAD(p) _mm512_load_si512((const void *)(p))
+#define IV_SET1(v) _mm512_set1_epi32(v)
+#define IV_SUB(a, b) _mm512_sub_epi32(a, b)
+#define DOT4(acc, xu, w) _mm512_dpbusd_epi32(acc, xu, w)
+#define FV_ZERO() _mm512_setzero_ps()
+#define FV_LOAD(p) _mm512_load_ps(p)
+#define FV_SET1(v) _mm512_set1_ps(v)
+#define FV_CVT(v) _mm512_cvtepi32_ps(v)
+#define FV_MUL(a, b) _mm512_mul_ps(a, b)
+#define FV_FMA(a, b, c) _mm512_fmadd_ps(a, b, c)
+#define FV_STOREU(p, v) _mm512_storeu_ps(p, v)
+#else
+#define GEMM_R 8
+#define GEMM_NB 4
+#define GEMM_ANY_W 0 /* maddubs pairs of (x + 128) * w saturate int16 for |w| > 64: small weights only */
+typedef __m256i ivec;
+typedef __m256 fvec;
+#define IV_ZERO() _mm256_setzero_si256()
+#define IV_LOAD(p) _mm256_load_si256((const __m256i *)(p))
+#define IV_SET1(v) _mm256_set1_epi32(v)
+#define IV_SUB(a, b) _mm256_sub_epi32(a, b)
+#define DOT4(acc, xu, w) _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(xu, w), _mm256_set1_epi16(1)))
+#define FV_ZERO() _mm256_setzero_ps()
+#define FV_LOAD(p) _mm256_load_ps(p)
+#define FV_SET1(v) _mm256_set1_ps(v)
+#define FV_CVT(v) _mm256_cvtepi32_ps(v)
+#define FV_MUL(a, b) _mm256_mul_ps(a, b)
+#define FV_FMA(a, b, c) _mm256_fmadd_ps(a, b, c)
+#define FV_STOREU(p, v) _mm256_storeu_ps(p, v)
+#endif
+#define GEMM_MIN_B 16
+
+typedef struct {
+    int8_t *w;  /* [block][G / 4][GEMM_R][4] */
+    float *s;   /* [block][GEMM_R] scale */
+    float *o;   /* [block][GEMM_R] offset (w = s * q + o) */
+    int32_t *c; /* [block][GEMM_R] 128 * sum(q) */
+} tile_t;
+
+/* Values per tile block: 16 for Q6_K (a scale per 16 values), 32 for the others. */
+static int gemm_block(int type) { return type == T_Q6_K ? 16 : 32; }
+
+/* Whether the tile path takes this type on this build. */
+static int gemm_supports(int type) {
+    switch (type) {
+    case T_Q4_0: case T_Q4_1: case T_Q5_0: case T_Q5_1: case T_Q4_K: case T_Q5_K: case T_Q6_K: return 1;
+    case T_Q8_0: case T_IQ4_NL: case T_IQ4_XS: return GEMM_ANY_W;
+    default: return 0;
+    }
+}
+
+/* Unit g (32 values) of a row of any quantized type. */
+static void unit_of(int type, const uint8_t *row, int64_t g, unit_t *w) {
+    w->o = 0.0f;
+    switch (type) {
+    case T_Q4_0: unit_q4_0(row + 18 * g, 0, w); break;
+    case T_Q4_1: unit_q4_1(row + 20 * g, 0, w); break;
+    case T_Q5_0: unit_q5_0(row + 22 * g, 0, w); break;
+    case T_Q5_1: unit_q5_1(row + 24 * g, 0, w); break;
+    case T_Q8_0: unit_q8_0(row + 34 * g, 0, w); break;
+    case T_IQ4_NL: unit_iq4_nl(row + 18 * g, 0, w); break;
+    case T_IQ4_XS: unit_iq4_xs(row + 136 * (g / 8), (int)(g % 8), w); break;
+    case T_Q4_K: unit_q4_k(row + 144 * (g / 8), (int)(g % 8), w); break;
+    case T_Q5_K: unit_q5_k(row + 176 * (g / 8), (int)(g % 8), w); break;
+    case T_Q6_K: unit_q6_k(row + 210 * (g / 8), (int)(g % 8), w); break;
+    }
+}
+
+/* Rows [0, nrows) of `w` (nrows <= GEMM_R; the rest of the tile is zero) -> the tile. */
+static void unpack_tile(int type, const uint8_t *w, int64_t row_bytes, int nrows, int64_t K, tile_t *t) {
+    const int G = gemm_block(type);
+    const int64_t units = K / 32, per_unit = 32 / G; /* tile blocks per unit */
+    const __m256i ones = _mm256_set1_epi8(1);
+    for (int r = 0; r < GEMM_R; r++) {
+        for (int64_t g = 0; g < units; g++) {
+            int32_t q[8], sums[8];
+            unit_t u = {.q = _mm256_setzero_si256()};
+            if (r < nrows) unit_of(type, w + r * row_bytes, g, &u);
+            else u.s = u.s2 = 0.0f;
+            if (G == 32) u.s2 = u.s;
+            if (type == T_Q4_0 || type == T_Q5_0) { /* w = s * (q - 8 or 16): no offset needed */
+                u.q = _mm256_sub_epi8(u.q, _mm256_set1_epi8(type == T_Q4_0 ? 8 : 16));
+                u.o = 0.0f;
+            }
+            _mm256_storeu_si256((__m256i *)q, u.q);
+            _mm256_storeu_si256((__m256i *)sums, dot_u8s8(ones, u.q)); /* 4-value sums */
+            for (int h = 0; h < per_unit; h++) {
+                const int64_t blk = g * per_unit + h;
+                int32_t *dst = (int32_t *)t->w + blk * (G / 4) * GEMM_R + r;
+                int32_t c = 0;
+                for (int k4 = 0; k4 < G / 4; k4++) {
+                    dst[k4 * GEMM_R] = q[h * (G / 4) + k4];
+                    c += sums[h * (G / 4) + k4];
+                }
+                t->s[blk * GEMM_R + r] = h ? u.s2 : u.s;
+                t->o[blk * GEMM_R + r] = u.o;
+                t->c[blk * GEMM_R + r] = 128 * c;
+            }
+        }
+    }
+}
+
+/* The types whose tile keeps an offset (w = s * q + o); Q4_0/Q5_0 are centred when unpacked instead. */
+static int gemm_offset(int type) { return type == T_Q4_1 || type == T_Q5_1 || type == T_Q4_K || type == T_Q5_K; }
+
+/* NB rows of x (unsigned, x + 128) against a tile: y[j * ldy + r] for r < nrows. */
+INLINE void gemm_micro(const tile_t *t, int64_t nblk, const int G, const int OFF, const uint8_t *xu, int64_t K,
+                       const float *xd, const float *xm, int64_t groups, float *y, int64_t ldy, int nrows,
+                       const int NB) {
+    fvec acc[GEMM_NB];
+    for (int j = 0; j < NB; j++) acc[j] = FV_ZERO();
+    for (int64_t blk = 0; blk < nblk; blk++) {
+        ivec ia[GEMM_NB];
+        for (int j = 0; j < NB; j++) ia[j] = IV_ZERO();
+        const int8_t *wb = t->w + blk * G * GEMM_R;
+        const uint8_t *xb = xu + blk * G;
+        for (int k4 = 0; k4 < G / 4; k4++) {
+            const ivec wv = IV_LOAD(wb + k4 * 4 * GEMM_R);
+            for (int j = 0; j < NB; j++) {
+                int32_t x4;
+                memcpy(&x4, xb + j * K + 4 * k4, 4);
+                ia[j] = DOT4(ia[j], IV_SET1(x4), wv);
+            }
+        }
+        const fvec s = FV_LOAD(t->s + blk * GEMM_R), o = FV_LOAD(t->o + blk * GEMM_R);
+        const ivec c = IV_LOAD(t->c + blk * GEMM_R);
+        const int64_t g32 = blk * G / 32;
+        for (int j = 0; j < NB; j++) {
+            acc[j] = FV_FMA(FV_CVT(IV_SUB(ia[j], c)), FV_MUL(s, FV_SET1(xd[j * groups + g32])), acc[j]);
+            if (OFF) acc[j] = FV_FMA(o, FV_SET1(xm[j * groups + g32]), acc[j]);
+        }
+    }
+    for (int j = 0; j < NB; j++) {
+        if (nrows == GEMM_R) {
+            FV_STOREU(y + j * ldy, acc[j]);
+        } else {
+            float tmp[GEMM_R] __attribute__((aligned(64)));
+            FV_STOREU(tmp, acc[j]);
+            memcpy(y + j * ldy, tmp, sizeof(float) * nrows);
+        }
+    }
+}
+
+static __thread tile_t tile_scratch;
+static __thread int64_t tile_scratch_k;
+
+/* Rows r0..r1 (at most GEMM_R) of a weight against all B rows of x through one tile. */
+static int gemm_rows(int type, const uint8_t *w, int64_t row_bytes, int64_t r0, int64_t r1, const act_t *a,
+                     const uint8_t *xu, int64_t B, float *y, int64_t ldy) {
+    const int64_t K = a->K, groups = K / 32;
+    tile_t *t = &tile_scratch;
+    if (tile_scratch_k < K) {
+        free(t->w);
+        const size_t wbytes = (size_t)K * GEMM_R, vbytes = sizeof(float) * (size_t)(K / 16) * GEMM_R;
+        uint8_t *mem = aligned_alloc(64, wbytes + 3 * vbytes);
+        if (!mem) return -1;
+        t->w = (int8_t *)mem;
+        t->s = (float *)(mem + wbytes);
+        t->o = (float *)(mem + wbytes + vbytes);
+        t->c = (int32_t *)(mem + wbytes + 2 * vbytes);
+        tile_scratch_k = K;
+    }
+    const int nrows = (int)(r1 - r0), G = gemm_block(type), offset = gemm_offset(type);
+    unpack_tile(type, w + r0 * row_bytes, row_bytes, nrows, K, t);
+    const int64_t nblk = K / G;
+    for (int64_t b = 0; b < B; b += GEMM_NB) {
+        const int64_t nb = B - b < GEMM_NB ? B - b : GEMM_NB;
+        const uint8_t *xb = xu + b * K;
+        const float *xd = a->d + b * groups, *xm = a->m + b * groups;
+        float *out = y + b * ldy + r0;
+        /* G, OFF and NB as constants: each combination its own loop */
+#define MICRO(G_, OFF_, NB_) gemm_micro(t, nblk, G_, OFF_, xb, K, xd, xm, groups, out, ldy, nrows, NB_)
+#define MICRO_ROWS(G_, OFF_)                                                                                      \
+    if (nb == GEMM_NB) MICRO(G_, OFF_, GEMM_NB);                                                                 \
+    else                                                                                                         \
+        for (int64_t j = 0; j < nb; j++)                                                                         \
+            gemm_micro(t, nblk, G_, OFF_, xb + j * K, K, xd + j * groups, xm + j * groups, groups, out + j * ldy, ldy, \
+                       nrows, 1);
+        if (G == 16) {
+            MICRO_ROWS(16, 0)
+        } else if (offset) {
+            MICRO_ROWS(32, 1)
+        } else {
+            MICRO_ROWS(32, 0)
+        }
+#undef MICRO_ROWS
+#undef MICRO
+    }
+    return 0;
+}
+
 /* ---------------------------------------------------------------------------------- bf16 / f16 weights */
 
 INLINE __m256 widen_bf16(const uint16_t *p) {
@@ -540,6 +789,7 @@ static void *worker_main(void *arg) {
             const int64_t until = now_ns() + SPIN_NS;
             for (int i = 0; (g = atomic_load(&pool_generation)) == seen; i++) {
                 _mm_pause();
+                if ((i & 1023) == 1023) sched_yield();
                 if ((i & 255) == 255 && now_ns() > until) {
                     pthread_mutex_lock(&pool_mu);
                     atomic_fetch_add(&pool_sleepers, 1);
@@ -603,7 +853,11 @@ static void parallel_for(int nthreads, job_fn fn, void *ctx, int64_t chunks) {
         pthread_mutex_unlock(&pool_mu);
     }
     run_chunks();
-    while (atomic_load(&pool_pending) > 0) _mm_pause();
+    /* yield now and then: on an oversubscribed machine the worker we wait for may need this core */
+    for (int i = 1; atomic_load(&pool_pending) > 0; i++) {
+        _mm_pause();
+        if ((i & 1023) == 0) sched_yield();
+    }
 }
 
 /* ------------------------------------------------------------------------------------------ entry point */
@@ -649,6 +903,8 @@ typedef struct {
     const float *x;
     int k_activations; /* Q8_K-style (per 256) rather than Q8_0-style activations */
     act_t act;
+    uint8_t *xu; /* [B, K] q + 128, for the GEMM tiles (NULL when no segment uses them) */
+    int failed;
     int64_t B, K, rows_per_chunk, ldy;
     float *y;
 } job_t;
@@ -658,6 +914,13 @@ static void quantize_job(void *ctx, int64_t b) {
     const int64_t g = j->K / 32;
     (j->k_activations ? quantize_row_k : quantize_row_0)(j->x + b * j->K, j->K, (int8_t *)j->act.q + b * j->K,
                                                          (float *)j->act.d + b * g, (float *)j->act.m + b * g);
+    if (j->xu) {
+        const __m256i flip = _mm256_set1_epi8((char)0x80);
+        for (int64_t k = 0; k < j->K; k += 32) {
+            const __m256i v = _mm256_loadu_si256((const __m256i *)(j->act.q + b * j->K + k));
+            _mm256_storeu_si256((__m256i *)(j->xu + b * j->K + k), _mm256_xor_si256(v, flip));
+        }
+    }
 }
 
 static void matmul_job(void *ctx, int64_t chunk) {
@@ -673,7 +936,10 @@ static void matmul_job(void *ctx, int64_t chunk) {
             bf16_rows(j->w[s], j->row_bytes[s], r0 - lo, e - lo, j->x, j->K, j->B, y, j->ldy);
         else if (j->type[s] == T_F16)
             f16_rows(j->w[s], j->row_bytes[s], r0 - lo, e - lo, j->x, j->K, j->B, y, j->ldy);
-        else
+        else if (j->xu && gemm_supports(j->type[s])) {
+            if (gemm_rows(j->type[s], j->w[s], j->row_bytes[s], r0 - lo, e - lo, &j->act, j->xu, j->B, y, j->ldy))
+                j->failed = 1;
+        } else
             quant_kernel(j->type[s])(j->w[s], j->row_bytes[s], r0 - lo, e - lo, &j->act, j->B, y, j->ldy);
         r0 = e;
     }
@@ -688,7 +954,7 @@ int ember_matmul(const float *x, int64_t B, int64_t K, int nseg, const void *con
                  const int64_t *rows, const int64_t *row_bytes, float *y, int64_t ldy, int nthreads) {
     if (nseg < 1 || nseg > MAX_SEGMENTS || B < 1 || K < 1) return -1;
     job_t j = {.nseg = nseg, .x = x, .B = B, .K = K, .ldy = ldy, .y = y};
-    int quantized = 0, per32 = 0;
+    int quantized = 0, per32 = 0, tiled = 0;
     j.first[0] = 0;
     for (int s = 0; s < nseg; s++) {
         if (!ember_supports(types[s]) || K % block_values(types[s])) return -1;
@@ -696,6 +962,7 @@ int ember_matmul(const float *x, int64_t B, int64_t K, int nseg, const void *con
             quantized = 1;
             if (block_values(types[s]) == 256) j.k_activations = 1;
             else per32 = 1;
+            tiled |= B >= GEMM_MIN_B && gemm_supports(types[s]);
         }
         j.w[s] = w[s];
         j.type[s] = types[s];
@@ -709,7 +976,7 @@ int ember_matmul(const float *x, int64_t B, int64_t K, int nseg, const void *con
     if (nthreads < 1) nthreads = 1;
     pthread_mutex_lock(&call_lock);
     if (quantized) {
-        const size_t need = (size_t)B * K + 2 * sizeof(float) * (size_t)B * (K / 32) + 64;
+        const size_t need = (size_t)B * K * (tiled ? 2 : 1) + 2 * sizeof(float) * (size_t)B * (K / 32) + 64;
         if (need > scratch_bytes) {
             free(scratch);
             scratch = aligned_alloc(64, (need + 63) / 64 * 64);
@@ -721,16 +988,18 @@ int ember_matmul(const float *x, int64_t B, int64_t K, int nseg, const void *con
         }
         float *d = (float *)(((uintptr_t)(scratch + (size_t)B * K) + 63) & ~(uintptr_t)63);
         j.act = (act_t){.q = scratch, .d = d, .m = d + (size_t)B * (K / 32), .K = K};
+        if (tiled) j.xu = (uint8_t *)(j.act.m + (size_t)B * (K / 32));
         if (B >= 16)
             parallel_for(nthreads, quantize_job, &j, B);
         else
             for (int64_t b = 0; b < B; b++) quantize_job(&j, b);
     }
-    /* enough chunks for dynamic balance (8 per thread), each a whole number of row pairs */
+    /* enough chunks for dynamic balance (8 per thread), each a whole number of row pairs; one tile each on
+     * the GEMM path */
     int64_t per = total / ((int64_t)nthreads * 8);
     per = per < 2 ? 2 : per + (per & 1);
-    j.rows_per_chunk = per;
-    parallel_for(nthreads, matmul_job, &j, (total + per - 1) / per);
+    j.rows_per_chunk = tiled ? GEMM_R : per;
+    parallel_for(nthreads, matmul_job, &j, (total + j.rows_per_chunk - 1) / j.rows_per_chunk);
     pthread_mutex_unlock(&call_lock);
-    return 0;
+    return j.failed ? -1 : 0;
 }
