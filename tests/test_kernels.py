@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from ember import kernels
+from ember.kernels import matmul as kernels
 from ember.kernels import native
 from ember.quant.ggml import BLOCK_SIZES, GGMLType, random_rows
 from ember.quant.linear import QuantLinear, fuse_linears
 
-QUANT_TYPES = sorted(t for t in kernels.NATIVE_TYPES if BLOCK_SIZES[t][0] > 1)
+QUANT_TYPES = sorted(t for t in native.NATIVE_TYPES if BLOCK_SIZES[t][0] > 1)
 HALF_TYPES = [GGMLType.BF16, GGMLType.F16]
 # The ISA paths this CPU can run: AVX2 always where the kernels exist, AVX-512 VNNI where present.
 ISAS = [name for name in ("avx2", "avx512") if native.ISA_REQUIRES[name] <= native.cpu_flags()]
@@ -29,8 +29,8 @@ needs_native = pytest.mark.skipif(not ISAS or native.compiler() is None,
 @pytest.fixture(params=ISAS)
 def isa(request, monkeypatch):
     monkeypatch.setenv("EMBER_ISA", request.param)
-    assert kernels.isa() == request.param
-    lib = kernels.library()
+    assert native.isa() == request.param
+    lib = native.library()
     assert lib is not None
     # 2 = AVX-512 VNNI dot products; the AVX2 build must use maddubs (0), whatever this CPU has
     assert lib.ember_kernels_isa() == (2 if request.param == "avx512" else 0)
@@ -169,7 +169,7 @@ def test_isa_override_and_fallback(monkeypatch, caplog):
 
 def test_disabled_kernels_fall_back_to_torch(monkeypatch):
     monkeypatch.setenv("EMBER_NATIVE_KERNELS", "0")
-    assert kernels.library() is None and not kernels.available(GGMLType.Q4_K, 256)
+    assert native.library() is None and not kernels.available(GGMLType.Q4_K, 256)
     rows, w = weight(GGMLType.Q6_K, 32, 256, seed=1)
     layer = QuantLinear(rows, GGMLType.Q6_K, (32, 256), torch.float32, "cpu")
     assert layer.backend == "int8"

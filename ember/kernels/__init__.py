@@ -1,6 +1,5 @@
-"""Native CPU kernels (C, built once per ISA, called through ctypes); see ember.kernels.native."""
+"""Native CPU kernels (C, built once per ISA, called through ctypes).
 
-from ember.kernels.matmul import NATIVE_TYPES, NativeMatmul, available
-from ember.kernels.native import enabled, isa, library
-
-__all__ = ["NATIVE_TYPES", "NativeMatmul", "available", "enabled", "isa", "library"]
+ember.kernels.native builds and loads the library without importing torch (the memory estimator asks it what
+ember will hold); ember.kernels.matmul wraps its calls for torch tensors.
+"""

@@ -6,14 +6,9 @@ import ctypes
 
 import torch
 
-from ember.kernels.native import library
+from ember.kernels.native import NATIVE_TYPES, library
 from ember.quant.types import BLOCK_SIZES, GGMLType
 
-# The types ggml_matmul.c multiplies directly (the others stay on the torch path).
-NATIVE_TYPES = frozenset({
-    GGMLType.F16, GGMLType.BF16, GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q8_0,
-    GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K, GGMLType.IQ4_NL, GGMLType.IQ4_XS,
-})
 MAX_SEGMENTS = 8  # ggml_matmul.c's MAX_SEGMENTS
 
 

@@ -28,9 +28,16 @@ import sysconfig
 import tempfile
 from pathlib import Path
 
+from ember.quant.types import GGMLType
+
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("ggml_matmul.c")
+# The types ggml_matmul.c multiplies directly (the others stay on the torch path).
+NATIVE_TYPES = frozenset({
+    GGMLType.F16, GGMLType.BF16, GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q8_0,
+    GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K, GGMLType.IQ4_NL, GGMLType.IQ4_XS,
+})
 ABI = 2
 BASE_FLAGS = ("-O3", "-shared", "-fPIC", "-std=gnu11", "-pthread")
 ISA_FLAGS = {

@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ember import kernels
 from ember.config import ModelConfig
 from ember.errors import GGUFError
+from ember.kernels import matmul as kernels
 from ember.loader.device import resolve_dtype
 from ember.loader.gguf import GGUFFile
 from ember.loader.gguf_config import config_from_gguf

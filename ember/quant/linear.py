@@ -3,7 +3,7 @@
 Backends, picked per type and device in the constructor (`QuantLinear.backend`):
 
 * ``native`` -- on a CPU with the native kernels (ember.kernels: AVX2 or AVX-512 VNNI, C through ctypes),
-  every type of ``ember.kernels.NATIVE_TYPES`` (Q4_0/1, Q5_0/1, Q8_0, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS, and
+  every type of ``ember.kernels.native.NATIVE_TYPES`` (Q4_0/1, Q5_0/1, Q8_0, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS, and
   F16/BF16 matrices): the rows stay exactly as in the file (a zero-copy view of the map, never repacked), the
   activations are quantized to int8 once per call and multiplied with integer dot products. Output float32.
   `fuse_linears` joins projections that read the same input (q/k/v, gate/up) into one call.
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ember import kernels
+from ember.kernels import matmul as kernels
 from ember.quant.ggml import (
     BLOCK_SIZES,
     FLOAT_TYPES,
@@ -208,7 +208,7 @@ def fuse_linears(parts: list[nn.Module]) -> FusedLinear | None:
     """One FusedLinear for these projections, or None where they cannot share a native call."""
     if not all(isinstance(p, QuantLinear) and p.backend == "native" for p in parts):
         return None
-    if len({(p.in_features, p.dtype) for p in parts}) != 1 or len(parts) > kernels.matmul.MAX_SEGMENTS:
+    if len({(p.in_features, p.dtype) for p in parts}) != 1 or len(parts) > kernels.MAX_SEGMENTS:
         return None
     # One activation format per call: 32-value types and 256-value (K, IQ4_XS) types quantize x differently.
     if len({BLOCK_SIZES[p.ggml_type][0] for p in parts if p.ggml_type not in FLOAT_TYPES}) > 1:
