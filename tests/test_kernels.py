@@ -49,7 +49,10 @@ def weight(t: GGMLType, out_f: int, in_f: int, seed: int) -> tuple[torch.Tensor,
 
 
 def llamacpp_activations(x: torch.Tensor, t: GGMLType) -> torch.Tensor:
-    """x as the kernels see it: quantized to int8 and back, Q8_K-style for 256-value types, else Q8_0-style."""
+    """x as the kernels see it: quantized to int8 and back, Q8_K-style for 256-value types, else Q8_0-style;
+    rounded to bf16 for bf16 weights where the build uses AVX512-BF16 dot products; else as it is."""
+    if t == GGMLType.BF16 and native.bf16_dot(native.isa()):
+        return x.bfloat16().double()
     if t in HALF_TYPES:
         return x.double()
     batch, k = x.shape

@@ -705,52 +705,116 @@ INLINE float bf16_scalar(uint16_t h) {
     return f;
 }
 
-/* R weight rows by NB rows of x: each 8 weights are widened once and used NB times. */
+/* R weight rows by NB rows of x: each 8 weights are widened once and used NB times; KU independent sums per
+ * dot product where R * NB alone is too few to hide the FMA latency. */
 #define DEFINE_HALF_KERNEL(NAME, WIDEN, SCALAR)                                                                   \
     INLINE void NAME##_tile(const uint16_t *w, int64_t K, const float *x, int64_t ldx, float *y, int64_t ldy,   \
                             const int R, const int NB) {                                                         \
-        __m256 acc[2][TILE_B];                                                                                   \
-        for (int r = 0; r < R; r++)                                                                              \
-            for (int j = 0; j < NB; j++) acc[r][j] = _mm256_setzero_ps();                                        \
+        const int KU = R * NB >= 8 ? 1 : 2;                                                                      \
+        __m256 acc[2][4][TILE_B];                                                                                \
+        for (int u = 0; u < KU; u++)                                                                             \
+            for (int r = 0; r < R; r++)                                                                          \
+                for (int j = 0; j < NB; j++) acc[u][r][j] = _mm256_setzero_ps();                                 \
         int64_t k = 0;                                                                                           \
-        for (; k + 8 <= K; k += 8) {                                                                             \
-            __m256 wv[2];                                                                                        \
-            for (int r = 0; r < R; r++) wv[r] = WIDEN(w + r * K + k);                                            \
-            for (int j = 0; j < NB; j++) {                                                                       \
-                const __m256 xv = _mm256_loadu_ps(x + j * ldx + k);                                              \
-                for (int r = 0; r < R; r++) acc[r][j] = _mm256_fmadd_ps(wv[r], xv, acc[r][j]);                   \
+        for (; k + 8 * KU <= K; k += 8 * KU)                                                                     \
+            for (int u = 0; u < KU; u++) {                                                                       \
+                __m256 wv[4];                                                                                    \
+                for (int r = 0; r < R; r++) wv[r] = WIDEN(w + r * K + k + 8 * u);                                \
+                for (int j = 0; j < NB; j++) {                                                                   \
+                    const __m256 xv = _mm256_loadu_ps(x + j * ldx + k + 8 * u);                                  \
+                    for (int r = 0; r < R; r++) acc[u][r][j] = _mm256_fmadd_ps(wv[r], xv, acc[u][r][j]);         \
+                }                                                                                                \
             }                                                                                                    \
-        }                                                                                                        \
         for (int r = 0; r < R; r++)                                                                              \
             for (int j = 0; j < NB; j++) {                                                                       \
-                float s = hsum(acc[r][j]);                                                                       \
+                float s = hsum(KU == 2 ? _mm256_add_ps(acc[0][r][j], acc[1][r][j]) : acc[0][r][j]);              \
                 for (int64_t t = k; t < K; t++) s += SCALAR(w[r * K + t]) * x[j * ldx + t];                      \
                 y[j * ldy + r] = s;                                                                              \
             }                                                                                                    \
     }                                                                                                            \
-    static void NAME##_rows(const uint8_t *wbytes, int64_t row_bytes, int64_t r0, int64_t r1, const float *x,   \
-                            int64_t K, int64_t B, float *y, int64_t ldy) {                                       \
-        (void)row_bytes;                                                                                         \
+    static void NAME##_rows(const uint8_t *wbytes, int64_t r0, int64_t r1, const float *x, int64_t K, int64_t B, \
+                            float *y, int64_t ldy) {                                                             \
         const uint16_t *w = (const uint16_t *)wbytes;                                                            \
         for (int64_t b = 0; b < B; b += TILE_B) {                                                                \
             const int64_t nb = B - b < TILE_B ? B - b : TILE_B;                                                  \
-            for (int64_t r = r0; r < r1; r += 2) {                                                               \
-                const uint16_t *wr = w + r * K;                                                                  \
-                const float *xb = x + b * K;                                                                     \
-                float *out = y + b * ldy + r;                                                                    \
-                const int two = r + 1 < r1;                                                                      \
-                if (nb == 4 && two) NAME##_tile(wr, K, xb, K, out, ldy, 2, 4);                                   \
-                else if (nb == 1 && two) NAME##_tile(wr, K, xb, K, out, ldy, 2, 1);                              \
-                else                                                                                             \
-                    for (int64_t j = 0; j < nb; j++)                                                             \
-                        for (int64_t rr = r; rr < r + 1 + two; rr++)                                             \
-                            NAME##_tile(w + rr * K, K, xb + j * K, K, y + (b + j) * ldy + rr, ldy, 1, 1);       \
+            const float *xb = x + b * K;                                                                         \
+            int64_t r = r0;                                                                                      \
+            if (nb == TILE_B)                                                                                    \
+                for (; r + 2 <= r1; r += 2) NAME##_tile(w + r * K, K, xb, K, y + b * ldy + r, ldy, 2, TILE_B);   \
+            for (int64_t j = 0; j < nb; j++) {                                                                   \
+                int64_t rr = r;                                                                                  \
+                for (; rr + 4 <= r1; rr += 4)                                                                    \
+                    NAME##_tile(w + rr * K, K, xb + j * K, K, y + (b + j) * ldy + rr, ldy, 4, 1);               \
+                for (; rr < r1; rr++) NAME##_tile(w + rr * K, K, xb + j * K, K, y + (b + j) * ldy + rr, ldy, 1, 1); \
             }                                                                                                    \
         }                                                                                                        \
     }
 
-DEFINE_HALF_KERNEL(bf16, widen_bf16, bf16_scalar)
 DEFINE_HALF_KERNEL(f16, widen_f16, _cvtsh_ss)
+
+#if defined(__AVX512BF16__)
+/* Where the CPU has AVX512-BF16, bf16 weights multiply x rounded to bf16 once per call (what llama.cpp does
+ * for bf16 weights) with vdpbf16ps: two products per lane, no widening of the weights. */
+#define HAVE_BF16_DOT 1
+
+INLINE uint16_t bf16_round(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffff) > 0x7f800000) return (uint16_t)((u >> 16) | 64); /* NaN stays NaN */
+    return (uint16_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16);
+}
+
+static void to_bf16_row(const float *x, int64_t K, uint16_t *out) {
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32) {
+        const __m512bh v = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(x + k + 16), _mm512_loadu_ps(x + k));
+        _mm512_storeu_si512((void *)(out + k), (__m512i)v);
+    }
+    for (; k < K; k++) out[k] = bf16_round(x[k]);
+}
+
+INLINE void bf16dot_tile(const uint16_t *w, int64_t K, const uint16_t *x, float *y, int64_t ldy, const int R,
+                         const int NB) {
+    __m512 acc[4][TILE_B];
+    for (int r = 0; r < R; r++)
+        for (int j = 0; j < NB; j++) acc[r][j] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32) {
+        __m512i wv[4];
+        for (int r = 0; r < R; r++) wv[r] = _mm512_loadu_si512((const void *)(w + r * K + k));
+        for (int j = 0; j < NB; j++) {
+            const __m512i xv = _mm512_loadu_si512((const void *)(x + j * K + k));
+            for (int r = 0; r < R; r++) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], (__m512bh)xv, (__m512bh)wv[r]);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int j = 0; j < NB; j++) {
+            float s = _mm512_reduce_add_ps(acc[r][j]);
+            for (int64_t t = k; t < K; t++) s += bf16_scalar(w[r * K + t]) * bf16_scalar(x[j * K + t]);
+            y[j * ldy + r] = s;
+        }
+}
+
+static void bf16dot_rows(const uint8_t *wbytes, int64_t r0, int64_t r1, const uint16_t *x, int64_t K, int64_t B,
+                         float *y, int64_t ldy) {
+    const uint16_t *w = (const uint16_t *)wbytes;
+    for (int64_t b = 0; b < B; b += TILE_B) {
+        const int64_t nb = B - b < TILE_B ? B - b : TILE_B;
+        const uint16_t *xb = x + b * K;
+        int64_t r = r0;
+        if (nb == TILE_B)
+            for (; r + 4 <= r1; r += 4) bf16dot_tile(w + r * K, K, xb, y + b * ldy + r, ldy, 4, TILE_B);
+        for (int64_t j = 0; j < nb; j++) {
+            int64_t rr = r;
+            for (; rr + 4 <= r1; rr += 4) bf16dot_tile(w + rr * K, K, xb + j * K, y + (b + j) * ldy + rr, ldy, 4, 1);
+            for (; rr < r1; rr++) bf16dot_tile(w + rr * K, K, xb + j * K, y + (b + j) * ldy + rr, ldy, 1, 1);
+        }
+    }
+}
+#else
+#define HAVE_BF16_DOT 0
+DEFINE_HALF_KERNEL(bf16, widen_bf16, bf16_scalar)
+#endif
 
 /* ---------------------------------------------------------------------------------------- thread pool */
 
@@ -904,13 +968,19 @@ typedef struct {
     int k_activations; /* Q8_K-style (per 256) rather than Q8_0-style activations */
     act_t act;
     uint8_t *xu; /* [B, K] q + 128, for the GEMM tiles (NULL when no segment uses them) */
+    uint16_t *xbf16; /* [B, K] x rounded to bf16, for bf16 weights where the CPU has a bf16 dot product */
     int failed;
     int64_t B, K, rows_per_chunk, ldy;
     float *y;
 } job_t;
 
-static void quantize_job(void *ctx, int64_t b) {
+/* Row b of x in the forms this call's kernels read: int8 blocks (and x + 128), bf16. */
+static void prepare_job(void *ctx, int64_t b) {
     job_t *j = ctx;
+#if HAVE_BF16_DOT
+    if (j->xbf16) to_bf16_row(j->x + b * j->K, j->K, j->xbf16 + b * j->K);
+#endif
+    if (!j->act.q) return;
     const int64_t g = j->K / 32;
     (j->k_activations ? quantize_row_k : quantize_row_0)(j->x + b * j->K, j->K, (int8_t *)j->act.q + b * j->K,
                                                          (float *)j->act.d + b * g, (float *)j->act.m + b * g);
@@ -932,10 +1002,14 @@ static void matmul_job(void *ctx, int64_t chunk) {
         if (r0 >= hi) continue;
         const int64_t e = r1 < hi ? r1 : hi;
         float *y = j->y + lo; /* this segment's columns */
-        if (j->type[s] == T_BF16)
-            bf16_rows(j->w[s], j->row_bytes[s], r0 - lo, e - lo, j->x, j->K, j->B, y, j->ldy);
-        else if (j->type[s] == T_F16)
-            f16_rows(j->w[s], j->row_bytes[s], r0 - lo, e - lo, j->x, j->K, j->B, y, j->ldy);
+        if (j->type[s] == T_BF16) {
+#if HAVE_BF16_DOT
+            bf16dot_rows(j->w[s], r0 - lo, e - lo, j->xbf16, j->K, j->B, y, j->ldy);
+#else
+            bf16_rows(j->w[s], r0 - lo, e - lo, j->x, j->K, j->B, y, j->ldy);
+#endif
+        } else if (j->type[s] == T_F16)
+            f16_rows(j->w[s], r0 - lo, e - lo, j->x, j->K, j->B, y, j->ldy);
         else if (j->xu && gemm_supports(j->type[s])) {
             if (gemm_rows(j->type[s], j->w[s], j->row_bytes[s], r0 - lo, e - lo, &j->act, j->xu, j->B, y, j->ldy))
                 j->failed = 1;
@@ -974,25 +1048,31 @@ int ember_matmul(const float *x, int64_t B, int64_t K, int nseg, const void *con
     const int64_t total = j.first[nseg];
     if (total == 0) return 0;
     if (nthreads < 1) nthreads = 1;
+    int bf16 = 0;
+    for (int s = 0; s < nseg; s++) bf16 |= HAVE_BF16_DOT && types[s] == T_BF16;
+    /* scratch: int8 x [B, K], x + 128 [B, K] (tiles), d and m [B, K / 32] (quantized), bf16 x [B, K] */
+    const size_t nq = quantized ? (size_t)B * K : 0, nu = tiled ? (size_t)B * K : 0,
+                 nf = quantized ? (size_t)B * (K / 32) : 0, nh = bf16 ? (size_t)B * K : 0;
+    const size_t need = (nq + nu + 63) / 64 * 64 + 2 * sizeof(float) * nf + 2 * nh + 64;
     pthread_mutex_lock(&call_lock);
-    if (quantized) {
-        const size_t need = (size_t)B * K * (tiled ? 2 : 1) + 2 * sizeof(float) * (size_t)B * (K / 32) + 64;
-        if (need > scratch_bytes) {
-            free(scratch);
-            scratch = aligned_alloc(64, (need + 63) / 64 * 64);
-            scratch_bytes = scratch ? need : 0;
-            if (!scratch) {
-                pthread_mutex_unlock(&call_lock);
-                return -1;
-            }
+    if (need > scratch_bytes) {
+        free(scratch);
+        scratch = aligned_alloc(64, (need + 63) / 64 * 64);
+        scratch_bytes = scratch ? need : 0;
+        if (!scratch) {
+            pthread_mutex_unlock(&call_lock);
+            return -1;
         }
-        float *d = (float *)(((uintptr_t)(scratch + (size_t)B * K) + 63) & ~(uintptr_t)63);
-        j.act = (act_t){.q = scratch, .d = d, .m = d + (size_t)B * (K / 32), .K = K};
-        if (tiled) j.xu = (uint8_t *)(j.act.m + (size_t)B * (K / 32));
+    }
+    float *d = (float *)(scratch + (nq + nu + 63) / 64 * 64);
+    if (quantized) j.act = (act_t){.q = scratch, .d = d, .m = d + nf, .K = K};
+    if (tiled) j.xu = (uint8_t *)scratch + nq;
+    if (bf16) j.xbf16 = (uint16_t *)(d + 2 * nf);
+    if (quantized || bf16) {
         if (B >= 16)
-            parallel_for(nthreads, quantize_job, &j, B);
+            parallel_for(nthreads, prepare_job, &j, B);
         else
-            for (int64_t b = 0; b < B; b++) quantize_job(&j, b);
+            for (int64_t b = 0; b < B; b++) prepare_job(&j, b);
     }
     /* enough chunks for dynamic balance (8 per thread), each a whole number of row pairs; one tile each on
      * the GEMM path */

@@ -92,6 +92,12 @@ def isa() -> str:
     return _detect(os.environ.get("EMBER_ISA", "auto").strip().lower(), platform.machine(), cpu_flags())
 
 
+def bf16_dot(target_isa: str) -> bool:
+    """Whether the build for `target_isa` multiplies bf16 weights with AVX512-BF16 dot products (x rounded to
+    bf16, as llama.cpp does) rather than widening them to float32."""
+    return target_isa == "avx512" and "avx512_bf16" in cpu_flags()
+
+
 def compiler() -> str | None:
     """The C compiler: $CC, Python's configured CC, then cc/gcc/clang on PATH."""
     for cand in (os.environ.get("CC"), sysconfig.get_config_var("CC"), "cc", "gcc", "clang"):
@@ -152,8 +158,9 @@ def _load(target_isa: str) -> ctypes.CDLL | None:
     if cc is None:
         logger.warning("no C compiler found: native CPU kernels are off, quantized models run slower")
         return None
+    flags = ISA_FLAGS[target_isa] + (("-mavx512bf16",) if bf16_dot(target_isa) else ())
     try:
-        lib = _bind(_compile(cc, SOURCE.read_bytes(), BASE_FLAGS + ISA_FLAGS[target_isa], cache_dir(),
+        lib = _bind(_compile(cc, SOURCE.read_bytes(), BASE_FLAGS + flags, cache_dir(),
                              f"ggml_matmul-{target_isa}"))
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         logger.warning("native CPU kernels could not be built, using the torch path: %s", e)
