@@ -9,6 +9,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m ember.kernels
 	touch $(STAMP)
 
 run: $(STAMP)

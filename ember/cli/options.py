@@ -12,7 +12,7 @@ def add_model_options(parser: argparse.ArgumentParser, kv_default: str, *, threa
     the server decodes an open number of sequences: `run` has one, `bench` its -c)."""
     group = parser.add_argument_group("model")
     group.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                       help="weights/activations dtype (auto: bfloat16 on CPU, the checkpoint's on GPU)")
+                       help="weights/activations dtype (auto: float32 on CPU, the checkpoint's on GPU)")
     group.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     group.add_argument("--max-model-len", type=int, default=None, help="context length (default: model's, ≤ 8192)")
     group.add_argument("--kv-memory", type=_size, default=None,

@@ -15,9 +15,14 @@ ACTIVATIONS = {
 }
 
 
+class _UninitializedLinear(nn.Linear):
+    def reset_parameters(self) -> None:
+        """Nothing: the checkpoint provides the weights (and init ops on meta import torch._dynamo: 2 s)."""
+
+
 def make_linear(in_features: int, out_features: int, bias: bool = False) -> nn.Linear:
     """A Linear without initialisation: weights are created on the meta device and loaded into place."""
-    return nn.Linear(in_features, out_features, bias=bias, device="meta")
+    return _UninitializedLinear(in_features, out_features, bias=bias, device="meta")
 
 
 class GatedMLP(nn.Module):
