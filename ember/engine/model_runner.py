@@ -42,6 +42,7 @@ class ModelRunner:
         for index, layer in enumerate(model.model.layers):
             layer.self_attn.k_cache = self.k_cache[index]
             layer.self_attn.v_cache = self.v_cache[index]
+        self._scratch: dict = {}  # the attention layers' gather buffers, reused by every step
 
     def _slots(self, block_table: list[int], start: int, stop: int) -> list[int]:
         """Cache slots of positions start..stop-1, whole blocks at a time."""
@@ -52,6 +53,13 @@ class ModelRunner:
             slots.extend(range(block * size, block * size + size))
         skip = start - first * size
         return slots[skip : skip + stop - start]
+
+    def _first_slot(self, blocks: list[int]) -> int | None:
+        """The first cache slot of `blocks` when they are consecutive: attention reads them as one slice."""
+        first = blocks[0]
+        if blocks[-1] - first == len(blocks) - 1 and blocks == list(range(first, first + len(blocks))):
+            return first * self.block_size
+        return None
 
     def _build(self, chunks: list[ScheduledChunk]):
         """Flat inputs of one step; every tensor is built once from a flat Python list."""
@@ -78,10 +86,15 @@ class ModelRunner:
             input_ids.extend(seq.token_ids[start:stop])
             positions.extend(range(start, stop))
             slots.extend(self._slots(seq.block_table, start, stop))
-            context = None
-            if start:
-                context = torch.tensor(self._slots(seq.block_table, 0, stop), dtype=torch.long, device=self.device)
-            prefill_slices.append(PrefillSlice(offset, chunk.num_tokens, stop, context))
+            piece = PrefillSlice(offset, chunk.num_tokens, stop)
+            if start:  # attends to cached K/V too: read its context from the cache
+                blocks = seq.block_table[: -(-stop // size)]
+                first_slot = self._first_slot(blocks)
+                if first_slot is None:
+                    piece.context_blocks = torch.tensor(blocks, dtype=torch.long, device=self.device)
+                else:
+                    piece.context_start = first_slot
+            prefill_slices.append(piece)
         sample_rows: list[int] = []
         offset = 0
         for chunk in ordered:
@@ -89,17 +102,24 @@ class ModelRunner:
             if chunk.samples:
                 sample_rows.append(offset - 1)
         meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device), num_decode=len(decodes),
-            prefills=prefill_slices,
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device), block_size=size,
+            num_decode=len(decodes), prefills=prefill_slices, scratch=self._scratch,
         )
         if decodes:
             width = max(lens)
-            # Every decode reads `width` slots; positions past a shorter context read slot 0 and are masked.
-            flat: list[int] = []
-            for chunk, n in zip(decodes, lens, strict=True):
-                flat.extend(self._slots(chunk.seq.block_table, 0, n))
-                flat.extend([0] * (width - n))
-            meta.decode_slots = torch.tensor(flat, dtype=torch.long, device=self.device)
+            per_seq = -(-width // size)
+            first_slot = self._first_slot(decodes[0].seq.block_table[:per_seq]) if len(decodes) == 1 else None
+            if first_slot is not None:
+                meta.decode_start = first_slot
+            else:
+                # Every decode reads the blocks of `width` keys; past a shorter context it reads block 0
+                # (masked), and the keys past `width` in its last block are trimmed off.
+                flat: list[int] = []
+                for chunk, n in zip(decodes, lens, strict=True):
+                    used = -(-n // size)
+                    flat.extend(chunk.seq.block_table[:used])
+                    flat.extend([0] * (per_seq - used))
+                meta.decode_blocks = torch.tensor(flat, dtype=torch.long, device=self.device)
             meta.decode_lens = torch.tensor(lens, device=self.device)
             meta.decode_width = width
             meta.decode_padded = min(lens) != width

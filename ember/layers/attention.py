@@ -2,11 +2,14 @@
 
 The runner flattens a step's tokens into one batch: single-token decodes first, then prefill chunks.
 Each layer writes its new K/V into cache slots (`slot_mapping`) and reads each sequence's context back
-through its slot list, so a decode step touches only the blocks its sequences own.
+whole blocks at a time (a block is one contiguous [block_size, kv_heads, head_dim] chunk of the cache), so a
+decode step touches only the blocks its sequences own. A context whose blocks happen to be consecutive (one
+sequence on a fresh cache, say) is read as a plain slice of the cache: no copy at all.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -24,18 +27,32 @@ class PrefillSlice:
     start: int  # offset of this sequence's queries in the flat batch
     length: int  # number of new tokens (queries)
     context_len: int  # cached + new tokens it attends to
-    context_slots: torch.Tensor | None  # [context_len] cache slots; None when nothing was cached before
+    # Where the context is read when something was cached before (context_len > length): its first
+    # ceil(context_len / block_size) blocks, or, when those are consecutive, the first slot of the run (a slice).
+    context_blocks: torch.Tensor | None = None
+    context_start: int = 0
+
+    @property
+    def reads_cache(self) -> bool:
+        return self.context_len > self.length
 
 
 @dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] cache slot each new token's K/V is written to
+    block_size: int = 1
     num_decode: int = 0
-    decode_slots: torch.Tensor | None = None  # [D * max_context] slots, row-major, padded (with slot 0)
+    # [D * ceil(max_context / block_size)] block ids, row-major, padded with block 0 past a shorter context;
+    # None when there is one decode whose blocks are consecutive: it reads slots decode_start.. as a slice.
+    decode_blocks: torch.Tensor | None = None
+    decode_start: int = 0
     decode_lens: torch.Tensor | None = None  # [D]
     decode_width: int = 0  # max_context: the longest decode context this step
     decode_padded: bool = False  # whether some decode context is shorter than decode_width (needs a mask)
     prefills: list[PrefillSlice] = field(default_factory=list)
+    # Reusable outputs of the block gathers, by name (the runner passes one dict for all its steps): every
+    # layer's gather has the same size, and a fresh multi-MB tensor per call would be page-faulted in anew.
+    scratch: dict = field(default_factory=dict)
     _masks: dict = field(default_factory=dict)  # shared by every layer of one step
 
     def decode_mask(self, window: int | None) -> torch.Tensor | None:
@@ -44,7 +61,7 @@ class AttentionMetadata:
             return None
         key = ("decode", window)
         if key not in self._masks:
-            cols = torch.arange(self.decode_width, device=self.decode_slots.device)[None, :]
+            cols = torch.arange(self.decode_width, device=self.decode_lens.device)[None, :]
             lens = self.decode_lens[:, None]
             mask = cols < lens
             if window is not None:
@@ -63,6 +80,16 @@ class AttentionMetadata:
                 mask &= key_pos > query_pos - window
             self._masks[key] = mask
         return self._masks[key]
+
+    def gather_buffer(self, name: str, rows: int, like: torch.Tensor) -> torch.Tensor:
+        """A [rows, like.shape[1]] tensor of like's dtype and device, reused across layers and steps."""
+        numel = rows * like.shape[1]
+        buffer = self.scratch.get(name)
+        if buffer is None or buffer.numel() < numel or buffer.dtype != like.dtype or buffer.device != like.device:
+            # Grow by at least half again: a context that grows a block per step reallocates rarely.
+            size = max(numel, buffer.numel() * 3 // 2 if buffer is not None else 0)
+            buffer = self.scratch[name] = torch.empty(size, dtype=like.dtype, device=like.device)
+        return buffer[:numel].view(rows, like.shape[1])
 
 
 def attend(q, k, v, mask, scale: float, softcap: float | None, causal: bool = False):
@@ -135,24 +162,33 @@ class Attention(nn.Module):
         # so keys are read once per KV head instead of being repeated for every query head.
         batch, group = q.shape[0], self.num_heads // self.num_kv_heads
         qg = q.view(batch, self.num_kv_heads, group, self.head_dim)
-        # index_select on the flat slot list copies whole [kv_heads, head_dim] rows (a memcpy each): only the
-        # blocks these sequences use are read, never the whole cache.
-        shape = (batch, meta.decode_width, self.num_kv_heads, self.head_dim)
-        keys = self.k_cache.index_select(0, meta.decode_slots).view(shape).transpose(1, 2).to(q.dtype)
-        values = self.v_cache.index_select(0, meta.decode_slots).view(shape).transpose(1, 2).to(q.dtype)
+        blocks, start, width = meta.decode_blocks, meta.decode_start, meta.decode_width
+        keys = self._read(self.k_cache, "k", blocks, start, batch, width, meta).transpose(1, 2).to(q.dtype)
+        values = self._read(self.v_cache, "v", blocks, start, batch, width, meta).transpose(1, 2).to(q.dtype)
         out = attend(qg, keys, values, meta.decode_mask(self.window), self.scale, self.softcap)
         return out.reshape(batch, self.num_heads, self.head_dim)
 
     def _prefill(self, q, k, v, piece: PrefillSlice, index: int, meta: AttentionMetadata) -> torch.Tensor:
-        if piece.context_slots is None:  # a fresh prompt: attend its own K/V directly, no cache read
+        if not piece.reads_cache:  # a fresh prompt: attend its own K/V directly, no cache read
             keys, values = k, v
             mask = None if self.window is None else meta.prefill_mask(index, self.window, q.device)
         else:
-            keys = self.k_cache.index_select(0, piece.context_slots).to(q.dtype)
-            values = self.v_cache.index_select(0, piece.context_slots).to(q.dtype)
+            blocks, start, width = piece.context_blocks, piece.context_start, piece.context_len
+            keys = self._read(self.k_cache, "k", blocks, start, 1, width, meta)[0].to(q.dtype)
+            values = self._read(self.v_cache, "v", blocks, start, 1, width, meta)[0].to(q.dtype)
             mask = meta.prefill_mask(index, self.window, q.device)
         out = attend(
             q.transpose(0, 1)[None], keys.transpose(0, 1)[None], values.transpose(0, 1)[None],
             mask, self.scale, self.softcap, causal=True,
         )
         return out[0].transpose(0, 1)
+
+    def _read(self, cache, name: str, blocks, start: int, batch: int, width: int, meta: AttentionMetadata):
+        """[batch, width, kv_heads, head_dim] contexts: a slice of the cache from slot `start` (batch 1) when
+        `blocks` is None, else one index_select of whole blocks (block-sized memcpys) into a reused buffer,
+        trimmed to `width` keys (a view: the keys past a context's end are masked as before)."""
+        if blocks is None:
+            return cache[start : start + width].unsqueeze(0)
+        rows = cache.view(-1, meta.block_size * math.prod(cache.shape[1:]))  # [num_blocks, one block]
+        out = torch.index_select(rows, 0, blocks, out=meta.gather_buffer(name, blocks.shape[0], rows))
+        return out.view(batch, -1, self.num_kv_heads, self.head_dim)[:, :width]
