@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import sys
 
 # The native CPU kernels (ember.kernels) run their own thread pool between torch's ops: torch's OpenMP threads
 # must not keep spinning after each op on the cores that pool needs (measured: 2-thread decode 3-4x slower).
 # Effective only before torch is imported; a user's own setting wins.
+OMP_PASSIVE = "torch" not in sys.modules or os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE"
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __version__ = "0.1.0"

@@ -1,7 +1,9 @@
 from pathlib import Path
 
 import pytest
-import torch
+
+import ember  # noqa: F401  (before torch: ember sets OMP_WAIT_POLICY for its kernels' thread pool)
+import torch  # noqa: I001
 
 ROOT = Path(__file__).resolve().parents[1]
 # ../shared beside the checkout (as CI clones it), or a shared/ copied into it (the GPU machine).

@@ -3,13 +3,24 @@
 from __future__ import annotations
 
 import ctypes
+import functools
+import logging
 
 import torch
 
+import ember
 from ember.kernels.native import NATIVE_TYPES, library
 from ember.quant.types import BLOCK_SIZES, GGMLType
 
 MAX_SEGMENTS = 8  # ggml_matmul.c's MAX_SEGMENTS
+logger = logging.getLogger(__name__)
+
+
+@functools.lru_cache(maxsize=1)
+def _warn_spinning_openmp() -> None:
+    if not ember.OMP_PASSIVE and torch.get_num_threads() > 1:
+        logger.warning("torch was imported before ember without OMP_WAIT_POLICY=PASSIVE: its threads spin "
+                       "between ops on the cores the native kernels use; import ember first or set it")
 
 
 def available(ggml_type: GGMLType, in_features: int) -> bool:
@@ -31,6 +42,7 @@ class NativeMatmul:
         self.lib = library()
         if self.lib is None:
             raise RuntimeError("native kernels are unavailable")
+        _warn_spinning_openmp()
         self.in_features = in_features
         self._weights = [w.contiguous() for w, _ in weights]
         n = len(weights)
