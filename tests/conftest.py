@@ -1,9 +1,10 @@
+# ruff: noqa: I001  (ember before torch: it sets OMP_WAIT_POLICY for its kernels' thread pool)
 from pathlib import Path
 
 import pytest
 
-import ember  # noqa: F401  (before torch: ember sets OMP_WAIT_POLICY for its kernels' thread pool)
-import torch  # noqa: I001
+import ember  # noqa: F401
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 # ../shared beside the checkout (as CI clones it), or a shared/ copied into it (the GPU machine).
