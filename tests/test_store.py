@@ -252,39 +252,78 @@ def test_resolve(home, gguf_q4, hf_dir):
 
 # ---- memory -------------------------------------------------------------------------------------------
 
-def test_estimate_memory_from_the_files(gguf_q4, hf_dir, testdata):
+def test_estimate_memory_from_the_files(gguf_q4, hf_dir, testdata, monkeypatch):
     from ember.bench.estimates import overhead_bytes
+    from ember.kernels import native
     from ember.loader.gguf import read_header
+    from ember.store.memory import native_types
 
-    kv_per_token = 2 * 4 * 2 * 32 * 2  # K and V, 4 layers, 2 KV heads, head_dim 32, bf16
-    est = estimate_memory(gguf_q4, 1024)
-    # what ember holds for tiny-llama-Q4_0 (4 layers, hidden 256, FFN 768, 32000-token vocabulary, tied output):
+    # tiny-llama-Q4_0: 4 layers, hidden 256, FFN 768, 32000-token vocabulary, tied output, Q6_K embedding
+    header = read_header(gguf_q4)
+    kv_per_token = 2 * 4 * 2 * 32  # K and V, 4 layers, 2 KV heads, head_dim 32: values a token
     matrices = 4 * (2 * 256 * 256 + 2 * 64 * 256 + 3 * 768 * 256)
+    q4_file = sum(t.nbytes for t in header.tensors.values() if t.type_name == "Q4_0")  # their blocks in the file
+    embedding = header.tensors["token_embd.weight"].nbytes  # Q6_K blocks, kept as they are
+    norms = 9 * 256  # 2 per layer + the final one
+    # The header (metadata, vocabulary) stays mapped on CPU: the loader parses it through the map the views share.
+    head = header.data_offset
+    assert head == min(t.offset for t in header.tensors.values()) > 32000 * 8  # mostly the vocabulary
+
+    # The torch backends (a CPU without the native kernels; GPUs): repacks, and the tied output layer a copy.
+    monkeypatch.setattr(native, "library", lambda: None)
+    assert native_types("cpu") == frozenset()
+    est = estimate_memory(gguf_q4, 1024)  # bfloat16 on CPU
     int4 = matrices // 2 + matrices // 32 * 2 * 2  # Q4_0: packed nibbles + a bf16 (scale, zero) pair per 32
-    embedding = read_header(gguf_q4).tensors["token_embd.weight"].nbytes  # Q6_K blocks, kept as they are
     output = 32000 * 256 + 32000 * 256 // 16 * 4  # the tied Q6_K embedding as an int8 output layer
-    norms = 9 * 256 * 2  # 2 per layer + the final one, bf16
-    assert est.weights_bytes == int4 + embedding + output + norms
-    assert est.kv_bytes == kv_per_token * 1024
+    assert est.weights_bytes == int4 + embedding + output + norms * 2 + head
+    assert est.kv_bytes == kv_per_token * 2 * 1024
     assert est.total == est.weights_bytes + est.kv_bytes + est.overhead_bytes > est.overhead_bytes
+    # auto = float32 on CPU: 4-byte (scale, zero) pairs, norms and KV cache
+    auto = estimate_memory(gguf_q4, 1024, "auto", "cpu")
+    assert auto.weights_bytes == matrices // 2 + matrices // 32 * 2 * 4 + embedding + output + norms * 4 + head
+    assert auto.kv_bytes == kv_per_token * 4 * 1024
+    # a GPU: the same repacks in device memory (no host header), and auto = float16 there, which CUDA's int4
+    # kernel does not take: Q4_0 keeps its blocks; MPS has no int4 kernel at all
+    cuda = estimate_memory(gguf_q4, 1024, "bfloat16", "cuda:0")
+    assert cuda.weights_bytes == int4 + embedding + output + norms * 2
+    cuda16 = estimate_memory(gguf_q4, 1024, "auto", "cuda")
+    assert cuda16.weights_bytes == q4_file + embedding + output + norms * 2 and cuda16.kv_bytes == est.kv_bytes
+    assert estimate_memory(gguf_q4, 1024, "bfloat16", "mps").weights_bytes == cuda16.weights_bytes
     q8 = estimate_memory(testdata / "gguf" / "tiny-llama-Q8_0.gguf", 1024)
     assert q8.weights_bytes > est.weights_bytes and q8.overhead_bytes == est.overhead_bytes
+
+    # The native CPU kernels: every matrix and the embedding are the file's blocks, the tied output free.
+    monkeypatch.setattr(native, "library", lambda: object())
+    assert "Q4_0" in native_types("cpu") and native_types("cuda") == frozenset()
+    nat = estimate_memory(gguf_q4, 1024, "auto", "cpu")
+    assert nat.weights_bytes == q4_file + embedding + norms * 4 + head
+    assert nat.weights_bytes <= gguf_q4.stat().st_size  # ~ the file itself (q/k are permuted copies of theirs)
+    assert nat.kv_bytes == auto.kv_bytes and nat.overhead_bytes == est.overhead_bytes
+    assert estimate_memory(gguf_q4, 1024, "bfloat16", "cuda").weights_bytes == cuda.weights_bytes  # GPUs repack
+    monkeypatch.setattr(native, "library", lambda: None)
+
     hf16 = estimate_memory(hf_dir, 1024)
     hf32 = estimate_memory(hf_dir, 1024, dtype="float32")
     raw = (hf_dir / "model.safetensors").read_bytes()
     assert hf16.weights_bytes == len(raw) - 8 - int.from_bytes(raw[:8], "little")  # a bf16 file: its data bytes
     assert hf32.weights_bytes == 2 * hf16.weights_bytes and hf32.kv_bytes == 2 * hf16.kv_bytes
+    assert estimate_memory(hf_dir, 1024, "auto", "cpu") == hf32  # auto = float32 on CPU
+    assert estimate_memory(hf_dir, 1024, "auto", "cuda") == hf16  # the checkpoint's dtype on a GPU
     from ember.config import config_from_hf, read_config_json
 
     assert hf16.overhead_bytes == overhead_bytes(config_from_hf(read_config_json(hf_dir), "llama"))
 
     fixed = est.weights_bytes + est.overhead_bytes
-    assert fit_context(gguf_q4, fixed + kv_per_token * 5000, 4096) == 4096
-    assert fit_context(gguf_q4, fixed + kv_per_token * 1000, 4096) == 768
+    assert fit_context(gguf_q4, fixed + kv_per_token * 2 * 5000, 4096) == 4096
+    assert fit_context(gguf_q4, fixed + kv_per_token * 2 * 1000, 4096) == 768
     with pytest.raises(EmberError, match="256 tokens"):
-        fit_context(gguf_q4, fixed + kv_per_token * 100, 4096)
+        fit_context(gguf_q4, fixed + kv_per_token * 2 * 100, 4096)
+    cuda_fixed = cuda.weights_bytes + cuda.overhead_bytes
+    assert fit_context(gguf_q4, cuda_fixed + kv_per_token * 2 * 1000, 4096, "bfloat16", "cuda") == 768
     with pytest.raises(ModelLoadError, match="unknown dtype"):
         estimate_memory(gguf_q4, 16, dtype="int3")
+    with pytest.raises(ModelLoadError, match="unknown device"):
+        estimate_memory(gguf_q4, 16, device="tpu")
 
 
 # ---- CLI ----------------------------------------------------------------------------------------------
@@ -412,7 +451,8 @@ def test_gguf_header_read_matches_the_full_read(testdata):
 def test_listing_a_gguf_imports_no_torch(testdata):
     code = ("import sys; from ember.store.info import describe_path; from ember.store.memory import estimate_memory;"
             f"from pathlib import Path; p = Path({str(testdata / 'gguf' / 'tiny-llama-Q4_0.gguf')!r});"
-            "describe_path(p); estimate_memory(p, 256); assert 'torch' not in sys.modules, 'torch imported'")
+            "describe_path(p); estimate_memory(p, 256); estimate_memory(p, 256, 'auto', 'cpu');"
+            "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

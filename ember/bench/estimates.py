@@ -1,9 +1,11 @@
 """Memory of a model at one quantization and context: the figures `ember recommend` places on a machine.
 
 weights  = parameters × effective bits per weight ÷ 8; for a real model's own quantization,
-           ember.store.memory.estimate_memory's figure (what ember holds after loading that file)
-KV cache = 2 (K, V) × layers × KV heads × head dim × context × 2 bytes (an f16 cache, one sequence), the
-           formula of ember.store.memory.kv_bytes_per_token
+           ember.store.memory.estimate_memory's figure (what ember holds after loading that file on the device
+           it would run on: the file's bytes with the native CPU kernels, int4/int8 repacks on a GPU)
+KV cache = 2 (K, V) × layers × KV heads × head dim × context × 2 bytes (an f16 cache, one sequence, as
+           llama.cpp and GPUs keep it), the formula of ember.store.memory.kv_bytes_per_token (ember's own
+           "auto" cache on CPU is float32: estimate_memory(..., "auto", "cpu") counts 4 bytes)
 overhead = runtime + activations of one 512-token prefill batch (fp32) + the tokenizer (per vocabulary entry),
            which estimate_memory also adds
 """
@@ -25,8 +27,10 @@ DTYPE_NAMES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}  # as GGU
 KV_BYTES_PER_ELEMENT = 2
 PREFILL_BATCH = 512
 RUNTIME_BYTES = 256 * 2**20  # allocator pools, kernels' workspaces, the framework itself
-# Measured: a 32000-token Llama vocabulary costs 8.7 MB of RSS as ember's tokenizer (tests/test_store_rss.py).
-TOKENIZER_BYTES_PER_TOKEN = 272
+# Measured: ember's tokenizer for a 32000-token Llama (SentencePiece) vocabulary, built alone from the GGUF in a
+# fresh process after a warm-up engine (the baseline of tests/test_store_rss.py), adds 9.5 MB of RSS. The GGUF
+# header it comes from is counted with the file (ember.store.memory), not here.
+TOKENIZER_BYTES_PER_TOKEN = 297
 
 
 def kv_cache_bytes(config: ModelConfig, context: int) -> int:
@@ -63,37 +67,39 @@ def gguf_quant(path: Path) -> str:
     return read_header(path).quant
 
 
-def model_from_reference(reference: str, context: int = 8192) -> tuple[str, ModelConfig, tuple[str, int] | None, Path]:
+def model_from_reference(reference: str, context: int = 8192, device: str = "cpu",
+                         ) -> tuple[str, ModelConfig, tuple[str, int] | None, Path]:
     """(name, shape, (the file's quantization, its weight bytes), where its files are) for any model reference
     `ember run` takes:
     a GGUF file or checkpoint folder, a store name, a discovered name (ollama/..., hf.co/..., local/...) or
-    ember-default. The weight bytes are ember.store.memory.estimate_memory's, the estimator the server's model
-    pool uses, so `ember recommend` and the pool agree on what the file needs."""
+    ember-default. The weight bytes are ember.store.memory.estimate_memory's on `device` (cpu, cuda, mps or
+    auto), the estimator the server's model pool uses, so `ember recommend` and the pool agree on what the file
+    needs."""
     from ember.store.resolve import resolve
 
     resolved = resolve(reference, allow_paths=True)
     read = _from_gguf if resolved.format == "gguf" else _from_folder
-    return (*read(resolved.name, resolved.path, context), resolved.path)
+    return (*read(resolved.name, resolved.path, context, device), resolved.path)
 
 
-def _from_gguf(name: str, path: Path, context: int) -> tuple[str, ModelConfig, tuple[str, int]]:
+def _from_gguf(name: str, path: Path, context: int, device: str) -> tuple[str, ModelConfig, tuple[str, int]]:
     from ember.loader.gguf import read_header
     from ember.store.memory import estimate_memory, model_config
 
     config = model_config(path)
     quant = read_header(path).quant
-    weights = estimate_memory(path, context).weights_bytes
+    weights = estimate_memory(path, context, device=device).weights_bytes
     # "Llama-3.3-70B-Instruct-Q4_K_M" names the model and the quantization; advice adds its own suffix.
     stem = name.removesuffix(".gguf") if name.lower().endswith(".gguf") else name
     name = re.sub(rf"[-._:]{re.escape(quant)}$", "", stem, flags=re.IGNORECASE) or stem
     return name, config, (quant, weights)
 
 
-def _from_folder(name: str, path: Path, context: int) -> tuple[str, ModelConfig, tuple[str, int] | None]:
+def _from_folder(name: str, path: Path, context: int, device: str) -> tuple[str, ModelConfig, tuple[str, int] | None]:
     from ember.store.memory import estimate_memory, model_config
 
     config = model_config(path)
     dtype = config.torch_dtype if config.torch_dtype in DTYPE_NAMES else None
     if dtype is None:
         return name, config, None
-    return name, config, (DTYPE_NAMES[dtype], estimate_memory(path, context, dtype).weights_bytes)
+    return name, config, (DTYPE_NAMES[dtype], estimate_memory(path, context, dtype, device).weights_bytes)

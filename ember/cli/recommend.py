@@ -47,7 +47,8 @@ def _model_shape(args: argparse.Namespace):
                                   "[--family NAME]")
     from ember.bench.estimates import model_from_reference
 
-    return model_from_reference(args.model, args.context)
+    # The file's own weights as ember would hold them on the device `ember run` picks here (auto).
+    return model_from_reference(args.model, args.context, device="auto")
 
 
 def _bandwidths(hw, probe: bool) -> dict[str, tuple[float, str]]:

@@ -362,15 +362,19 @@ class ModelPool:
     async def _plan(self, key: str, resolved: ResolvedModel, args: dict) -> tuple[int | None, bool]:
         """Make room and pick the context; sets args' max_model_len/kv_memory; reserves the bytes."""
         from ember.engine.engine import DEFAULT_MAX_MODEL_LEN
+        from ember.loader.device import resolve_device
         from ember.store.memory import estimate_memory, fit_context
 
         dtype = str(args.get("dtype", "auto"))
         try:
+            # What the engine will hold depends on where it runs (native CPU kernels keep the file's blocks,
+            # GPUs repack) and "auto" dtype on it (float32 on CPU): estimate for the device it will load on.
+            device = resolve_device(args.get("device", "auto")).type
             limit = await asyncio.to_thread(_context_limit, resolved.path)
             wanted = args.get("max_model_len") or min(limit or DEFAULT_MAX_MODEL_LEN, DEFAULT_MAX_MODEL_LEN)
             if limit:
                 wanted = min(wanted, limit)
-            full = await asyncio.to_thread(estimate_memory, resolved.path, int(wanted), dtype)
+            full = await asyncio.to_thread(estimate_memory, resolved.path, int(wanted), dtype, device)
         except (EmberError, OSError, ValueError, KeyError) as err:
             log.warning("cannot estimate the memory %s needs (%s); loading it without a budget check", key, err)
             return None, False
@@ -392,7 +396,8 @@ class ModelPool:
                 busy = [e for e in self._models.values() if e not in victims] + [k for k in self._reserved]
                 if user_kv is None:
                     try:
-                        context = await asyncio.to_thread(fit_context, resolved.path, free, int(wanted), dtype)
+                        context = await asyncio.to_thread(fit_context, resolved.path, free, int(wanted), dtype,
+                                                            device)
                         fitted = True
                     except EmberError as err:
                         raise self._no_room(key, need, busy, err) from None
