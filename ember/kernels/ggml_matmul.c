@@ -300,8 +300,8 @@ static void quantize_row_0(const float *x, int64_t K, int8_t *q, float *d, float
 
 /* The rows r0..r1 of a weight against every row of x, TILE_B rows of x at a time (NAME##_tile below). */
 #define DEFINE_ROWS(NAME)                                                                                         \
-    static void NAME##_rows(const uint8_t *w, int64_t row_bytes, int64_t r0, int64_t r1, const act_t *a,        \
-                            int64_t B, float *y, int64_t ldy) {                                                  \
+    __attribute__((unused)) static void NAME##_rows(const uint8_t *w, int64_t row_bytes, int64_t r0, int64_t r1, \
+                                                    const act_t *a, int64_t B, float *y, int64_t ldy) {          \
         for (int64_t b = 0; b < B; b += TILE_B) {                                                                \
             const int64_t nb = B - b < TILE_B ? B - b : TILE_B;                                                  \
             for (int64_t r = r0; r < r1; r++) {                                                                  \
@@ -481,6 +481,116 @@ INLINE void q6_k_tile(const uint8_t *row, const act_t *a, int64_t b, float *y, i
     for (int j = 0; j < NB; j++) y[j * ldy] = hsum(acc[j]);
 }
 DEFINE_ROWS(q6_k)
+
+
+#if defined(__AVX512BW__)
+/* The same K-quant sums with 512-bit vectors: half the instructions per weight, which is what bounds a
+ * matrix-vector product here (the 256-bit loops run out of issue slots before memory bandwidth). */
+
+INLINE __m512i load2x256(const int8_t *lo, const int8_t *hi) {
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)lo)),
+                              _mm256_loadu_si256((const __m256i *)hi), 1);
+}
+
+/* 16-bit lanes [a x16 | b x16] of the 8 int16 in `v` (a, b: lane indexes) */
+INLINE __m512i pick16x2(__m512i v, int a, int b) {
+    const __m512i idx = _mm512_inserti64x4(_mm512_set1_epi16((short)a), _mm256_set1_epi16((short)b), 1);
+    return _mm512_permutexvar_epi16(idx, v);
+}
+
+/* Q4_K: 64 bytes of qs are chunks c and c+1; their low nibbles are sub-blocks 2c and 2c+2 (x[64c..+31] and
+ * x[64c+64..+95]), their high nibbles 2c+1 and 2c+3. */
+INLINE void q4_k512_tile(const uint8_t *row, const act_t *a, int64_t b, float *y, int64_t ldy, const int NB) {
+    const int64_t groups = a->K / 32;
+    const __m512i low4 = _mm512_set1_epi8(0x0F);
+    __m512 acc[TILE_B];
+    __m256 accm[TILE_B];
+    for (int j = 0; j < NB; j++) {
+        acc[j] = _mm512_setzero_ps();
+        accm[j] = _mm256_setzero_ps();
+    }
+    for (int64_t sb = 0; sb < a->K / 256; sb++) {
+        const uint8_t *blk = row + sb * 144;
+        const __m128i sm = k4_scales_mins(blk + 4);
+        const __m512i scales = _mm512_broadcast_i32x4(_mm_cvtepu8_epi16(sm));
+        const __m256 mins = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(sm, 8))),
+                                          _mm256_set1_ps(-f16(blk + 2)));
+        const float d = f16(blk);
+        __m512i sumi[TILE_B];
+        for (int j = 0; j < NB; j++) sumi[j] = _mm512_setzero_si512();
+        for (int cc = 0; cc < 2; cc++) {
+            const __m512i bits = _mm512_loadu_si512((const void *)(blk + 16 + 64 * cc));
+            const __m512i lo = _mm512_and_si512(bits, low4), hi = _mm512_and_si512(_mm512_srli_epi16(bits, 4), low4);
+            const __m512i sl = pick16x2(scales, 4 * cc, 4 * cc + 2), sh = pick16x2(scales, 4 * cc + 1, 4 * cc + 3);
+            for (int j = 0; j < NB; j++) {
+                const int8_t *xq = a->q + (b + j) * a->K + 256 * sb + 128 * cc;
+                const __m512i pl = _mm512_maddubs_epi16(lo, load2x256(xq, xq + 64));
+                const __m512i ph = _mm512_maddubs_epi16(hi, load2x256(xq + 32, xq + 96));
+                sumi[j] = _mm512_add_epi32(sumi[j], _mm512_add_epi32(_mm512_madd_epi16(sl, pl),
+                                                                     _mm512_madd_epi16(sh, ph)));
+            }
+        }
+        for (int j = 0; j < NB; j++) {
+            const int64_t g = (b + j) * groups + 8 * sb;
+            acc[j] = _mm512_fmadd_ps(_mm512_set1_ps(d * a->d[g]), _mm512_cvtepi32_ps(sumi[j]), acc[j]);
+            accm[j] = _mm256_fmadd_ps(mins, _mm256_loadu_ps(a->m + g), accm[j]);
+        }
+    }
+    for (int j = 0; j < NB; j++) y[j * ldy] = _mm512_reduce_add_ps(acc[j]) + hsum(accm[j]);
+}
+DEFINE_ROWS(q4_k512)
+
+/* Q6_K: in each half of 128 values, 64 bytes of ql hold units 0-1 (low nibbles, values 0..63) and units 2-3
+ * (high nibbles, values 64..127); qh bits 2k..2k+1 belong to unit k. Signed q - 32: |w| and x negated where
+ * w < 0 (AVX-512 has no vpsignb). */
+INLINE void q6_k512_tile(const uint8_t *row, const act_t *a, int64_t b, float *y, int64_t ldy, const int NB) {
+    const int64_t groups = a->K / 32;
+    const __m512i low4 = _mm512_set1_epi8(0x0F), three = _mm512_set1_epi8(3), k32 = _mm512_set1_epi8(32);
+    const __m512i shift_lo = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(2), 1);
+    const __m512i shift_hi = _mm512_inserti64x4(_mm512_set1_epi16(4), _mm256_set1_epi16(6), 1);
+    /* int16 lanes in groups of 8 -> scales 0..3 (low vector) and 4..7 (high vector) of the half */
+    const __m512i pick_lo = _mm512_set_epi64(0x0003000300030003LL, 0x0003000300030003LL, 0x0002000200020002LL,
+                                             0x0002000200020002LL, 0x0001000100010001LL, 0x0001000100010001LL, 0, 0);
+    const __m512i pick_hi = _mm512_add_epi16(pick_lo, _mm512_set1_epi16(4));
+    __m512 acc[TILE_B];
+    for (int j = 0; j < NB; j++) acc[j] = _mm512_setzero_ps();
+    for (int64_t sb = 0; sb < a->K / 256; sb++) {
+        const uint8_t *blk = row + sb * 210;
+        const float d = f16(blk + 208);
+        __m512i sumi[TILE_B];
+        for (int j = 0; j < NB; j++) sumi[j] = _mm512_setzero_si512();
+        for (int half = 0; half < 2; half++) {
+            const __m512i sc = _mm512_castsi128_si512(
+                _mm_cvtepi8_epi16(_mm_loadl_epi64((const __m128i *)(blk + 192 + 8 * half))));
+            const __m512i ql = _mm512_loadu_si512((const void *)(blk + 64 * half));
+            const __m256i qh256 = _mm256_loadu_si256((const __m256i *)(blk + 128 + 32 * half));
+            const __m512i qh = _mm512_inserti64x4(_mm512_castsi256_si512(qh256), qh256, 1);
+            __m512i w[2];
+            w[0] = _mm512_or_si512(_mm512_and_si512(ql, low4),
+                                   _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi16(qh, shift_lo), three), 4));
+            w[1] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(ql, 4), low4),
+                                   _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi16(qh, shift_hi), three), 4));
+            const __m512i scale[2] = {_mm512_permutexvar_epi16(pick_lo, sc), _mm512_permutexvar_epi16(pick_hi, sc)};
+            for (int v = 0; v < 2; v++) {
+                w[v] = _mm512_sub_epi8(w[v], k32);
+                const __mmask64 neg = _mm512_movepi8_mask(w[v]);
+                const __m512i wabs = _mm512_abs_epi8(w[v]);
+                for (int j = 0; j < NB; j++) {
+                    const __m512i xq = _mm512_loadu_si512(
+                        (const void *)(a->q + (b + j) * a->K + 256 * sb + 128 * half + 64 * v));
+                    const __m512i xs = _mm512_mask_sub_epi8(xq, neg, _mm512_setzero_si512(), xq);
+                    sumi[j] = _mm512_add_epi32(sumi[j], _mm512_madd_epi16(scale[v], _mm512_maddubs_epi16(wabs, xs)));
+                }
+            }
+        }
+        for (int j = 0; j < NB; j++)
+            acc[j] = _mm512_fmadd_ps(_mm512_set1_ps(d * a->d[(b + j) * groups + 8 * sb]), _mm512_cvtepi32_ps(sumi[j]),
+                                     acc[j]);
+    }
+    for (int j = 0; j < NB; j++) y[j * ldy] = _mm512_reduce_add_ps(acc[j]);
+}
+DEFINE_ROWS(q6_k512)
+#endif
 
 /* ------------------------------------------------------------ GEMM: interleaved int8 tiles for many rows */
 
@@ -940,9 +1050,14 @@ static quant_rows_fn quant_kernel(int type) {
     case T_Q8_0: return q8_0_rows;
     case T_IQ4_NL: return iq4_nl_rows;
     case T_IQ4_XS: return iq4_xs_rows;
+#if defined(__AVX512BW__)
+    case T_Q4_K: return q4_k512_rows;
+    case T_Q6_K: return q6_k512_rows;
+#else
     case T_Q4_K: return q4_k_rows;
-    case T_Q5_K: return q5_k_rows;
     case T_Q6_K: return q6_k_rows;
+#endif
+    case T_Q5_K: return q5_k_rows;
     default: return NULL;
     }
 }

@@ -88,8 +88,9 @@ def load_gguf_model(path: Path, dtype, device: torch.device) -> tuple[CausalLM, 
             _replace_module(model, module_name, module)
             if target == "model.embed_tokens.weight" and config.tie_word_embeddings:
                 model.lm_head = QuantLinear(piece, info.ggml_type, expected, dtype, device)
-        if device.type != "cpu" or not kernels.available(info.ggml_type, info.shape[-1]):
-            # The blocks were repacked or copied: drop their pages so peak RSS stays near the file size.
+        zero_copy = device.type == "cpu" and kernels.available(info.ggml_type, info.shape[-1])
+        if not zero_copy or (permute_qk and name.endswith(("q_proj.weight", "k_proj.weight"))):
+            # The blocks were repacked or copied (reordered rows): drop their pages so RSS stays near the file size.
             gguf.release(gguf_name)
     finish_loading(model, device)
     model.fuse_projections()
