@@ -1,5 +1,6 @@
 """Reading contexts from the paged KV cache by whole blocks (or as one slice when they are consecutive) gives
-bit for bit what the per-slot gather gave, for contexts ending mid-block, uneven batches and sliding windows."""
+bit for bit what the per-slot gather gave, for contexts ending mid-block, uneven batches and sliding windows;
+the native decode kernel (ember.kernels.attention, reading the cache in place) gives it to float32 rounding."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from ember.engine.block_manager import BlockManager
 from ember.engine.model_runner import ModelRunner
 from ember.engine.scheduler import ScheduledChunk
 from ember.engine.sequence import Sequence
+from ember.kernels import native
 from ember.layers.attention import Attention, attend
 from ember.loader.safetensors import load_safetensors_model
 from tests.engine_helpers import greedy_tokens
@@ -56,7 +58,13 @@ def _slot_gather(cache: torch.Tensor, table: list[int], block_size: int, count: 
 @pytest.mark.parametrize(("window", "softcap"), [(None, None), (6, None), (None, 30.0), (6, 30.0)])
 @pytest.mark.parametrize("lens", [[1], [13], [5, 17, 33], [40, 3, 40, 16]])
 @pytest.mark.parametrize("shuffled", [False, True])
-def test_decode_reads_the_same_keys_as_a_slot_gather(block_size, window, softcap, lens, shuffled):
+@pytest.mark.parametrize("native_kernel", [False, True], ids=["torch", "native"])
+def test_decode_reads_the_same_keys_as_a_slot_gather(block_size, window, softcap, lens, shuffled, native_kernel,
+                                                      monkeypatch):
+    if native_kernel and native.library() is None:
+        pytest.skip("native kernels unavailable here")
+    if not native_kernel:
+        monkeypatch.setenv("EMBER_NATIVE_KERNELS", "0")
     attn, runner, blocks = _setup(block_size, window, softcap, shuffled)
     seqs = [_sequence(blocks, n, n - 1) for n in lens]
     meta = runner._build([ScheduledChunk(s, 1) for s in seqs])[2]
@@ -76,8 +84,12 @@ def test_decode_reads_the_same_keys_as_a_slot_gather(block_size, window, softcap
     with torch.inference_mode():
         got = attn._decode(q, meta)
         again = attn._decode(q, runner._build([ScheduledChunk(s, 1) for s in seqs])[2])  # reused buffers
-    assert torch.equal(got, expected)
-    assert torch.equal(again, expected)
+    if native_kernel:
+        torch.testing.assert_close(got, expected, rtol=0, atol=2e-6)
+        assert torch.equal(again, got)
+    else:
+        assert torch.equal(got, expected)
+        assert torch.equal(again, expected)
 
 
 @pytest.mark.parametrize("block_size", [4, 16])

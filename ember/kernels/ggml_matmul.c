@@ -17,29 +17,17 @@
  * bf16/f16 weights are widened to float32 in registers (shift / F16C) and multiplied with FMAs: memory-bound
  * for one row of x, with two weight rows by TILE_B rows of x per tile for many.
  *
- * Threads: one persistent pool; the calling thread works too. Rows are handed out in chunks from an atomic
- * counter; idle workers spin briefly (the next matmul of a forward is usually tens of microseconds away) and
- * then sleep on a condition variable. No OpenMP: torch brings its own runtime, and two would spin against
- * each other. One call runs at a time (a lock), since the pool and the activation scratch are shared.
- *
- * The build picks the ISA with compiler flags (ember.kernels.native); this file needs AVX2, FMA and F16C and
- * uses AVX-512 VNNI / AVX-VNNI when the flags enable them. Plain C, called through ctypes.
+ * Rows are handed out to the pool's threads (common.h) in chunks; one call runs at a time (the library lock),
+ * since the pool and the activation scratch are shared. AVX-512 VNNI / AVX-VNNI / AVX512-BF16 are used when
+ * the build's flags enable them. Plain C, called through ctypes.
  */
-#include <immintrin.h>
-#include <pthread.h>
-#include <sched.h>
-#include <stdatomic.h>
-#include <stdint.h>
+#include "common.h"
+
 #include <stdlib.h>
-#include <string.h>
-#include <time.h>
 
-#define INLINE static inline __attribute__((always_inline))
 #define TILE_B 4
-#define MAX_THREADS 256
-#define SPIN_NS 200000 /* how long an idle worker spins before it sleeps */
 
-int ember_kernels_abi(void) { return 2; }
+int ember_kernels_abi(void) { return 3; }
 
 /* What the build uses for integer dot products: 2 = AVX-512 VNNI, 1 = AVX-VNNI, 0 = AVX2 maddubs. */
 int ember_kernels_isa(void) {
@@ -62,13 +50,6 @@ INLINE float f16(const uint8_t *p) {
     uint16_t h;
     memcpy(&h, p, 2);
     return _cvtsh_ss(h);
-}
-
-INLINE float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
 }
 
 /* 8 int32 sums of 4 products each of unsigned a and signed b bytes: lanes 0-3 cover bytes 0-15. */
@@ -926,114 +907,6 @@ static void bf16dot_rows(const uint8_t *wbytes, int64_t r0, int64_t r1, const ui
 DEFINE_HALF_KERNEL(bf16, widen_bf16, bf16_scalar)
 #endif
 
-/* ---------------------------------------------------------------------------------------- thread pool */
-
-typedef void (*job_fn)(void *ctx, int64_t chunk);
-
-static pthread_mutex_t call_lock = PTHREAD_MUTEX_INITIALIZER; /* one parallel call at a time */
-static pthread_mutex_t pool_mu = PTHREAD_MUTEX_INITIALIZER;
-static pthread_cond_t pool_cv = PTHREAD_COND_INITIALIZER;
-static int pool_size; /* workers started (never stopped) */
-static atomic_uint pool_generation;
-static atomic_int pool_sleepers, pool_pending;
-static atomic_llong pool_next;
-static job_fn pool_job;
-static void *pool_ctx;
-static int64_t pool_chunks;
-static int pool_active; /* workers taking part in the current job: ids below it */
-static unsigned pool_born[MAX_THREADS]; /* the generation current when each worker was started */
-
-static int64_t now_ns(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (int64_t)t.tv_sec * 1000000000LL + t.tv_nsec;
-}
-
-static void run_chunks(void) {
-    int64_t c;
-    while ((c = atomic_fetch_add(&pool_next, 1)) < pool_chunks) pool_job(pool_ctx, c);
-}
-
-static void *worker_main(void *arg) {
-    const int id = (int)(intptr_t)arg;
-    unsigned seen = pool_born[id]; /* not a fresh load: the first job may already be published */
-    for (;;) {
-        unsigned g = atomic_load(&pool_generation);
-        if (g == seen) {
-            const int64_t until = now_ns() + SPIN_NS;
-            for (int i = 0; (g = atomic_load(&pool_generation)) == seen; i++) {
-                _mm_pause();
-                if ((i & 1023) == 1023) sched_yield();
-                if ((i & 255) == 255 && now_ns() > until) {
-                    pthread_mutex_lock(&pool_mu);
-                    atomic_fetch_add(&pool_sleepers, 1);
-                    while ((g = atomic_load(&pool_generation)) == seen) pthread_cond_wait(&pool_cv, &pool_mu);
-                    atomic_fetch_sub(&pool_sleepers, 1);
-                    pthread_mutex_unlock(&pool_mu);
-                    break;
-                }
-            }
-        }
-        seen = g;
-        /* every worker reports every generation, so none can miss one and act on the next job's fields */
-        if (id < pool_active) run_chunks();
-        atomic_fetch_sub(&pool_pending, 1);
-    }
-    return NULL;
-}
-
-static void reset_after_fork(void) {
-    /* the child has none of the parent's threads */
-    pool_size = 0;
-    pthread_mutex_init(&call_lock, NULL);
-    pthread_mutex_init(&pool_mu, NULL);
-    pthread_cond_init(&pool_cv, NULL);
-    atomic_store(&pool_sleepers, 0);
-}
-
-static void parallel_for(int nthreads, job_fn fn, void *ctx, int64_t chunks) {
-    static int atfork_set;
-    if (!atfork_set) {
-        pthread_atfork(NULL, NULL, reset_after_fork);
-        atfork_set = 1;
-    }
-    if (nthreads > MAX_THREADS) nthreads = MAX_THREADS;
-    if (nthreads > chunks) nthreads = (int)chunks;
-    while (pool_size < nthreads - 1) {
-        pthread_t t;
-        pthread_attr_t attr;
-        pthread_attr_init(&attr);
-        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-        pool_born[pool_size] = atomic_load(&pool_generation);
-        const int ok = pthread_create(&t, &attr, worker_main, (void *)(intptr_t)pool_size) == 0;
-        pthread_attr_destroy(&attr);
-        if (!ok) break;
-        pool_size++;
-    }
-    if (nthreads <= 1 || pool_size == 0) {
-        for (int64_t c = 0; c < chunks; c++) fn(ctx, c);
-        return;
-    }
-    pool_job = fn;
-    pool_ctx = ctx;
-    pool_chunks = chunks;
-    pool_active = nthreads - 1;
-    atomic_store(&pool_next, 0);
-    atomic_store(&pool_pending, pool_size);
-    atomic_fetch_add(&pool_generation, 1);
-    if (atomic_load(&pool_sleepers) > 0) {
-        pthread_mutex_lock(&pool_mu);
-        pthread_cond_broadcast(&pool_cv);
-        pthread_mutex_unlock(&pool_mu);
-    }
-    run_chunks();
-    /* yield now and then: on an oversubscribed machine the worker we wait for may need this core */
-    for (int i = 1; atomic_load(&pool_pending) > 0; i++) {
-        _mm_pause();
-        if ((i & 1023) == 0) sched_yield();
-    }
-}
-
 /* ------------------------------------------------------------------------------------------ entry point */
 
 typedef void (*quant_rows_fn)(const uint8_t *, int64_t, int64_t, int64_t, const act_t *, int64_t, float *,
@@ -1169,13 +1042,13 @@ int ember_matmul(const float *x, int64_t B, int64_t K, int nseg, const void *con
     const size_t nq = quantized ? (size_t)B * K : 0, nu = tiled ? (size_t)B * K : 0,
                  nf = quantized ? (size_t)B * (K / 32) : 0, nh = bf16 ? (size_t)B * K : 0;
     const size_t need = (nq + nu + 63) / 64 * 64 + 2 * sizeof(float) * nf + 2 * nh + 64;
-    pthread_mutex_lock(&call_lock);
+    ember_lock();
     if (need > scratch_bytes) {
         free(scratch);
         scratch = aligned_alloc(64, (need + 63) / 64 * 64);
         scratch_bytes = scratch ? need : 0;
         if (!scratch) {
-            pthread_mutex_unlock(&call_lock);
+            ember_unlock();
             return -1;
         }
     }
@@ -1185,7 +1058,7 @@ int ember_matmul(const float *x, int64_t B, int64_t K, int nseg, const void *con
     if (bf16) j.xbf16 = (uint16_t *)(d + 2 * nf);
     if (quantized || bf16) {
         if (B >= 16)
-            parallel_for(nthreads, prepare_job, &j, B);
+            ember_parallel_for(nthreads, prepare_job, &j, B);
         else
             for (int64_t b = 0; b < B; b++) prepare_job(&j, b);
     }
@@ -1194,7 +1067,7 @@ int ember_matmul(const float *x, int64_t B, int64_t K, int nseg, const void *con
     int64_t per = total / ((int64_t)nthreads * 8);
     per = per < 2 ? 2 : per + (per & 1);
     j.rows_per_chunk = tiled ? GEMM_R : per;
-    parallel_for(nthreads, matmul_job, &j, (total + j.rows_per_chunk - 1) / j.rows_per_chunk);
-    pthread_mutex_unlock(&call_lock);
+    ember_parallel_for(nthreads, matmul_job, &j, (total + j.rows_per_chunk - 1) / j.rows_per_chunk);
+    ember_unlock();
     return j.failed ? -1 : 0;
 }

@@ -1,4 +1,5 @@
-"""Build and load the C kernels of this folder (ggml_matmul.c) for this CPU's ISA, called through ctypes.
+"""Build and load the C kernels of this folder (ggml_matmul.c, attention.c, pool.c) for this CPU's ISA,
+called through ctypes.
 
 The ISA comes from the CPU's flags at run time (`isa()`): ``avx512`` (AVX-512 F/BW/VL + VNNI), ``avx2``
 (AVX2 + FMA + F16C), or ``none`` (other CPUs: callers keep their torch path). ``EMBER_ISA=avx2`` forces the
@@ -32,14 +33,16 @@ from ember.quant.types import GGMLType
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("ggml_matmul.c")
+FOLDER = Path(__file__).parent
+SOURCES = ("ggml_matmul.c", "attention.c", "pool.c")
+HEADERS = ("common.h",)
 # The types ggml_matmul.c multiplies directly (the others stay on the torch path).
 NATIVE_TYPES = frozenset({
     GGMLType.F16, GGMLType.BF16, GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q8_0,
     GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K, GGMLType.IQ4_NL, GGMLType.IQ4_XS,
 })
-ABI = 2
-BASE_FLAGS = ("-O3", "-shared", "-fPIC", "-std=gnu11", "-pthread")
+ABI = 3
+BASE_FLAGS = ("-O3", "-shared", "-fPIC", "-std=gnu11", "-pthread", f"-I{FOLDER}")
 ISA_FLAGS = {
     "avx2": ("-mavx2", "-mfma", "-mf16c", "-mtune=native"),
     "avx512": ("-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni",
@@ -116,6 +119,7 @@ def cache_dir() -> Path:
 
 
 def _compile(cc: str, source: bytes, flags: tuple[str, ...], out_dir: Path, name: str) -> Path:
+    """`source`: the bytes of every source and header, which the cache key hashes."""
     key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), cc.encode(), platform.machine().encode(),
                                      str(ABI).encode()])).hexdigest()[:24]
     target = out_dir / f"{name}-{key}.so"
@@ -125,7 +129,8 @@ def _compile(cc: str, source: bytes, flags: tuple[str, ...], out_dir: Path, name
     fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}-", suffix=".so", dir=out_dir)
     os.close(fd)
     try:
-        proc = subprocess.run([cc, *flags, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=300)
+        proc = subprocess.run([cc, *flags, "-o", tmp, *(str(FOLDER / f) for f in SOURCES), "-lm"],
+                              capture_output=True, text=True, timeout=300)
         if proc.returncode:
             raise RuntimeError(f"{cc} {' '.join(flags)} failed: {proc.stderr.strip()[-2000:]}")
         os.replace(tmp, target)
@@ -146,6 +151,9 @@ def _bind(path: Path) -> ctypes.CDLL:
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.ember_matmul.argtypes = [p, i64, i64, ctypes.c_int, p, p, p, p, p, i64, ctypes.c_int]
     lib.ember_matmul.restype = ctypes.c_int
+    f32, i32 = ctypes.c_float, ctypes.c_int
+    lib.ember_decode_attention.argtypes = [p, p, p, p, i64, i32, i32, i32, p, i64, i64, p, i32, f32, f32, i64, i32]
+    lib.ember_decode_attention.restype = ctypes.c_int
     return lib
 
 
@@ -160,8 +168,9 @@ def _load(target_isa: str) -> ctypes.CDLL | None:
         return None
     flags = ISA_FLAGS[target_isa] + (("-mavx512bf16",) if bf16_dot(target_isa) else ())
     try:
-        lib = _bind(_compile(cc, SOURCE.read_bytes(), BASE_FLAGS + flags, cache_dir(),
-                             f"ggml_matmul-{target_isa}"))
+        source = b"\0".join((FOLDER / f).read_bytes() for f in SOURCES + HEADERS)
+        lib = _bind(_compile(cc, source, BASE_FLAGS + flags, cache_dir(),
+                             f"ember_kernels-{target_isa}"))
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         logger.warning("native CPU kernels could not be built, using the torch path: %s", e)
         return None

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ember.config import ModelConfig
+from ember.kernels.attention import decode_attention
 from ember.layers.mlp import make_linear
 from ember.layers.norm import RMSNorm
 from ember.layers.rotary import RotaryEmbedding
@@ -160,6 +161,10 @@ class Attention(nn.Module):
     def _decode(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         # Fold each KV head's query group into the query-length axis: [D, kv_heads, group, head_dim],
         # so keys are read once per KV head instead of being repeated for every query head.
+        out = decode_attention(q, self.k_cache, self.v_cache, meta.decode_lens, meta.decode_blocks, meta.decode_start,
+                               meta.block_size, self.scale, self.softcap, self.window)
+        if out is not None:  # the native kernel reads the cache in place (CPU, float32)
+            return out
         batch, group = q.shape[0], self.num_heads // self.num_kv_heads
         qg = q.view(batch, self.num_kv_heads, group, self.head_dim)
         blocks, start, width = meta.decode_blocks, meta.decode_start, meta.decode_width

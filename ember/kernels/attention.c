@@ -1,0 +1,141 @@
+/* Decode attention over the paged KV cache: one query token per sequence against its context, read in place
+ * through the block table (no gather into a contiguous copy).
+ *
+ * Cache float32 [slots, kv_heads, head_dim]; q and out float32 [D, heads, head_dim]. Each task is one
+ * (sequence, KV head): the query heads of its group read every key and value row once. Scores in float32,
+ * softmax with the maximum subtracted; a sliding window keeps the last `window` keys and tanh soft-capping
+ * applies before the softmax, as the torch path (ember.layers.attention.attend) does.
+ */
+#include "common.h"
+
+#include <math.h>
+#include <stdlib.h>
+
+#define MAX_GROUP_DIM 8192 /* query heads per KV head x head_dim held in registers' spill buffer */
+
+typedef struct {
+    const float *q, *k, *v;
+    float *out;
+    const int64_t *blocks, *lens; /* blocks: [D, max_blocks] or NULL (one sequence from slot `start`) */
+    int64_t max_blocks, start, window;
+    int heads, kv_heads, head_dim, block_size;
+    float scale, softcap;
+    int failed;
+} attn_job_t;
+
+/* e^x for 8 lanes: Cody-Waite range reduction and a degree-5 polynomial (Cephes' expf), ~1 ulp. */
+INLINE __m256 exp256(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+    const __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+    const __m256i pow2n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(pow2n));
+}
+
+INLINE float dot(const float *a, const float *b, int n) {
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    int i = 0;
+    for (; i + 16 <= n; i += 16) {
+        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+    }
+    if (i < n) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0); /* n % 8 == 0 */
+    return hsum(_mm256_add_ps(acc0, acc1));
+}
+
+static __thread float *scores_buf;
+static __thread int64_t scores_cap;
+
+static void attn_task(void *ctx, int64_t task) {
+    attn_job_t *j = ctx;
+    const int64_t d = task / j->kv_heads;
+    const int kvh = (int)(task % j->kv_heads), group = j->heads / j->kv_heads, hd = j->head_dim;
+    const int64_t len = j->lens[d];
+    const int64_t lo = j->window > 0 && len > j->window ? len - j->window : 0, n = len - lo;
+    if (n <= 0) return;
+    if (scores_cap < n * group) {
+        free(scores_buf);
+        scores_buf = malloc(sizeof(float) * (size_t)(n * group));
+        scores_cap = scores_buf ? n * group : 0;
+        if (!scores_buf) {
+            j->failed = 1;
+            return;
+        }
+    }
+    float *scores = scores_buf; /* [group][n] */
+    const float *q = j->q + (d * j->heads + (int64_t)kvh * group) * hd;
+    const int64_t row = (int64_t)j->kv_heads * hd;
+    for (int64_t t = lo; t < len; t++) {
+        const int64_t slot = j->blocks ? j->blocks[d * j->max_blocks + t / j->block_size] * j->block_size +
+                                             t % j->block_size
+                                       : j->start + t;
+        const float *kp = j->k + slot * row + (int64_t)kvh * hd;
+        for (int g = 0; g < group; g++) {
+            float s = dot(q + (int64_t)g * hd, kp, hd) * j->scale;
+            if (j->softcap > 0.0f) s = j->softcap * tanhf(s / j->softcap);
+            scores[g * n + (t - lo)] = s;
+        }
+    }
+    for (int g = 0; g < group; g++) {
+        float *sg = scores + g * n;
+        float mx = sg[0];
+        for (int64_t t = 1; t < n; t++) mx = sg[t] > mx ? sg[t] : mx;
+        __m256 vsum = _mm256_setzero_ps();
+        int64_t t = 0;
+        for (; t + 8 <= n; t += 8) {
+            const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(sg + t), _mm256_set1_ps(mx)));
+            _mm256_storeu_ps(sg + t, e);
+            vsum = _mm256_add_ps(vsum, e);
+        }
+        float sum = hsum(vsum);
+        for (; t < n; t++) {
+            sg[t] = expf(sg[t] - mx);
+            sum += sg[t];
+        }
+        const float inv = 1.0f / sum;
+        for (t = 0; t < n; t++) sg[t] *= inv;
+    }
+    float acc[MAX_GROUP_DIM] __attribute__((aligned(32)));
+    memset(acc, 0, sizeof(float) * (size_t)(group * hd));
+    for (int64_t t = lo; t < len; t++) {
+        const int64_t slot = j->blocks ? j->blocks[d * j->max_blocks + t / j->block_size] * j->block_size +
+                                             t % j->block_size
+                                       : j->start + t;
+        const float *vp = j->v + slot * row + (int64_t)kvh * hd;
+        for (int g = 0; g < group; g++) {
+            const __m256 p = _mm256_set1_ps(scores[g * n + (t - lo)]);
+            float *a = acc + g * hd;
+            for (int i = 0; i < hd; i += 8)
+                _mm256_store_ps(a + i, _mm256_fmadd_ps(p, _mm256_loadu_ps(vp + i), _mm256_load_ps(a + i)));
+        }
+    }
+    for (int g = 0; g < group; g++)
+        memcpy(j->out + (d * j->heads + (int64_t)kvh * group + g) * hd, acc + g * hd, sizeof(float) * (size_t)hd);
+}
+
+/* out[D, heads, head_dim] = attention of q[D, heads, head_dim] over each sequence's first lens[d] cached
+ * tokens. Returns 0, or -1 when the shapes are outside what this kernel takes (the caller keeps torch's). */
+int ember_decode_attention(const float *q, const float *k_cache, const float *v_cache, float *out, int64_t D,
+                           int heads, int kv_heads, int head_dim, const int64_t *blocks, int64_t max_blocks,
+                           int64_t start, const int64_t *lens, int block_size, float scale, float softcap,
+                           int64_t window, int nthreads) {
+    if (D < 1 || kv_heads < 1 || heads % kv_heads || head_dim % 8 || heads / kv_heads * head_dim > MAX_GROUP_DIM ||
+        block_size < 1)
+        return -1;
+    attn_job_t j = {.q = q, .k = k_cache, .v = v_cache, .out = out, .blocks = blocks, .lens = lens,
+                    .max_blocks = max_blocks, .start = start, .window = window, .heads = heads,
+                    .kv_heads = kv_heads, .head_dim = head_dim, .block_size = block_size, .scale = scale,
+                    .softcap = softcap};
+    ember_lock();
+    ember_parallel_for(nthreads, attn_task, &j, D * kv_heads);
+    ember_unlock();
+    return j.failed ? -1 : 0;
+}

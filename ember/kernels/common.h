@@ -1,0 +1,35 @@
+/* What the C files of ember's kernel library share: SIMD helpers and the thread pool.
+ *
+ * Threads: one persistent pool (pool.c); the calling thread works too. Work is handed out in chunks from an
+ * atomic counter; idle workers spin briefly (the next kernel call of a forward is usually tens of
+ * microseconds away) and then sleep on a condition variable. No OpenMP: torch brings its own runtime, and two
+ * would spin against each other. One parallel call runs at a time (callers hold a lock around it).
+ *
+ * The build picks the ISA with compiler flags (ember.kernels.native): AVX2, FMA and F16C at least.
+ */
+#ifndef EMBER_KERNELS_COMMON_H
+#define EMBER_KERNELS_COMMON_H
+
+#include <immintrin.h>
+#include <stdint.h>
+#include <string.h>
+
+#define INLINE static inline __attribute__((always_inline))
+
+typedef void (*job_fn)(void *ctx, int64_t chunk);
+
+/* The library lock: a kernel call holds it while it uses the pool or shared scratch. */
+void ember_lock(void);
+void ember_unlock(void);
+
+/* fn(ctx, c) for every c < chunks on up to nthreads threads (the caller's included); returns when all ran. */
+void ember_parallel_for(int nthreads, job_fn fn, void *ctx, int64_t chunks);
+
+INLINE float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+#endif
