@@ -196,3 +196,25 @@ def test_no_compiler_falls_back_with_a_warning(monkeypatch, tmp_path, caplog):
         assert "no C compiler" in caplog.text
     finally:
         native._load.cache_clear()
+
+
+@needs_native
+@pytest.mark.parametrize("offset", [0.0, 1.0], ids=["llama", "gemma"])
+def test_fused_rms_norm_equals_the_module(isa, offset):
+    """The norm folded into the kernel's input preparation gives what RMSNorm then the projections give."""
+    from ember.layers.norm import RMSNorm
+
+    in_f = 512
+    norm = RMSNorm(in_f, 1e-5, offset)
+    norm.weight = torch.nn.Parameter(torch.randn(in_f))
+    layers = [QuantLinear(weight(t, 64, in_f, seed=i)[0], t, (64, in_f), torch.float32, "cpu")
+              for i, t in enumerate((GGMLType.Q4_K, GGMLType.Q6_K))]
+    x = torch.randn(5, in_f) * 3
+    fused = fuse_linears(layers, norm)
+    assert fused is not None
+    for got, layer in zip(fused(x), layers, strict=True):
+        expected = layer(norm(x))
+        assert rel_err(got, expected.double()) < 1e-5
+    # bf16 activations round differently between the norm and the projection: not folded
+    bf16 = [QuantLinear(weight(GGMLType.Q4_K, 64, in_f, 0)[0], GGMLType.Q4_K, (64, in_f), torch.bfloat16, "cpu")]
+    assert fuse_linears(bf16, norm) is None

@@ -23,11 +23,12 @@
  */
 #include "common.h"
 
+#include <math.h>
 #include <stdlib.h>
 
 #define TILE_B 4
 
-int ember_kernels_abi(void) { return 3; }
+int ember_kernels_abi(void) { return 4; }
 
 /* What the build uses for integer dot products: 2 = AVX-512 VNNI, 1 = AVX-VNNI, 0 = AVX2 maddubs. */
 int ember_kernels_isa(void) {
@@ -954,6 +955,8 @@ typedef struct {
     int type[MAX_SEGMENTS];
     const float *x;
     int k_activations; /* Q8_K-style (per 256) rather than Q8_0-style activations */
+    const float *x_in, *norm_w; /* with a norm: the caller's x and the norm's weight; x is then the normed copy */
+    float eps;
     act_t act;
     uint8_t *xu; /* [B, K] q + 128, for the GEMM tiles (NULL when no segment uses them) */
     uint16_t *xbf16; /* [B, K] x rounded to bf16, for bf16 weights where the CPU has a bf16 dot product */
@@ -965,6 +968,17 @@ typedef struct {
 /* Row b of x in the forms this call's kernels read: int8 blocks (and x + 128), bf16. */
 static void prepare_job(void *ctx, int64_t b) {
     job_t *j = ctx;
+    if (j->norm_w) { /* RMSNorm folded in: x * rsqrt(mean(x^2) + eps) * w, in float32 */
+        const float *x = j->x_in + b * j->K;
+        float *xn = (float *)j->x + b * j->K;
+        __m256 ss = _mm256_setzero_ps();
+        int64_t k = 0;
+        for (; k + 8 <= j->K; k += 8) ss = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), _mm256_loadu_ps(x + k), ss);
+        float sum = hsum(ss);
+        for (; k < j->K; k++) sum += x[k] * x[k];
+        const float inv = 1.0f / sqrtf(sum / (float)j->K + j->eps);
+        for (k = 0; k < j->K; k++) xn[k] = x[k] * inv * j->norm_w[k];
+    }
 #if HAVE_BF16_DOT
     if (j->xbf16) to_bf16_row(j->x + b * j->K, j->K, j->xbf16 + b * j->K);
 #endif
@@ -1013,9 +1027,10 @@ static size_t scratch_bytes;
 /* y[B, ldy] (columns 0 .. sum(rows)) = x[B, K] @ concat(w_s).T for nseg weights of the same K.
  * Returns 0, or -1 for an unsupported type, a K that is not whole blocks, or no memory. */
 int ember_matmul(const float *x, int64_t B, int64_t K, int nseg, const void *const *w, const int *types,
-                 const int64_t *rows, const int64_t *row_bytes, float *y, int64_t ldy, int nthreads) {
+                 const int64_t *rows, const int64_t *row_bytes, float *y, int64_t ldy, const float *norm_w, float eps,
+                 int nthreads) {
     if (nseg < 1 || nseg > MAX_SEGMENTS || B < 1 || K < 1) return -1;
-    job_t j = {.nseg = nseg, .x = x, .B = B, .K = K, .ldy = ldy, .y = y};
+    job_t j = {.nseg = nseg, .x = x, .B = B, .K = K, .ldy = ldy, .y = y, .x_in = x, .norm_w = norm_w, .eps = eps};
     int quantized = 0, per32 = 0, tiled = 0;
     j.first[0] = 0;
     for (int s = 0; s < nseg; s++) {
@@ -1038,10 +1053,12 @@ int ember_matmul(const float *x, int64_t B, int64_t K, int nseg, const void *con
     if (nthreads < 1) nthreads = 1;
     int bf16 = 0;
     for (int s = 0; s < nseg; s++) bf16 |= HAVE_BF16_DOT && types[s] == T_BF16;
-    /* scratch: int8 x [B, K], x + 128 [B, K] (tiles), d and m [B, K / 32] (quantized), bf16 x [B, K] */
+    /* scratch: int8 x [B, K], x + 128 [B, K] (tiles), d and m [B, K / 32] (quantized), bf16 x [B, K], normed
+     * float32 x [B, K] */
     const size_t nq = quantized ? (size_t)B * K : 0, nu = tiled ? (size_t)B * K : 0,
-                 nf = quantized ? (size_t)B * (K / 32) : 0, nh = bf16 ? (size_t)B * K : 0;
-    const size_t need = (nq + nu + 63) / 64 * 64 + 2 * sizeof(float) * nf + 2 * nh + 64;
+                 nf = quantized ? (size_t)B * (K / 32) : 0, nh = bf16 ? (size_t)B * K : 0,
+                 nn = norm_w ? (size_t)B * K : 0;
+    const size_t need = (nq + nu + 63) / 64 * 64 + 2 * sizeof(float) * nf + (2 * nh + 3) / 4 * 4 + 4 * nn + 64;
     ember_lock();
     if (need > scratch_bytes) {
         free(scratch);
@@ -1056,7 +1073,8 @@ int ember_matmul(const float *x, int64_t B, int64_t K, int nseg, const void *con
     if (quantized) j.act = (act_t){.q = scratch, .d = d, .m = d + nf, .K = K};
     if (tiled) j.xu = (uint8_t *)scratch + nq;
     if (bf16) j.xbf16 = (uint16_t *)(d + 2 * nf);
-    if (quantized || bf16) {
+    if (norm_w) j.x = (float *)(d + 2 * nf + (2 * nh + 3) / 4);
+    if (quantized || bf16 || norm_w) {
         if (B >= 16)
             ember_parallel_for(nthreads, prepare_job, &j, B);
         else

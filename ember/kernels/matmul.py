@@ -53,14 +53,17 @@ class NativeMatmul:
         self._row_bytes = (ctypes.c_int64 * n)(*(w.shape[1] for w in self._weights))
         self.out_features = sum(w.shape[0] for w in self._weights)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, norm: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
+        """x [B, K] (any float dtype) -> float32 [B, out_features]. `norm`: (float32 weight [K], eps) of an
+        RMSNorm applied to x first, inside the call (x * rsqrt(mean(x^2) + eps) * weight, in float32)."""
         x = x.to(torch.float32).contiguous()
         batch = x.shape[0]
         y = torch.empty(batch, self.out_features, dtype=torch.float32)
         if batch:
+            weight, eps = norm if norm is not None else (None, 0.0)
             rc = self.lib.ember_matmul(x.data_ptr(), batch, self.in_features, self._n, self._ptrs, self._types,
                                        self._rows, self._row_bytes, y.data_ptr(), self.out_features,
-                                       torch.get_num_threads())
+                                       None if weight is None else weight.data_ptr(), eps, torch.get_num_threads())
             if rc:
                 raise RuntimeError(f"native matmul refused its arguments (K={self.in_features})")
         return y

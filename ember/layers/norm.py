@@ -18,6 +18,10 @@ class RMSNorm(nn.Module):
         self.weight_offset = weight_offset
         self.weight = nn.Parameter(torch.empty(dim, device="meta"))
 
+    def effective_weight(self) -> torch.Tensor:
+        """The float32 factor of the normed activations (weight_offset + weight): what a fused kernel applies."""
+        return self.weight.float() + self.weight_offset if self.weight_offset else self.weight.float()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # One fused kernel for x * rsqrt(mean(x^2) + eps) in float32 (the same values as the op-by-op form).
         h = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)

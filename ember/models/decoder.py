@@ -32,8 +32,14 @@ class DecoderLayer(nn.Module):
         if self.sandwich:
             self.pre_feedforward_layernorm = RMSNorm(config.hidden_size, eps, offset)
             self.post_feedforward_layernorm = RMSNorm(config.hidden_size, eps, offset)
+        # Set by fuse_projections when the fused q/k/v and gate/up calls apply the pre-attention and pre-MLP
+        # norms themselves (they then take the residual stream as it is).
+        self.norms_in_projections = False
 
     def forward(self, x, cos, sin, rotary, meta):
+        if self.norms_in_projections:
+            x = x + self.self_attn(x, cos, sin, rotary, meta)
+            return x + self.mlp(x)
         attn = self.self_attn(self.input_layernorm(x), cos, sin, rotary, meta)
         if self.sandwich:
             x = x + self.post_attention_layernorm(attn)
@@ -94,8 +100,14 @@ class CausalLM(nn.Module):
         """Join each layer's q/k/v and gate/up projections into one kernel call where their weights allow."""
         for layer in self.model.layers:
             attn, mlp = layer.self_attn, layer.mlp
-            attn.qkv_proj = fuse_linears([attn.q_proj, attn.k_proj, attn.v_proj])
-            mlp.gate_up_proj = fuse_linears([mlp.gate_proj, mlp.up_proj])
+            qkv, gate_up = [attn.q_proj, attn.k_proj, attn.v_proj], [mlp.gate_proj, mlp.up_proj]
+            if not layer.sandwich:  # Llama's order: norm -> attention, norm -> MLP; fold both norms in
+                attn.qkv_proj = fuse_linears(qkv, layer.input_layernorm)
+                mlp.gate_up_proj = fuse_linears(gate_up, layer.post_attention_layernorm)
+                layer.norms_in_projections = attn.qkv_proj is not None and mlp.gate_up_proj is not None
+                if layer.norms_in_projections:
+                    continue
+            attn.qkv_proj, mlp.gate_up_proj = fuse_linears(qkv), fuse_linears(gate_up)
 
     def split_checkpoint_tensor(self, name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
         """Map one checkpoint tensor to this module's parameters; families with fused tensors override."""

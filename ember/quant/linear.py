@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ember.kernels import matmul as kernels
+from ember.layers.norm import RMSNorm
 from ember.quant.ggml import (
     BLOCK_SIZES,
     FLOAT_TYPES,
@@ -187,10 +188,12 @@ class QuantLinear(nn.Module):
 class FusedLinear(nn.Module):
     """Native QuantLinears that read the same input (q/k/v, gate/up) run as one kernel call: the input is
     quantized once and the threads are started once. Returns one output per part. The parts keep their own
-    modules (and weights); this one only calls the kernel over their rows."""
+    modules (and weights); this one only calls the kernel over their rows. With `norm` (an RMSNorm of the
+    float32 activations), the kernel normalizes its input itself, so the caller passes the un-normed x."""
 
-    def __init__(self, parts: list[QuantLinear]):
+    def __init__(self, parts: list[QuantLinear], norm: RMSNorm | None = None):
         super().__init__()
+        self._norm = None if norm is None else (norm.effective_weight().contiguous(), norm.eps)
         self.sizes = [p.out_features for p in parts]
         self.dtype = parts[0].dtype
         self._native = kernels.NativeMatmul([(p.rows, p.ggml_type) for p in parts], parts[0].in_features)
@@ -198,14 +201,15 @@ class FusedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         lead = x.shape[:-1]
-        y = self._native(x.reshape(-1, self._native.in_features)).to(self.dtype)
+        y = self._native(x.reshape(-1, self._native.in_features), self._norm).to(self.dtype)
         outs = y.split(self.sizes, dim=-1)
         return tuple((o if p.bias is None else o + p.bias.to(o.dtype)).reshape(*lead, -1)
                      for o, p in zip(outs, self._parts, strict=True))
 
 
-def fuse_linears(parts: list[nn.Module]) -> FusedLinear | None:
-    """One FusedLinear for these projections, or None where they cannot share a native call."""
+def fuse_linears(parts: list[nn.Module], norm: RMSNorm | None = None) -> FusedLinear | None:
+    """One FusedLinear for these projections (after `norm`, if given), or None where they cannot share a native
+    call; the norm is folded in only for float32 activations, where it rounds as the separate module does."""
     if not all(isinstance(p, QuantLinear) and p.backend == "native" for p in parts):
         return None
     if len({(p.in_features, p.dtype) for p in parts}) != 1 or len(parts) > kernels.MAX_SEGMENTS:
@@ -213,4 +217,6 @@ def fuse_linears(parts: list[nn.Module]) -> FusedLinear | None:
     # One activation format per call: 32-value types and 256-value (K, IQ4_XS) types quantize x differently.
     if len({BLOCK_SIZES[p.ggml_type][0] for p in parts if p.ggml_type not in FLOAT_TYPES}) > 1:
         return None
-    return FusedLinear(parts)
+    if norm is not None and parts[0].dtype != torch.float32:
+        return None
+    return FusedLinear(parts, norm)
