@@ -76,7 +76,7 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
 
 @needs_native
 @pytest.mark.parametrize("t", QUANT_TYPES + HALF_TYPES, ids=lambda t: t.name)
-@pytest.mark.parametrize("batch", [1, 3, 4, 9, 37])
+@pytest.mark.parametrize("batch", [1, 3, 4, 9, 37, 50])  # 16+ and 48+ rows: the tile paths
 def test_matmul_matches_reference(isa, t, batch):
     out_f, in_f = 40, 512
     rows, w = weight(t, out_f, in_f, seed=int(t) * 7 + batch)

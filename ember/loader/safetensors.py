@@ -1,7 +1,8 @@
 """Load a transformers checkpoint (config.json + safetensors, single or sharded) into an ember model.
 
 The model is built on the meta device and each tensor is read from the memory-mapped file straight into
-its parameter, so the weights are never held twice.
+its parameter, so the weights are never held twice. On a CPU with ember's native kernels, bf16/f16 matrices
+of linear layers stay in their 16 bits (QuantLinear over their bytes) whatever the activation dtype.
 """
 
 from __future__ import annotations
@@ -11,13 +12,17 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
+from torch import nn
 
 from ember.config import ModelConfig, config_from_hf, read_config_json
 from ember.errors import ModelLoadError
+from ember.kernels import matmul
 from ember.loader.device import resolve_dtype
 from ember.loader.weights import finish_loading, set_weight
 from ember.models.decoder import CausalLM
 from ember.models.registry import model_class_for
+from ember.quant.linear import QuantLinear
+from ember.quant.types import GGMLType
 
 
 def checkpoint_files(model_dir: Path) -> list[Path]:
@@ -44,6 +49,29 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
     return files
 
 
+_HALF_TYPES = {torch.bfloat16: GGMLType.BF16, torch.float16: GGMLType.F16}
+
+
+def _native_linear(model: CausalLM, name: str, tensor: torch.Tensor, dtype, device: torch.device) -> bool:
+    """Put a bf16/f16 linear weight into a native QuantLinear over its bytes; False where that does not apply."""
+    owner_name, _, attr = name.rpartition(".")
+    owner = model.get_submodule(owner_name) if owner_name else None
+    ggml_type = _HALF_TYPES.get(tensor.dtype)
+    if (attr != "weight" or not isinstance(owner, nn.Linear) or ggml_type is None or device.type != "cpu"
+            or tensor.dim() != 2 or tuple(tensor.shape) != tuple(owner.weight.shape)
+            or not matmul.available(ggml_type, tensor.shape[1])):
+        return False
+    rows = tensor.contiguous().view(torch.uint8)
+    layer = QuantLinear(rows, ggml_type, tuple(tensor.shape), dtype, device)
+    if owner.bias is not None and not owner.bias.is_meta:  # a bias read before its weight
+        layer.bias = owner.bias
+    elif owner.bias is not None:
+        layer.bias = nn.Parameter(torch.empty(owner.bias.shape, device="meta"), requires_grad=False)
+    parent_name, _, child = owner_name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+    return True
+
+
 def load_safetensors_model(model_dir: Path, dtype, device: torch.device) -> tuple[CausalLM, ModelConfig, torch.dtype]:
     raw = read_config_json(model_dir)
     cls, arch = model_class_for(raw.get("architectures"), raw.get("model_type"))
@@ -62,8 +90,10 @@ def load_safetensors_model(model_dir: Path, dtype, device: torch.device) -> tupl
                             if name.endswith("rotary_emb.inv_freq"):
                                 continue  # some exports save this buffer; ember computes it
                             raise ModelLoadError(f"{path.name}: unexpected tensor {name!r} for {arch}")
-                        set_weight(model, name, params[name], tensor, dtype, device)
+                        if not _native_linear(model, name, tensor, dtype, device):
+                            set_weight(model, name, params[name], tensor, dtype, device)
         except SafetensorError as err:
             raise ModelLoadError(f"{path}: not a valid safetensors file ({err})") from None
     finish_loading(model, device)
+    model.fuse_projections()
     return model, config, dtype
