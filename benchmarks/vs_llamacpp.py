@@ -13,17 +13,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import ember
 from ember.bench.hardware import detect
 from ember.kernels import native
 
 
 def llama_bench(binary: str, model: Path, threads: int, reps: int, prompt: int, gen: int) -> float:
+    # llama.cpp's own OpenMP settings, not the OMP_WAIT_POLICY=PASSIVE that importing ember set for this process
+    # (passive waits cost llama.cpp a third of its decode speed here)
+    env = {k: v for k, v in os.environ.items() if not (k == "OMP_WAIT_POLICY" and ember.OMP_SET_BY_EMBER)}
     out = subprocess.run([binary, "-m", str(model), "-t", str(threads), "-r", str(reps), "-p", str(prompt),
-                          "-n", str(gen), "-o", "json"], capture_output=True, text=True, check=True).stdout
+                          "-n", str(gen), "-o", "json"], capture_output=True, text=True, check=True, env=env).stdout
     return float(json.loads(out)[0]["avg_ts"])
 
 

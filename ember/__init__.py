@@ -9,6 +9,7 @@ import sys
 # must not keep spinning after each op on the cores that pool needs (measured: 2-thread decode 3-4x slower).
 # Effective only before torch is imported; a user's own setting wins.
 OMP_PASSIVE = "torch" not in sys.modules or os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE"
+OMP_SET_BY_EMBER = "OMP_WAIT_POLICY" not in os.environ  # child processes of other engines should not inherit it
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __version__ = "0.1.0"
