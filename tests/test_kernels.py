@@ -218,3 +218,15 @@ def test_fused_rms_norm_equals_the_module(isa, offset):
     # bf16 activations round differently between the norm and the projection: not folded
     bf16 = [QuantLinear(weight(GGMLType.Q4_K, 64, in_f, 0)[0], GGMLType.Q4_K, (64, in_f), torch.bfloat16, "cpu")]
     assert fuse_linears(bf16, norm) is None
+
+
+@needs_native
+def test_silu_gate_folded_into_down_projection(isa):
+    in_f = 256
+    down = QuantLinear(weight(GGMLType.Q4_K, 64, in_f, seed=2)[0], GGMLType.Q4_K, (64, in_f), torch.float32, "cpu")
+    gate_up = torch.randn(2, 3, 2 * in_f) * 2
+    gate, up = gate_up.split(in_f, dim=-1)
+    expected = down(torch.nn.functional.silu(gate) * up)
+    got = down.silu_gated(gate_up)
+    assert got.shape == (2, 3, 64)
+    assert rel_err(got, expected.double()) < 1e-5

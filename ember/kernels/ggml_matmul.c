@@ -28,7 +28,7 @@
 
 #define TILE_B 4
 
-int ember_kernels_abi(void) { return 4; }
+int ember_kernels_abi(void) { return 5; }
 
 /* What the build uses for integer dot products: 2 = AVX-512 VNNI, 1 = AVX-VNNI, 0 = AVX2 maddubs. */
 int ember_kernels_isa(void) {
@@ -332,13 +332,86 @@ static void quantize_row_0(const float *x, int64_t K, int8_t *q, float *d, float
     DEFINE_ROWS(NAME)
 
 /*                  name    bytes units signed offset */
-DEFINE_QUANT_KERNEL(q4_0,   18,   1,    0,     1)
-DEFINE_QUANT_KERNEL(q4_1,   20,   1,    0,     1)
-DEFINE_QUANT_KERNEL(q5_0,   22,   1,    0,     1)
-DEFINE_QUANT_KERNEL(q5_1,   24,   1,    0,     1)
-DEFINE_QUANT_KERNEL(q8_0,   34,   1,    1,     0)
-DEFINE_QUANT_KERNEL(iq4_nl, 18,   1,    1,     0)
 DEFINE_QUANT_KERNEL(iq4_xs, 136,  8,    1,     0)
+
+/* 8 int32 vectors -> one vector of their 8 horizontal sums, in order. */
+INLINE __m256i hsum8x8(const __m256i p[8]) {
+    const __m256i t0 = _mm256_hadd_epi32(p[0], p[1]), t1 = _mm256_hadd_epi32(p[2], p[3]);
+    const __m256i t2 = _mm256_hadd_epi32(p[4], p[5]), t3 = _mm256_hadd_epi32(p[6], p[7]);
+    const __m256i u0 = _mm256_hadd_epi32(t0, t1), u1 = _mm256_hadd_epi32(t2, t3);
+    return _mm256_add_epi32(_mm256_permute2x128_si256(u0, u1, 0x20), _mm256_permute2x128_si256(u0, u1, 0x31));
+}
+
+/* 8 fp16 fields at `p`, `stride` bytes apart -> 8 floats. */
+INLINE __m256 f16x8(const uint8_t *p, int stride) {
+    uint16_t h[8];
+    for (int i = 0; i < 8; i++) memcpy(h + i, p + i * stride, 2);
+    /* built in registers: 8 small stores then one wide load would stall on store forwarding */
+    return _mm256_cvtph_ps(_mm_setr_epi16((short)h[0], (short)h[1], (short)h[2], (short)h[3], (short)h[4],
+                                          (short)h[5], (short)h[6], (short)h[7]));
+}
+
+/* The 32-value types, 8 blocks at a time: each block's dot product stays an integer until the 8 sums are
+ * gathered into one vector, so the scales (d_w * d_x) and offsets (o_w * m_x) of 8 blocks take one vector op
+ * each instead of scalar work per block. OFFSET: 0 none, 1 -C * d (Q4_0: C = 8, Q5_0: 16), 2 an fp16 m field. */
+#define DEFINE_BLOCK32_KERNEL(NAME, BLOCK_BYTES, SIGNED, OFFSET, C, M_AT)                                         \
+    INLINE void NAME##_tile(const uint8_t *row, const act_t *a, int64_t b, float *y, int64_t ldy, const int NB) { \
+        const int64_t groups = a->K / 32, g8 = groups / 8 * 8;                                                   \
+        __m256 acc[TILE_B];                                                                                      \
+        float tail[TILE_B];                                                                                      \
+        for (int j = 0; j < NB; j++) {                                                                           \
+            acc[j] = _mm256_setzero_ps();                                                                        \
+            tail[j] = 0.0f;                                                                                      \
+        }                                                                                                        \
+        for (int64_t g0 = 0; g0 < g8; g0 += 8) {                                                                 \
+            const uint8_t *blk = row + g0 * (BLOCK_BYTES);                                                       \
+            __m256i wq[8], wa[8];                                                                                \
+            for (int i = 0; i < 8; i++) {                                                                        \
+                unit_t u;                                                                                        \
+                unit_##NAME(blk + i * (BLOCK_BYTES), 0, &u);                                                     \
+                wq[i] = u.q;                                                                                     \
+                wa[i] = SIGNED ? _mm256_sign_epi8(u.q, u.q) : u.q;                                               \
+            }                                                                                                    \
+            const __m256 dw = f16x8(blk, BLOCK_BYTES);                                                           \
+            const __m256 ow = OFFSET == 1 ? _mm256_mul_ps(dw, _mm256_set1_ps(-(float)(C)))                       \
+                            : OFFSET == 2 ? f16x8(blk + (M_AT), BLOCK_BYTES) : _mm256_setzero_ps();              \
+            for (int j = 0; j < NB; j++) {                                                                       \
+                const int8_t *xq = a->q + (b + j) * a->K + 32 * g0;                                              \
+                __m256i p[8];                                                                                    \
+                for (int i = 0; i < 8; i++) {                                                                    \
+                    __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + 32 * i));                             \
+                    if (SIGNED) xv = _mm256_sign_epi8(xv, wq[i]);                                                \
+                    p[i] = dot_u8s8(wa[i], xv);                                                                  \
+                }                                                                                                \
+                const int64_t at = (b + j) * groups + g0;                                                        \
+                const __m256 dx = _mm256_loadu_ps(a->d + at);                                                    \
+                acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hsum8x8(p)), _mm256_mul_ps(dw, dx), acc[j]);         \
+                if (OFFSET) acc[j] = _mm256_fmadd_ps(ow, _mm256_loadu_ps(a->m + at), acc[j]);                    \
+            }                                                                                                    \
+        }                                                                                                        \
+        for (int64_t g = g8; g < groups; g++) { /* the last K / 32 % 8 blocks, one at a time */                  \
+            unit_t u;                                                                                            \
+            unit_##NAME(row + g * (BLOCK_BYTES), 0, &u);                                                         \
+            const __m256i wa = SIGNED ? _mm256_sign_epi8(u.q, u.q) : u.q;                                        \
+            for (int j = 0; j < NB; j++) {                                                                       \
+                __m256i xv = _mm256_loadu_si256((const __m256i *)(a->q + (b + j) * a->K + 32 * g));             \
+                if (SIGNED) xv = _mm256_sign_epi8(xv, u.q);                                                      \
+                const int64_t at = (b + j) * groups + g;                                                         \
+                tail[j] += hsum(_mm256_cvtepi32_ps(dot_u8s8(wa, xv))) * u.s * a->d[at];                          \
+                if (OFFSET) tail[j] += u.o * a->m[at];                                                           \
+            }                                                                                                    \
+        }                                                                                                        \
+        for (int j = 0; j < NB; j++) y[j * ldy] = hsum(acc[j]) + tail[j];                                        \
+    }                                                                                                            \
+    DEFINE_ROWS(NAME)
+
+/*                    name    bytes signed offset C   m field */
+DEFINE_BLOCK32_KERNEL(q4_0,   18,   0,     1,     8,  0)
+DEFINE_BLOCK32_KERNEL(q4_1,   20,   0,     2,     0,  2)
+DEFINE_BLOCK32_KERNEL(q5_0,   22,   0,     1,     16, 0)
+DEFINE_BLOCK32_KERNEL(q5_1,   24,   0,     2,     0,  2)
+DEFINE_BLOCK32_KERNEL(q8_0,   34,   1,     0,     0,  0)
+DEFINE_BLOCK32_KERNEL(iq4_nl, 18,   1,     0,     0,  0)
 
 /* -------------------------------------------------------------- K-quants: integer sums per super-block */
 
@@ -962,6 +1035,9 @@ int ember_supports(int type) { return quant_kernel(type) != NULL || type == T_BF
 
 #define MAX_SEGMENTS 8
 
+/* What ember_matmul applies to x before multiplying (folded into the pass that quantizes it). */
+enum { PREP_NONE = 0, PREP_RMS_NORM = 1, PREP_SILU_GATE = 2 };
+
 typedef struct {
     int nseg;
     const uint8_t *w[MAX_SEGMENTS];
@@ -969,7 +1045,8 @@ typedef struct {
     int type[MAX_SEGMENTS];
     const float *x;
     int k_activations; /* Q8_K-style (per 256) rather than Q8_0-style activations */
-    const float *x_in, *norm_w; /* with a norm: the caller's x and the norm's weight; x is then the normed copy */
+    int prep;                   /* PREP_*: what is applied to the caller's x_in first (x is then that copy) */
+    const float *x_in, *norm_w; /* norm_w: the RMSNorm's weight */
     float eps;
     act_t act;
     uint8_t *xu; /* [B, K] q + 128, for the GEMM tiles (NULL when no segment uses them) */
@@ -982,7 +1059,11 @@ typedef struct {
 /* Row b of x in the forms this call's kernels read: int8 blocks (and x + 128), bf16. */
 static void prepare_job(void *ctx, int64_t b) {
     job_t *j = ctx;
-    if (j->norm_w) { /* RMSNorm folded in: x * rsqrt(mean(x^2) + eps) * w, in float32 */
+    if (j->prep == PREP_SILU_GATE) { /* x_in row = [gate | up], 2K wide: silu(gate) * up */
+        const float *gate = j->x_in + b * 2 * j->K, *up = gate + j->K;
+        float *xn = (float *)j->x + b * j->K;
+        for (int64_t k = 0; k < j->K; k++) xn[k] = gate[k] / (1.0f + expf(-gate[k])) * up[k];
+    } else if (j->prep == PREP_RMS_NORM) { /* x * rsqrt(mean(x^2) + eps) * w, in float32 */
         const float *x = j->x_in + b * j->K;
         float *xn = (float *)j->x + b * j->K;
         __m256 ss = _mm256_setzero_ps();
@@ -1041,10 +1122,11 @@ static size_t scratch_bytes;
 /* y[B, ldy] (columns 0 .. sum(rows)) = x[B, K] @ concat(w_s).T for nseg weights of the same K.
  * Returns 0, or -1 for an unsupported type, a K that is not whole blocks, or no memory. */
 int ember_matmul(const float *x, int64_t B, int64_t K, int nseg, const void *const *w, const int *types,
-                 const int64_t *rows, const int64_t *row_bytes, float *y, int64_t ldy, const float *norm_w, float eps,
-                 int nthreads) {
+                 const int64_t *rows, const int64_t *row_bytes, float *y, int64_t ldy, int prep, const float *norm_w,
+                 float eps, int nthreads) {
     if (nseg < 1 || nseg > MAX_SEGMENTS || B < 1 || K < 1) return -1;
-    job_t j = {.nseg = nseg, .x = x, .B = B, .K = K, .ldy = ldy, .y = y, .x_in = x, .norm_w = norm_w, .eps = eps};
+    job_t j = {.nseg = nseg, .x = x, .B = B, .K = K, .ldy = ldy, .y = y, .x_in = x, .prep = prep, .norm_w = norm_w,
+               .eps = eps};
     int quantized = 0, per32 = 0, tiled = 0;
     j.first[0] = 0;
     for (int s = 0; s < nseg; s++) {
@@ -1071,7 +1153,7 @@ int ember_matmul(const float *x, int64_t B, int64_t K, int nseg, const void *con
      * float32 x [B, K] */
     const size_t nq = quantized ? (size_t)B * K : 0, nu = tiled ? (size_t)B * K : 0,
                  nf = quantized ? (size_t)B * (K / 32) : 0, nh = bf16 ? (size_t)B * K : 0,
-                 nn = norm_w ? (size_t)B * K : 0;
+                 nn = prep ? (size_t)B * K : 0;
     const size_t need = (nq + nu + 63) / 64 * 64 + 2 * sizeof(float) * nf + (2 * nh + 3) / 4 * 4 + 4 * nn + 64;
     ember_lock();
     if (need > scratch_bytes) {
@@ -1087,8 +1169,8 @@ int ember_matmul(const float *x, int64_t B, int64_t K, int nseg, const void *con
     if (quantized) j.act = (act_t){.q = scratch, .d = d, .m = d + nf, .K = K};
     if (tiled) j.xu = (uint8_t *)scratch + nq;
     if (bf16) j.xbf16 = (uint16_t *)(d + 2 * nf);
-    if (norm_w) j.x = (float *)(d + 2 * nf + (2 * nh + 3) / 4);
-    if (quantized || bf16 || norm_w) {
+    if (prep) j.x = (float *)(d + 2 * nf + (2 * nh + 3) / 4);
+    if (quantized || bf16 || prep) {
         if (B >= 16)
             ember_parallel_for(nthreads, prepare_job, &j, B);
         else

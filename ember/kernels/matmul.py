@@ -13,6 +13,7 @@ from ember.kernels.native import NATIVE_TYPES, library
 from ember.quant.types import BLOCK_SIZES, GGMLType
 
 MAX_SEGMENTS = 8  # ggml_matmul.c's MAX_SEGMENTS
+PREP_NONE, PREP_RMS_NORM, PREP_SILU_GATE = 0, 1, 2  # ggml_matmul.c's PREP_*
 logger = logging.getLogger(__name__)
 
 
@@ -53,16 +54,21 @@ class NativeMatmul:
         self._row_bytes = (ctypes.c_int64 * n)(*(w.shape[1] for w in self._weights))
         self.out_features = sum(w.shape[0] for w in self._weights)
 
-    def __call__(self, x: torch.Tensor, norm: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
-        """x [B, K] (any float dtype) -> float32 [B, out_features]. `norm`: (float32 weight [K], eps) of an
-        RMSNorm applied to x first, inside the call (x * rsqrt(mean(x^2) + eps) * weight, in float32)."""
+    def __call__(self, x: torch.Tensor, norm: tuple[torch.Tensor, float] | None = None,
+                 silu_gate: bool = False) -> torch.Tensor:
+        """x [B, K] (any float dtype) -> float32 [B, out_features], with, applied to x first inside the call (in
+        float32): `norm` = (weight [K], eps) an RMSNorm, x * rsqrt(mean(x^2) + eps) * weight; or `silu_gate`:
+        x is [B, 2K] = [gate | up] and the product is taken of silu(gate) * up."""
         x = x.to(torch.float32).contiguous()
         batch = x.shape[0]
+        if x.shape[1] != self.in_features * (2 if silu_gate else 1):
+            raise ValueError(f"x has {x.shape[1]} columns for a {self.in_features}-wide weight")
         y = torch.empty(batch, self.out_features, dtype=torch.float32)
         if batch:
             weight, eps = norm if norm is not None else (None, 0.0)
+            prep = PREP_SILU_GATE if silu_gate else PREP_RMS_NORM if norm is not None else PREP_NONE
             rc = self.lib.ember_matmul(x.data_ptr(), batch, self.in_features, self._n, self._ptrs, self._types,
-                                       self._rows, self._row_bytes, y.data_ptr(), self.out_features,
+                                       self._rows, self._row_bytes, y.data_ptr(), self.out_features, prep,
                                        None if weight is None else weight.data_ptr(), eps, torch.get_num_threads())
             if rc:
                 raise RuntimeError(f"native matmul refused its arguments (K={self.in_features})")

@@ -35,8 +35,12 @@ class GatedMLP(nn.Module):
         self.up_proj = make_linear(hidden_size, intermediate_size)
         self.down_proj = make_linear(intermediate_size, hidden_size)
         self.gate_up_proj = None  # gate and up in one call, when the loader could fuse them (fuse_projections)
+        # Set by fuse_projections where down_proj's kernel can form silu(gate) * up itself from the joined output.
+        self.silu_in_down = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.silu_in_down:
+            return self.down_proj.silu_gated(self.gate_up_proj.joined(x))
         gate, up = self.gate_up_proj(x) if self.gate_up_proj is not None else (self.gate_proj(x), self.up_proj(x))
         # The projection's output is a fresh tensor: activate and gate it in place (no extra [T, inter] buffers).
         hidden = F.silu(gate, inplace=True) if self.act is F.silu else self.act(gate)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ember.config import ModelConfig
@@ -97,7 +98,9 @@ class CausalLM(nn.Module):
         return logits
 
     def fuse_projections(self) -> None:
-        """Join each layer's q/k/v and gate/up projections into one kernel call where their weights allow."""
+        """Join each layer's q/k/v and gate/up projections into one native kernel call where their weights allow,
+        with the norm before each folded into it (Llama's layer order) and silu(gate) * up formed by down_proj's
+        kernel; layers whose weights stay on the torch path keep their modules as they are."""
         for layer in self.model.layers:
             attn, mlp = layer.self_attn, layer.mlp
             qkv, gate_up = [attn.q_proj, attn.k_proj, attn.v_proj], [mlp.gate_proj, mlp.up_proj]
@@ -105,9 +108,11 @@ class CausalLM(nn.Module):
                 attn.qkv_proj = fuse_linears(qkv, layer.input_layernorm)
                 mlp.gate_up_proj = fuse_linears(gate_up, layer.post_attention_layernorm)
                 layer.norms_in_projections = attn.qkv_proj is not None and mlp.gate_up_proj is not None
-                if layer.norms_in_projections:
-                    continue
-            attn.qkv_proj, mlp.gate_up_proj = fuse_linears(qkv), fuse_linears(gate_up)
+            if not layer.norms_in_projections:
+                attn.qkv_proj, mlp.gate_up_proj = fuse_linears(qkv), fuse_linears(gate_up)
+            mlp.silu_in_down = (mlp.gate_up_proj is not None and mlp.act is F.silu and mlp.gate_proj.bias is None
+                                and mlp.up_proj.bias is None and getattr(mlp.down_proj, "backend", None) == "native"
+                                and mlp.down_proj.dtype == torch.float32)
 
     def split_checkpoint_tensor(self, name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
         """Map one checkpoint tensor to this module's parameters; families with fused tensors override."""

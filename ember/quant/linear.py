@@ -164,6 +164,15 @@ class QuantLinear(nn.Module):
             raise NotImplementedError("the int4 backend keeps only the packed weight")
         return torch.cat([self._weight_chunk(r0, r1) for r0, r1 in self._chunks()])
 
+    def silu_gated(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """This layer applied to silu(gate) * up, from gate_up = [..., 2 * in_features] = [gate | up]: the native
+        kernel forms the product while preparing its input (native backend only)."""
+        lead = gate_up.shape[:-1]
+        y = self._native(gate_up.reshape(-1, 2 * self.in_features), silu_gate=True).to(self.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*lead, self.out_features)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
@@ -198,6 +207,11 @@ class FusedLinear(nn.Module):
         self.dtype = parts[0].dtype
         self._native = kernels.NativeMatmul([(p.rows, p.ggml_type) for p in parts], parts[0].in_features)
         self._parts = parts  # a plain list: the parts stay registered where they are
+
+    def joined(self, x: torch.Tensor) -> torch.Tensor:
+        """The parts' outputs side by side, [..., sum of out_features] (parts without bias only)."""
+        y = self._native(x.reshape(-1, self._native.in_features), self._norm).to(self.dtype)
+        return y.reshape(*x.shape[:-1], -1)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         lead = x.shape[:-1]
