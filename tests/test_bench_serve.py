@@ -257,3 +257,27 @@ def test_against_embers_own_server(capsys, tmp_path, tmp_path_factory):
             tpot = (request["e2el"] - request["ttft"]) / (request["output_tokens"] - 1)
             assert tpot > 0 and request["ttft"] < request["e2el"]
             assert sum(request["itl"]) == pytest.approx(request["e2el"] - request["ttft"], abs=0.05)
+
+
+def test_sse_lines_split_at_line_feeds_only():
+    """A raw U+2028 / U+0085 inside an event (llama.cpp sends raw UTF-8) must not cut it."""
+    from ember.bench.serve import _sse_lines
+
+    class FakeResponse:
+        async def aiter_bytes(self):
+            body = 'data: {"text":"a\u2028b\x85c"}\r\n\ndata: [DONE]\n'.encode()
+            for i in range(0, len(body), 7):  # arbitrary chunk boundaries, mid-character included
+                yield body[i:i + 7]
+
+    async def collect():
+        return [line async for line in _sse_lines(FakeResponse())]
+
+    lines = asyncio.run(collect())
+    assert lines == ['data: {"text":"a\u2028b\x85c"}', "", "data: [DONE]"]
+
+
+def test_server_events_are_ascii_escaped():
+    from ember.server.openai_api import sse
+
+    out = sse({"text": "a\u2028b\x85c"})
+    assert out.isascii() and json.loads(out.removeprefix("data: "))["text"] == "a\u2028b\x85c"

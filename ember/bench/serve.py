@@ -98,6 +98,19 @@ def _chunk_text(event: dict, chat: bool) -> str:
     return (delta.get("content") or "") + (delta.get("reasoning_content") or delta.get("reasoning") or "")
 
 
+async def _sse_lines(response: httpx.Response):
+    """The stream's lines, split at LF only (SSE's CRLF/LF; CR is stripped): servers that send raw UTF-8 may
+    emit U+2028 or U+0085 inside a JSON string, where str.splitlines-style splitting would cut an event."""
+    buffer = b""
+    async for chunk in response.aiter_bytes():
+        buffer += chunk
+        *lines, buffer = buffer.split(b"\n")
+        for line in lines:
+            yield line.rstrip(b"\r").decode("utf-8", "replace")
+    if buffer:
+        yield buffer.rstrip(b"\r").decode("utf-8", "replace")
+
+
 async def stream_request(client: httpx.AsyncClient, target: Target, settings: RunSettings,
                          request: BenchRequest) -> RequestResult:
     result = RequestResult(ok=False, prompt_len=request.prompt_len)
@@ -110,7 +123,7 @@ async def stream_request(client: httpx.AsyncClient, target: Target, settings: Ru
                 body = (await response.aread()).decode("utf-8", "replace")
                 result.error = f"HTTP {response.status_code}: {body[:200]}"
                 return result
-            async for line in response.aiter_lines():
+            async for line in _sse_lines(response):
                 if not line.startswith("data:"):
                     continue
                 data = line[5:].strip()

@@ -92,7 +92,7 @@ def _final(entry_name: str, generation: Generation, choice: Choice, started: flo
 def _ndjson(items: AsyncIterator[dict]) -> StreamingResponse:
     async def lines():
         async for item in items:
-            yield json.dumps(item, ensure_ascii=False) + "\n"
+            yield json.dumps(item) + "\n"  # ASCII-escaped: no raw U+2028 / U+0085 for line splitters to cut at
 
     return StreamingResponse(lines(), media_type="application/x-ndjson")
 

@@ -44,7 +44,9 @@ def get_state(request: Request) -> ServerState:
 
 
 def sse(data: dict | str, event: str | None = None) -> str:
-    payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    # ASCII-escaped: a raw U+2028 or U+0085 in generated text ends the line for clients that split with
+    # str.splitlines (httpx's iter_lines did, mid-event); escaped, every SSE reader sees one line.
+    payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
     return (f"event: {event}\n" if event else "") + f"data: {payload}\n\n"
 
 
