@@ -47,7 +47,7 @@ def test_json_record_is_complete_and_consistent(capsys, tiny_model):
     config = config_from_hf(read_config_json(tiny_model), "llama")
     assert model["name"] == tiny_model.name and model["path"] == str(tiny_model)
     assert (model["format"], model["quant"], model["dtype"], model["device"]) == (
-        "safetensors", "F32", "bfloat16", "cpu")  # a float32 checkpoint, run in bf16 on CPU (auto)
+        "safetensors", "F32", "float32", "cpu")  # auto on CPU: float32 activations
     assert model["params"] == parameter_count(config)
     assert model["size_bytes"] == sum(f.stat().st_size for f in tiny_model.glob("*.safetensors"))
 
