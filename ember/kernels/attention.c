@@ -51,6 +51,12 @@ INLINE float dot(const float *a, const float *b, int n) {
     return hsum(_mm256_add_ps(acc0, acc1));
 }
 
+/* The cache slot of token t of sequence d. */
+INLINE int64_t slot_of(const attn_job_t *j, int64_t d, int64_t t) {
+    if (!j->blocks) return j->start + t;
+    return j->blocks[d * j->max_blocks + t / j->block_size] * j->block_size + t % j->block_size;
+}
+
 static __thread float *scores_buf;
 static __thread int64_t scores_cap;
 
@@ -74,10 +80,7 @@ static void attn_task(void *ctx, int64_t task) {
     const float *q = j->q + (d * j->heads + (int64_t)kvh * group) * hd;
     const int64_t row = (int64_t)j->kv_heads * hd;
     for (int64_t t = lo; t < len; t++) {
-        const int64_t slot = j->blocks ? j->blocks[d * j->max_blocks + t / j->block_size] * j->block_size +
-                                             t % j->block_size
-                                       : j->start + t;
-        const float *kp = j->k + slot * row + (int64_t)kvh * hd;
+        const float *kp = j->k + slot_of(j, d, t) * row + (int64_t)kvh * hd;
         for (int g = 0; g < group; g++) {
             float s = dot(q + (int64_t)g * hd, kp, hd) * j->scale;
             if (j->softcap > 0.0f) s = j->softcap * tanhf(s / j->softcap);
@@ -106,10 +109,7 @@ static void attn_task(void *ctx, int64_t task) {
     float acc[MAX_GROUP_DIM] __attribute__((aligned(32)));
     memset(acc, 0, sizeof(float) * (size_t)(group * hd));
     for (int64_t t = lo; t < len; t++) {
-        const int64_t slot = j->blocks ? j->blocks[d * j->max_blocks + t / j->block_size] * j->block_size +
-                                             t % j->block_size
-                                       : j->start + t;
-        const float *vp = j->v + slot * row + (int64_t)kvh * hd;
+        const float *vp = j->v + slot_of(j, d, t) * row + (int64_t)kvh * hd;
         for (int g = 0; g < group; g++) {
             const __m256 p = _mm256_set1_ps(scores[g * n + (t - lo)]);
             float *a = acc + g * hd;
