@@ -7,8 +7,10 @@ For each batch size: fills B sequences with prompts (prefill, not timed), then r
 sampling, detokenize/stop checks), and prints torch.profiler's table of the same steps sorted by self CPU time.
 """
 
+# ruff: noqa: I001  (ember before torch: it sets OMP_WAIT_POLICY for its kernels' thread pool)
 from __future__ import annotations
 
+import ember  # noqa: F401
 import argparse
 import statistics
 import time

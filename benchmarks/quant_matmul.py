@@ -1,16 +1,18 @@
-"""Time QuantLinear's forward per GGML type and backend against a plain bf16 F.linear.
+"""Time QuantLinear's forward per GGML type, native kernels against the torch backends and a plain F.linear.
 
-    python benchmarks/quant_matmul.py                      # 2048x2048 and 5632x2048, batch 1 and 16, bf16, CPU
-    python benchmarks/quant_matmul.py --shapes 4096x4096 --batch 1 --types Q4_K,Q8_0 --threads 2
+    python benchmarks/quant_matmul.py                      # 2048x2048 and 5632x2048, batch 1, 16 and 512, CPU
+    python benchmarks/quant_matmul.py --shapes 5632x2048 --batch 1 --types Q4_K,Q8_0 --threads 2 --matrices 40
 
 The weights are random blocks (finite fp16 scales). Prints the median time per forward and the effective
-bandwidth over the weight's stored bytes (for bf16: 2 bytes per value). Layers on the int8 backend are timed
-twice: with the native kernel (path "native", ember.kernels) and with it disabled (EMBER_NATIVE_KERNELS=0,
-path "torch"); the native row is skipped where the kernel could not be built or the batch is above its limit.
+bandwidth over the weight's stored bytes. Each type is timed on the native backend (ember.kernels, where it
+can be built) and on the torch backend QuantLinear takes without it (EMBER_NATIVE_KERNELS=0 at construction).
+`--matrices N` cycles over N distinct weights so that they come from DRAM, not from the cache, as in a model.
 """
 
+# ruff: noqa: I001  (ember before torch: it sets OMP_WAIT_POLICY for its kernels' thread pool)
 from __future__ import annotations
 
+import ember  # noqa: F401
 import argparse
 import os
 import statistics
@@ -20,7 +22,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from ember import kernels
+from ember.kernels.native import library
 from ember.quant.ggml import BLOCK_SIZES, SUPPORTED, GGMLType, random_rows, row_bytes
 from ember.quant.linear import QuantLinear
 
@@ -45,10 +47,11 @@ def median_ms(fn, min_time: float, device: torch.device, repeat: int = 10) -> fl
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", default="2048x2048,5632x2048", help="comma-separated OUTxIN weight shapes")
-    p.add_argument("--batch", default="1,16", help="comma-separated batch sizes (rows of x)")
+    p.add_argument("--batch", default="1,16,512", help="comma-separated batch sizes (rows of x)")
+    p.add_argument("--matrices", type=int, default=1, help="distinct weights cycled through per timing")
     block_types = sorted(t.name for t in SUPPORTED if BLOCK_SIZES[t][0] > 1)
     p.add_argument("--types", default=",".join(block_types), help="comma-separated GGML types")
-    p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES), help="activation dtype")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="activation dtype")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--min-time", type=float, default=0.5, help="seconds of timing per row")
@@ -68,29 +71,37 @@ def main() -> None:
               f"{nbytes / ms / 1e6:7.1f} {ms / base:8.2f}", flush=True)
 
     time_ms = partial(median_ms, min_time=args.min_time, device=device, repeat=args.repeat)
+
+    def layers_for(t, out_f, in_f, native: bool):
+        saved = os.environ.get("EMBER_NATIVE_KERNELS")
+        os.environ["EMBER_NATIVE_KERNELS"] = "1" if native else "0"
+        try:
+            return [QuantLinear(random_rows(t, out_f, in_f, seed=i), t, (out_f, in_f), dtype, device)
+                    for i in range(args.matrices)]
+        finally:
+            if saved is None:
+                del os.environ["EMBER_NATIVE_KERNELS"]
+            else:
+                os.environ["EMBER_NATIVE_KERNELS"] = saved
+
+    def cycle(layers, x):
+        for layer in layers:
+            layer(x)
+
     for out_f, in_f in shapes:
-        w = (torch.randn(out_f, in_f) * 0.02).to(dtype).to(device)
-        layers = {t: QuantLinear(random_rows(t, out_f, in_f), t, (out_f, in_f), dtype, device) for t in types}
+        w = [(torch.randn(out_f, in_f) * 0.02).to(dtype).to(device) for _ in range(args.matrices)]
         for batch in batches:
             x = torch.randn(batch, in_f, dtype=dtype, device=device)
-            base = time_ms(partial(F.linear, x, w))
-            row(out_f, in_f, batch, args.dtype[:7], "linear", "torch", base, w.numel() * w.element_size(), base)
-            for t, layer in layers.items():
+            base = time_ms(partial(cycle, [partial(F.linear, weight=m) for m in w], x)) / args.matrices
+            row(out_f, in_f, batch, args.dtype[:7], "linear", "torch", base, w[0].numel() * w[0].element_size(), base)
+            for t in types:
                 nbytes = row_bytes(t, in_f) * out_f
-                native = (layer.backend == "int8" and device.type == "cpu" and batch <= kernels.MAX_BATCH
-                          and kernels.library() is not None)
-                if native:
-                    row(out_f, in_f, batch, t.name, layer.backend, "native", time_ms(partial(layer, x)), nbytes, base)
-                saved = os.environ.get("EMBER_NATIVE_KERNELS")
-                os.environ["EMBER_NATIVE_KERNELS"] = "0"
-                try:
-                    ms = time_ms(partial(layer, x))
-                finally:
-                    if saved is None:
-                        del os.environ["EMBER_NATIVE_KERNELS"]
-                    else:
-                        os.environ["EMBER_NATIVE_KERNELS"] = saved
-                row(out_f, in_f, batch, t.name, layer.backend, "torch", ms, nbytes, base)
+                for native in ((True, False) if device.type == "cpu" and library() is not None else (False,)):
+                    layers = layers_for(t, out_f, in_f, native)
+                    ms = time_ms(partial(cycle, layers, x)) / args.matrices
+                    row(out_f, in_f, batch, t.name, layers[0].backend, "native" if native else "torch", ms, nbytes,
+                        base)
+
 
 if __name__ == "__main__":
     main()
