@@ -7,15 +7,22 @@
  * type (so both engines see the same activation rounding): Q8_0 for the 32-value types (scale amax / 127
  * rounded to fp16, per 32 values), Q8_K for the 256-value K and IQ4_XS types (one scale per 256 values,
  * -127 / the signed extreme). The kernels read a scale d and m = d * sum(q) per 32 values either way (the
- * offset types multiply m). Then each 32-value unit of a weight row
- * is unpacked into 32 int8 lanes in registers and multiplied with integer dot products: AVX-512 VNNI
- * (vpdpbusd) or AVX-VNNI where the build has it, AVX2 maddubs + madd otherwise. Unsigned weights (Q4/Q5
- * nibbles, 0..31) go straight into the unsigned operand; their offset (-8d, -16d, -dmin*m, +m) multiplies the
- * activation's block sum once per unit. Signed weights (Q8_0, Q6_K - 32, IQ4 lookups) use |w| and x * sign(w).
- * Each weight unit is unpacked once for up to TILE_B rows of x (batched decode and prefill reuse it).
+ * offset types multiply m). Then the weights are unpacked into int8 lanes in registers and multiplied with
+ * integer dot products: AVX-512 VNNI (vpdpbusd) or AVX-VNNI where the build has it, AVX2 maddubs + madd
+ * otherwise. Unsigned weights (Q4/Q5 nibbles, 0..31) go straight into the unsigned operand; their offset (-8d,
+ * -16d, -dmin*m, +m) multiplies the activation's block sum. Signed weights (Q8_0, Q6_K - 32, IQ4 lookups) use
+ * |w| and x * sign(w). Three shapes of loop, chosen per type, ISA and batch (gemm_min_b):
+ *   - K-quants: one super-block at a time, products summed in int32 with the sub-block scales applied by madd
+ *     (Q8_K activations make those scales plain integers), 512-bit vectors on AVX-512;
+ *   - 32-value types: 8 blocks at a time, their integer sums gathered into one vector so that scales and
+ *     offsets are vector operations;
+ *   - many rows of x (prefill, large batches): weight tiles unpacked once into an interleaved int8 layout in L2
+ *     and multiplied against 8 (AVX-512) or 4 rows of x at a time (GEMM section below).
+ * The direct loops unpack each weight once for up to TILE_B rows of x.
  *
- * bf16/f16 weights are widened to float32 in registers (shift / F16C) and multiplied with FMAs: memory-bound
- * for one row of x, with two weight rows by TILE_B rows of x per tile for many.
+ * bf16/f16 weights: AVX512-BF16 dot products on x rounded to bf16 where the CPU has them (llama.cpp's scheme),
+ * else widened to float32 in registers (shift / F16C) and multiplied with FMAs; 16 weight rows stay in L2 while
+ * many rows of x pass.
  *
  * Rows are handed out to the pool's threads (common.h) in chunks; one call runs at a time (the library lock),
  * since the pool and the activation scratch are shared. AVX-512 VNNI / AVX-VNNI / AVX512-BF16 are used when
