@@ -88,8 +88,7 @@ def load_gguf_model(path: Path, dtype, device: torch.device) -> tuple[CausalLM, 
             _replace_module(model, module_name, module)
             if target == "model.embed_tokens.weight" and config.tie_word_embeddings:
                 model.lm_head = QuantLinear(piece, info.ggml_type, expected, dtype, device)
-        zero_copy = device.type == "cpu" and kernels.available(info.ggml_type, info.shape[-1])
-        if not zero_copy or (permute_qk and name.endswith(("q_proj.weight", "k_proj.weight"))):
+        if not _kept_as_file(info, device) or (permute_qk and name.endswith(("q_proj.weight", "k_proj.weight"))):
             # The blocks were repacked or copied (reordered rows): drop their pages so RSS stays near the file size.
             gguf.release(gguf_name)
     finish_loading(model, device)
@@ -97,10 +96,15 @@ def load_gguf_model(path: Path, dtype, device: torch.device) -> tuple[CausalLM, 
     return model, config, dtype
 
 
+def _kept_as_file(info, device: torch.device) -> bool:
+    """Whether the native CPU kernels multiply this tensor as its bytes are in the file (QuantLinear's native
+    backend, a view of the map): its pages are then the weights and stay."""
+    return device.type == "cpu" and kernels.available(info.ggml_type, info.shape[-1])
+
+
 def _native_matrix(info, device: torch.device) -> bool:
     """An F16/BF16 matrix the native CPU kernels multiply as it is in the file (no float32 copy)."""
-    return (info.ggml_type in (GGMLType.F16, GGMLType.BF16) and device.type == "cpu"
-            and kernels.available(info.ggml_type, info.shape[-1]))
+    return info.ggml_type in (GGMLType.F16, GGMLType.BF16) and _kept_as_file(info, device)
 
 
 def _check(name: str, params: dict) -> None:

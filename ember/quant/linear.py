@@ -209,16 +209,13 @@ class FusedLinear(nn.Module):
         self._parts = parts  # a plain list: the parts stay registered where they are
 
     def joined(self, x: torch.Tensor) -> torch.Tensor:
-        """The parts' outputs side by side, [..., sum of out_features] (parts without bias only)."""
+        """The parts' outputs side by side, [..., sum of out_features], before their biases."""
         y = self._native(x.reshape(-1, self._native.in_features), self._norm).to(self.dtype)
         return y.reshape(*x.shape[:-1], -1)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        lead = x.shape[:-1]
-        y = self._native(x.reshape(-1, self._native.in_features), self._norm).to(self.dtype)
-        outs = y.split(self.sizes, dim=-1)
-        return tuple((o if p.bias is None else o + p.bias.to(o.dtype)).reshape(*lead, -1)
-                     for o, p in zip(outs, self._parts, strict=True))
+        outs = self.joined(x).split(self.sizes, dim=-1)
+        return tuple(o if p.bias is None else o + p.bias.to(o.dtype) for o, p in zip(outs, self._parts, strict=True))
 
 
 def fuse_linears(parts: list[nn.Module], norm: RMSNorm | None = None) -> FusedLinear | None:
