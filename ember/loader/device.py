@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from ember.errors import ModelLoadError
+from ember.loader.dtypes import resolve_dtype_name
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16", "float": "float32"}
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -28,17 +28,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, checkpoint_dtype: str | None) -> torch.dtype:
-    """auto = float32 on CPU: the native kernels take float32 activations whatever the weights' type, and a
-    CPU without bf16 instructions only emulates bf16 arithmetic (5x slower prefill measured on AVX2); the
-    checkpoint's own dtype on a GPU."""
+    """A torch dtype as it is; a name by ember.loader.dtypes (auto = float32 on CPU, the checkpoint's on a GPU)."""
     if isinstance(dtype, torch.dtype):
         return dtype
-    name = DTYPE_ALIASES.get(str(dtype or "auto"), str(dtype or "auto"))
-    if name == "auto":
-        if device.type == "cpu":
-            return torch.float32
-        checkpoint = DTYPE_ALIASES.get(str(checkpoint_dtype), str(checkpoint_dtype))
-        return DTYPES.get(checkpoint, torch.float16)
-    if name not in DTYPES:
-        raise ModelLoadError(f"unknown dtype {dtype!r} (use auto, float32, bfloat16 or float16)")
-    return DTYPES[name]
+    return DTYPES[resolve_dtype_name(dtype, device.type, checkpoint_dtype)]

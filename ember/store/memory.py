@@ -51,10 +51,9 @@ from pathlib import Path
 
 from ember.config import ModelConfig
 from ember.errors import EmberError, ModelLoadError
+from ember.loader import dtypes
+from ember.loader.dtypes import DTYPE_BYTES
 
-DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
-DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16", "float": "float32"}
-AUTO_DTYPE = {"cpu": "float32"}  # resolve_dtype's "auto" per device kind; elsewhere the checkpoint's dtype
 GGUF_CHECKPOINT_DTYPE = "float16"  # what ember.loader.gguf_model resolves "auto" against on a GPU
 DEVICE_KINDS = ("cpu", "cuda", "mps")
 FLOAT_TYPES = {"F64", "F32", "F16", "BF16"}
@@ -94,19 +93,8 @@ def device_kind(device) -> str:
 
 
 def resolve_dtype_name(dtype, device: str = "cpu", checkpoint: str | None = None) -> str:
-    """The activation dtype ember runs with (ember.loader.device.resolve_dtype, by name): "auto" is float32
-    on CPU and `checkpoint` (float16 when unknown) on a GPU."""
-    name = str(dtype or "auto").removeprefix("torch.")
-    name = DTYPE_ALIASES.get(name, name)
-    if name == "auto":
-        kind = device_kind(device)
-        if kind in AUTO_DTYPE:
-            return AUTO_DTYPE[kind]
-        checkpoint = DTYPE_ALIASES.get(str(checkpoint), str(checkpoint))
-        return checkpoint if checkpoint in DTYPE_BYTES else "float16"
-    if name not in DTYPE_BYTES:
-        raise ModelLoadError(f"unknown dtype {dtype!r}; use one of auto, bfloat16, float16, float32")
-    return name
+    """The activation dtype ember runs with on `device` (a name or auto): ember.loader.dtypes'."""
+    return dtypes.resolve_dtype_name(dtype, device_kind(device), checkpoint)
 
 
 def dtype_bytes(dtype, device: str = "cpu", checkpoint: str | None = None) -> int:
