@@ -19,13 +19,12 @@ anonymous map whose pages are committed as tokens fill it. Then it records RSS a
 
 Compared: measured = RSS after − baseline, against estimate_memory(path, 4096, "auto", "cpu")'s weights
 (including the GGUF header) + KV (kv_memory is exactly the estimated KV, 8 MiB at 4096 tokens in float32) +
-the tokenizer part of its overhead (ember.bench.estimates.tokenizer_bytes, itself measured alone the same
-way). The rest of the overhead (RUNTIME_BYTES for the framework, kernels and allocator pools, and the
-activations of a 512-token prefill) is excluded from both sides: the baseline already holds the runtime, and a
-few-token prompt never reaches that activation size. What neither side counts and RSS still sees is small and
-known: the new engine's Python objects (~0.6 MB), code pages of torch touched for the first time, page-cache
-pages the kernel maps around the faulting ones, and heap fragmentation (~1 MB steps); measured runs 5-10 %
-above the estimate. The files are only 9-13 MB, so each RSS is read after gc and malloc_trim, with glibc's mmap
+the tokenizer and engine parts of its overhead (ember.bench.estimates.tokenizer_bytes and ENGINE_BYTES, each
+measured alone the same way; the engine part is the new engine's Python objects, code pages of torch touched
+for the first time, page-cache pages the kernel maps around the faulting ones, and heap fragmentation, which
+moves in ~1 MB steps between machines). The rest of the overhead (RUNTIME_BYTES for the framework, kernels and
+allocator pools, and the activations of a 512-token prefill) is excluded from both sides: the baseline already
+holds the runtime, and a few-token prompt never reaches that activation size. The files are only 9-13 MB, so each RSS is read after gc and malloc_trim, with glibc's mmap
 threshold fixed at 64 KiB so that freed tensors go back to the system instead of staying in the heap.
 """
 
@@ -38,7 +37,7 @@ import sys
 
 import pytest
 
-from ember.bench.estimates import tokenizer_bytes
+from ember.bench.estimates import ENGINE_BYTES, tokenizer_bytes
 from ember.kernels import native
 from ember.store.memory import estimate_memory, model_config
 
@@ -93,8 +92,9 @@ def test_estimated_memory_matches_measured_rss(testdata, monkeypatch, quant, bac
     assert (rss["backends"] == ["native"]) == (backend == "native"), rss["backends"]
     measured = rss["after"] - rss["base"]
     tokenizer = tokenizer_bytes(model_config(path))
-    expected = est.weights_bytes + est.kv_bytes + tokenizer
+    expected = est.weights_bytes + est.kv_bytes + tokenizer + ENGINE_BYTES
     print(f"{quant} {backend}: measured {measured / 1e6:.2f} MB, estimated {expected / 1e6:.2f} MB "
-          f"(weights {est.weights_bytes / 1e6:.2f}, KV {est.kv_bytes / 1e6:.2f}, tokenizer {tokenizer / 1e6:.2f}), "
+          f"(weights {est.weights_bytes / 1e6:.2f}, KV {est.kv_bytes / 1e6:.2f}, tokenizer {tokenizer / 1e6:.2f}, "
+          f"engine {ENGINE_BYTES / 1e6:.2f}), "
           f"{measured / expected - 1:+.1%}")
     assert abs(measured - expected) <= 0.15 * expected

@@ -31,6 +31,10 @@ RUNTIME_BYTES = 256 * 2**20  # allocator pools, kernels' workspaces, the framewo
 # fresh process after a warm-up engine (the baseline of tests/test_store_rss.py), adds 9.5 MB of RSS. The GGUF
 # header it comes from is counted with the file (ember.store.memory), not here.
 TOKENIZER_BYTES_PER_TOKEN = 297
+# Measured the same way: a second loaded engine beyond its weights, KV cache and tokenizer (scheduler and block
+# tables, sampler state, the model's Python modules, heap fragmentation, library code first touched) adds
+# 2.6-2.8 MB whatever the quantization or the kernel backend.
+ENGINE_BYTES = 2_700_000
 
 
 def kv_cache_bytes(config: ModelConfig, context: int) -> int:
@@ -46,7 +50,7 @@ def tokenizer_bytes(config: ModelConfig) -> int:
 
 def overhead_bytes(config: ModelConfig) -> int:
     per_token = 4 * config.hidden_size + 2 * config.intermediate_size  # residual, q/k/v/o, gate/up
-    return RUNTIME_BYTES + PREFILL_BATCH * per_token * 4 + tokenizer_bytes(config)
+    return RUNTIME_BYTES + ENGINE_BYTES + PREFILL_BATCH * per_token * 4 + tokenizer_bytes(config)
 
 
 def weights_bytes(config: ModelConfig, quant: str) -> int:
