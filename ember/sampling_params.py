@@ -108,6 +108,36 @@ def _logit_bias(value) -> dict[int, float]:
     return bias
 
 
+STRUCTURED_KINDS = ("json_object", "json_schema", "regex", "choice", "grammar", "structural_tag")
+MAX_STRUCTURED_SPEC_CHARS = 1_000_000
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """A constraint the generated text must satisfy, enforced token by token with a grammar mask.
+
+    kind / spec: "json_object" (any JSON object; spec None), "json_schema" (spec: the schema as JSON text),
+    "regex" (spec: the pattern), "choice" (spec: a JSON list of the allowed strings), "grammar" (spec: GBNF
+    or EBNF text), "structural_tag" (spec: xgrammar's structural-tag JSON, for tool calls).
+    `after`: the constraint starts only once this text has been generated (the end of a model's reasoning,
+    e.g. "</think>"); until then the sequence is free.
+    """
+
+    kind: str
+    spec: str | None = None
+    after: str | None = None
+
+    def __post_init__(self):
+        if self.kind not in STRUCTURED_KINDS:
+            raise InvalidParameter("structured", f"kind must be one of {', '.join(STRUCTURED_KINDS)}, got {self.kind!r}")
+        if (self.spec is None) != (self.kind == "json_object"):
+            raise InvalidParameter("structured", f"a {self.kind} constraint {'takes no' if self.kind == 'json_object' else 'needs a'} spec")
+        if self.spec is not None and (not isinstance(self.spec, str) or len(self.spec) > MAX_STRUCTURED_SPEC_CHARS):
+            raise InvalidParameter("structured", f"spec must be text of at most {MAX_STRUCTURED_SPEC_CHARS} characters")
+        if self.after is not None and (not isinstance(self.after, str) or not self.after):
+            raise InvalidParameter("structured", "after must be a non-empty string")
+
+
 @dataclass(kw_only=True)
 class SamplingParams:
     n: int = 1
@@ -128,6 +158,7 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    structured: StructuredOutput | None = None  # constrained decoding (ember.engine.structured)
 
     def __post_init__(self):
         self.n = _int("n", self.n, 1, MAX_N)
@@ -152,6 +183,8 @@ class SamplingParams:
         self.logit_bias = _logit_bias(self.logit_bias)
         self.skip_special_tokens = _bool("skip_special_tokens", self.skip_special_tokens)
         self.include_stop_str_in_output = _bool("include_stop_str_in_output", self.include_stop_str_in_output)
+        if self.structured is not None and not isinstance(self.structured, StructuredOutput):
+            raise InvalidParameter("structured", f"must be a StructuredOutput, got {type(self.structured).__name__}")
 
     @property
     def is_greedy(self) -> bool:
