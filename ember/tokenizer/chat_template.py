@@ -214,3 +214,17 @@ class ChatTemplate:
         finally:
             self._env.deadline = float("inf")
         return "".join(pieces)
+
+
+def template_capabilities(source: str | None) -> list[str]:
+    """What a chat template lets a model do beyond completion, read from what the template renders:
+    "tools" when it renders a `tools` list (the model was trained to call them), "thinking" when it writes or
+    switches a `<think>` block."""
+    if not source:
+        return []
+    capabilities = []
+    if "tools" in source:
+        capabilities.append("tools")
+    if "<think>" in source or "enable_thinking" in source:
+        capabilities.append("thinking")
+    return capabilities
