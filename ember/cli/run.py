@@ -19,6 +19,8 @@ def add_parser(sub) -> None:
     parser.add_argument("prompt", nargs="*", help="answer this and exit (reads stdin when it is '-')")
     parser.add_argument("--system", default=None, help="system message for the chat")
     parser.add_argument("--raw", action="store_true", help="send the prompt as-is, without the chat template")
+    parser.add_argument("--format", default=None, metavar="FORMAT",
+                        help='constrain every reply: "json" (a JSON object) or a JSON schema (inline, or a .json file)')
     add_model_options(parser, "one sequence of the full context")
     add_sampling_options(parser)
 
@@ -97,16 +99,42 @@ def interactive(chat: Chat) -> None:
         chat.reply(text)
 
 
+def reply_format(text: str | None):
+    """--format as a StructuredOutput: "json", a schema's JSON text, or the path of a file holding one."""
+    import json
+    from pathlib import Path
+
+    from ember.errors import InvalidParameter
+    from ember.sampling_params import StructuredOutput
+
+    if text is None:
+        return None
+    if text == "json":
+        return StructuredOutput("json_object")
+    path = Path(text)
+    if not text.lstrip().startswith("{") and path.is_file():
+        text = path.read_text(encoding="utf-8")
+    try:
+        schema = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise InvalidParameter("--format", f'expected "json", a JSON schema or a schema file ({err})') from None
+    if not isinstance(schema, dict):
+        raise InvalidParameter("--format", "a JSON schema must be an object")
+    return StructuredOutput("json_schema", json.dumps(schema))
+
+
 def run(args: argparse.Namespace) -> int:
     from ember.engine.engine import EngineArgs, LLMEngine
     from ember.sampling_params import SamplingParams
 
-    params = SamplingParams(**sampling_kwargs(args))
+    params = SamplingParams(**sampling_kwargs(args), structured=reply_format(args.format))
     prompt = " ".join(args.prompt)
     if prompt == "-":
         prompt = sys.stdin.read()
     # One stream: its KV cache holds one full context, not the batching default of max_num_seqs of them.
     engine = LLMEngine(args.model, EngineArgs(**engine_args(args, max_num_seqs=1, threads=args.threads)))
+    if params.structured is not None:
+        engine.grammars.compile(params.structured, "--format")  # a bad schema fails here, before any prompt
     chat = Chat(engine, params, args.system, args.raw)
     if prompt:
         chat.reply(prompt)

@@ -12,6 +12,7 @@ so a model that likes whitespace cannot fill max_tokens with it.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import threading
@@ -35,9 +36,16 @@ def tokenizer_info(tokenizer: Tokenizer, vocab_size: int, stop_token_ids: set[in
     encoding read from the tokenizer's decoder (byte fallback, byte level or raw). Special tokens get an
     empty piece, which xgrammar never allows: their text (`</s>`, `<|im_end|>`) is not output text and
     would otherwise fit inside any JSON string. The stop tokens are the only specials a grammar may end on."""
-    metadata = xgr.TokenizerInfo._detect_metadata_from_hf(tokenizer.hf.to_str())
-    pieces = ["" if i in tokenizer.special_ids else tokenizer.hf.id_to_token(i) or ""
-              for i in range(min(vocab_size, tokenizer.vocab_size))]
+    # xgrammar reads the encoding from these components of a tokenizer.json; serializing only them is far
+    # cheaper than the whole tokenizer with its vocabulary and merges.
+    hf = tokenizer.hf
+    components = {name: json.loads(getattr(hf, name).__getstate__())
+                  for name in ("decoder", "normalizer", "pre_tokenizer") if getattr(hf, name) is not None}
+    metadata = xgr.TokenizerInfo._detect_metadata_from_hf(json.dumps(components))
+    pieces = [""] * min(vocab_size, tokenizer.vocab_size)
+    for piece, token in hf.get_vocab(with_added_tokens=True).items():
+        if token < len(pieces) and token not in tokenizer.special_ids:
+            pieces[token] = piece
     stops = sorted(t for t in stop_token_ids if t < vocab_size)
     return xgr.TokenizerInfo(pieces, metadata["vocab_type"], vocab_size=vocab_size, stop_token_ids=stops or None,
                              add_prefix_space=metadata["add_prefix_space"])
@@ -61,11 +69,15 @@ class Grammars:
         self.vocab_size = vocab_size
         self.info = tokenizer_info(tokenizer, vocab_size, stop_token_ids)
         self.compiler = xgr.GrammarCompiler(self.info, max_threads=2, cache_enabled=False)
-        # Bytes of each token, to find a constraint's `after` marker in the generated text.
-        self.token_bytes: list[bytes] = self.info.decoded_vocab
         self.cache_size = cache_size
         self._cache: OrderedDict[tuple[str, str | None], xgr.CompiledGrammar] = OrderedDict()
         self._lock = threading.Lock()
+
+    @functools.cached_property
+    def token_bytes(self) -> list[bytes]:
+        """Each token's bytes, to find a constraint's `after` marker in the generated text (built on first use:
+        it takes a second for a 150k vocabulary)."""
+        return self.info.decoded_vocab
 
     def compile(self, structured: StructuredOutput, field: str = "structured") -> xgr.CompiledGrammar:
         """The compiled grammar of `structured`; an invalid spec raises InvalidParameter naming `field`."""
@@ -104,7 +116,8 @@ class Grammars:
 
     def state(self, structured: StructuredOutput) -> GrammarState:
         """A fresh matcher for one sequence (one choice of a request)."""
-        return GrammarState(xgr.GrammarMatcher(self.compile(structured)), structured.after, self.token_bytes)
+        matcher = xgr.GrammarMatcher(self.compile(structured))
+        return GrammarState(matcher, structured.after, self.token_bytes if structured.after else [])
 
 
 class GrammarState:

@@ -222,7 +222,7 @@ def _logprobs(raw: torch.Tensor, states: list[SamplingState], tokens: list[int],
     return result
 
 
-def _grammar_masks(states: list[SamplingState], vocab_size: int) -> Masks | None:
+def grammar_masks(states: list[SamplingState], vocab_size: int) -> Masks | None:
     grammars = [state.grammar for state in states]
     if all(grammar is None for grammar in grammars):
         return None
@@ -255,7 +255,7 @@ class Sampler:
         """Pick one token per row of `logits` [B, V]; also return each row's logprobs if it asked for them."""
         if logits.shape[0] != len(states):
             raise ValueError(f"{logits.shape[0]} rows of logits for {len(states)} sampling states")
-        masks = _grammar_masks(states, logits.shape[-1])
+        masks = grammar_masks(states, logits.shape[-1])
         if masks is None and all(state.params.is_greedy and not _changes_logits(state) for state in states):
             tokens = logits.argmax(dim=-1).tolist()
             return tokens, _logprobs(logits, states, tokens, None)
