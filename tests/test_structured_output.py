@@ -133,6 +133,8 @@ def test_vllm_and_llamacpp_fields_produce_matching_text(server):
         ({"guided_json": SCHEMAS[1]}, lambda t: jsonschema.validate(json.loads(t), SCHEMAS[1]) is None),
         ({"grammar": 'root ::= "x=" [0-9] [0-9]? ";"'}, lambda t: re.fullmatch(r"x=[0-9][0-9]?;", t)),
         ({"json_schema": SCHEMAS[6]}, lambda t: jsonschema.validate(json.loads(t), SCHEMAS[6]) is None),
+        ({"response_format": {"type": "json_object", "schema": SCHEMAS[2]}},  # llama.cpp's shape
+         lambda t: jsonschema.validate(json.loads(t), SCHEMAS[2]) is None),
         ({"guided_grammar": 'root ::= ("ab" | "cd")+', "max_tokens": 400}, lambda t: re.fullmatch("(ab|cd)+", t)),
     ]
     for fields, check in cases:
