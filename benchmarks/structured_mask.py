@@ -24,7 +24,7 @@ import time
 import torch
 
 from ember.engine.engine import EngineArgs, LLMEngine
-from ember.engine.structured import apply_masks, fill_masks
+from ember.layers.grammar_mask import fill_masks
 from ember.sampling_params import SamplingParams, StructuredOutput
 
 SCHEMA = {"type": "object", "properties": {
@@ -71,8 +71,7 @@ def _mask_cost(engine: LLMEngine, batch: int, structured: StructuredOutput) -> t
     while remaining:
         logits = torch.randn(batch, engine.vocab_size)
         start = time.perf_counter()
-        masks = fill_masks(states, engine.vocab_size)
-        apply_masks(logits, masks)
+        fill_masks(states, engine.vocab_size).apply(logits)
         times.append(time.perf_counter() - start)
         allowed = torch.isfinite(logits[0])
         token = next(t for size in range(min(longest, len(remaining)), 0, -1)

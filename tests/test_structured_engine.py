@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from ember.engine.engine import EngineArgs, LLMEngine
-from ember.engine.model_runner import kv_bytes_per_token
 from ember.engine.structured import Grammars
 from ember.errors import InvalidParameter
 from ember.layers.sampler import Sampler, SamplingState, grammar_masks
 from ember.sampling_params import SamplingParams, StructuredOutput
+from ember.store.memory import kv_bytes_per_token
 from ember.tokenizer.tokenizer import load_tokenizer
 
 PERSON = {"type": "object", "properties": {
@@ -112,7 +112,7 @@ def test_constrained_and_free_share_preempted_batches(engine):
         requests.append((prompt, SamplingParams(temperature=0.0 if i % 4 == 0 else 1.0, seed=i, max_tokens=48,
                                                 structured=structured)))
     alone = [run(engine, [request])[0] for request in requests]
-    per_token = kv_bytes_per_token(engine.loaded.config, engine.loaded.dtype)
+    per_token = kv_bytes_per_token(engine.loaded.config, engine.loaded.dtype.itemsize)
     tight = LLMEngine(None, EngineArgs(dtype="float32", device="cpu", block_size=4, max_batched_tokens=24,
                                        kv_memory=60 * 4 * per_token, max_num_seqs=16))
     together = run(tight, requests)

@@ -3,7 +3,7 @@ per-sequence matcher that turns it into a token mask at each step.
 
 Compiling is the slow part (a large schema takes tens of milliseconds), so the server compiles before it
 queues a request (`Grammars.compile` on a worker thread) and the engine's step only fills and applies
-masks: `GrammarState.fill` for each constrained row, then `apply_masks`. Compiled grammars are kept in a
+masks (ember.layers.grammar_mask, through each sequence's `GrammarState`). Compiled grammars are kept in a
 bounded LRU cache per tokenizer, keyed by (kind, spec).
 
 JSON is generated without free whitespace (xgrammar's any_whitespace=False: one space after ':' and ','),
@@ -163,20 +163,3 @@ class GrammarState:
             self.violated = True
             return False
         return True
-
-
-def fill_masks(states: list[GrammarState | None], vocab_size: int) -> tuple[torch.Tensor, list[int]] | None:
-    """One bitmask row per sequence, filled for the rows whose constraint is active; None if none is."""
-    rows = [row for row, state in enumerate(states) if state is not None and state.active]
-    if not rows:
-        return None
-    bitmask = xgr.allocate_token_bitmask(len(states), vocab_size)
-    for row in rows:
-        states[row].fill(bitmask, row)
-    return bitmask, rows
-
-
-def apply_masks(logits: torch.Tensor, masks: tuple[torch.Tensor, list[int]]) -> None:
-    """Set the logits the grammar forbids to -inf, in place, on the constrained rows only."""
-    bitmask, rows = masks
-    xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True), indices=rows)

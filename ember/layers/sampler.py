@@ -1,7 +1,7 @@
 """Turns a batch of next-token logits into tokens, each row under its own SamplingParams.
 
 Order, as in transformers and vLLM: logit bias -> repetition penalty -> presence/frequency penalties ->
-min_tokens -> grammar mask (constrained decoding, ember.engine.structured) -> greedy argmax, or temperature ->
+min_tokens -> grammar mask (constrained decoding, ember.layers.grammar_mask) -> greedy argmax, or temperature ->
 top-k -> top-p -> min-p -> draw. Every filter runs on the
 whole batch at once with per-row parameter columns (neutral values for rows that do not use it); only
 the draw loops over rows, so that a seeded request draws from its own generator and gets the same tokens
@@ -19,10 +19,7 @@ import torch
 from ember.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
-    from ember.engine.structured import GrammarState
-
-# A filled grammar bitmask and the rows it constrains (ember.engine.structured.fill_masks).
-Masks = tuple[torch.Tensor, list[int]]
+    from ember.layers.grammar_mask import Constraint, GrammarMasks
 
 
 @dataclass
@@ -43,7 +40,7 @@ class SamplingState:
     prompt_token_ids: list[int]
     output_token_ids: list[int]
     eos_token_ids: frozenset[int] = frozenset()  # banned until min_tokens; empty when ignore_eos
-    grammar: GrammarState | None = None  # the request's constraint, when it has one
+    grammar: Constraint | None = None  # the request's constraint (ember.engine.structured), when it has one
     # The prompt as a tensor, built on first use: the repetition penalty needs it every step and
     # converting a long prompt from a list each time would dominate the step.
     _prompt_tensor: torch.Tensor | None = field(default=None, init=False, repr=False)
@@ -202,7 +199,7 @@ def _sample(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
 
 
 def _logprobs(raw: torch.Tensor, states: list[SamplingState], tokens: list[int],
-              masks: Masks | None) -> list[TokenLogprob | None]:
+              masks: GrammarMasks | None) -> list[TokenLogprob | None]:
     """Log-probabilities under the model's own distribution (before any penalty or filter), as OpenAI reports;
     on a constrained row, under that distribution restricted to what the grammar allows (the tokens the
     sampler chose among), so that no alternative the output could not contain is reported."""
@@ -212,12 +209,7 @@ def _logprobs(raw: torch.Tensor, states: list[SamplingState], tokens: list[int],
         return result
     scores = raw[wanted].float()
     if masks is not None:
-        bitmask, constrained = masks
-        positions = [j for j, row in enumerate(wanted) if row in constrained]
-        if positions:
-            from ember.engine.structured import apply_masks
-
-            apply_masks(scores, (bitmask[wanted], positions))
+        masks.select(wanted).apply(scores)
     logprobs = torch.log_softmax(scores, dim=-1)
     chosen = logprobs.gather(1, torch.tensor([tokens[r] for r in wanted], device=raw.device)[:, None])[:, 0].tolist()
     most = max(states[r].params.logprobs for r in wanted)
@@ -230,20 +222,19 @@ def _logprobs(raw: torch.Tensor, states: list[SamplingState], tokens: list[int],
     return result
 
 
-def grammar_masks(states: list[SamplingState], vocab_size: int) -> Masks | None:
-    grammars = [state.grammar for state in states]
-    if all(grammar is None for grammar in grammars):
+def grammar_masks(states: list[SamplingState], vocab_size: int) -> GrammarMasks | None:
+    """The grammar masks of the batch's constrained rows, or None when no row is constrained."""
+    constraints = [state.grammar for state in states]
+    if all(constraint is None for constraint in constraints):
         return None
-    from ember.engine.structured import fill_masks  # xgrammar is loaded only once a request needs it
+    from ember.layers.grammar_mask import fill_masks  # xgrammar is loaded only once a request needs it
 
-    return fill_masks(grammars, vocab_size)
+    return fill_masks(constraints, vocab_size)
 
 
-def _apply_grammar(logits: torch.Tensor, states: list[SamplingState], masks: Masks) -> None:
-    from ember.engine.structured import apply_masks
-
-    apply_masks(logits, masks)
-    banning = [row for row in masks[1] if states[row].min_tokens_banned()]
+def _apply_grammar(logits: torch.Tensor, states: list[SamplingState], masks: GrammarMasks) -> None:
+    masks.apply(logits)
+    banning = [row for row in masks.rows if states[row].min_tokens_banned()]
     if not banning:
         return
     # Where min_tokens banned the only tokens the grammar allows (its stop tokens: the text is complete),
@@ -252,7 +243,7 @@ def _apply_grammar(logits: torch.Tensor, states: list[SamplingState], masks: Mas
     if bool(dead.any()):
         rows = [row for row, is_dead in zip(banning, dead.tolist(), strict=True) if is_dead]
         allowed = torch.zeros((len(rows), logits.shape[-1]), dtype=logits.dtype, device=logits.device)
-        apply_masks(allowed, (masks[0][rows], list(range(len(rows)))))
+        masks.select(rows).apply(allowed)
         logits[rows] = allowed
 
 
@@ -276,7 +267,8 @@ class Sampler:
         return tokens, _logprobs(logits, states, tokens, masks)
 
     @staticmethod
-    def adjust_logits(logits: torch.Tensor, states: list[SamplingState], masks: Masks | None = None) -> torch.Tensor:
+    def adjust_logits(logits: torch.Tensor, states: list[SamplingState],
+                      masks: GrammarMasks | None = None) -> torch.Tensor:
         """A copy of `logits` after logit bias, repetition/presence/frequency penalties, min_tokens bans and the
         grammar masks: the scores greedy rows take the argmax of and the others sample from after temperature."""
         adjusted = logits.clone()
