@@ -1,9 +1,11 @@
 """`ember` as a user runs it: one-shot and piped chat, and one-line errors without tracebacks."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
+import jsonschema
 import pytest
 
 from tests.tiny_models import build_tiny_model, copy_tokenizer
@@ -108,3 +110,19 @@ def test_hostile_gguf_is_one_line_error(testdata, tmp_path):
     result = ember("run", str(truncated), "hi")
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "cannot fit in a file of 100 bytes" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_run_format_constrains_the_reply(tmp_path):
+    """`ember run --format SCHEMA` answers JSON that validates (a schema file here); a bad schema is one line."""
+    schema = {"type": "object", "properties": {"animal": {"enum": ["cat", "dog"]},
+                                               "legs": {"type": "integer", "minimum": 0, "maximum": 8}},
+              "required": ["animal", "legs"]}
+    path = tmp_path / "schema.json"
+    path.write_text(json.dumps(schema))
+    result = ember("run", "ember-default", "--format", str(path), "--temperature", "1", "--seed", "4",
+                   "--max-tokens", "40", "Name an animal.")
+    assert result.returncode == 0, result.stderr
+    jsonschema.validate(json.loads(result.stdout), schema)
+    bad = ember("run", "ember-default", "--format", '{"type": "foo"}', "hi")
+    assert bad.returncode == 1 and bad.stderr.strip().splitlines() == [
+        'error: --format: invalid json schema: Unsupported type "foo"']

@@ -105,7 +105,7 @@ def test_body_too_large(server):
 def test_unsupported_and_unknown_routes(server):
     r = httpx.post(f"{server.url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
                                                               "response_format": {"type": "json_schema"}})
-    assert "not supported yet" in assert_openai_error(r, 400, "response_format")["message"]
+    assert "needs a json_schema.schema" in assert_openai_error(r, 400, "response_format")["message"]
     r = httpx.post(f"{server.url}/v1/chat/completions", json={"messages": [
         {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]})
     assert_openai_error(r, 400)

@@ -87,8 +87,8 @@ def test_errors_are_ollama_shaped(client, server):
     with pytest.raises(ollama.ResponseError) as err:
         client.generate(model="missing-model", prompt="hi")
     assert err.value.status_code == 404 and "missing-model" in err.value.error
-    r = httpx.post(f"{server.url}/api/generate", json={"prompt": "hi", "format": "json", "stream": False})
-    assert r.status_code == 400 and set(r.json()) == {"error"} and "not supported" in r.json()["error"]
+    r = httpx.post(f"{server.url}/api/generate", json={"prompt": "hi", "format": "yaml", "stream": False})
+    assert r.status_code == 400 and set(r.json()) == {"error"} and "format" in r.json()["error"]
     r = httpx.post(f"{server.url}/api/chat", json={"messages": [{"role": "user", "content": "hi"}],
                                                    "options": {"temperature": "hot"}, "stream": False})
     assert r.status_code == 400 and "temperature" in r.json()["error"]
