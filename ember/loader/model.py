@@ -10,6 +10,7 @@ import torch
 
 from ember.config import ModelConfig
 from ember.loader.device import resolve_device
+from ember.loader.weights import Progress
 from ember.models.decoder import CausalLM
 from ember.tokenizer import ChatTemplate, Tokenizer, load_tokenizer
 
@@ -28,8 +29,10 @@ class LoadedModel:
     load_seconds: float
 
 
-def load_model(model: str | Path | None, dtype="auto", device="auto", *, allow_paths: bool = True) -> LoadedModel:
-    """Load what `model` names: a path (CLI), a store or discovered name, a HF repo id; None: the bundled model."""
+def load_model(model: str | Path | None, dtype="auto", device="auto", *, allow_paths: bool = True,
+               progress: Progress | None = None) -> LoadedModel:
+    """Load what `model` names: a path (CLI), a store or discovered name, a HF repo id; None: the bundled model.
+    `progress` is told how many of the weights' bytes are read (ember.loader.weights.Progress)."""
     from ember.store.resolve import resolve
 
     started = time.perf_counter()
@@ -39,11 +42,11 @@ def load_model(model: str | Path | None, dtype="auto", device="auto", *, allow_p
     if resolved.format == "gguf":
         from ember.loader.gguf_model import load_gguf_model
 
-        net, config, dtype = load_gguf_model(path, dtype, target)
+        net, config, dtype = load_gguf_model(path, dtype, target, progress)
     else:
         from ember.loader.safetensors import load_safetensors_model
 
-        net, config, dtype = load_safetensors_model(path, dtype, target)
+        net, config, dtype = load_safetensors_model(path, dtype, target, progress)
     tokenizer = load_tokenizer(path)
     template = None
     if tokenizer.chat_template:
