@@ -54,6 +54,9 @@ def server(tmp_path_factory, testdata):
 
 
 def test_page_is_served_without_key_and_apis_stay(server):
+    printed = server.output()
+    assert f"Web UI   {server.url}/" in printed and f"API      {server.url}/v1 (OpenAI)" in printed
+    assert "loaded ember-default from " in printed and "warning" not in printed  # loopback: no warning
     page = httpx.get(f"{server.url}/", headers={"Accept": "text/html"}, timeout=10)
     assert page.status_code == 200 and '<script type="module" src="/ui/app.js">' in page.text
     assert "script-src 'self'" in page.headers["content-security-policy"]

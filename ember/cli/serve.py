@@ -78,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
     from ember.server.errors import APIError
     from ember.server.pool import ModelPool, parse_keep_alive
     from ember.server.state import ServerState, Settings
+    from ember.store.info import format_size
 
     if not 0 <= args.port <= 65535:
         raise InvalidParameter("--port", f"must be in [0, 65535], got {args.port}")
@@ -113,6 +114,12 @@ def run(args: argparse.Namespace) -> int:
             port = args.port
             if port == 0 and server.servers and server.servers[0].sockets:
                 port = server.servers[0].sockets[0].getsockname()[1]
+            entry = pool.loaded(pool.default_name)
+            if entry is not None:
+                loaded = entry.engine.engine.loaded
+                print(f"loaded {entry.name} from {loaded.path} in {loaded.load_seconds:.1f} s on {entry.device}: "
+                      f"{format_size(entry.size)} counted against --max-memory, context {entry.context_length}",
+                      flush=True)
             print(f"ember serving {pool.default_name} on http://{host}:{port}", flush=True)
             print(f"  API      http://{host}:{port}/v1 (OpenAI), http://{host}:{port}/api (Ollama)", flush=True)
             if args.webui:
