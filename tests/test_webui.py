@@ -5,6 +5,7 @@ browser test is skipped with the reason. Screenshots (1280×800 and 390×844) ar
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -17,6 +18,8 @@ import pytest
 from tests.server_helpers import make_tiny_chat_model, start_server
 
 KEY = "webui-test-key"
+MARKDOWN = ("# Title\n\nSome **bold** and `x<y`\n\n```python\nprint(\"<b>hi</b>\")\n```\n- one\n- two\n\n"
+            "[a link](https://example.com/?a=1&b=2) <img src=x onerror=alert(1)>")
 CHROMIUM = next((p for p in (os.environ.get("EMBER_CHROMIUM"), shutil.which("chromium"), "/usr/bin/chromium")
                  if p and Path(p).exists()), None)
 
@@ -163,3 +166,20 @@ def _chat_session(page, url: str) -> None:
     assert texts == ["message user", "message assistant"] * 2, texts
     assert page.inner_text(".message.assistant .content") == first
     assert page.input_value("#model") == "local/tiny-chat"
+
+    # Markdown from a model is rendered, and HTML in it stays text (a stored reply, so the text is exact).
+    page.evaluate("""() => {
+        const all = JSON.parse(localStorage.getItem('ember.conversations'));
+        all[0].messages.push({role: 'assistant', content: MARKDOWN, reasoning: 'step one', stats: {}});
+        localStorage.setItem('ember.conversations', JSON.stringify(all));
+    }""".replace("MARKDOWN", json.dumps(MARKDOWN)))
+    page.reload()
+    page.wait_for_selector("body[data-ready]", timeout=15000)
+    last = page.locator(".message.assistant").last
+    assert last.locator("h1").inner_text() == "Title" and last.locator("strong").inner_text() == "bold"
+    assert last.locator("pre code.language-python").inner_text() == 'print("<b>hi</b>")'
+    assert last.locator("li").all_inner_texts() == ["one", "two"]
+    assert last.locator("a").get_attribute("href") == "https://example.com/?a=1&b=2"
+    assert last.locator("img").count() == 0 and "<img src=x onerror=alert(1)>" in last.inner_text()
+    assert not last.locator("details.reasoning").get_attribute("open")  # folded
+    assert last.locator("details.reasoning").inner_text().strip() == "Reasoning"
