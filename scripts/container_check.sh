@@ -88,4 +88,20 @@ docker run --rm --entrypoint id "$IMAGE" | sed 's/^/[container_check] user: /'
 echo "$reply" | python3 -c 'import json, sys; r = json.load(sys.stdin); assert r["choices"][0]["message"]["content"]' \
     && log "OK" || { log "FAILED"; exit 1; }
 docker rm -f "$NAME" >/dev/null
+
+log "docker run with the image's defaults (0.0.0.0 in its own network namespace, no key), HEALTHCHECK every 2 s"
+docker run -d --name "$NAME" --network none --health-interval 2s "$IMAGE" >/dev/null
+health=starting
+for _ in $(seq 120); do
+    health=$(docker inspect -f '{{.State.Health.Status}}' "$NAME")
+    [ "$health" = starting ] || break
+    sleep 0.5
+done
+log "HEALTHCHECK status: $health"
+docker logs "$NAME" 2>&1 | grep -E '^(warning|ember serving)' | sed 's/^/    /'
+docker logs "$NAME" 2>&1 | grep -q '^warning: listening on 0.0.0.0 without an API key' \
+    || { log "FAILED: no warning about the open bind"; exit 1; }
+[ "$health" = healthy ] || { log "FAILED: not healthy"; exit 1; }
+docker rm -f "$NAME" >/dev/null
+log "OK"
 [ -n "${KEEP_IMAGE:-}" ] || docker rmi "$IMAGE" >/dev/null
