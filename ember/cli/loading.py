@@ -57,7 +57,8 @@ def load_engine(model: str | None, options: dict):
     rss_before = process.memory_info().rss
     started = time.perf_counter()
     with _progress_bar(size, f"loading {resolved.name}") as progress:
-        loaded = load_model(model, dtype=args.dtype, device=args.device, progress=progress)
+        loaded = load_model(resolved.path, dtype=args.dtype, device=args.device, name=resolved.name,
+                            progress=progress)
     engine = LLMEngine(model, args, loaded=loaded)
     seconds = time.perf_counter() - started
     weights = sum(t.nbytes for t in loaded.model.parameters()) + sum(t.nbytes for t in loaded.model.buffers())
