@@ -42,9 +42,9 @@ def load_engine(model: str | None, options: dict):
     import torch
 
     from ember.engine.engine import EngineArgs, LLMEngine
-    from ember.engine.model_runner import kv_bytes_per_token
     from ember.loader.model import load_model
     from ember.store.info import format_size
+    from ember.store.memory import kv_bytes_per_token
     from ember.store.resolve import resolve
 
     args = EngineArgs(**options)
@@ -62,7 +62,7 @@ def load_engine(model: str | None, options: dict):
     engine = LLMEngine(model, args, loaded=loaded)
     seconds = time.perf_counter() - started
     weights = sum(t.nbytes for t in loaded.model.parameters()) + sum(t.nbytes for t in loaded.model.buffers())
-    kv = engine.num_blocks * args.block_size * kv_bytes_per_token(loaded.config, loaded.dtype)
+    kv = engine.num_blocks * args.block_size * kv_bytes_per_token(loaded.config, loaded.dtype.itemsize)
     memory = (f"RSS +{format_size(max(process.memory_info().rss - rss_before, 0))}"
               if engine.device.type == "cpu" else f"GPU {format_size(torch.cuda.memory_allocated(engine.device))}"
               if engine.device.type == "cuda" else None)
