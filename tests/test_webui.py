@@ -111,6 +111,7 @@ def test_chat_in_the_browser(server, browser, tmp_path):
         shots.mkdir(parents=True, exist_ok=True)
         for width, height in ((1280, 800), (390, 844)):
             page.set_viewport_size({"width": width, "height": height})
+            page.wait_for_timeout(500)  # the sidebar slides away on narrow screens
             page.screenshot(path=str(shots / f"webui-{width}x{height}.png"), full_page=True)
         print(f"screenshots of the failure in {shots}")
         raise

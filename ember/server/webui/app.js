@@ -12,7 +12,11 @@ function load(key, fallback) {
 }
 const save = (key, value) => localStorage.setItem(key, JSON.stringify(value));
 
+// A reply still streaming when the page closed was saved half-done: keep what arrived, as stopped.
 let conversations = load(KEYS.conversations, []);
+for (const message of conversations.flatMap((c) => c.messages)) {
+  if (message.pending) { delete message.pending; message.stats = { stopped: true }; }
+}
 let currentId = load(KEYS.current, null);
 const settings = { ...DEFAULTS, ...load(KEYS.settings, {}) };
 let controller = null; // the AbortController of the reply being streamed
