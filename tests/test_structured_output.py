@@ -101,9 +101,13 @@ def test_hundred_samples_of_ten_schemas_all_validate(client, server):
 @pytest.mark.parametrize("model", ["tiny", "ember-default"])
 def test_openai_parse_returns_the_pydantic_object(client, server, model):
     name = server.model if model == "tiny" else model
-    completion = client.chat.completions.parse(
-        model=name, messages=[{"role": "user", "content": "Describe a person."}], response_format=Person,
-        temperature=1.0, seed=7, max_tokens=120)
+    try:
+        completion = client.chat.completions.parse(
+            model=name, messages=[{"role": "user", "content": "Describe a person."}], response_format=Person,
+            temperature=1.0, seed=7, max_tokens=120)
+    finally:
+        if name != server.model:  # unload it: the shared server's other tests expect only their model loaded
+            httpx.post(f"{server.url}/api/generate", json={"model": name, "keep_alive": 0}, timeout=60)
     parsed = completion.choices[0].message.parsed
     assert isinstance(parsed, Person)
     assert completion.choices[0].finish_reason == "stop"
