@@ -111,16 +111,29 @@ def completion_logprobs(engine: AsyncEngine, logprobs: list[TokenLogprob] | None
 # --- models -------------------------------------------------------------------------------------------------
 def model_card(entry: ModelEntry) -> dict:
     engine = entry.engine
+    meta = {"max_model_len": engine.max_model_len, "chat_template": engine.chat_template is not None,
+            "embeddings": EMBEDDINGS_NOTE, "loaded": True, **_info_meta(entry.info)}
     return {"id": entry.name, "object": "model", "created": entry.created, "owned_by": "ember",
-            "max_model_len": engine.max_model_len,
-            "meta": {"max_model_len": engine.max_model_len, "chat_template": engine.chat_template is not None,
-                     "embeddings": EMBEDDINGS_NOTE}}
+            "max_model_len": engine.max_model_len, "meta": meta}
 
 
 def available_card(model) -> dict:
     """A model that is available (ember.store.catalog) but not loaded."""
     return {"id": model.name, "object": "model", "created": int(model.modified), "owned_by": "ember",
-            "meta": {"loaded": False, "format": model.format, "size": model.size, "source": model.source}}
+            "meta": {"loaded": False, "format": model.format, "size": model.size, "source": model.source,
+                     **({"quantization": model.quant} if model.quant else {}),
+                     **({"parameters": model.parameters} if model.parameters else {})}}
+
+
+def _info_meta(info) -> dict:
+    """What ember.store.model_info knows of a loaded model, for its card (nothing when it has no files)."""
+    if info is None:
+        return {}
+    found = {"format": info.format, "family": info.family, "parameters": info.parameters,
+             "quantization": info.quantization, "digest": f"sha256:{info.digest}", "size": info.size,
+             "context_length": info.context_length, "capabilities": list(info.capabilities),
+             "load_seconds": info.load_seconds}
+    return {k: v for k, v in found.items() if v is not None}
 
 
 async def available_models(state: ServerState) -> list:
