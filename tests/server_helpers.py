@@ -71,7 +71,8 @@ class ServerProcess:
             raise
 
 
-def start_server(model_dir: Path, *extra: str, api_key: str | None = None, timeout: float = 60) -> ServerProcess:
+def start_server(model_dir: Path, *extra: str, api_key: str | None = None, timeout: float = 60,
+                 env_extra: dict[str, str] | None = None) -> ServerProcess:
     port = free_port()
     args = [sys.executable, "-m", "ember.cli.main", "serve", str(model_dir), "--host", "127.0.0.1", "--port",
             str(port), *SERVE_ARGS, *extra]
@@ -82,6 +83,7 @@ def start_server(model_dir: Path, *extra: str, api_key: str | None = None, timeo
     env["HOME"] = str(home)
     if api_key:
         env["EMBER_API_KEY"] = api_key
+    env.update(env_extra or {})
     # Logs go to a file: an unread pipe would fill up and stall the server.
     log = open(home / "serve.log", "w+")  # noqa: SIM115 - closed with the process
     process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
