@@ -158,3 +158,21 @@ def test_json_without_content_type(setup):
         assert reply.json()["done"] is True
     bad = httpx.post(f"{url}/api/show", content="model=x", headers={"Content-Type": "text/plain"}, timeout=60)
     assert bad.status_code == 400 and "text/plain" in bad.json()["error"]
+
+
+def test_previous_response_id_continues_the_conversation(setup):
+    api = openai.OpenAI(base_url=f"{setup[0].url}/v1", api_key="x")
+    first = api.responses.create(model=GGUF_NAME, input="hello", max_output_tokens=4, temperature=0)
+    second = api.responses.create(model=GGUF_NAME, input="again", previous_response_id=first.id,
+                                  max_output_tokens=4, temperature=0)
+    assert second.previous_response_id == first.id
+    spelled_out = api.responses.create(model=GGUF_NAME, max_output_tokens=4, temperature=0, input=[
+        {"role": "user", "content": "hello"}, {"role": "assistant", "content": first.output_text},
+        {"role": "user", "content": "again"}])
+    assert second.usage.input_tokens == spelled_out.usage.input_tokens > first.usage.input_tokens
+    assert second.output_text == spelled_out.output_text
+    unstored = api.responses.create(model=GGUF_NAME, input="hi", store=False, max_output_tokens=1)
+    for missing in (unstored.id, "resp_unknown"):
+        with pytest.raises(openai.BadRequestError) as err:
+            api.responses.create(model=GGUF_NAME, input="x", previous_response_id=missing, max_output_tokens=1)
+        assert "previous_response_id" in str(err.value)

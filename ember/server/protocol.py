@@ -150,7 +150,8 @@ class ResponsesRequest(_Body):
     seed: Seed = None
     text: dict[str, Any] | None = None
     user: str | None = None
-    store: bool | None = None
+    store: bool | None = None  # default true, as OpenAI's: kept for previous_response_id (ember.server.response_store)
+    previous_response_id: Annotated[str, Field(max_length=200)] | None = None
     metadata: dict[str, Any] | None = None
 
 

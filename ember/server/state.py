@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from ember.server.errors import APIError, queue_full
 from ember.server.metrics import Metrics
 from ember.server.pool import ModelEntry, ModelPool
+from ember.server.response_store import ResponseStore
 
 if TYPE_CHECKING:
     from starlette.requests import Request
@@ -48,6 +49,7 @@ class ServerState:
         self.pool = pool or ModelPool(default_loader=loader, preload=loader is not None)
         self.registry = self.pool  # the loaded models behind get/entry/list
         self.metrics = Metrics(self.pool)
+        self.responses = ResponseStore()  # the Responses API's previous_response_id
         self.on_ready = on_ready
         self.on_load_error = on_load_error
         self.load_error: BaseException | None = None
