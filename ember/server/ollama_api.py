@@ -321,36 +321,34 @@ async def pull(body: PullRequest, request: Request):
     except EmberError as err:
         raise bad_request(str(err), param="model") from None
     loop = asyncio.get_running_loop()
-    lines: asyncio.Queue = asyncio.Queue()
+    events: asyncio.Queue = asyncio.Queue()
 
-    def echo(text: str) -> None:
-        loop.call_soon_threadsafe(lines.put_nowait, {"status": text})
+    def report(event: dict) -> None:
+        loop.call_soon_threadsafe(events.put_nowait, event)
 
     def work():
         from ember.store.pull import pull as pull_model
 
-        return pull_model(ref, progress=False, echo=echo)
+        return pull_model(ref, progress=False, report=report)
 
     async def items():
         yield {"status": "pulling manifest"}
         task = asyncio.ensure_future(asyncio.to_thread(work))
         while True:
-            getter = asyncio.ensure_future(lines.get())
+            getter = asyncio.ensure_future(events.get())
             done, _ = await asyncio.wait({task, getter}, return_when=asyncio.FIRST_COMPLETED)
             if getter in done:
                 yield getter.result()
                 continue
             getter.cancel()
-            while not lines.empty():
-                yield lines.get_nowait()
+            while not events.empty():
+                yield events.get_nowait()
             break
         try:
             manifest = task.result()
         except Exception as err:
             yield {"error": str(err) if isinstance(err, EmberError) else f"pull failed: {err}"}
             return
-        yield {"status": "verifying sha256 digest"}
-        yield {"status": "writing manifest"}
         yield {"status": "success", "model": manifest.name, "total": manifest.size}
 
     if body.stream:
