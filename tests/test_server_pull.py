@@ -14,7 +14,6 @@ from tests.server_helpers import ThreadedServer
 from tests.test_store import home  # noqa: F401  (fixture)
 from tests.test_store_pull import hub  # noqa: F401  (fixture)
 
-
 CONNECT, CREATE_CONNECTION = socket.socket.connect, socket.create_connection
 
 
