@@ -467,8 +467,8 @@ def test_catalog_lists_store_then_discovered(home, gguf_q4, tmp_path, monkeypatc
     ModelStore().register("tiny", {"t.gguf": gguf_q4}, {"type": "huggingface", "repo": "o/r"})
     entries = list_models(include_discovered=True)
     assert [(e.name, e.source, e.quant) for e in entries] == [
-        ("tiny:latest", "store", "Q4_0"), ("local/broken-Q5_K_M", "local", "Q5_K_M"),
-        ("local/tiny-Q4_0", "local", "Q4_0")]
-    assert entries[0].origin == "o/r" and entries[2].parameters == entries[0].parameters > 0
-    assert entries[1].parameters is None  # listed even though its header is unreadable
+        ("tiny:latest", "store", "Q4_0"), ("ember-default", "default", "BF16"),
+        ("local/broken-Q5_K_M", "local", "Q5_K_M"), ("local/tiny-Q4_0", "local", "Q4_0")]
+    assert entries[0].origin == "o/r" and entries[3].parameters == entries[0].parameters > 0
+    assert entries[2].parameters is None  # listed even though its header is unreadable
     assert [e.name for e in list_models()] == ["tiny:latest"]

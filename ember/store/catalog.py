@@ -20,12 +20,25 @@ class ModelEntry:
     quant: str | None
     parameters: int | None
     modified: float  # Unix time
-    source: str  # store | huggingface | ollama | lmstudio | local
+    source: str  # store | default | huggingface | ollama | lmstudio | local
     path: str | None = None  # discovered models: where they are
     origin: str | None = None  # store models: the HF repo (or the model it was copied from)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _default_entry() -> ModelEntry:
+    """The bundled model: always there, runnable without a download."""
+    from ember.store.info import describe_path
+    from ember.store.resolve import DEFAULT_MODEL_DIR, resolve
+
+    resolved = resolve(None, allow_paths=False)
+    files = [p for p in DEFAULT_MODEL_DIR.iterdir() if p.is_file()]
+    details = describe_path(DEFAULT_MODEL_DIR)
+    return ModelEntry(resolved.name, sum(p.stat().st_size for p in files), resolved.format, details.get("quant"),
+                      details.get("parameters"), max(p.stat().st_mtime for p in files), resolved.source,
+                      str(DEFAULT_MODEL_DIR))
 
 
 def list_models(include_discovered: bool = False, store=None) -> list[ModelEntry]:
@@ -42,6 +55,7 @@ def list_models(include_discovered: bool = False, store=None) -> list[ModelEntry
         from ember.store.discovery import discover_all
         from ember.store.info import describe_path
 
+        entries.append(_default_entry())
         taken = {e.name for e in entries}
         for model in discover_all():
             if model.name in taken:
