@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -349,8 +350,11 @@ def test_cli_ls_show_cp_rm(home, capsys, gguf_q4, hf_dir, tmp_path):
     assert code == 0
     assert "architecture  llama" in out and "quantization  Q4_0" in out and "context       4096" in out
     assert "tiny-llama-Q4_0.gguf" in out
+    assert f"digest        sha256:{hashlib.sha256(gguf_q4.read_bytes()).hexdigest()}" in out
+    assert "capabilities  completion" in out
     code, out, _ = cli(capsys, "show", str(hf_dir))
     assert "LlamaForCausalLM" in out and "model.safetensors" in out and "BF16" in out
+    assert hashlib.sha256((hf_dir / "model.safetensors").read_bytes()).hexdigest() in out
 
     code, out, _ = cli(capsys, "rm", "tiny:q4_0", "mine")
     assert code == 0 and "deleted tiny:q4_0" in out and "deleted mine:latest" in out
