@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 
 import httpx
 import ollama
@@ -72,8 +73,7 @@ def test_safetensors_facts_without_loading(setup, client):
     _, _, checkpoint = setup
     weights = checkpoint / "model.safetensors"
     with safe_open(weights, "pt") as f:
-        total = sum(f.get_slice(k).get_shape().numel() if hasattr(f.get_slice(k).get_shape(), "numel")
-                    else _numel(f.get_slice(k).get_shape()) for k in f.keys())
+        total = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
     tag = next(m for m in client.list().models if m.model.startswith("local/tiny-st"))
     assert tag.digest == sha256(weights)
     assert tag.details.quantization_level == "F32" and tag.details.family == "llama"
@@ -81,13 +81,6 @@ def test_safetensors_facts_without_loading(setup, client):
     assert shown.modelinfo["general.parameter_count"] == pytest.approx(total, rel=0.01)
     assert shown.modelinfo["llama.context_length"] == 256
     assert "local/tiny-st" not in [m.model for m in client.ps().models]  # described, never loaded
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def test_load_duration_is_measured(setup, client):

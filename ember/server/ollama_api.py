@@ -32,6 +32,7 @@ from ember.server.protocol import (
     _Body,
 )
 from ember.server.state import LOAD_SECONDS, ModelEntry, ServerState
+from ember.store.info import format_params
 from ember.store.model_info import ModelInfo, describe_model, gguf_metadata_verbose
 
 router = APIRouter()
@@ -156,13 +157,6 @@ PARAMETER_NAMES = {"temperature": "temperature", "top_k": "top_k", "top_p": "top
                    "repetition_penalty": "repeat_penalty", "repetition_window": "repeat_last_n"}
 
 
-def _human(count: int) -> str:
-    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if count >= size:
-            return f"{count / size:.2f}{unit}"
-    return str(count)
-
-
 def _rfc3339(seconds: float) -> str:
     return datetime.fromtimestamp(seconds, timezone.utc).isoformat().replace("+00:00", "Z")
 
@@ -174,7 +168,7 @@ def _tag_name(name: str) -> str:
 def _details(info: ModelInfo) -> dict:
     details = {"parent_model": "", "format": info.format, "family": info.family or "",
                "families": [info.family] if info.family else None,
-               "parameter_size": _human(info.parameters) if info.parameters else "",
+               "parameter_size": format_params(info.parameters) if info.parameters else "",
                "quantization_level": info.quantization or ""}
     return details
 

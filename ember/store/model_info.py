@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ember.store.info import describe_path, folder_files
+from ember.store.info import describe_path, folder_files, read_json
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +81,10 @@ def describe_model(name: str, path: str | os.PathLike, fmt: str) -> ModelInfo:
         metadata, family, embedding, defaults = _gguf_extras(path)
         architecture = details.get("architecture")
     else:
-        config = _read_json(files.get("config.json"))
+        config = read_json(files.get("config.json"))
         family = config.get("model_type") if isinstance(config.get("model_type"), str) else None
         embedding = config.get("hidden_size") if isinstance(config.get("hidden_size"), int) else None
-        defaults = _generation_defaults(_read_json(files.get("generation_config.json")))
+        defaults = _generation_defaults(read_json(files.get("generation_config.json")))
         metadata = {}
         architecture = details.get("architecture")
     family = family or (architecture if isinstance(architecture, str) else None)
@@ -104,16 +104,6 @@ def describe_model(name: str, path: str | os.PathLike, fmt: str) -> ModelInfo:
 
 def _int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-def _read_json(path: Path | None) -> dict[str, Any]:
-    if path is None or not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def _generation_defaults(config: dict[str, Any]) -> dict[str, Any]:
@@ -183,7 +173,7 @@ def _cache_path() -> Path:
 
 
 def _load_cache() -> dict[str, str]:
-    data = _read_json(_cache_path())
+    data = read_json(_cache_path())
     return {k: v for k, v in data.items() if isinstance(v, str)}
 
 
