@@ -115,7 +115,7 @@ def _generation_defaults(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def _gguf_extras(path: Path) -> tuple[dict[str, Any], str | None, int | None, dict[str, Any]]:
-    from ember.loader.gguf import ArrayInfo, read_header
+    from ember.formats.gguf import ArrayInfo, read_header
 
     header = read_header(path)
     metadata = {k: (None if isinstance(v, ArrayInfo) else v) for k, v in header.metadata.items()}
@@ -127,7 +127,7 @@ def _gguf_extras(path: Path) -> tuple[dict[str, Any], str | None, int | None, di
 
 def gguf_metadata_verbose(path: Path) -> dict[str, Any]:
     """Every GGUF metadata key with its arrays decoded (the vocabulary...), for /api/show with verbose."""
-    from ember.loader.gguf import GGUFFile
+    from ember.formats.gguf import GGUFFile
 
     with GGUFFile(path, arrays="decode") as f:
         return dict(f.metadata)
