@@ -337,9 +337,10 @@ def test_cli_ls_show_cp_rm(home, capsys, gguf_q4, hf_dir, tmp_path):
 
     code, out, _ = cli(capsys, "ls")
     lines = out.splitlines()
-    assert lines[0].split() == ["NAME", "SIZE", "FORMAT", "QUANT", "PARAMS", "MODIFIED"]
-    assert lines[1].split()[:6] == ["tiny:q4_0", "9.2", "MB", "gguf", "Q4_0", "11.2M"]
-    assert lines[2].split()[:6] == ["tinyhf:latest", "26.0", "MB", "safetensors", "BF16", "11.2M"]
+    assert lines[0].split() == ["NAME", "ID", "SIZE", "FORMAT", "QUANT", "PARAMS", "MODIFIED"]
+    assert lines[1].split()[:7] == ["tiny:q4_0", hashlib.sha256(gguf_q4.read_bytes()).hexdigest()[:12], "9.2", "MB",
+                                    "gguf", "Q4_0", "11.2M"]
+    assert lines[2].split()[2:7] == ["26.0", "MB", "safetensors", "BF16", "11.2M"]
     code, out, _ = cli(capsys, "ls", "--json")
     assert [row["name"] for row in json.loads(out)] == ["tiny:q4_0", "tinyhf:latest"]
 

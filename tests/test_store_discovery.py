@@ -127,15 +127,18 @@ def test_ls_all(layout, capsys):
     code, out, _ = cli(capsys, "ls", "--all")
     assert code == 0
     lines = out.splitlines()
-    assert lines[0].split() == ["NAME", "SIZE", "FORMAT", "QUANT", "PARAMS", "MODIFIED", "SOURCE"]
+    assert lines[0].split() == ["NAME", "ID", "SIZE", "FORMAT", "QUANT", "PARAMS", "MODIFIED", "SOURCE"]
     rows = {line.split()[0]: line.split() for line in lines[1:]}
     assert rows.pop("ember-default")[-1] == "default"  # the bundled model, there on a fresh machine too
     assert sorted(rows) == sorted(EXPECTED)
     for name, (fmt, source, quant) in EXPECTED.items():
-        assert rows[name][3:6] == [fmt, quant, "11.2M"], name
+        assert rows[name][4:7] == [fmt, quant, "11.2M"], name
         assert rows[name][-1] == source
     code, out, _ = cli(capsys, "ls", "--all", "--json")
-    assert {r["name"] for r in json.loads(out)} == {*EXPECTED, "ember-default"}
+    listed = {r["name"]: r for r in json.loads(out)}
+    assert set(listed) == {*EXPECTED, "ember-default"}
+    assert listed["ollama/tiny:q4"]["digest"] == layout["digest"]  # the sha256 of the file, as Ollama's ID
+    assert rows["ollama/tiny:q4"][1] == layout["digest"][:12]
     code, out, _ = cli(capsys, "ls")
     assert "ollama/" not in out and "no models" in out
 

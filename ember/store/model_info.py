@@ -138,12 +138,17 @@ def weights_digest(path: Path) -> str:
     """SHA-256 (hex) of a GGUF file, or of a checkpoint's weights (see the module docstring)."""
     if not path.is_dir():
         return file_digest(path)
-    weights = sorted(p for p in path.iterdir() if p.is_file() and p.name.endswith(".safetensors"))
+    return combined_digest({p.name: file_digest(p) for p in path.iterdir()
+                            if p.is_file() and p.name.endswith((".safetensors", ".gguf"))})
+
+
+def combined_digest(weights: dict[str, str]) -> str:
+    """The digest of a model from its weights files' (name → sha256 hex): the file's own when there is one."""
     if len(weights) == 1:
-        return file_digest(weights[0])
+        return next(iter(weights.values()))
     import hashlib
 
-    lines = "".join(f"{p.name} {file_digest(p)}\n" for p in weights)
+    lines = "".join(f"{name} {digest}\n" for name, digest in sorted(weights.items()))
     return hashlib.sha256(lines.encode()).hexdigest()
 
 
