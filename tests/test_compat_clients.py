@@ -88,6 +88,11 @@ def test_load_duration_is_measured(setup, client):
     first = client.generate(model=GGUF_NAME, prompt="hello", options={"num_predict": 2})
     assert first.load_duration > 1_000_000  # a load from disk: over a millisecond
     assert first.total_duration >= first.load_duration
+    client.generate(model=GGUF_NAME, prompt="", keep_alive=0)
+    loaded = client.generate(model=GGUF_NAME, prompt="")  # Ollama's "load the model" request
+    assert loaded.done_reason == "load" and loaded.load_duration > 1_000_000
+    again = client.generate(model=GGUF_NAME, prompt="hello", options={"num_predict": 2})
+    assert 0 < again.load_duration < loaded.load_duration  # already loaded: only the lookup
 
 
 def test_num_ctx_changes_the_context(setup, client):

@@ -101,6 +101,12 @@ async def _run(request: Request, generation: Generation, stream: bool, piece, fi
     return _ndjson(items())
 
 
+def _load_durations(request: Request) -> dict:
+    """A load-only request's timings: all of it was getting the model ready."""
+    load = _ns(request.scope.get(LOAD_SECONDS, 0.0))
+    return {"total_duration": load, "load_duration": load}
+
+
 def _params(entry: ModelEntry, options: dict):
     return ollama_params(options, entry.info.defaults if entry.info is not None else None)
 
@@ -115,7 +121,8 @@ async def generate(body: OllamaGenerateRequest, request: Request):
     options = check_options(body.options)
     entry = await state.use_model(request, body.model, body.keep_alive, num_ctx(options))
     if not body.prompt and not body.context:  # Ollama's "load the model" request
-        return {"model": entry.name, "created_at": now(), "response": "", "done": True, "done_reason": "load"}
+        return {"model": entry.name, "created_at": now(), "response": "", "done": True, "done_reason": "load",
+                **_load_durations(request)}
     if body.suffix:
         raise not_supported("suffix (fill-in-the-middle)", param="suffix")
     engine = entry.engine
@@ -144,7 +151,7 @@ async def chat(body: OllamaChatRequest, request: Request):
     entry = await state.use_model(request, body.model, body.keep_alive, num_ctx(options))
     if not body.messages:
         return {"model": entry.name, "created_at": now(), "message": {"role": "assistant", "content": ""},
-                "done": True, "done_reason": "load"}
+                "done": True, "done_reason": "load", **_load_durations(request)}
     prompt = chat_prompt_ids(entry.engine, plain_messages(body.messages), body.tools)
     generation = start_generation(state, entry, [prompt], _params(entry, options), "ollama")
     return await _run(request, generation, body.stream,
