@@ -100,7 +100,7 @@ class ModelRunner:
         for chunk in ordered:
             offset += chunk.num_tokens
             if chunk.samples:
-                sample_rows.append(offset - 1)
+                sample_rows.extend(range(offset - chunk.num_logits, offset))
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device), block_size=size,
             num_decode=len(decodes), prefills=prefill_slices, scratch=self._scratch,
@@ -133,7 +133,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, chunks: list[ScheduledChunk]) -> tuple[list[ScheduledChunk], torch.Tensor]:
-        """Compute the step; return the chunks that sample and their next-token logits [S, vocab] (fp32)."""
+        """Compute the step; return the chunks that sample and their next-token logits (fp32), `num_logits`
+        rows per chunk in the order of the returned chunks."""
         ids, pos, meta, rows, sampled = self._build(chunks)
         hidden = self.model(ids, pos, meta)
         if not sampled:

@@ -12,16 +12,24 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ember.engine.block_manager import BlockManager
 from ember.engine.sequence import Sequence, SequenceStatus
 from ember.engine.step_budget import StepBudget
+
+if TYPE_CHECKING:
+    from ember.engine.spec_decode import Proposal
 
 
 @dataclass
 class ScheduledChunk:
     seq: Sequence
     num_tokens: int  # tokens computed this step, starting at seq.num_computed_tokens
+    # Logits rows the step returns when it samples: the last token's, or with speculative tokens appended
+    # (the `proposal` being verified) the rows of every drafted position too.
+    num_logits: int = 1
+    proposal: Proposal | None = None
 
     @property
     def samples(self) -> bool:
