@@ -240,3 +240,46 @@ def test_draft_with_another_vocabulary_is_refused(models, tmp_path):
         make_llm(models["target"], draft=str(other))
     with pytest.raises(InvalidParameter, match="spec_tokens"):
         make_llm(models["target"], spec_ngram=2, spec_tokens=0)
+
+
+def test_metrics_report_acceptance(models):
+    from types import SimpleNamespace
+
+    from ember.server.metrics import Metrics
+
+    llm = make_llm(models["target"], draft=str(models["target"]), spec_tokens=2)
+    llm.generate([repetitive_prompts(1)[0]], SamplingParams(temperature=0, max_tokens=9, ignore_eos=True))
+    stats = llm.engine.stats()
+    registry = SimpleNamespace(list=lambda: [SimpleNamespace(name="tiny", engine=llm.engine)])
+    text = Metrics(registry).render().decode()
+    assert f'ember_spec_draft_tokens_total{{model="tiny"}} {float(stats["spec_proposed_tokens"])}' in text
+    assert 'ember_spec_acceptance_rate{model="tiny"} 1.0' in text
+    # Every draft kept: each verification gains its drafts and the target's own token.
+    length = (stats["spec_accepted_tokens"] + stats["spec_verifications"]) / stats["spec_verifications"]
+    assert f'ember_spec_mean_accepted_length{{model="tiny"}} {length}' in text
+
+
+def test_request_fields_opt_out():
+    from ember.server.ollama_api import ollama_params
+    from ember.server.openai_api import sampling_params
+    from ember.server.protocol import CompletionRequest
+
+    body = CompletionRequest(prompt="hi", speculative=False)
+    assert sampling_params(body, 4, None).speculative is False
+    assert ollama_params({"speculative": False}).speculative is False
+    with pytest.raises(InvalidParameter, match="speculative"):
+        ollama_params({"speculative": "no"})
+
+
+def test_cli_run_with_speculation_matches_python_api(testdata, capsys):
+    from ember.cli.main import main
+
+    model = str(testdata / "gguf" / "tiny-llama-hf")
+    expected = LLM(model).generate("Hello", SamplingParams(temperature=0, max_tokens=8))[0].text
+    capsys.readouterr()
+    assert main(["run", model, "Hello", "--raw", "--max-tokens", "8", "--temperature", "0", "--repeat-penalty", "1",
+                 "--draft", model, "--spec-tokens", "3"]) == 0
+    assert capsys.readouterr().out == expected + "\n"
+    assert main(["run", "--spec-ngram", "0", "/no/such", "hi"]) == 1
+    error = capsys.readouterr().err
+    assert "spec_ngram" in error and len(error.strip().splitlines()) == 1

@@ -25,6 +25,17 @@ from ember.loader.model import LoadedModel
 PROBE_INTERVAL = 16  # plain decode steps before a request whose drafts all failed tries again
 
 
+def acceptance(stats: dict) -> tuple[float, float] | None:
+    """(acceptance rate, mean accepted length) from spec_* counters (engine.stats() or differences of two):
+    the share of drafted tokens kept, and the tokens a sequence gains per verification (kept drafts plus
+    the target's own token). None before anything was verified."""
+    verifications = stats.get("spec_verifications", 0)
+    if not verifications:
+        return None
+    proposed, accepted = stats["spec_proposed_tokens"], stats["spec_accepted_tokens"]
+    return accepted / proposed, (accepted + verifications) / verifications
+
+
 @dataclass
 class _Pace:
     k: int

@@ -39,7 +39,8 @@ NEVER = "2318-01-01T00:00:00Z"  # expires_at of a model kept forever (Ollama's f
 # Ollama option -> SamplingParams field; the others (num_ctx, mirostat, num_thread...) are accepted and ignored.
 OPTION_MAP = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p",
               "repeat_penalty": "repetition_penalty", "presence_penalty": "presence_penalty",
-              "frequency_penalty": "frequency_penalty", "seed": "seed", "stop": "stop"}
+              "frequency_penalty": "frequency_penalty", "seed": "seed", "stop": "stop",
+              "speculative": "speculative"}  # ember's extension: false opts out of speculative decoding
 DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.9, "repetition_penalty": 1.1}
 
 

@@ -50,6 +50,7 @@ class SamplingFields(_Body):
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    speculative: bool = True  # ember's extension: false opts this request out of speculative decoding
 
 
 class StreamOptions(_Body):
