@@ -1,0 +1,131 @@
+"""Speculative decoding on CPU: decode tokens/s without speculation, with n-gram lookup and with draft models.
+
+    python benchmarks/speculative.py --target /work/bench/b1-Q4_K_M.gguf --draft /work/bench/b1-Q4_0.gguf \\
+        --pair /work/bench/b1-Q8_0.gguf:/work/bench/b1-Q4_0.gguf --tokens 48 --spec-tokens 4
+
+Every run decodes greedily from the same prompt, a random block of tokens repeated (an input a model can
+copy: what n-gram lookup is for). The rate counts tokens after each sequence's first, timed from when every
+sequence has its first token, so prefill is left out. For each speculative run it reports the measured
+acceptance rate α, the mean accepted length (tokens per verification), the draft's cost c (its plain
+decode time per token over the target's) and the ideal speed-up for that α, K and c,
+(1 - α^(K+1)) / ((1 - α)(1 + K c)), which assumes verifying K + 1 tokens costs one decode step; achieved /
+ideal shows what the engine loses to verification and bookkeeping.
+"""
+
+# ruff: noqa: I001  (ember before torch: it sets OMP_WAIT_POLICY for its kernels' thread pool)
+from __future__ import annotations
+
+import ember  # noqa: F401
+import argparse
+import gc
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from ember.engine.engine import EngineArgs, LLMEngine
+from ember.engine.speculator import acceptance
+from ember.sampling_params import SamplingParams
+
+
+def copy_prompt(length: int, repeats: int, seed: int = 0) -> list[int]:
+    """A random block of ordinary token ids (past the control tokens, within any vocabulary, even a tiny test one), repeated."""
+    block = torch.randint(16, 300, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
+    return block * repeats
+
+
+def decode_rate(engine: LLMEngine, prompt: list[int], tokens: int, concurrency: int, tag: str) -> tuple[float, dict]:
+    """Decode tokens/s after the first token, and the spec_* counters of the run."""
+    params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
+    before = engine.stats()
+    for i in range(concurrency):
+        engine.add_request(f"{tag}-{i}", prompt, params)
+    started: set[str] = set()
+    while len(started) < concurrency:
+        started.update(out.request_id for out in engine.step() if out.token_ids)
+    start, generated = time.perf_counter(), 0
+    while engine.has_work():
+        generated += sum(len(out.token_ids) for out in engine.step())
+    seconds = time.perf_counter() - start
+    after = engine.stats()
+    return generated / seconds, {k: after[k] - before.get(k, 0) for k in after if k.startswith("spec_")}
+
+
+def ideal_speedup(alpha: float, k: int, cost: float) -> float:
+    tokens = k + 1 if alpha >= 1 else (1 - alpha ** (k + 1)) / (1 - alpha)
+    return tokens / (1 + k * cost)
+
+
+def run(target: str, spec: dict, prompt: list[int], tokens: int, concurrency: int, threads: int) -> dict:
+    engine = LLMEngine(target, EngineArgs(max_num_seqs=concurrency, threads=threads, max_model_len=1024, **spec))
+    decode_rate(engine, prompt, 8, concurrency, "warmup")
+    rate, counters = decode_rate(engine, prompt, tokens, concurrency, "timed")
+    del engine
+    gc.collect()
+    measured = acceptance(counters) if counters else None
+    result = {"target": Path(target).name, "spec": spec, "concurrency": concurrency, "tokens_per_s": rate}
+    if measured:
+        result.update(alpha=measured[0], mean_accepted_length=measured[1],
+                      mean_k=counters["spec_proposed_tokens"] / counters["spec_verifications"])
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--target", default="/work/bench/b1-Q4_K_M.gguf")
+    parser.add_argument("--draft", default="/work/bench/b1-Q4_0.gguf", help="draft model for --target")
+    parser.add_argument("--pair", action="append", default=[], metavar="TARGET:DRAFT",
+                        help="more target/draft pairs, e.g. a quantization drafting for a finer one of the same weights")
+    parser.add_argument("--ngram", type=int, default=3)
+    parser.add_argument("--spec-tokens", type=int, default=4)
+    parser.add_argument("--tokens", type=int, default=48, help="tokens generated per sequence")
+    parser.add_argument("--concurrency", default="1", help="comma list of sequences decoded together")
+    parser.add_argument("--prompt-block", type=int, default=32, help="random tokens repeated to make the prompt")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+
+    prompt = copy_prompt(args.prompt_block, 3)
+    k = args.spec_tokens
+    pairs = [(args.target, args.draft)] + [tuple(p.split(":", 1)) for p in args.pair]
+    results, plain_rates = [], {}
+    for concurrency in [int(c) for c in args.concurrency.split(",")]:
+        for target, draft in pairs:
+            for model in (target, draft):
+                if (model, concurrency) not in plain_rates:
+                    result = run(model, {}, prompt, args.tokens, concurrency, args.threads)
+                    plain_rates[(model, concurrency)] = result["tokens_per_s"]
+                    results.append(result)
+            runs = [{"draft": draft, "spec_tokens": k}]
+            if target == args.target:
+                runs.insert(0, {"spec_ngram": args.ngram, "spec_tokens": k})
+            for spec in runs:
+                result = run(target, spec, prompt, args.tokens, concurrency, args.threads)
+                base = plain_rates[(target, concurrency)]
+                cost = base / plain_rates[(draft, concurrency)] if "draft" in spec else 0.0
+                result["speedup"] = result["tokens_per_s"] / base
+                if "alpha" in result:
+                    result["draft_cost"] = cost
+                    result["ideal_speedup"] = ideal_speedup(result["alpha"], k, cost)
+                    result["of_ideal"] = result["speedup"] / result["ideal_speedup"]
+                results.append(result)
+                print(json.dumps(result), flush=True)
+    print("\n| target | speculation | c | tok/s | speed-up | α | mean accepted len | draft cost c | ideal | "
+          "achieved / ideal |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in results:
+        spec = r["spec"]
+        name = (f"n-gram {spec['spec_ngram']}, K={k}" if "spec_ngram" in spec else
+                f"draft {Path(spec['draft']).name}, K={k}" if "draft" in spec else "none")
+        cells = [r["target"], name, str(r["concurrency"]), f"{r['tokens_per_s']:.2f}"]
+        cells.append(f"{r['speedup']:.2f}×" if "speedup" in r else "")
+        for key, fmt in (("alpha", "{:.2f}"), ("mean_accepted_length", "{:.2f}"), ("draft_cost", "{:.2f}"),
+                         ("ideal_speedup", "{:.2f}×"), ("of_ideal", "{:.0%}")):
+            cells.append(fmt.format(r[key]) if key in r else "")
+        print("| " + " | ".join(cells) + " |")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
