@@ -1,7 +1,7 @@
 """Speculative decoding on CPU: decode tokens/s without speculation, with n-gram lookup and with draft models.
 
     python benchmarks/speculative.py --target /work/bench/b1-Q4_K_M.gguf --draft /work/bench/b1-Q4_0.gguf \\
-        --pair /work/bench/b1-Q8_0.gguf:/work/bench/b1-Q4_0.gguf --tokens 48 --spec-tokens 4
+        --draft /work/bench/b1-Q4_K_M.gguf --pair /work/bench/b1-Q8_0.gguf:/work/bench/b1-Q4_0.gguf --bias 11,100
 
 Every run decodes greedily from the same prompt, a random block of tokens repeated (an input a model can
 copy: what n-gram lookup is for). The rate counts tokens after each sequence's first, timed from when every
@@ -20,6 +20,7 @@ import argparse
 import gc
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -30,14 +31,15 @@ from ember.sampling_params import SamplingParams
 
 
 def copy_prompt(length: int, repeats: int, seed: int = 0) -> list[int]:
-    """A random block of ordinary token ids (past the control tokens, within any vocabulary, even a tiny test one), repeated."""
+    """A random block of ordinary token ids (past the control tokens, within any vocabulary, even a tiny test
+    one), repeated."""
     block = torch.randint(16, 300, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
     return block * repeats
 
 
-def decode_rate(engine: LLMEngine, prompt: list[int], tokens: int, concurrency: int, tag: str) -> tuple[float, dict]:
+def decode_rate(engine: LLMEngine, prompt: list[int], params: SamplingParams, concurrency: int,
+                tag: str) -> tuple[float, dict]:
     """Decode tokens/s after the first token, and the spec_* counters of the run."""
-    params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
     before = engine.stats()
     for i in range(concurrency):
         engine.add_request(f"{tag}-{i}", prompt, params)
@@ -57,14 +59,15 @@ def ideal_speedup(alpha: float, k: int, cost: float) -> float:
     return tokens / (1 + k * cost)
 
 
-def run(target: str, spec: dict, prompt: list[int], tokens: int, concurrency: int, threads: int) -> dict:
+def run(target: str, spec: dict, prompt: list[int], params: SamplingParams, concurrency: int,
+        threads: int) -> dict:
     engine = LLMEngine(target, EngineArgs(max_num_seqs=concurrency, threads=threads, max_model_len=1024, **spec))
-    decode_rate(engine, prompt, 8, concurrency, "warmup")
-    rate, counters = decode_rate(engine, prompt, tokens, concurrency, "timed")
+    decode_rate(engine, prompt, replace(params, max_tokens=8), concurrency, "warmup")
+    rate, counters = decode_rate(engine, prompt, params, concurrency, "timed")
     del engine
     gc.collect()
-    measured = acceptance(counters) if counters else None
     result = {"target": Path(target).name, "spec": spec, "concurrency": concurrency, "tokens_per_s": rate}
+    measured = acceptance(counters) if counters else None
     if measured:
         result.update(alpha=measured[0], mean_accepted_length=measured[1],
                       mean_k=counters["spec_proposed_tokens"] / counters["spec_verifications"])
@@ -74,50 +77,62 @@ def run(target: str, spec: dict, prompt: list[int], tokens: int, concurrency: in
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--target", default="/work/bench/b1-Q4_K_M.gguf")
-    parser.add_argument("--draft", default="/work/bench/b1-Q4_0.gguf", help="draft model for --target")
+    parser.add_argument("--draft", action="append", default=[], help="a draft model for --target (repeatable)")
     parser.add_argument("--pair", action="append", default=[], metavar="TARGET:DRAFT",
-                        help="more target/draft pairs, e.g. a quantization drafting for a finer one of the same weights")
+                        help="another target and its draft, e.g. a quantization drafting for a finer one")
     parser.add_argument("--ngram", type=int, default=3)
     parser.add_argument("--spec-tokens", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=48, help="tokens generated per sequence")
     parser.add_argument("--concurrency", default="1", help="comma list of sequences decoded together")
     parser.add_argument("--prompt-block", type=int, default=32, help="random tokens repeated to make the prompt")
+    parser.add_argument("--bias", default="", metavar="B,...",
+                        help="also run n-gram with logit_bias B on one token, sampled at temperature 1: a "
+                             "controlled acceptance rate for random-weight models (100: every draft kept)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
 
     prompt = copy_prompt(args.prompt_block, 3)
     k = args.spec_tokens
-    pairs = [(args.target, args.draft)] + [tuple(p.split(":", 1)) for p in args.pair]
-    results, plain_rates = [], {}
+    greedy = SamplingParams(temperature=0, max_tokens=args.tokens, ignore_eos=True)
+    pairs = [(args.target, draft) for draft in args.draft] + [tuple(p.split(":", 1)) for p in args.pair]
+    # (target, params label, params, speculation): the plain run of each target and params is the baseline.
+    scenarios = [(args.target, "greedy", greedy, {"spec_ngram": args.ngram, "spec_tokens": k})]
+    scenarios += [(target, "greedy", greedy, {"draft": draft, "spec_tokens": k}) for target, draft in pairs]
+    for bias in [float(b) for b in args.bias.split(",") if b]:
+        biased = SamplingParams(temperature=1.0, max_tokens=args.tokens, ignore_eos=True, seed=0,
+                                logit_bias={prompt[0]: bias})
+        scenarios.append((args.target, f"bias {bias:g}", biased, {"spec_ngram": args.ngram, "spec_tokens": k}))
+    results, plain = [], {}
+
+    def baseline(model: str, label: str, params: SamplingParams, concurrency: int) -> float:
+        if (model, label, concurrency) not in plain:
+            result = run(model, {}, prompt, params, concurrency, args.threads)
+            result["params"] = label
+            plain[(model, label, concurrency)] = result["tokens_per_s"]
+            results.append(result)
+            print(json.dumps(result), flush=True)
+        return plain[(model, label, concurrency)]
+
     for concurrency in [int(c) for c in args.concurrency.split(",")]:
-        for target, draft in pairs:
-            for model in (target, draft):
-                if (model, concurrency) not in plain_rates:
-                    result = run(model, {}, prompt, args.tokens, concurrency, args.threads)
-                    plain_rates[(model, concurrency)] = result["tokens_per_s"]
-                    results.append(result)
-            runs = [{"draft": draft, "spec_tokens": k}]
-            if target == args.target:
-                runs.insert(0, {"spec_ngram": args.ngram, "spec_tokens": k})
-            for spec in runs:
-                result = run(target, spec, prompt, args.tokens, concurrency, args.threads)
-                base = plain_rates[(target, concurrency)]
-                cost = base / plain_rates[(draft, concurrency)] if "draft" in spec else 0.0
-                result["speedup"] = result["tokens_per_s"] / base
-                if "alpha" in result:
-                    result["draft_cost"] = cost
-                    result["ideal_speedup"] = ideal_speedup(result["alpha"], k, cost)
-                    result["of_ideal"] = result["speedup"] / result["ideal_speedup"]
-                results.append(result)
-                print(json.dumps(result), flush=True)
-    print("\n| target | speculation | c | tok/s | speed-up | α | mean accepted len | draft cost c | ideal | "
-          "achieved / ideal |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for target, label, params, spec in scenarios:
+            base = baseline(target, label, params, concurrency)
+            cost = base / baseline(spec["draft"], label, params, concurrency) if "draft" in spec else 0.0
+            result = run(target, spec, prompt, params, concurrency, args.threads)
+            result.update(params=label, speedup=result["tokens_per_s"] / base)
+            if "alpha" in result:
+                result["draft_cost"] = cost
+                result["ideal_speedup"] = ideal_speedup(result["alpha"], k, cost)
+                result["of_ideal"] = result["speedup"] / result["ideal_speedup"]
+            results.append(result)
+            print(json.dumps(result), flush=True)
+    print("\n| target | sampling | speculation | c | tok/s | speed-up | α | mean accepted len | draft cost c | "
+          "ideal | achieved / ideal |\n|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         spec = r["spec"]
         name = (f"n-gram {spec['spec_ngram']}, K={k}" if "spec_ngram" in spec else
                 f"draft {Path(spec['draft']).name}, K={k}" if "draft" in spec else "none")
-        cells = [r["target"], name, str(r["concurrency"]), f"{r['tokens_per_s']:.2f}"]
+        cells = [r["target"], r["params"], name, str(r["concurrency"]), f"{r['tokens_per_s']:.2f}"]
         cells.append(f"{r['speedup']:.2f}×" if "speedup" in r else "")
         for key, fmt in (("alpha", "{:.2f}"), ("mean_accepted_length", "{:.2f}"), ("draft_cost", "{:.2f}"),
                          ("ideal_speedup", "{:.2f}×"), ("of_ideal", "{:.0%}")):
