@@ -6,10 +6,11 @@
 Every run decodes greedily from the same prompt, a random block of tokens repeated (an input a model can
 copy: what n-gram lookup is for). The rate counts tokens after each sequence's first, timed from when every
 sequence has its first token, so prefill is left out. For each speculative run it reports the measured
-acceptance rate α, the mean accepted length (tokens per verification), the draft's cost c (its plain
-decode time per token over the target's) and the ideal speed-up for that α, K and c,
-(1 - α^(K+1)) / ((1 - α)(1 + K c)), which assumes verifying K + 1 tokens costs one decode step; achieved /
-ideal shows what the engine loses to verification and bookkeeping.
+acceptance rate α, the mean accepted length L (tokens a sequence gains per verification), the mean K used
+(the engine backs K off when drafts fail), the draft's cost c (its plain decode time per token over the
+target's) and the ideal speed-up for them, L / (1 + K c): what the run would gain if verifying K + 1 tokens
+cost one plain decode step and nothing else cost time. achieved / ideal is what the engine loses to the
+wider verification and its bookkeeping.
 """
 
 # ruff: noqa: I001  (ember before torch: it sets OMP_WAIT_POLICY for its kernels' thread pool)
@@ -54,9 +55,8 @@ def decode_rate(engine: LLMEngine, prompt: list[int], params: SamplingParams, co
     return generated / seconds, {k: after[k] - before.get(k, 0) for k in after if k.startswith("spec_")}
 
 
-def ideal_speedup(alpha: float, k: int, cost: float) -> float:
-    tokens = k + 1 if alpha >= 1 else (1 - alpha ** (k + 1)) / (1 - alpha)
-    return tokens / (1 + k * cost)
+def ideal_speedup(mean_accepted_length: float, mean_k: float, cost: float) -> float:
+    return mean_accepted_length / (1 + mean_k * cost)
 
 
 def run(target: str, spec: dict, prompt: list[int], params: SamplingParams, concurrency: int,
@@ -122,19 +122,20 @@ def main() -> None:
             result.update(params=label, speedup=result["tokens_per_s"] / base)
             if "alpha" in result:
                 result["draft_cost"] = cost
-                result["ideal_speedup"] = ideal_speedup(result["alpha"], k, cost)
+                result["ideal_speedup"] = ideal_speedup(result["mean_accepted_length"], result["mean_k"], cost)
                 result["of_ideal"] = result["speedup"] / result["ideal_speedup"]
             results.append(result)
             print(json.dumps(result), flush=True)
-    print("\n| target | sampling | speculation | c | tok/s | speed-up | α | mean accepted len | draft cost c | "
-          "ideal | achieved / ideal |\n|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("\n| target | sampling | speculation | c | tok/s | speed-up | α | mean accepted len | mean K | "
+          "draft cost c | ideal | achieved / ideal |\n|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         spec = r["spec"]
         name = (f"n-gram {spec['spec_ngram']}, K={k}" if "spec_ngram" in spec else
                 f"draft {Path(spec['draft']).name}, K={k}" if "draft" in spec else "none")
         cells = [r["target"], r["params"], name, str(r["concurrency"]), f"{r['tokens_per_s']:.2f}"]
         cells.append(f"{r['speedup']:.2f}×" if "speedup" in r else "")
-        for key, fmt in (("alpha", "{:.2f}"), ("mean_accepted_length", "{:.2f}"), ("draft_cost", "{:.2f}"),
+        for key, fmt in (("alpha", "{:.2f}"), ("mean_accepted_length", "{:.2f}"), ("mean_k", "{:.1f}"),
+                         ("draft_cost", "{:.2f}"),
                          ("ideal_speedup", "{:.2f}×"), ("of_ideal", "{:.0%}")):
             cells.append(fmt.format(r[key]) if key in r else "")
         print("| " + " | ".join(cells) + " |")

@@ -283,3 +283,17 @@ def test_cli_run_with_speculation_matches_python_api(testdata, capsys):
     assert main(["run", "--spec-ngram", "0", "/no/such", "hi"]) == 1
     error = capsys.readouterr().err
     assert "spec_ngram" in error and len(error.strip().splitlines()) == 1
+
+
+def test_bench_reports_acceptance(models, capsys):
+    from ember.cli.main import main
+
+    target = str(models["target"])
+    assert main(["bench", target, "-p", "0", "-n", "8", "-r", "1", "--no-warmup", "--draft", target,
+                 "--spec-tokens", "3", "--output", "json"]) == 0
+    result = json.loads(capsys.readouterr().out)["results"][0]
+    # Its own draft: every drafted token kept, K + 1 = 4 tokens per verification until max_tokens caps K.
+    assert result["spec_acceptance_rate"] == 1.0 and 2 < result["spec_mean_accepted_length"] <= 4
+    assert main(["bench", target, "-p", "0", "-n", "8", "-r", "1", "--no-warmup", "--spec-ngram", "2",
+                 "--output", "md"]) == 0
+    assert capsys.readouterr().out.splitlines()[0].endswith("| t/s | accept rate | accepted len |")
