@@ -67,8 +67,8 @@ class ModelRunner:
         # A chunk verifying drafted tokens is computed as one decode row per token (each attends to the
         # cache up to its own position, the drafts before it included: every layer writes the step's K/V
         # before attending), so its logits come from the same kernel as plain decoding's.
-        decodes = [c for c in chunks if c.num_tokens == 1 or c.proposal is not None]
-        prefills = [c for c in chunks if c.num_tokens > 1 and c.proposal is None]
+        decodes = [c for c in chunks if c.num_tokens == 1 or c.decode_rows]
+        prefills = [c for c in chunks if c.num_tokens > 1 and not c.decode_rows]
         ordered = decodes + prefills
         input_ids: list[int] = []
         positions: list[int] = []

@@ -129,9 +129,13 @@ class DraftModel:
         # Catch up on the tokens the draft has not computed (a whole prompt the first time), in chunks.
         pending, logits = list(live), {}
         while pending:
-            logits.update(self._run([
-                ScheduledChunk(shadow.seq, min(shadow.seq.num_uncomputed_tokens, self.max_batched_tokens))
-                for _, shadow, _, _ in pending]))
+            chunks = [ScheduledChunk(shadow.seq, min(shadow.seq.num_uncomputed_tokens, self.max_batched_tokens))
+                      for _, shadow, _, _ in pending]
+            for chunk in chunks:
+                # In steady state the last accepted draft and the target's own token: computed as the
+                # target computed them (decode rows), so a draft identical to the target agrees exactly.
+                chunk.decode_rows = chunk.num_tokens <= 2
+            logits.update(self._run(chunks))
             pending = [entry for entry in pending if id(entry[1].seq) not in logits]
         active = list(live)
         while active:

@@ -30,6 +30,9 @@ class ScheduledChunk:
     # (the `proposal` being verified) the rows of every drafted position too.
     num_logits: int = 1
     proposal: Proposal | None = None
+    # Compute each token as a decode row (the kernel plain decoding uses) rather than as a prefill chunk:
+    # speculative chunks, whose logits must be the ones decoding token by token would give.
+    decode_rows: bool = False
 
     @property
     def samples(self) -> bool:

@@ -101,6 +101,7 @@ class Speculator:
             chunk.num_tokens += count
             chunk.num_logits += count
             chunk.proposal = proposal
+            chunk.decode_rows = True
 
     def verify(self, items: list[tuple[ScheduledChunk, torch.Tensor, SamplingState]]
                ) -> list[tuple[list[int], list[TokenLogprob] | None]]:
