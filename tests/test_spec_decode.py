@@ -10,13 +10,13 @@ from safetensors.torch import load_file, save_file
 from scipy.stats import chisquare
 
 from ember.engine.engine import EngineArgs, LLMEngine
-from ember.engine.model_runner import kv_bytes_per_token
 from ember.engine.proposers import NgramProposer
 from ember.engine.spec_decode import Proposal, verify
 from ember.errors import InvalidParameter
 from ember.layers.sampler import SamplingState
 from ember.llm import LLM
 from ember.sampling_params import SamplingParams
+from ember.store.memory import kv_bytes_per_token
 from tests.engine_helpers import prefill_logits
 from tests.tiny_models import build_tiny_model, copy_tokenizer
 
@@ -63,7 +63,7 @@ def test_greedy_equal_alone_and_in_preempted_batch(models, mode):
     expected = [o.token_ids for o in plain.generate(batch, GREEDY)]
     alone = make_llm(models["target"], max_num_seqs=1, **spec)
     assert [alone.generate([p], GREEDY)[0].token_ids for p in batch[:4]] == expected[:4]
-    per_token = kv_bytes_per_token(plain.engine.loaded.config, plain.engine.loaded.dtype)
+    per_token = kv_bytes_per_token(plain.engine.loaded.config, plain.engine.loaded.dtype.itemsize)
     tight = make_llm(models["target"], block_size=4, max_batched_tokens=48, kv_memory=60 * 4 * per_token,
                      max_num_seqs=16, max_model_len=64, spec_tokens=3, **spec)
     got = tight.generate(batch, GREEDY)

@@ -90,10 +90,7 @@ class LLMEngine:
         if self.args.threads is not None:
             # Before loading, so weight repacking uses them too; the native kernels read torch's count as well.
             torch.set_num_threads(self.args.threads)
-        if loaded is None:
-            resolved = resolve(model, allow_paths=True)
-            loaded = load_model(resolved.path, dtype=self.args.dtype, device=self.args.device, name=resolved.name)
-        self.loaded = loaded
+        self.loaded = loaded or self._load(model)
         config, self.tokenizer = self.loaded.config, self.loaded.tokenizer
         self.model_name = self.loaded.name
         self.device = self.loaded.device
@@ -123,7 +120,7 @@ class LLMEngine:
         if self.args.draft is not None or self.args.spec_ngram is not None:
             draft = None
             if self.args.draft is not None:
-                draft = load_model(self.args.draft, dtype=self.args.dtype, device=self.args.device)
+                draft = self._load(self.args.draft)
             self.speculator = Speculator(self.args.spec_tokens, self.args.spec_ngram, draft, self.loaded,
                                          self.num_blocks, block_size, self.args.max_batched_tokens,
                                          self.args.max_num_seqs)
@@ -136,6 +133,10 @@ class LLMEngine:
             self.num_blocks, block_size, self.num_blocks * block_size,
             self.num_blocks * block_size * per_token / 2**20, self.max_model_len,
         )
+
+    def _load(self, model: str | None) -> LoadedModel:
+        resolved = resolve(model, allow_paths=True)
+        return load_model(resolved.path, dtype=self.args.dtype, device=self.args.device, name=resolved.name)
 
     @property
     def vocab_size(self) -> int:

@@ -20,8 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ember.engine.outputs import TokenLogprob
-from ember.layers.sampler import Sampler, SamplingState, _logprobs, filtered_logits
+from ember.layers.sampler import Sampler, SamplingState, TokenLogprob, _logprobs, filtered_logits
 
 
 @dataclass

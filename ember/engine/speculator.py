@@ -15,11 +15,10 @@ from dataclasses import dataclass
 import torch
 
 from ember.engine.block_manager import BlockManager
-from ember.engine.outputs import TokenLogprob
 from ember.engine.proposers import DraftModel, NgramProposer, check_same_vocabulary
 from ember.engine.scheduler import ScheduledChunk
 from ember.engine.spec_decode import Proposal, verify
-from ember.layers.sampler import SamplingState
+from ember.layers.sampler import SamplingState, TokenLogprob
 from ember.loader.model import LoadedModel
 
 PROBE_INTERVAL = 16  # plain decode steps before a request whose drafts all failed tries again
