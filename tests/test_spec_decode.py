@@ -260,7 +260,7 @@ def test_metrics_report_acceptance(models):
 
 
 def test_request_fields_opt_out():
-    from ember.server.ollama_api import ollama_params
+    from ember.server.ollama_options import ollama_params
     from ember.server.openai_api import sampling_params
     from ember.server.protocol import CompletionRequest
 
