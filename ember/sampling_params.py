@@ -160,6 +160,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     structured: StructuredOutput | None = None  # constrained decoding (ember.engine.structured)
+    speculative: bool = True  # False: never draft tokens for this request (when the engine speculates)
 
     def __post_init__(self):
         self.n = _int("n", self.n, 1, MAX_N)
@@ -186,6 +187,7 @@ class SamplingParams:
         self.logit_bias = _logit_bias(self.logit_bias)
         self.skip_special_tokens = _bool("skip_special_tokens", self.skip_special_tokens)
         self.include_stop_str_in_output = _bool("include_stop_str_in_output", self.include_stop_str_in_output)
+        self.speculative = _bool("speculative", self.speculative)
         if self.structured is not None and not isinstance(self.structured, StructuredOutput):
             raise InvalidParameter("structured", f"must be a StructuredOutput, got {type(self.structured).__name__}")
 

@@ -60,20 +60,25 @@ class ModelRunner:
     def _build(self, chunks: list[ScheduledChunk]):
         """Flat inputs of one step; every tensor is built once from a flat Python list."""
         size = self.block_size
-        decodes = [c for c in chunks if c.num_tokens == 1]
-        prefills = [c for c in chunks if c.num_tokens > 1]
+        # A chunk verifying drafted tokens is computed as one decode row per token (each attends to the
+        # cache up to its own position, the drafts before it included: every layer writes the step's K/V
+        # before attending), so its logits come from the same kernel as plain decoding's.
+        decodes = [c for c in chunks if c.num_tokens == 1 or c.decode_rows]
+        prefills = [c for c in chunks if c.num_tokens > 1 and not c.decode_rows]
         ordered = decodes + prefills
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         lens: list[int] = []
+        tables: list[list[int]] = []  # each decode row's block table
         for chunk in decodes:
             seq = chunk.seq
-            pos = seq.num_computed_tokens
-            input_ids.append(seq.token_ids[pos])
-            positions.append(pos)
-            slots.append(seq.block_table[pos // size] * size + pos % size)
-            lens.append(pos + 1)
+            for pos in range(seq.num_computed_tokens, seq.num_computed_tokens + chunk.num_tokens):
+                input_ids.append(seq.token_ids[pos])
+                positions.append(pos)
+                slots.append(seq.block_table[pos // size] * size + pos % size)
+                lens.append(pos + 1)
+                tables.append(seq.block_table)
         prefill_slices: list[PrefillSlice] = []
         for chunk in prefills:
             seq, start = chunk.seq, chunk.seq.num_computed_tokens
@@ -96,24 +101,24 @@ class ModelRunner:
         for chunk in ordered:
             offset += chunk.num_tokens
             if chunk.samples:
-                sample_rows.append(offset - 1)
+                sample_rows.extend(range(offset - chunk.num_logits, offset))
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device), block_size=size,
-            num_decode=len(decodes), prefills=prefill_slices, scratch=self._scratch,
+            num_decode=len(lens), prefills=prefill_slices, scratch=self._scratch,
         )
         if decodes:
             width = max(lens)
             per_seq = -(-width // size)
-            first_slot = self._first_slot(decodes[0].seq.block_table[:per_seq]) if len(decodes) == 1 else None
+            first_slot = self._first_slot(tables[0][:per_seq]) if len(lens) == 1 else None
             if first_slot is not None:
                 meta.decode_start = first_slot
             else:
                 # Every decode reads the blocks of `width` keys; past a shorter context it reads block 0
                 # (masked), and the keys past `width` in its last block are trimmed off.
                 flat: list[int] = []
-                for chunk, n in zip(decodes, lens, strict=True):
+                for table, n in zip(tables, lens, strict=True):
                     used = -(-n // size)
-                    flat.extend(chunk.seq.block_table[:used])
+                    flat.extend(table[:used])
                     flat.extend([0] * (per_seq - used))
                 meta.decode_blocks = torch.tensor(flat, dtype=torch.long, device=self.device)
             meta.decode_lens = torch.tensor(lens, device=self.device)
@@ -129,7 +134,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, chunks: list[ScheduledChunk]) -> tuple[list[ScheduledChunk], torch.Tensor]:
-        """Compute the step; return the chunks that sample and their next-token logits [S, vocab] (fp32)."""
+        """Compute the step; return the chunks that sample and their next-token logits (fp32), `num_logits`
+        rows per chunk in the order of the returned chunks."""
         ids, pos, meta, rows, sampled = self._build(chunks)
         hidden = self.model(ids, pos, meta)
         if not sampled:

@@ -197,12 +197,16 @@ def _draw(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
     return (probs / noise).argmax(dim=-1)
 
 
-def _sample(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
-    params = [state.params for state in states]
+def filtered_logits(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Temperature, top-k, top-p and min-p over adjusted logits: the softmax of the result is the
+    distribution a sampling row draws from (speculative decoding verifies against it)."""
     logits = logits / _column([p.temperature for p in params], logits)
     logits = _top_k_top_p(logits, params)
-    logits = _min_p(logits, params)
-    return _draw(logits, states)
+    return _min_p(logits, params)
+
+
+def _sample(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
+    return _draw(filtered_logits(logits, [state.params for state in states]), states)
 
 
 def _logprobs(raw: torch.Tensor, states: list[SamplingState], tokens: list[int],

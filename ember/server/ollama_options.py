@@ -15,7 +15,8 @@ from ember.sampling_params import SamplingParams
 # Ollama option -> SamplingParams field
 SAMPLING_OPTIONS = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p",
                     "repeat_penalty": "repetition_penalty", "presence_penalty": "presence_penalty",
-                    "frequency_penalty": "frequency_penalty", "seed": "seed", "stop": "stop"}
+                    "frequency_penalty": "frequency_penalty", "seed": "seed", "stop": "stop",
+                    "speculative": "speculative"}  # ember's extension: false opts out of speculative decoding
 OLLAMA_DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.9, "repetition_penalty": 1.1,
                    "repetition_window": 64}
 MAX_NUM_CTX = 1 << 20

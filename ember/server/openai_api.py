@@ -70,7 +70,7 @@ async def sampling_params(engine: AsyncEngine, body: SamplingFields, max_tokens:
     params = SamplingParams(
         n=body.n, max_tokens=max_tokens, logprobs=logprobs, min_tokens=body.min_tokens, ignore_eos=body.ignore_eos,
         skip_special_tokens=body.skip_special_tokens, include_stop_str_in_output=body.include_stop_str_in_output,
-        structured=structured, **kwargs)
+        structured=structured, speculative=body.speculative, **kwargs)
     await compile_constraint(engine, params, field)
     return params
 

@@ -91,6 +91,7 @@ class SamplingFields(_Body):
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    speculative: bool = True  # ember's extension: false opts this request out of speculative decoding
     # Structured output (ember.server.constraints): OpenAI's, vLLM's and llama.cpp's fields.
     response_format: ResponseFormat | None = None
     structured_outputs: dict[str, Any] | None = None
