@@ -210,7 +210,7 @@ def _sample(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
 
 
 def _logprobs(raw: torch.Tensor, states: list[SamplingState], tokens: list[int],
-              masks: GrammarMasks | None) -> list[TokenLogprob | None]:
+              masks: GrammarMasks | None = None) -> list[TokenLogprob | None]:
     """Log-probabilities under the model's own distribution (before any penalty or filter), as OpenAI reports;
     on a constrained row, under that distribution restricted to what the grammar allows (the tokens the
     sampler chose among), so that no alternative the output could not contain is reported."""

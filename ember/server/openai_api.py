@@ -18,7 +18,7 @@ from fastapi.responses import StreamingResponse
 from ember.engine.async_engine import AsyncEngine
 from ember.engine.outputs import StepOutput, TokenLogprob
 from ember.errors import EmberError
-from ember.sampling_params import SamplingParams
+from ember.sampling_params import SamplingParams, StructuredOutput
 from ember.server.constraints import compile_constraint, openai_constraint, responses_constraint
 from ember.server.errors import APIError, bad_request, from_exception, not_supported
 from ember.server.generation import Choice, Generation, collect, start_generation, validate
@@ -60,17 +60,22 @@ def streaming(events: AsyncIterator[str]) -> StreamingResponse:
     return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
 
 
-async def sampling_params(engine: AsyncEngine, body: SamplingFields, max_tokens: int | None,
-                          logprobs: int | None) -> SamplingParams:
-    """The body's SamplingParams, with its structured output constraint compiled (400 if it is invalid)."""
+def sampling_params(body: SamplingFields, max_tokens: int | None, logprobs: int | None,
+                    structured: StructuredOutput | None = None) -> SamplingParams:
     kwargs = {name: getattr(body, name) for name in (
         "temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty", "frequency_penalty",
         "repetition_penalty", "logit_bias", "stop", "stop_token_ids") if getattr(body, name) is not None}
-    structured, field = openai_constraint(body) or (None, None)
-    params = SamplingParams(
+    return SamplingParams(
         n=body.n, max_tokens=max_tokens, logprobs=logprobs, min_tokens=body.min_tokens, ignore_eos=body.ignore_eos,
         skip_special_tokens=body.skip_special_tokens, include_stop_str_in_output=body.include_stop_str_in_output,
         structured=structured, speculative=body.speculative, **kwargs)
+
+
+async def request_params(engine: AsyncEngine, body: SamplingFields, max_tokens: int | None,
+                         logprobs: int | None) -> SamplingParams:
+    """The body's SamplingParams with its structured output constraint compiled (400 if it is invalid)."""
+    structured, field = openai_constraint(body) or (None, None)
+    params = sampling_params(body, max_tokens, logprobs, structured)
     await compile_constraint(engine, params, field)
     return params
 
@@ -206,8 +211,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     entry = await state.use_model(request, body.model)
     prompt = chat_prompt_ids(entry.engine, plain_messages(body.messages), body.tools, body.add_generation_prompt,
                              body.chat_template_kwargs)
-    params = await sampling_params(entry.engine, body, body.max_completion_tokens or body.max_tokens,
-                                   (body.top_logprobs or 0) if body.logprobs else None)
+    params = await request_params(entry.engine, body, body.max_completion_tokens or body.max_tokens,
+                                  (body.top_logprobs or 0) if body.logprobs else None)
     generation = start_generation(state, entry, [prompt], params, "chatcmpl")
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": entry.name,
             "system_fingerprint": None}
@@ -273,8 +278,8 @@ async def completions(body: CompletionRequest, request: Request):
         raise not_supported("best_of different from n", param="best_of")
     entry = await state.use_model(request, body.model)
     prompts = prompt_ids_list(entry.engine, body.prompt)
-    params = await sampling_params(entry.engine, body, 16 if body.max_tokens is None else body.max_tokens,
-                                   body.logprobs)
+    params = await request_params(entry.engine, body, 16 if body.max_tokens is None else body.max_tokens,
+                                  body.logprobs)
     generation = start_generation(state, entry, prompts, params, "cmpl")
     echoes = [entry.engine.tokenizer.decode(p) if body.echo else "" for p in prompts]
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": entry.name,
