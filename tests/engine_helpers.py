@@ -37,13 +37,13 @@ def greedy_tokens(model, config, prompt: list[int], steps: int) -> list[int]:
     chunk = 5
     while seq.num_computed_tokens < len(seq):
         count = min(chunk, len(seq) - seq.num_computed_tokens)
-        _, logits = runner.run([ScheduledChunk(seq, count)])
+        _, logits, _ = runner.run([ScheduledChunk(seq, count)])
         seq.num_computed_tokens += count
     for _ in range(steps):
         token = int(logits[0].argmax())
         out.append(token)
         seq.token_ids.append(token)
         blocks.grow(seq, len(seq))
-        _, logits = runner.run([ScheduledChunk(seq, 1)])
+        _, logits, _ = runner.run([ScheduledChunk(seq, 1)])
         seq.num_computed_tokens += 1
     return out

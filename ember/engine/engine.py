@@ -14,13 +14,13 @@ import psutil
 import torch
 
 from ember.engine.block_manager import BlockManager
-from ember.engine.model_runner import ModelRunner, kv_bytes_per_token
+from ember.engine.model_runner import ModelRunner, PromptScores, kv_bytes_per_token
 from ember.engine.outputs import StepOutput, TokenLogprob
 from ember.engine.scheduler import ScheduledChunk, Scheduler
 from ember.engine.sequence import Sequence, SequenceStatus
 from ember.engine.stop import StopChecker
 from ember.errors import InvalidParameter, OutOfResources
-from ember.layers.sampler import Sampler, SamplingState
+from ember.layers.sampler import Sampler, SamplingState, token_logprobs
 from ember.loader.model import LoadedModel, load_model
 from ember.sampling_params import SamplingParams
 from ember.tokenizer.detokenizer import IncrementalDetokenizer
@@ -60,6 +60,10 @@ class _Request:
     detokenizer: IncrementalDetokenizer
     stop: StopChecker
     text: list[str] = field(default_factory=list)
+    # Log-probabilities of prompt tokens 1.. (token 0 has none), when the request scores its prompt; handed
+    # over once, with the request's first output.
+    prompt_logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs_sent: bool = False
 
 
 def _default_kv_budget(device: torch.device) -> int:
@@ -148,7 +152,8 @@ class LLMEngine:
         )
         detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens)
         stop = StopChecker(params, self.eos_token_ids, max_tokens)
-        self.requests[request_id] = _Request(seq, sampling, detokenizer, stop)
+        self.requests[request_id] = _Request(seq, sampling, detokenizer, stop,
+                                             prompt_logprobs=[] if params.prompt_logprobs is not None else None)
         self.scheduler.add(seq)
 
     def abort(self, request_id: str) -> StepOutput | None:
@@ -163,11 +168,17 @@ class LLMEngine:
 
     def _output(self, request, text, token_ids, logprobs, finish_reason) -> StepOutput:
         seq = request.seq
+        prompt_logprobs = None
+        # Complete once a token was sampled or the prompt was evaluated to its end (an abort may come earlier).
+        complete = token_ids or (finish_reason is not None and seq.num_computed_tokens >= seq.num_prompt_tokens)
+        if request.prompt_logprobs is not None and not request.prompt_logprobs_sent and complete:
+            prompt_logprobs = [None, *request.prompt_logprobs]
+            request.prompt_logprobs_sent = True
         return StepOutput(
             request_id=seq.request_id, text_delta=text, token_ids=token_ids, logprobs=logprobs,
             finished=finish_reason is not None, finish_reason=finish_reason,
             prompt_tokens=seq.num_prompt_tokens, completion_tokens=seq.num_output_tokens,
-            cached_tokens=seq.num_cached_tokens,
+            cached_tokens=seq.num_cached_tokens, prompt_logprobs=prompt_logprobs,
         )
 
     @torch.inference_mode()
@@ -176,7 +187,9 @@ class LLMEngine:
         if not chunks:
             return []
         started = self.clock()
-        sampled, logits = self.runner.run(chunks)
+        sampled, logits, scored = self.runner.run(chunks)
+        for scores in scored:
+            self._score_prompt(self.requests[scores.seq.request_id], scores)
         for chunk in chunks:
             chunk.seq.num_computed_tokens += chunk.num_tokens
             self.block_manager.register_computed(chunk.seq)
@@ -186,8 +199,14 @@ class LLMEngine:
             # Not timed: nothing here waits for the device (CUDA and MPS run asynchronously).
             return []
         requests = [self.requests[c.seq.request_id] for c in sampled]
-        tokens, logprobs = self.sampler(logits, [r.sampling for r in requests])
-        outputs = [self._advance(r, t, lp) for r, t, lp in zip(requests, tokens, logprobs, strict=True)]
+        # max_tokens 0: the prompt is evaluated (and scored), nothing is generated.
+        outputs = [self._finish(r, "length") for r in requests if r.stop.max_tokens == 0]
+        if outputs:
+            keep = [row for row, r in enumerate(requests) if r.stop.max_tokens > 0]
+            requests, logits = [requests[row] for row in keep], logits[keep]
+        if requests:
+            tokens, logprobs = self.sampler(logits, [r.sampling for r in requests])
+            outputs += [self._advance(r, t, lp) for r, t, lp in zip(requests, tokens, logprobs, strict=True)]
         # The whole step, as the streams see it between two tokens.
         self.scheduler.observe_step(self.clock() - started)
         return outputs
@@ -203,6 +222,25 @@ class LLMEngine:
             self.scheduler.finish(seq)
             del self.requests[seq.request_id]
         return self._output(request, text, [token], [logprob] if logprob else None, reason)
+
+    def _finish(self, request: _Request, reason: str) -> StepOutput:
+        seq = request.seq
+        seq.finish_reason = reason
+        output = self._output(request, "", [], None, reason)  # before finish() frees the sequence's blocks
+        self.scheduler.finish(seq)
+        del self.requests[seq.request_id]
+        return output
+
+    def _score_prompt(self, request: _Request, scores: PromptScores) -> None:
+        """Append the log-probabilities of the prompt tokens these logits predict. After a preemption the
+        prompt is computed again from position 0: the rows scored before are skipped."""
+        done = len(request.prompt_logprobs)
+        skip = done - scores.first
+        if skip >= scores.logits.shape[0]:
+            return
+        start = scores.first + skip + 1
+        targets = request.seq.token_ids[start : start + scores.logits.shape[0] - skip]
+        request.prompt_logprobs += token_logprobs(scores.logits[skip:], targets, request.sampling.params.prompt_logprobs)
 
     @torch.inference_mode()
     def embed(self, prompt_token_ids: list[int]) -> list[float]:
