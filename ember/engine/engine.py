@@ -179,6 +179,7 @@ class LLMEngine:
             finished=finish_reason is not None, finish_reason=finish_reason,
             prompt_tokens=seq.num_prompt_tokens, completion_tokens=seq.num_output_tokens,
             cached_tokens=seq.num_cached_tokens, prompt_logprobs=prompt_logprobs,
+            stop_reason=request.stop.stopped_by if finish_reason == "stop" else None,
         )
 
     @torch.inference_mode()

@@ -177,6 +177,28 @@ class ApplyTemplateRequest(_Body):
     tools: list[dict[str, Any]] | None = None
 
 
+# --- Anthropic ----------------------------------------------------------------------------------------------
+class AnthropicMessage(_Body):
+    role: Literal["user", "assistant"]
+    content: str | list[dict[str, Any]]
+
+
+class AnthropicCountRequest(_Body):
+    model: str | None = None
+    messages: Annotated[list[AnthropicMessage], Field(min_length=1)]
+    system: str | list[dict[str, Any]] | None = None
+
+
+class AnthropicRequest(AnthropicCountRequest):
+    max_tokens: Annotated[int, Field(ge=0, le=MAX_TOKENS_LIMIT)]  # 0: evaluate (and cache) the prompt only
+    stop_sequences: Annotated[list[str], Field(max_length=MAX_STOP_STRINGS)] | None = None
+    temperature: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
+    top_k: Annotated[int, Field(ge=0)] | None = None
+    stream: bool = False
+    metadata: dict[str, Any] | None = None
+
+
 SamplingFields.model_rebuild()
 ChatCompletionRequest.model_rebuild()
 CompletionRequest.model_rebuild()
