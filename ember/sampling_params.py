@@ -158,6 +158,7 @@ class SamplingParams:
     # Log-probabilities of the prompt's own tokens (each given those before it), with k alternatives each:
     # what evaluation harnesses score. Such a request bypasses the prefix cache, whose hits skip positions.
     prompt_logprobs: int | None = None
+    use_prefix_cache: bool = True  # False: compute the whole prompt even where cached blocks hold it
     logit_bias: dict[int, float] = field(default_factory=dict)
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
@@ -189,6 +190,7 @@ class SamplingParams:
         self.logit_bias = _logit_bias(self.logit_bias)
         self.skip_special_tokens = _bool("skip_special_tokens", self.skip_special_tokens)
         self.include_stop_str_in_output = _bool("include_stop_str_in_output", self.include_stop_str_in_output)
+        self.use_prefix_cache = _bool("use_prefix_cache", self.use_prefix_cache)
         if self.structured is not None and not isinstance(self.structured, StructuredOutput):
             raise InvalidParameter("structured", f"must be a StructuredOutput, got {type(self.structured).__name__}")
 

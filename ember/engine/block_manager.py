@@ -73,9 +73,8 @@ class BlockManager:
     def allocate(self, seq: Sequence) -> bool:
         """Give a waiting sequence blocks for all its tokens, reusing cached prefix blocks; False if short."""
         hashes = self._prefix_hashes(seq)
-        # Keep at least one token to compute: the step that samples the next token needs its logits. A sequence
-        # scoring its prompt needs the logits of every position, so it computes them all.
-        max_hits = 0 if seq.wants_prompt_logprobs else (len(seq) - 1) // self.block_size
+        # Keep at least one token to compute: the step that samples the next token needs its logits.
+        max_hits = (len(seq) - 1) // self.block_size if seq.reuses_prefix_cache else 0
         hits = []
         for h in hashes[:max_hits]:
             block_id = self.cached.get(h)

@@ -276,6 +276,17 @@ class LLMEngine:
             "preemptions": self.scheduler.num_preemptions,
         }
 
+    def running_sequences(self) -> list[dict]:
+        """The sequences being computed, oldest first: what llama.cpp's /slots shows (call on the engine thread)."""
+        result = []
+        for seq in sorted(self.scheduler.running, key=lambda s: s.arrival):
+            request = self.requests.get(seq.request_id)
+            if request is not None:
+                result.append({"request_id": seq.request_id, "params": seq.params, "prompt_tokens": seq.num_prompt_tokens,
+                               "output_tokens": seq.num_output_tokens, "max_tokens": request.stop.max_tokens,
+                               "prefilling": seq.num_computed_tokens < seq.num_prompt_tokens})
+        return result
+
     def is_running(self, request_id: str) -> bool:
         request = self.requests.get(request_id)
         return request is not None and request.seq.status is not SequenceStatus.FINISHED

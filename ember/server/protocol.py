@@ -172,6 +172,30 @@ class DetokenizeRequest(_Body):
     tokens: TokenIds
 
 
+class LlamaCompletionRequest(_Body):
+    """llama.cpp's POST /completion, with its names and defaults (ember.server.llamacpp_api refuses its others)."""
+
+    model: str | None = None
+    prompt: str | Annotated[list[Annotated[int, Field(ge=0)] | str], Field(min_length=1)]
+    n_predict: Annotated[int, Field(ge=-1, le=MAX_TOKENS_LIMIT)] = -1
+    temperature: Annotated[float, Field(le=2.0)] = 0.8  # <= 0: greedy
+    top_k: Annotated[int, Field(ge=0)] = 40
+    top_p: Annotated[float, Field(ge=0.0, le=1.0)] = 0.95
+    min_p: Annotated[float, Field(ge=0.0, le=1.0)] = 0.05
+    repeat_penalty: Annotated[float, Field(gt=0.0, le=10.0)] = 1.0
+    repeat_last_n: Annotated[int, Field(ge=-1)] | None = None
+    presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
+    frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
+    seed: Annotated[int, Field(ge=-1, lt=SEED_LIMIT)] = -1
+    stop: Annotated[list[str], Field(max_length=MAX_STOP_STRINGS)] = Field(default_factory=list)
+    n_probs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] = 0
+    stream: bool = False
+    cache_prompt: bool = True
+    ignore_eos: bool = False
+    logit_bias: list[list[Any]] | dict[str, Any] | None = None
+    return_tokens: bool = False
+
+
 class ApplyTemplateRequest(_Body):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     tools: list[dict[str, Any]] | None = None
