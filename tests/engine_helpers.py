@@ -17,7 +17,7 @@ def _runner(model, config, block_size=4, num_blocks=128):
 
 def prefill_logits(model, config, prompt: list[int], chunk: int = 7) -> torch.Tensor:
     """Logits at every prompt position, prefilled in chunks so later chunks read earlier ones from the cache."""
-    blocks, runner = _runner(model, config)
+    blocks, runner = _runner(model, config, num_blocks=max(128, -(-len(prompt) // 4)))
     seq = Sequence("ref", prompt, None)
     blocks.allocate(seq)
     hidden = []

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+
+import httpx
 import pytest
 import torch
 
@@ -80,3 +83,70 @@ def test_scoring_bypasses_the_prefix_cache_and_keeps_generation(engine):
     assert scored[0].cached_tokens == 0
     assert len(scored[0].prompt_logprobs) == 40 and all(e.top == [] for e in scored[0].prompt_logprobs[1:])
     assert all(o.prompt_logprobs is None for o in scored[1:])
+
+
+# --- through the server, as lm-evaluation-harness' local-completions model sends it ---------------------------
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from tests.server_helpers import shared_server
+
+    return shared_server(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def served_reference(server):
+    """log_softmax of the served model's logits, from one teacher-forced forward pass of the whole prompt."""
+    from ember.loader.model import load_model
+    from tests.engine_helpers import prefill_logits
+
+    loaded = load_model(str(server.model_dir), dtype="float32", device="cpu")
+    return lambda ids: torch.log_softmax(prefill_logits(loaded.model, loaded.config, ids, chunk=len(ids)), dim=-1)
+
+
+def lm_eval_request(server, prompts: list[list[int]], max_tokens: int) -> dict:
+    body = {"model": server.model, "prompt": prompts, "max_tokens": max_tokens, "logprobs": 1, "echo": True,
+            "temperature": 0, "seed": 1234}
+    r = httpx.post(f"{server.url}/v1/completions", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_lm_eval_scoring_request(server, served_reference):
+    generator = torch.Generator().manual_seed(7)
+    short = [1, *torch.randint(100, 30000, (20,), generator=generator).tolist()]
+    # Longer than the server's 512-token step budget: prefilled (and scored) in several chunks.
+    long = [1, *torch.randint(100, 30000, (700,), generator=generator).tolist()]
+    reply = lm_eval_request(server, [short, long], 0)
+    assert reply["usage"]["completion_tokens"] == 0
+    for choice, prompt in zip(sorted(reply["choices"], key=lambda c: c["index"]), [short, long], strict=True):
+        scored = choice["logprobs"]
+        assert choice["finish_reason"] == "length" and len(scored["tokens"]) == len(prompt)
+        assert scored["token_logprobs"][0] is None and scored["top_logprobs"][0] is None
+        expected = served_reference(prompt)
+        got = torch.tensor(scored["token_logprobs"][1:])
+        want = expected[torch.arange(len(prompt) - 1), torch.tensor(prompt[1:])]
+        assert (got - want).abs().max().item() < 1e-3
+        # top_logprobs: the most likely token's log-probability at each position (lm-eval's greedy check)
+        best = [max(top.values()) for top in scored["top_logprobs"][1:]]
+        assert torch.allclose(torch.tensor(best), expected[:-1].max(dim=-1).values, atol=1e-3)
+
+
+def test_generation_unchanged_by_scoring(server):
+    prompt = [1, 450, 4996, 17354, 1701, 29916]
+    plain = httpx.post(f"{server.url}/v1/completions", json={"prompt": prompt, "max_tokens": 5, "temperature": 0,
+                                                             "logprobs": 1}, timeout=60).json()["choices"][0]
+    scored = lm_eval_request(server, [prompt], 5)["choices"][0]
+    assert scored["text"].endswith(plain["text"])
+    tail = {k: v[len(prompt):] for k, v in scored["logprobs"].items() if k != "text_offset"}
+    assert tail["tokens"] == plain["logprobs"]["tokens"]
+    assert tail["token_logprobs"] == pytest.approx(plain["logprobs"]["token_logprobs"], abs=1e-4)
+
+
+def test_streamed_echo_lists_the_prompt_first(server):
+    prompt = [1, 450, 4996, 17354]
+    body = {"prompt": prompt, "max_tokens": 2, "temperature": 0, "logprobs": 0, "echo": True, "stream": True}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    logprobs = [c["choices"][0]["logprobs"] for c in chunks if c["choices"][0]["logprobs"]]
+    tokens = [t for lp in logprobs for t in lp["token_logprobs"]]
+    assert len(tokens) == len(prompt) + 2 and tokens[0] is None and None not in tokens[1:]
