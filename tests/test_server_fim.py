@@ -9,7 +9,7 @@ import httpx
 import pytest
 import torch
 
-from ember.loader.gguf import GGUFFile
+from ember.formats.gguf import GGUFFile
 from ember.server.prompting import fim_prompt_ids
 from ember.tokenizer.gguf_vocab import tokenizer_from_gguf_metadata
 from ember.tokenizer.tokenizer import Tokenizer
