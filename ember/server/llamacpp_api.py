@@ -19,8 +19,8 @@ from ember.sampling_params import LOGIT_BIAS_LIMIT, SamplingParams
 from ember.server.errors import APIError, bad_request, from_exception, not_supported
 from ember.server.generation import Choice, Generation, collect, start_generation
 from ember.server.metrics import CONTENT_TYPE
-from ember.server.openai_api import sse, streaming
-from ember.server.prompting import plain_messages, render_chat, token_text
+from ember.server.openai_api import sse, streaming, token_entry
+from ember.server.prompting import plain_messages, render_chat
 from ember.server.protocol import (
     ApplyTemplateRequest,
     DetokenizeRequest,
@@ -175,9 +175,9 @@ def settings_json(params: SamplingParams, n_ctx: int) -> dict:
 
 
 def _probs(engine: AsyncEngine, logprobs: list[TokenLogprob] | None) -> list[dict]:
+    """llama.cpp's completion_probabilities: each token with its id, and its alternatives likewise."""
     def entry(token_id: int, logprob: float) -> dict:
-        text = token_text(engine, token_id)
-        return {"id": token_id, "token": text, "logprob": logprob, "bytes": list(text.encode())}
+        return {"id": token_id, **token_entry(engine, token_id, logprob)}
 
     return [{**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]}
             for lp in logprobs or []]

@@ -92,16 +92,17 @@ def usage(generation: Generation, choices: list[Choice]) -> dict:
 
 
 # --- logprobs in OpenAI's two shapes ------------------------------------------------------------------------
+def token_entry(engine: AsyncEngine, token_id: int, logprob: float) -> dict:
+    """One token's text, log-probability and UTF-8 bytes (OpenAI's chat shape; llama.cpp adds the id)."""
+    text = token_text(engine, token_id)
+    return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+
 def chat_logprobs(engine: AsyncEngine, logprobs: list[TokenLogprob] | None) -> dict | None:
     if logprobs is None:
         return None
-
-    def entry(token_id: int, logprob: float) -> dict:
-        text = token_text(engine, token_id)
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
-
-    return {"content": [{**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]}
-                        for lp in logprobs]}
+    return {"content": [{**token_entry(engine, lp.token_id, lp.logprob),
+                         "top_logprobs": [token_entry(engine, t, v) for t, v in lp.top]} for lp in logprobs]}
 
 
 def completion_logprobs(engine: AsyncEngine, logprobs: list[TokenLogprob] | None, offset: int = 0,
