@@ -150,3 +150,31 @@ def test_streamed_echo_lists_the_prompt_first(server):
     logprobs = [c["choices"][0]["logprobs"] for c in chunks if c["choices"][0]["logprobs"]]
     tokens = [t for lp in logprobs for t in lp["token_logprobs"]]
     assert len(tokens) == len(prompt) + 2 and tokens[0] is None and None not in tokens[1:]
+
+
+def test_preempted_requests_score_each_position_once(engine, model_dir):
+    from ember.store.memory import kv_bytes_per_token
+
+    prompts = [prompt_of(engine, 20 + 3 * i) for i in range(12)]
+    params = SamplingParams(max_tokens=16, temperature=0, prompt_logprobs=2)
+    alone = [run(engine, f"alone-{i}", p, params) for i, p in enumerate(prompts)]
+    per_token = kv_bytes_per_token(engine.loaded.config, engine.loaded.dtype.itemsize)
+    # A cache far smaller than twelve sequences need, and a 7-token budget: chunked prefill and preemptions.
+    tight = LLMEngine(str(model_dir), EngineArgs(dtype="float32", device="cpu", block_size=4, max_batched_tokens=7,
+                                                 kv_memory=24 * 4 * per_token, max_num_seqs=12, max_model_len=100))
+    for i, prompt in enumerate(prompts):
+        tight.add_request(f"tight-{i}", prompt, params)
+    outputs: dict[str, list] = {}
+    for _ in range(5000):
+        for out in tight.step():
+            outputs.setdefault(out.request_id, []).append(out)
+        if not tight.has_work():
+            break
+    assert tight.scheduler.num_preemptions > 0, "the test must force preemption"
+    for i, expected in enumerate(alone):
+        got = outputs[f"tight-{i}"]
+        assert [t for o in got for t in o.token_ids] == [t for o in expected for t in o.token_ids]
+        scored, reference = got[0].prompt_logprobs, expected[0].prompt_logprobs
+        assert len(scored) == len(prompts[i]) and [e.token_id for e in scored[1:]] == prompts[i][1:]
+        assert [e.logprob for e in scored[1:]] == pytest.approx([e.logprob for e in reference[1:]], abs=1e-4)
+        assert all(o.prompt_logprobs is None for o in got[1:])
