@@ -54,6 +54,13 @@ def test_create_multi_turn_with_system(client, server):
     assert reply.stop_sequence is None
 
 
+def test_consecutive_turns_are_combined(client, server):
+    split = [{"role": "user", "content": "Tell me"}, {"role": "user", "content": "a story."}]
+    combined = client.messages.count_tokens(model=server.model, messages=[
+        {"role": "user", "content": "Tell me\n\na story."}]).input_tokens
+    assert client.messages.count_tokens(model=server.model, messages=split).input_tokens == combined
+
+
 def test_max_tokens_stop_reason(client, server):
     reply = client.messages.create(model=server.model, messages=TURNS[:1], max_tokens=3, extra_body={"temperature": 0},
                                    metadata={"user_id": "u-1"})

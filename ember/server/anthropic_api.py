@@ -57,8 +57,13 @@ def prompt_ids(engine: AsyncEngine, body: AnthropicCountRequest) -> list[int]:
         if extra.get(field) is not None:
             raise not_supported(what, param=field)
     messages = [{"role": "system", "content": _text(body.system, "system")}] if body.system else []
-    messages += [{"role": m.role, "content": _text(m.content, f"messages.{i}.content")}
-                 for i, m in enumerate(body.messages)]
+    for i, message in enumerate(body.messages):
+        text = _text(message.content, f"messages.{i}.content")
+        if i and message.role == body.messages[i - 1].role:
+            # Anthropic combines consecutive turns of one role into one (templates may insist on alternation).
+            messages[-1]["content"] += "\n\n" + text
+        else:
+            messages.append({"role": message.role, "content": text})
     if messages[-1]["role"] != "assistant":
         return chat_prompt_ids(engine, messages)
     prefill = messages.pop()["content"]
