@@ -74,6 +74,18 @@ def test_prompt_logprobs_equal_teacher_forcing(engine, reference, length):
         assert [v for _, v in entry.top] == pytest.approx(values.tolist(), abs=1e-4)
 
 
+def test_python_api_scores_the_prompt(model_dir, reference):
+    from ember.llm import LLM
+
+    prompt = [1, 17, 99, 250, 7, 64]
+    out = LLM(str(model_dir), dtype="float32", device="cpu").generate(
+        prompt, SamplingParams(max_tokens=0, prompt_logprobs=0))[0]
+    assert out.token_ids == [] and out.finish_reason == "length" and out.prompt_logprobs[0] is None
+    expected = reference(prompt)
+    assert [e.logprob for e in out.prompt_logprobs[1:]] == pytest.approx(
+        [expected[p, t].item() for p, t in enumerate(prompt[1:])], abs=1e-4)
+
+
 def test_scoring_bypasses_the_prefix_cache_and_keeps_generation(engine):
     prompt = prompt_of(engine, 40)
     plain = run(engine, "plain", prompt, SamplingParams(max_tokens=6, temperature=0))

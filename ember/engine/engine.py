@@ -287,9 +287,8 @@ class LLMEngine:
         for seq in sorted(self.scheduler.running, key=lambda s: s.arrival):
             request = self.requests.get(seq.request_id)
             if request is not None:
-                result.append({"request_id": seq.request_id, "params": seq.params, "prompt_tokens": seq.num_prompt_tokens,
-                               "output_tokens": seq.num_output_tokens, "max_tokens": request.stop.max_tokens,
-                               "prefilling": seq.num_computed_tokens < seq.num_prompt_tokens})
+                result.append({"request_id": seq.request_id, "params": seq.params, "output_tokens": seq.num_output_tokens,
+                               "max_tokens": request.stop.max_tokens})
         return result
 
     def is_running(self, request_id: str) -> bool:

@@ -36,3 +36,4 @@ class CompletionOutput:
     finish_reason: str
     logprobs: list[TokenLogprob] | None = None
     cached_tokens: int = 0
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # with SamplingParams.prompt_logprobs
