@@ -15,6 +15,7 @@ import pytest
 
 from ember.cli.main import main
 from ember.errors import EmberError, GGUFError, ModelLoadError
+from ember.store.info import format_size
 from ember.store.memory import estimate_memory, fit_context
 from ember.store.names import parse_ref, parse_store_name
 from ember.store.resolve import DEFAULT_MODEL_DIR, resolve
@@ -340,7 +341,9 @@ def test_cli_ls_show_cp_rm(home, capsys, gguf_q4, hf_dir, tmp_path):
     assert lines[1].split()[:6] == ["tiny:q4_0", "9.2", "MB", "gguf", "Q4_0", "11.2M"]
     assert lines[2].split()[:6] == ["tinyhf:latest", "26.0", "MB", "safetensors", "BF16", "11.2M"]
     code, out, _ = cli(capsys, "ls", "--json")
-    assert [row["name"] for row in json.loads(out)] == ["tiny:q4_0", "tinyhf:latest"]
+    assert [row["name"] for row in json.loads(out)] == ["tiny:q4_0", "tinyhf:latest", "ember-default"]
+    bundled = sum(p.stat().st_size for p in DEFAULT_MODEL_DIR.iterdir() if p.is_file())
+    assert lines[3].split()[:6] == ["ember-default", *format_size(bundled).split(), "safetensors", "BF16", "3.3M"]
 
     code, out, _ = cli(capsys, "cp", "tiny:q4_0", "mine")
     assert code == 0 and "mine:latest" in out
