@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse, Response
 
 from ember import __version__
 from ember.server import anthropic_api, errors, llamacpp_api, ollama_api, openai_api, webui
-from ember.server.errors import APIError, error_body
+from ember.server.errors import DECLARED_TYPE, APIError, error_body
 from ember.server.generation import ClientGone
 from ember.server.state import LEASES, ServerState
 
@@ -98,6 +98,8 @@ class GuardMiddleware:
                 break
         body = b"".join(chunks)
         replayed = False
+        if not str(scope.get("path", "")).startswith("/v1/"):
+            _read_as_json(scope, headers.get("content-type"))
 
         async def replay():
             nonlocal replayed
@@ -127,6 +129,16 @@ class GuardMiddleware:
                 await _send_error(scope, send, errors.from_exception(exc))
         finally:
             await self.state.release_all(leases)
+
+
+def _read_as_json(scope, declared: str | None) -> None:
+    """Ollama's and llama.cpp's servers parse a body as JSON whatever its declared type (curl -d sends
+    application/x-www-form-urlencoded, as in Ollama's own documentation): so does ember, on their routes."""
+    if declared is not None and declared.split(";", 1)[0].strip().lower() == "application/json":
+        return
+    scope[DECLARED_TYPE] = declared or "none"
+    others = [(k, v) for k, v in scope.get("headers", []) if k.lower() != b"content-type"]
+    scope["headers"] = [*others, (b"content-type", b"application/json")]
 
 
 def _too_large(limit: int) -> APIError:
