@@ -50,6 +50,10 @@ def test_completion_matches_openai_route(server):
     assert result["stopping_word"] == "" and result["model"] == server.model
     settings = result["generation_settings"]
     assert settings["n_predict"] == 8 and settings["temperature"] == 0 and settings["top_k"] == 40
+    assert settings["repeat_last_n"] == 64  # llama.cpp's default window of the repetition penalty
+    windowed = post(server, "/completion", {"prompt": PROMPT, "n_predict": 1, "repeat_penalty": 1.3,
+                                            "repeat_last_n": 16}).json()["generation_settings"]
+    assert windowed["repeat_last_n"] == 16 and windowed["repeat_penalty"] == 1.3
     check_timings(result)
 
 
@@ -87,6 +91,10 @@ def test_evaluate_only_and_cache_prompt(server):
     assert again["tokens_cached"] > 0 and again["timings"]["cache_n"] == again["tokens_cached"]
     fresh = post(server, "/completion", {"prompt": long_prompt, "n_predict": 1, "cache_prompt": False}).json()
     assert fresh["tokens_cached"] == 0 and fresh["timings"]["prompt_n"] == fresh["tokens_evaluated"]
+    for cache_prompt, cached in ((True, again["tokens_cached"]), (False, 0)):  # on the OpenAI route too
+        usage = post(server, "/v1/completions", {"prompt": long_prompt, "max_tokens": 1,
+                                                 "cache_prompt": cache_prompt}).json()["usage"]
+        assert usage["prompt_tokens_details"]["cached_tokens"] == cached
 
 
 def test_logit_bias_forms(server):
@@ -102,7 +110,8 @@ def test_logit_bias_forms(server):
     ({"mirostat": 2}, "mirostat"),
     ({"typical_p": 0.5}, "typical_p"),
     ({"samplers": ["top_k"]}, "samplers"),
-    ({"repeat_penalty": 1.2, "repeat_last_n": 64}, "repeat_last_n"),
+    ({"dry_multiplier": 0.8}, "dry_multiplier"),
+    ({"repeat_last_n": -2}, "repeat_last_n"),
     ({"prompt": ["a", "b"]}, "prompt"),
     ({"n_predict": -5}, "n_predict"),
     ({"logit_bias": [[1]]}, "logit_bias"),

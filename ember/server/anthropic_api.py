@@ -3,7 +3,8 @@ POST /v1/messages/count_tokens, for clients built on the `anthropic` SDK.
 
 The key may come as `x-api-key` (GuardMiddleware accepts it beside `Authorization: Bearer`); the
 `anthropic-version` header is tolerated, as every version's text-only requests look the same here. Errors are
-answered in Anthropic's shape (ember.server.errors.error_body picks it by path)."""
+answered in Anthropic's shape (ember.server.errors.error_body picks it by path); the fields ember cannot honour
+are refused by name (UNSUPPORTED_FIELDS["anthropic"] in ember.server.protocol)."""
 
 from __future__ import annotations
 
@@ -24,16 +25,6 @@ from ember.server.protocol import AnthropicCountRequest, AnthropicRequest
 
 router = APIRouter()
 
-# Fields of Anthropic's API that ember cannot honour: refused by name, never silently ignored. (Accepted
-# without effect on the text, as on Anthropic's side: metadata, service_tier, cache_control - prefixes are
-# cached automatically - and the accounting ids workspace_id / user_profile_id.)
-UNSUPPORTED = {"tools": "tools (tool use)", "tool_choice": "tool_choice (tool use)",
-               "thinking": "thinking (extended thinking)", "output_config": "output_config (structured output)",
-               "output_format": "output_format (structured output)", "mcp_servers": "mcp_servers (MCP connectors)",
-               "container": "container (code execution)", "diagnostics": "diagnostics",
-               "inference_geo": "inference_geo", "speed": "speed"}
-
-
 def _text(content, param: str) -> str:
     """Text of a string or of a list of text blocks; any other block (image, document, tool_use...) is refused."""
     if isinstance(content, str):
@@ -52,10 +43,6 @@ def _text(content, param: str) -> str:
 def prompt_ids(engine: AsyncEngine, body: AnthropicCountRequest) -> list[int]:
     """The conversation through the model's chat template. A final assistant message is a prefill: the reply
     continues its text, as Anthropic's API does."""
-    extra = body.model_extra or {}
-    for field, what in UNSUPPORTED.items():
-        if extra.get(field) is not None:
-            raise not_supported(what, param=field)
     messages = [{"role": "system", "content": _text(body.system, "system")}] if body.system else []
     for i, message in enumerate(body.messages):
         text = _text(message.content, f"messages.{i}.content")

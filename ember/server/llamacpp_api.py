@@ -6,7 +6,6 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
@@ -85,26 +84,6 @@ async def metrics(request: Request):
 
 
 # --- /completion --------------------------------------------------------------------------------------------
-# llama.cpp's samplers and options that ember does not have: accepted at the value that turns them off (what a
-# client sending every field sends by default), refused by name otherwise.
-OFF_VALUES: dict[str, Any] = {
-    "dynatemp_range": 0, "typical_p": 1, "dry_multiplier": 0, "xtc_probability": 0, "mirostat": 0,
-    "top_n_sigma": -1, "n_indent": 0, "n_cmpl": 1, "n_cache_reuse": 0, "min_keep": 0, "t_max_predict_ms": 0,
-    "id_slot": -1, "timings_per_token": False, "return_progress": False, "post_sampling_probs": False, "lora": [],
-    "samplers": None, "response_fields": None, "sse_ping_interval": None, "multimodal_data": None,
-}
-# Settings of the samplers above, without effect while those are off: accepted whatever their value. n_keep only
-# matters when a context overflows and is shifted, which ember never does (it refuses such prompts).
-INERT = ("dynatemp_exponent", "dry_base", "dry_allowed_length", "dry_penalty_last_n", "dry_sequence_breakers",
-         "xtc_threshold", "mirostat_tau", "mirostat_eta", "n_keep")
-
-
-def _refuse_unsupported(body: LlamaCompletionRequest) -> None:
-    for name, value in (body.model_extra or {}).items():
-        if name in OFF_VALUES and value != OFF_VALUES[name] and not (value is None or name in INERT):
-            raise not_supported(f"{name} = {value!r}", param=name)
-
-
 def _prompt_ids(engine: AsyncEngine, prompt: str | list) -> list[int]:
     """A string, token ids, or token ids mixed with strings; a BOS is added when the prompt starts with text."""
     tokenizer = engine.tokenizer
@@ -146,14 +125,13 @@ def _logit_bias(engine: AsyncEngine, value: list | dict | None) -> dict[int, flo
 
 
 def _params(engine: AsyncEngine, body: LlamaCompletionRequest) -> SamplingParams:
+    # The repetition penalty looks at the last repeat_last_n tokens; 0 turns every penalty off, as in llama.cpp.
+    # (ember's presence/frequency penalties count the generated tokens, OpenAI's way, whatever the window.)
     penalties = dict(repetition_penalty=body.repeat_penalty, presence_penalty=body.presence_penalty,
-                     frequency_penalty=body.frequency_penalty)
-    if body.repeat_last_n == 0:  # llama.cpp: 0 turns the penalties off
+                     frequency_penalty=body.frequency_penalty,
+                     repetition_window=None if body.repeat_last_n == -1 else body.repeat_last_n)
+    if body.repeat_last_n == 0:
         penalties = {}
-    elif body.repeat_last_n not in (None, -1) and (body.repeat_penalty != 1.0 or body.presence_penalty
-                                                   or body.frequency_penalty):
-        raise bad_request("repeat_last_n: ember's penalties see the whole context; send -1 (the whole context) "
-                          "or 0 (penalties off)", param="repeat_last_n")
     return SamplingParams(
         max_tokens=None if body.n_predict == -1 else body.n_predict, temperature=max(body.temperature, 0.0),
         top_k=body.top_k, top_p=body.top_p, min_p=body.min_p, seed=None if body.seed == -1 else body.seed,
@@ -167,7 +145,8 @@ def settings_json(params: SamplingParams, n_ctx: int) -> dict:
     return {"n_ctx": n_ctx, "n_predict": n_predict, "max_tokens": n_predict,
             "seed": -1 if params.seed is None else params.seed, "temperature": params.temperature,
             "top_k": params.top_k, "top_p": params.top_p, "min_p": params.min_p,
-            "repeat_penalty": params.repetition_penalty, "repeat_last_n": -1,
+            "repeat_penalty": params.repetition_penalty,
+            "repeat_last_n": -1 if params.repetition_window is None else params.repetition_window,
             "presence_penalty": params.presence_penalty, "frequency_penalty": params.frequency_penalty,
             "stop": params.stop, "ignore_eos": params.ignore_eos, "n_probs": params.logprobs or 0,
             "logit_bias": [[token, bias] for token, bias in params.logit_bias.items()],
@@ -224,7 +203,6 @@ def _final(generation: Generation, body: LlamaCompletionRequest, prompt: list[in
 @router.post("/completions")
 async def completion(body: LlamaCompletionRequest, request: Request):
     state = get_state(request)
-    _refuse_unsupported(body)
     entry = await state.use_model(request, body.model)
     prompt = _prompt_ids(entry.engine, body.prompt)
     generation = start_generation(state, entry, [prompt], _params(entry.engine, body), "cmpl")
@@ -278,7 +256,8 @@ def _defaults() -> SamplingParams:
     """The settings of a /completion request that sets nothing."""
     defaults = LlamaCompletionRequest.model_construct(prompt="")
     return SamplingParams(max_tokens=None, temperature=defaults.temperature, top_k=defaults.top_k,
-                          top_p=defaults.top_p, min_p=defaults.min_p, repetition_penalty=defaults.repeat_penalty)
+                          top_p=defaults.top_p, min_p=defaults.min_p, repetition_penalty=defaults.repeat_penalty,
+                          repetition_window=defaults.repeat_last_n)
 
 
 @router.get("/props")

@@ -80,7 +80,7 @@ def sampling_params(body: SamplingFields, max_tokens: int | None, logprobs: int 
     return SamplingParams(
         n=body.n, max_tokens=max_tokens, logprobs=logprobs, min_tokens=body.min_tokens, ignore_eos=body.ignore_eos,
         skip_special_tokens=body.skip_special_tokens, include_stop_str_in_output=body.include_stop_str_in_output,
-        **kwargs)
+        use_prefix_cache=body.cache_prompt, **kwargs)
 
 
 def usage(generation: Generation, choices: list[Choice]) -> dict:

@@ -35,7 +35,7 @@ _VLLM_SAMPLING = {name: () for name in (
     "use_beam_search", "length_penalty", "prompt_logprobs", "truncate_prompt_tokens", "allowed_token_ids",
     "bad_words", "priority")}
 _OPENAI_COMMON = {"service_tier": ("auto", "default"), "store": (False,), "metadata": ({},), "prediction": (),
-                  "cache_prompt": (True,), "spaces_between_special_tokens": (True,)}
+                  "spaces_between_special_tokens": (True,)}
 UNSUPPORTED_FIELDS: dict[str, dict[str, tuple]] = {
     "chat": {**_LLAMACPP_SAMPLING, **_VLLM_SAMPLING, **_OPENAI_COMMON, "audio": (), "modalities": (["text"],),
              "reasoning_effort": (), "web_search_options": (), "functions": (), "function_call": (),
@@ -49,6 +49,21 @@ UNSUPPORTED_FIELDS: dict[str, dict[str, tuple]] = {
                         "steps": ()},
     "ollama_chat": {"logprobs": (False,), "top_logprobs": (0,)},
     "tokenize": {"parse_special": (True,)},
+    # llama.cpp's /completion: its samplers and options ember lacks, accepted at the value that turns them off
+    # (what a client sending every field sends). Their settings (dynatemp_exponent, dry_base, mirostat_tau,
+    # xtc_threshold, ...) are not listed: they do nothing while these are off. Nor is n_keep: it only matters
+    # when a context overflows and is shifted, which ember never does (it refuses such prompts).
+    "llamacpp_completion": {
+        "dynatemp_range": (0, 0.0), "typical_p": (1, 1.0), "dry_multiplier": (0, 0.0), "xtc_probability": (0, 0.0),
+        "mirostat": (0,), "top_n_sigma": (-1, -1.0), "tfs_z": (1, 1.0), "penalize_nl": (False,), "n_indent": (0,),
+        "n_cmpl": (1,), "n_cache_reuse": (0,), "min_keep": (0,), "t_max_predict_ms": (0,), "id_slot": (-1,),
+        "timings_per_token": (False,), "return_progress": (False,), "post_sampling_probs": (False,), "lora": ([],),
+        "samplers": (), "response_fields": (), "sse_ping_interval": ()},
+    # Anthropic's Messages API: what ember cannot honour. (metadata, service_tier, cache_control - prefixes
+    # are cached automatically - workspace_id and user_profile_id have no effect on the text there either.)
+    "anthropic": {"tools": (), "tool_choice": (), "thinking": ({"type": "disabled"},), "output_config": (),
+                  "output_format": (), "mcp_servers": (), "container": (), "diagnostics": (),
+                  "inference_geo": (), "speed": ("standard",)},
 }
 
 
@@ -91,6 +106,7 @@ class SamplingFields(_Body):
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    cache_prompt: bool = True  # llama.cpp's: false computes the prompt again even where the prefix cache holds it
 
 
 class StreamOptions(_Body):
@@ -223,8 +239,9 @@ class DetokenizeRequest(_Body):
 
 
 class LlamaCompletionRequest(_Body):
-    """llama.cpp's POST /completion, with its names and defaults (ember.server.llamacpp_api refuses its others)."""
+    """llama.cpp's POST /completion, with its names and defaults."""
 
+    unsupported = UNSUPPORTED_FIELDS["llamacpp_completion"]
     model: str | None = None
     prompt: str | Annotated[list[Annotated[int, Field(ge=0)] | str], Field(min_length=1)]
     n_predict: Annotated[int, Field(ge=-1, le=MAX_TOKENS_LIMIT)] = -1
@@ -233,7 +250,7 @@ class LlamaCompletionRequest(_Body):
     top_p: Annotated[float, Field(ge=0.0, le=1.0)] = 0.95
     min_p: Annotated[float, Field(ge=0.0, le=1.0)] = 0.05
     repeat_penalty: Annotated[float, Field(gt=0.0, le=10.0)] = 1.0
-    repeat_last_n: Annotated[int, Field(ge=-1)] | None = None
+    repeat_last_n: Annotated[int, Field(ge=-1, le=MAX_TOKENS_LIMIT)] = 64  # -1: the whole context, 0: no penalties
     presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
     seed: Annotated[int, Field(ge=-1, lt=SEED_LIMIT)] = -1
@@ -258,6 +275,7 @@ class AnthropicMessage(_Body):
 
 
 class AnthropicCountRequest(_Body):
+    unsupported = UNSUPPORTED_FIELDS["anthropic"]
     model: str | None = None
     messages: Annotated[list[AnthropicMessage], Field(min_length=1)]
     system: str | list[dict[str, Any]] | None = None
