@@ -262,3 +262,45 @@ def test_a_replica_killed_mid_stream_fails_its_request_and_the_next_ones_succeed
         ray.shutdown()
     for question in ("still there?", "and now?"):
         assert _chat(cluster.url, "Be brief.", question).status_code == 200
+
+
+# --- the router's ranking (Ray's router base class, no cluster) ------------------------------------------------
+def test_router_prefers_the_prefix_owner_until_its_queue_is_too_long():
+    import asyncio
+    from types import SimpleNamespace
+
+    pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install 'ember[ray]')")
+    from ray.serve._private.common import DeploymentHandleSource, DeploymentID, RequestMetadata
+    from ray.serve.request_router import PendingRequest, ReplicaID
+
+    from ember.cluster.forwarding import ForwardedRequest
+    from ember.cluster.router import PrefixAwareRouter
+
+    deployment = DeploymentID(name="EmberReplica", app_name="ember")
+    router = PrefixAwareRouter(deployment_id=deployment, handle_source=DeploymentHandleSource.UNKNOWN)
+    router.initialize_state(imbalance=2)
+    a, b = (SimpleNamespace(replica_id=ReplicaID(name, deployment)) for name in ("a", "b"))
+
+    def pending(*prefix: int) -> PendingRequest:
+        request = ForwardedRequest("POST", "/v1/completions", b"", [], b"", prefix=prefix)
+        return PendingRequest(args=[request], kwargs={}, metadata=RequestMetadata("id", "internal"))
+
+    async def ranking(request: PendingRequest) -> list[str]:
+        return [rank[0].replica_id.unique_id for rank in await router.choose_replicas([a, b], request)]
+
+    async def scenario():
+        router.on_request_routed(pending(1, 2, 3), b.replica_id, None)
+        assert await ranking(pending(1, 2, 3, 4)) == ["b", "a"]  # b served the prefix
+        assert await ranking(pending(7, 8)) == ["a", "b"]  # a new prefix goes to the replica holding fewer
+        router.on_request_routed(pending(1, 2, 5), a.replica_id, None)
+        assert await ranking(pending(1, 2, 5, 6)) == ["a", "b"]  # the longest prefix decides
+        assert await ranking(pending(1, 2, 3)) == ["b", "a"]
+        router.replica_queue_len_cache.update(a.replica_id, 3)  # a is 3 requests busier than b: beyond imbalance 2
+        assert await ranking(pending(1, 2, 5, 6)) == ["b", "a"]
+        router.replica_queue_len_cache.update(a.replica_id, 2)
+        assert await ranking(pending(1, 2, 5, 6)) == ["a", "b"]
+        router.on_replica_actor_died(a.replica_id)
+        both = {a.replica_id: a, b.replica_id: b}
+        assert router.owner((1, 2, 5), both) is None and router.owner((1, 2, 3), both) is b  # a's are forgotten
+
+    asyncio.run(scenario())
