@@ -136,7 +136,8 @@ def cluster():
         address = _wait_serving(process, log)
         yield Cluster(f"http://127.0.0.1:{port}", address, process, log)
     finally:
-        _stop(process)
+        code = _stop(process)
+    assert code == 0, log.read_text()  # SIGTERM: the application and the Ray instance stopped cleanly
 
 
 def _wait_serving(process: subprocess.Popen, log: Path) -> str:
@@ -154,14 +155,16 @@ def _wait_serving(process: subprocess.Popen, log: Path) -> str:
     pytest.fail(f"ember serve --replicas was not serving within {START_TIMEOUT_S} s: {log.read_text()}")
 
 
-def _stop(process: subprocess.Popen) -> None:
+def _stop(process: subprocess.Popen) -> int:
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
         try:
-            process.wait(timeout=60)
+            return process.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)  # its own session: Ray's processes go with it
             process.wait()
+            return -1
+    return process.returncode
 
 
 def test_openai_client_through_the_ingress(cluster):
@@ -237,6 +240,31 @@ def test_requests_sharing_a_prefix_land_on_the_replica_that_has_it_cached(cluste
     # Other prefixes are spread over both replicas (the one holding fewer prefixes takes a new one).
     others = [_chat(cluster.url, f"{i} " + SYSTEM[::-1], "hello").headers["x-ember-replica"] for i in range(4)]
     assert len(set(others) | replicas) == 2
+
+
+def _engine_totals(url: str) -> tuple[float, float]:
+    """(sequences the engines hold, running or waiting; tokens they generated), summed over the replicas."""
+    families = {f.name: f for f in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=30).text)}
+    held = sum(s.value for name in ("ember_requests_running", "ember_requests_waiting")
+               for s in families[name].samples)
+    return held, sum(s.value for s in families["ember_generation_tokens"].samples)
+
+
+def test_a_client_that_leaves_mid_stream_frees_its_replica(cluster):
+    _, generated_before = _engine_totals(cluster.url)
+    body = {"model": "ember-default", "max_tokens": 900, "ignore_eos": True, "stream": True,
+            "messages": [{"role": "user", "content": "Tell a long story"}]}
+    with httpx.stream("POST", f"{cluster.url}/v1/chat/completions", json=body, timeout=60) as response:
+        assert response.status_code == 200
+        lines = response.iter_lines()
+        for _ in range(3):
+            next(lines)
+    deadline = time.monotonic() + 20
+    while _engine_totals(cluster.url)[0] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    held, generated_after = _engine_totals(cluster.url)
+    assert held == 0
+    assert generated_after - generated_before < 900  # aborted when the client left, not run to its end
 
 
 def test_a_replica_killed_mid_stream_fails_its_request_and_the_next_ones_succeed(cluster):

@@ -40,12 +40,15 @@ class ReplicaPlan:
     def most(self) -> int:
         return self.max_replicas if self.max_replicas is not None else self.replicas
 
-    def deployment_options(self, max_num_seqs: int) -> dict[str, Any]:
+    def deployment_options(self, max_num_seqs: int, shutdown_grace: float = 5.0) -> dict[str, Any]:
         """Ray Serve's options for the replica deployment. A replica takes twice its batch in flight (the rest
-        wait at the router, which can still send them elsewhere); the autoscaler aims at one batch each."""
+        wait at the router, which can still send them elsewhere); the autoscaler aims at one batch each. A
+        replica being stopped lets its requests finish for --shutdown-grace seconds, as `ember serve` does."""
         options: dict[str, Any] = {
             "ray_actor_options": {"num_cpus": self.cpus, "num_gpus": self.gpus},
             "max_ongoing_requests": 2 * max_num_seqs,
+            "graceful_shutdown_timeout_s": shutdown_grace,
+            "graceful_shutdown_wait_loop_s": 0.5,
             "request_router_config": {"request_router_class": "ember.cluster.router:PrefixAwareRouter",
                                       "request_router_kwargs": {}},
             "logging_config": _QUIET,
@@ -131,7 +134,7 @@ def serve_replicas(args: argparse.Namespace, settings: Settings, pool_options: d
             serve.start(http_options={"host": args.host, "port": args.port}, logging_config=_QUIET)
         except Exception as err:  # Serve's HTTP proxy could not start (the port is taken)
             raise EmberError(f"could not listen on {args.host}:{args.port}: {_last_line(err)}") from None
-        replica = serve.deployment(EmberReplica, name="EmberReplica", **plan.deployment_options(max_num_seqs))
+        replica = serve.deployment(EmberReplica, name="EmberReplica", **plan.deployment_options(max_num_seqs, settings.shutdown_grace))
         ingress = serve.deployment(EmberIngress, name="EmberIngress", ray_actor_options={"num_cpus": 0},
                                    max_ongoing_requests=10_000, logging_config=_QUIET)
         try:
