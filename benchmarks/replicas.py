@@ -9,7 +9,9 @@ loopback), warms every replica, then sends --requests chat requests (distinct pr
 
 Routing overhead: a one-token request sent alternately to `--replicas 1` and to a plain `ember serve` (same
 model, same thread count) running at the same time, so that other load on the machine hits both alike; the
-median of the paired differences is what the Ray ingress, the router and the hop to the replica add per request.
+median of the paired differences is what Serve's proxy, the ingress, the router and the hop to the replica add
+per request. The ingress's own part comes from its `Server-Timing: ingress;dur=MS` header (its time from the
+body read to the response start, less the replica's).
 """
 
 from __future__ import annotations
@@ -93,18 +95,21 @@ async def throughput(url: str, model: str, requests: int, concurrency: int, max_
         return tokens / (time.perf_counter() - began)
 
 
-def paired_latencies(via_ray: str, plain: str, model: str, samples: int) -> tuple[list[float], list[float]]:
-    """One-token requests, alternately to each server: (latencies through Ray, latencies of the plain server)."""
+def paired_latencies(via_ray: str, plain: str, model: str, samples: int) -> tuple[list[float], ...]:
+    """One-token requests, alternately to each server: (latencies through Ray, latencies of the plain server,
+    the ingress's own part of those through Ray)."""
     body = {"model": model, "max_tokens": 1, "temperature": 0, "messages": [{"role": "user", "content": "hi"}]}
-    times: dict[str, list[float]] = {via_ray: [], plain: []}
+    times: dict[str, list[float]] = {via_ray: [], plain: [], "ingress": []}
     with httpx.Client(timeout=60) as client:
         for i in range(samples + 3):
             for url in (via_ray, plain) if i % 2 else (plain, via_ray):
                 began = time.perf_counter()
-                client.post(f"{url}/v1/chat/completions", json=body).raise_for_status()
+                response = client.post(f"{url}/v1/chat/completions", json=body).raise_for_status()
                 if i >= 3:  # the first ones warm caches and connections
                     times[url].append(time.perf_counter() - began)
-    return times[via_ray], times[plain]
+                    if "server-timing" in response.headers:
+                        times["ingress"].append(float(response.headers["server-timing"].split("dur=")[1]) / 1e3)
+    return times[via_ray], times[plain], times["ingress"]
 
 
 def model_name(url: str) -> str:
@@ -140,13 +145,14 @@ def main() -> None:
 def overhead(via_ray: str, model: str | None, name: str, samples: int, label: str) -> None:
     plain = Server(model)
     try:
-        ray_times, plain_times = paired_latencies(via_ray, plain.url, name, samples)
+        ray_times, plain_times, ingress_times = paired_latencies(via_ray, plain.url, name, samples)
     finally:
         plain.stop()
     added = statistics.median(r - p for r, p in zip(ray_times, plain_times, strict=True))
     print(f"{label}: one-token request p50 {statistics.median(plain_times) * 1e3:.1f} ms plain, "
           f"{statistics.median(ray_times) * 1e3:.1f} ms through the Ray ingress; median paired difference "
-          f"{added * 1e3:.1f} ms added per request ({samples} pairs)")
+          f"{added * 1e3:.1f} ms added per request ({samples} pairs); the ingress's own part (Server-Timing) "
+          f"p50 {statistics.median(ingress_times) * 1e3:.2f} ms")
 
 
 if __name__ == "__main__":

@@ -175,6 +175,7 @@ def test_openai_client_through_the_ingress(cluster):
         model="ember-default", messages=[{"role": "user", "content": "Say hello"}], max_tokens=8, temperature=0)
     reply = raw.parse()
     assert raw.headers["x-ember-replica"] and reply.usage.completion_tokens == 8
+    assert float(raw.headers["server-timing"].removeprefix("ingress;dur=")) >= 0  # the ingress's own time, in ms
     stream = client.chat.completions.create(model="ember-default", messages=[{"role": "user", "content": "Say hello"}],
                                             max_tokens=8, temperature=0, stream=True)
     deltas = [c.choices[0].delta.content for c in stream if c.choices and c.choices[0].delta.content]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -43,6 +44,7 @@ class ResponseStart:
     status: int
     headers: list[tuple[bytes, bytes]]
     replica: str = ""
+    elapsed: float = 0.0  # seconds the replica took from receiving the request to starting its response
 
     def header(self, name: bytes) -> str:
         for key, value in self.headers:
@@ -54,6 +56,7 @@ class ResponseStart:
 async def replay(app, request: ForwardedRequest, replica: str = "") -> AsyncIterator[ResponseStart | bytes]:
     """Run `request` through the ASGI `app`: a ResponseStart, then body chunks. When the consumer stops early
     (its client left, or the ingress cancelled), the app sees `http.disconnect` and aborts its work."""
+    began = time.perf_counter()
     messages: asyncio.Queue[dict | None] = asyncio.Queue()
     gone = asyncio.Event()
     body_sent = False
@@ -80,7 +83,8 @@ async def replay(app, request: ForwardedRequest, replica: str = "") -> AsyncIter
                 task.result()  # the app's own error, if it ended without answering
                 return
             if message["type"] == "http.response.start":
-                yield ResponseStart(message["status"], [(k, v) for k, v in message.get("headers", [])], replica)
+                yield ResponseStart(message["status"], [(k, v) for k, v in message.get("headers", [])], replica,
+                                    time.perf_counter() - began)
                 continue
             if message["type"] != "http.response.body":
                 continue

@@ -2,6 +2,9 @@
 (ember.cluster.prefix) and relayed to the replica the router picks (ember.cluster.router); the answer streams
 back chunk by chunk. /health and /metrics ask every replica and merge the answers (ember.cluster.aggregate).
 
+Every relayed response says what the ingress added to it: `Server-Timing: ingress;dur=MS` is the time from the
+body read to the response start, less the replica's own part (the routing key, the router, the Ray hops).
+
 A replica that dies fails its requests cleanly: one that had not answered yet gets a 503 in its API's error
 format; a stream already under way ends with an error event (SSE) or error line (NDJSON), as ember ends a
 stream whose engine fails.
@@ -9,8 +12,10 @@ stream whose engine fails.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import time
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -54,6 +59,7 @@ class EmberIngress:
 
     async def __call__(self, request: Request) -> Response:
         body = await self._body(request)
+        began = time.perf_counter()
         forwarded = ForwardedRequest(
             request.method, request.url.path, request.scope.get("query_string", b""),
             list(request.scope.get("headers", [])), body,
@@ -62,7 +68,7 @@ class EmberIngress:
             return await self._health(forwarded)
         if request.method == "GET" and forwarded.path == "/metrics":
             return await self._metrics(forwarded)
-        return await self._relay(forwarded)
+        return await self._relay(forwarded, began)
 
     async def _body(self, request: Request) -> bytes:
         """The body, read up to one byte past the limit: the replica's guard answers 413 for what is over."""
@@ -74,15 +80,19 @@ class EmberIngress:
                 break
         return b"".join(chunks)
 
-    async def _relay(self, forwarded: ForwardedRequest) -> Response:
+    async def _relay(self, forwarded: ForwardedRequest, began: float) -> Response:
         stream = self.forward.remote(forwarded)
         try:
             start = await stream.__anext__()
+        except asyncio.CancelledError:  # the client left first: the replica's work is cancelled with it
+            stream.cancel()
+            raise
         except Exception as err:  # the replica died, or was taken away, before it answered
             stream.cancel()
             log.warning("%s %s failed on its replica: %r", forwarded.method, forwarded.path, err)
             return error_response(forwarded.path, replica_failed(err))
         assert isinstance(start, ResponseStart)
+        added_ms = (time.perf_counter() - began - start.elapsed) * 1e3
         content_type = start.header(b"content-type")
 
         async def chunks():
@@ -104,7 +114,8 @@ class EmberIngress:
                     stream.cancel()
 
         response = StreamingResponse(chunks(), status_code=start.status)
-        response.raw_headers = [*start.headers, (REPLICA_HEADER, start.replica.encode())]
+        response.raw_headers = [*start.headers, (REPLICA_HEADER, start.replica.encode()),
+                                (b"server-timing", f"ingress;dur={added_ms:.2f}".encode())]
         return response
 
     async def _fan_out(self, forwarded: ForwardedRequest) -> tuple[dict[str, tuple[ResponseStart, bytes]], int]:
