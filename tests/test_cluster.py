@@ -124,6 +124,8 @@ def cluster():
     # The test joins the cluster as a second driver (to kill a replica); a driver given an address uses the
     # token that `ray.init` made for the local instance (~/.ray/auth_token) only when told to.
     os.environ.setdefault("RAY_AUTH_MODE", "token")
+    # And it is on the single-machine instance's 127.0.0.1 only if Ray, imported next, runs in that mode too.
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install 'ember[ray]')")
     port = free_port()
     log = Path(tempfile.mkdtemp(prefix="ember-ray-")) / "serve.log"
@@ -146,7 +148,9 @@ def _wait_serving(process: subprocess.Popen, log: Path) -> str:
         text = log.read_text()
         for line in text.splitlines():
             if line.startswith("ember serving") and " on Ray at " in line:
-                return line.rsplit(" on Ray at ", 1)[1].rstrip(")")
+                address = line.rsplit(" on Ray at ", 1)[1].rstrip(")")
+                assert address.startswith("127.0.0.1:")  # the local Ray instance is on loopback
+                return address
         if process.poll() is not None:
             if "Ray" in text and "error: could not listen" not in text:
                 pytest.skip(f"Ray could not start on this machine: {text.strip().splitlines()[-1]}")

@@ -84,6 +84,10 @@ def plan_replicas(args: argparse.Namespace) -> ReplicaPlan:
 
 
 def _start_ray(address: str | None, plan: ReplicaPlan):
+    if not address:
+        # Ray's single-machine mode (its default on macOS and Windows): the node's address is 127.0.0.1, and
+        # Ray's own services listen there instead of on every interface. Read when Ray is imported.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     try:
         import ray
     except ImportError:
@@ -95,7 +99,7 @@ def _start_ray(address: str | None, plan: ReplicaPlan):
     if plan.most * plan.cpus > cpus:
         raise InvalidParameter("--replica-cpus", f"{plan.most} replicas of {plan.cpus:g} CPUs need "
                                f"{plan.most * plan.cpus:g} CPUs; this machine has {cpus}")
-    ray.init(address="local", num_cpus=cpus, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="WARNING",
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, logging_level="WARNING",
              log_to_driver=False)
     return ray
 
@@ -122,44 +126,62 @@ def serve_replicas(args: argparse.Namespace, settings: Settings, pool_options: d
 
         pool_options = {**pool_options, "max_memory": default_max_memory(
             pool_options.get("engine_args", {}).get("device", "auto")) // plan.most}
+    serving = threading.Event()
+    stop = threading.Event()
+
+    def on_signal(*_) -> None:
+        stop.set()
+        if not serving.is_set():
+            raise KeyboardInterrupt  # during the start: unwind, and take down what was started
+
     ray = _start_ray(args.ray_address, plan)
+    # After ray.init, which installs its own handlers: ours take the application down before Ray.
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        _deploy(args, plan, settings, pool_options, max_num_seqs)
+        serving.set()
+        while not stop.wait(0.5):
+            pass
+    finally:
+        _stop(ray, remote=bool(args.ray_address), grace=settings.shutdown_grace)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0
+
+
+def _deploy(args: argparse.Namespace, plan: ReplicaPlan, settings: Settings, pool_options: dict[str, Any],
+            max_num_seqs: int) -> None:
+    import ray
     from ray import serve
 
     from ember.cluster.ingress import EmberIngress
     from ember.cluster.replica import EmberReplica
 
-    stop = threading.Event()
     try:
-        try:
-            serve.start(http_options={"host": args.host, "port": args.port}, logging_config=_QUIET)
-        except Exception as err:  # Serve's HTTP proxy could not start (the port is taken)
-            raise EmberError(f"could not listen on {args.host}:{args.port}: {_last_line(err)}") from None
-        replica = serve.deployment(EmberReplica, name="EmberReplica", **plan.deployment_options(max_num_seqs, settings.shutdown_grace))
-        ingress = serve.deployment(EmberIngress, name="EmberIngress", ray_actor_options={"num_cpus": 0},
-                                   max_ongoing_requests=10_000, logging_config=_QUIET)
-        try:
-            serve.run(ingress.bind(replica.bind(settings, pool_options), settings.max_body_bytes),
-                      name=APP_NAME, route_prefix="/", blocking=False)
-        except RuntimeError as err:  # a replica could not start (its model did not load): Serve says why
-            raise EmberError(f"the replicas did not start: {_last_line(err)}") from None
-        host = f"[{args.host}]" if ":" in args.host else args.host
-        scale = f"{plan.replicas} replicas" if plan.max_replicas is None and plan.min_replicas is None else \
-            f"{plan.replicas} replicas, autoscaled within [{plan.min_replicas or 1}, {plan.most}]"
-        where = f"Ray at {ray.get_runtime_context().gcs_address}"
-        print(f"ember serving {args.model or 'the default model'} on http://{host}:{args.port} ({scale} on {where})",
-              flush=True)
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: stop.set())
-        while not stop.wait(0.5):
-            pass
-    finally:
-        _stop(serve, ray, remote=bool(args.ray_address), grace=settings.shutdown_grace)
-    return 0
+        serve.start(http_options={"host": args.host, "port": args.port}, logging_config=_QUIET)
+    except Exception as err:  # Serve's HTTP proxy could not start (the port is taken)
+        raise EmberError(f"could not listen on {args.host}:{args.port}: {_last_line(err)}") from None
+    replica = serve.deployment(EmberReplica, name="EmberReplica",
+                               **plan.deployment_options(max_num_seqs, settings.shutdown_grace))
+    ingress = serve.deployment(EmberIngress, name="EmberIngress", ray_actor_options={"num_cpus": 0},
+                               max_ongoing_requests=10_000, logging_config=_QUIET)
+    try:
+        serve.run(ingress.bind(replica.bind(settings, pool_options), settings.max_body_bytes),
+                  name=APP_NAME, route_prefix="/", blocking=False)
+    except RuntimeError as err:  # a replica could not start (its model did not load): Serve says why
+        raise EmberError(f"the replicas did not start: {_last_line(err)}") from None
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    scale = f"{plan.replicas} replicas" if plan.max_replicas is None and plan.min_replicas is None else \
+        f"{plan.replicas} replicas, autoscaled within [{plan.min_replicas or 1}, {plan.most}]"
+    print(f"ember serving {args.model or 'the default model'} on http://{host}:{args.port} ({scale} on Ray at "
+          f"{ray.get_runtime_context().gcs_address})", flush=True)
 
 
-def _stop(serve, ray, remote: bool, grace: float) -> None:
+def _stop(ray, remote: bool, grace: float) -> None:
     """Take the application down (the replicas finish or abort their requests), then leave Ray; the local Ray
     instance ends with us. Bounded: a cluster that stopped answering must not keep the command alive."""
+    from ray import serve
+
     worker = threading.Thread(target=serve.delete if remote else serve.shutdown,
                               args=(APP_NAME,) if remote else (), daemon=True)
     worker.start()
