@@ -148,6 +148,7 @@ class SamplingParams:
     top_p: float = 1.0
     min_p: float = 0.0
     repetition_penalty: float = 1.0
+    repetition_window: int | None = None  # the penalty looks at the last this-many tokens; None: all of them
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     seed: int | None = None
@@ -171,6 +172,8 @@ class SamplingParams:
         self.top_p = _float("top_p", self.top_p, 0.0, 1.0, low_open=True)
         self.min_p = _float("min_p", self.min_p, 0.0, 1.0)
         self.repetition_penalty = _float("repetition_penalty", self.repetition_penalty, 0.0, 10.0, low_open=True)
+        if self.repetition_window is not None:
+            self.repetition_window = _int("repetition_window", self.repetition_window, 1, MAX_TOKENS_LIMIT)
         self.presence_penalty = _float("presence_penalty", self.presence_penalty, -2.0, 2.0)
         self.frequency_penalty = _float("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
         if self.seed is not None:

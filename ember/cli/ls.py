@@ -41,17 +41,16 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(found, indent=2))
         return 0
     table = Table(box=None, pad_edge=False, header_style="bold")
-    columns = ["NAME", "SIZE", "FORMAT", "QUANT", "PARAMS", "MODIFIED"] + (["SOURCE"] if args.all else [])
+    columns = ["NAME", "ID", "SIZE", "FORMAT", "QUANT", "PARAMS", "MODIFIED"] + (["SOURCE"] if args.all else [])
     for column in columns:
         table.add_column(column, no_wrap=True, justify="right" if column in ("SIZE", "PARAMS") else "left")
     for row in found:
-        cells = [row["name"], format_size(row["size"]), row["format"], row["quant"] or "-",
+        cells = [row["name"], (row["digest"] or "-")[:12], format_size(row["size"]), row["format"], row["quant"] or "-",
                  format_params(row["parameters"]), _ago(row["modified"])]
         table.add_row(*cells, *([row["source"]] if args.all else []))
     console = Console(width=None if sys.stdout.isatty() else 400, highlight=False)
-    if not found:
-        print("no models; `ember pull org/repo:Q4_K_M` downloads one" +
-              ("" if args.all else " (`ember ls --all` shows other tools' models)"))
-        return 0
     console.print(table)
+    if len(found) == 1:
+        print("no models but the bundled one; `ember pull org/repo:Q4_K_M` downloads one" +
+              ("" if args.all else " (`ember ls --all` shows other tools' models)"))
     return 0

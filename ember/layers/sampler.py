@@ -40,7 +40,14 @@ class SamplingState:
     _prompt_tensor: torch.Tensor | None = field(default=None, init=False, repr=False)
 
     def seen_token_ids(self, device: torch.device) -> torch.Tensor:
-        """Prompt and output token ids, the set the repetition penalty applies to."""
+        """The token ids the repetition penalty applies to: prompt and output, or only the last
+        params.repetition_window of them (Ollama's repeat_last_n)."""
+        window = self.params.repetition_window
+        if window is not None:
+            recent = self.output_token_ids[-window:]
+            if len(recent) < window:
+                recent = self.prompt_token_ids[len(recent) - window:] + recent
+            return torch.tensor(recent, dtype=torch.long, device=device)
         if self._prompt_tensor is None or self._prompt_tensor.device != device:
             self._prompt_tensor = torch.tensor(self.prompt_token_ids, dtype=torch.long, device=device)
         output = torch.tensor(self.output_token_ids, dtype=torch.long, device=device)

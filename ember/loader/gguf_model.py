@@ -19,7 +19,7 @@ from ember.kernels import matmul as kernels
 from ember.loader.device import resolve_dtype
 from ember.loader.gguf_config import config_from_gguf
 from ember.loader.gguf_names import ROPE_TENSORS, ember_name, unpermute_rows
-from ember.loader.weights import finish_loading, set_weight
+from ember.loader.weights import Progress, finish_loading, set_weight
 from ember.models.decoder import CausalLM
 from ember.models.registry import model_class_for
 from ember.quant.embedding import QuantEmbedding
@@ -44,8 +44,11 @@ def _rows(gguf: GGUFFile, name: str) -> torch.Tensor:
     return raw.view(info.shape[0], -1)
 
 
-def load_gguf_model(path: Path, dtype, device: torch.device) -> tuple[CausalLM, ModelConfig, torch.dtype]:
+def load_gguf_model(path: Path, dtype, device: torch.device, progress: Progress | None = None
+                    ) -> tuple[CausalLM, ModelConfig, torch.dtype]:
     gguf = GGUFFile(path)
+    total = sum(info.nbytes for info in gguf.tensors.values())
+    done = 0
     shapes = {name: tuple(t.shape) for name, t in gguf.tensors.items()}
     rope = {name: _float_tensor(gguf, name).tolist() for name in ROPE_TENSORS if name in gguf.tensors}
     config = config_from_gguf(gguf.metadata, shapes, rope)
@@ -56,6 +59,9 @@ def load_gguf_model(path: Path, dtype, device: torch.device) -> tuple[CausalLM, 
     params = dict(model.named_parameters())
     permute_qk = config.architecture == "llama"
     for gguf_name, info in gguf.tensors.items():
+        if progress is not None:
+            progress(done, total)
+            done += info.nbytes
         if gguf_name in ROPE_TENSORS:
             continue
         name = ember_name(gguf_name, config.sandwich_norm)

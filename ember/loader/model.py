@@ -11,6 +11,7 @@ import torch
 from ember.config import ModelConfig
 from ember.formats.detect import path_format
 from ember.loader.device import resolve_device
+from ember.loader.weights import Progress
 from ember.models.decoder import CausalLM
 from ember.tokenizer import ChatTemplate, Tokenizer, load_tokenizer
 
@@ -29,9 +30,11 @@ class LoadedModel:
     load_seconds: float
 
 
-def load_model(path: str | Path, dtype="auto", device="auto", *, name: str | None = None) -> LoadedModel:
+def load_model(path: str | Path, dtype="auto", device="auto", *, name: str | None = None,
+               progress: Progress | None = None) -> LoadedModel:
     """Load a GGUF file or a safetensors checkpoint folder; a model's name is resolved to its files before
-    (ember.store.resolve), so the loader knows nothing of stores."""
+    (ember.store.resolve), so the loader knows nothing of stores. `progress` is told how many of the weights'
+    bytes are read (ember.loader.weights.Progress)."""
     started = time.perf_counter()
     path = Path(path)
     model_format = path_format(path)
@@ -39,11 +42,11 @@ def load_model(path: str | Path, dtype="auto", device="auto", *, name: str | Non
     if model_format == "gguf":
         from ember.loader.gguf_model import load_gguf_model
 
-        net, config, dtype = load_gguf_model(path, dtype, target)
+        net, config, dtype = load_gguf_model(path, dtype, target, progress)
     else:
         from ember.loader.safetensors import load_safetensors_model
 
-        net, config, dtype = load_safetensors_model(path, dtype, target)
+        net, config, dtype = load_safetensors_model(path, dtype, target, progress)
     tokenizer = load_tokenizer(path)
     template = None
     if tokenizer.chat_template:

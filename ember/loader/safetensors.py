@@ -19,7 +19,7 @@ from ember.errors import ModelLoadError
 from ember.formats.ggml_types import GGMLType
 from ember.kernels import matmul
 from ember.loader.device import resolve_dtype
-from ember.loader.weights import finish_loading, set_weight
+from ember.loader.weights import Progress, finish_loading, set_weight
 from ember.models.decoder import CausalLM
 from ember.models.registry import model_class_for
 from ember.quant.linear import QuantLinear
@@ -72,14 +72,20 @@ def _native_linear(model: CausalLM, name: str, tensor: torch.Tensor, dtype, devi
     return True
 
 
-def load_safetensors_model(model_dir: Path, dtype, device: torch.device) -> tuple[CausalLM, ModelConfig, torch.dtype]:
+def load_safetensors_model(model_dir: Path, dtype, device: torch.device, progress: Progress | None = None
+                           ) -> tuple[CausalLM, ModelConfig, torch.dtype]:
     raw = read_config_json(model_dir)
     cls, arch = model_class_for(raw.get("architectures"), raw.get("model_type"))
     config = config_from_hf(raw, arch)
     dtype = resolve_dtype(dtype, device, config.torch_dtype)
     model = cls(config)
     params = dict(model.named_parameters())
-    for path in checkpoint_files(model_dir):
+    files = checkpoint_files(model_dir)
+    total, done = sum(path.stat().st_size for path in files), 0
+    for path in files:
+        if progress is not None:
+            progress(done, total)
+        done += path.stat().st_size
         try:
             with safe_open(str(path), framework="pt", device="cpu") as shard:
                 for key in shard.keys():

@@ -9,6 +9,7 @@ from starlette.exceptions import HTTPException
 
 from ember.errors import ChatTemplateError, EmberError, InvalidParameter, OutOfResources, TokenizerError
 
+DECLARED_TYPE = "ember.declared_content_type"  # ASGI scope key: the Content-Type a JSON-read body came with
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
           404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
           429: "rate_limit_error", 501: "not_implemented_error", 503: "service_unavailable_error"}
@@ -76,17 +77,24 @@ def from_exception(exc: BaseException) -> APIError:
     return APIError(500, "internal server error", type="server_error", code="internal_error")
 
 
-def _validation_error(exc: RequestValidationError) -> APIError:
+def _validation_error(exc: RequestValidationError, declared: str | None = None) -> APIError:
+    """`declared`: the Content-Type of a body read as JSON although it was not declared JSON (ember.server.app)."""
     errors = exc.errors()
     first = errors[0] if errors else {}
     kind = first.get("type", "")
     loc = [p for p in first.get("loc", ()) if p != "body"]
+    if kind == "unsupported_field":
+        name = (first.get("ctx") or {}).get("field")
+        return not_supported(name, param=name)
     if kind == "json_invalid":
         detail = (first.get("ctx") or {}).get("error", "")
-        return bad_request(f"the request body is not valid JSON{': ' + detail if detail else ''}",
+        why = (f" (it was sent as Content-Type {declared}; on this route ember reads every body as JSON)"
+               if declared else "")
+        return bad_request(f"the request body is not valid JSON{': ' + detail if detail else ''}{why}",
                            code="invalid_json")
     if not loc and kind in ("model_attributes_type", "dict_type", "model_type"):
-        return bad_request("the request body must be a JSON object", code="invalid_body")
+        return bad_request("the request body must be a JSON object (sent with Content-Type: application/json)",
+                           code="invalid_body")
     # Drop the tags pydantic adds for union members ("str", "list[str]") so the path names the field.
     names = [str(p) for p in loc if isinstance(p, int) or not ("[" in p or p in _UNION_TAGS)]
     param = ".".join(names) or None
@@ -108,7 +116,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
-        return error_response(request.url.path, _validation_error(exc))
+        return error_response(request.url.path, _validation_error(exc, request.scope.get(DECLARED_TYPE)))
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException):

@@ -111,16 +111,29 @@ def completion_logprobs(engine: AsyncEngine, logprobs: list[TokenLogprob] | None
 # --- models -------------------------------------------------------------------------------------------------
 def model_card(entry: ModelEntry) -> dict:
     engine = entry.engine
+    meta = {"max_model_len": engine.max_model_len, "chat_template": engine.chat_template is not None,
+            "embeddings": EMBEDDINGS_NOTE, "loaded": True, **_info_meta(entry.info)}
     return {"id": entry.name, "object": "model", "created": entry.created, "owned_by": "ember",
-            "max_model_len": engine.max_model_len,
-            "meta": {"max_model_len": engine.max_model_len, "chat_template": engine.chat_template is not None,
-                     "embeddings": EMBEDDINGS_NOTE}}
+            "max_model_len": engine.max_model_len, "meta": meta}
 
 
 def available_card(model) -> dict:
     """A model that is available (ember.store.catalog) but not loaded."""
     return {"id": model.name, "object": "model", "created": int(model.modified), "owned_by": "ember",
-            "meta": {"loaded": False, "format": model.format, "size": model.size, "source": model.source}}
+            "meta": {"loaded": False, "format": model.format, "size": model.size, "source": model.source,
+                     **({"quantization": model.quant} if model.quant else {}),
+                     **({"parameters": model.parameters} if model.parameters else {})}}
+
+
+def _info_meta(info) -> dict:
+    """What ember.store.model_info knows of a loaded model, for its card (nothing when it has no files)."""
+    if info is None:
+        return {}
+    found = {"format": info.format, "family": info.family, "parameters": info.parameters,
+             "quantization": info.quantization, "digest": f"sha256:{info.digest}", "size": info.size,
+             "context_length": info.context_length, "capabilities": list(info.capabilities),
+             "load_seconds": info.load_seconds}
+    return {k: v for k, v in found.items() if v is not None}
 
 
 async def available_models(state: ServerState) -> list:
@@ -325,8 +338,17 @@ async def embeddings(body: EmbeddingRequest, request: Request):
 
 
 # --- responses ----------------------------------------------------------------------------------------------
-def _responses_messages(body: ResponsesRequest) -> list[dict]:
-    messages = [{"role": "system", "content": body.instructions}] if body.instructions else []
+def _conversation(state: ServerState, body: ResponsesRequest) -> list[dict]:
+    """The messages so far: those of `previous_response_id` (its instructions are not carried over, as in
+    OpenAI's API), then this request's input."""
+    messages: list[dict] = []
+    if body.previous_response_id is not None:
+        previous = state.responses.get(body.previous_response_id)
+        if previous is None:
+            raise bad_request(f"previous_response_id: no stored response {body.previous_response_id!r} (this "
+                              "server keeps the most recent ones with store true, until it restarts)",
+                              param="previous_response_id")
+        messages = list(previous)
     if isinstance(body.input, str):
         return [*messages, {"role": "user", "content": body.input}]
     for item in body.input:
@@ -340,6 +362,11 @@ def _responses_messages(body: ResponsesRequest) -> list[dict]:
                               param="input")
         messages.append({"role": item["role"], "content": content_text(content, "input")})
     return messages
+
+
+def _remember(state: ServerState, body: ResponsesRequest, rid: str, conversation: list[dict], choice: Choice):
+    if body.store is not False:
+        state.responses.put(rid, [*conversation, {"role": "assistant", "content": choice.text}])
 
 
 def _response_object(rid: str, created: int, body: ResponsesRequest, model: str, status: str,
@@ -361,8 +388,8 @@ def _response_object(rid: str, created: int, body: ResponsesRequest, model: str,
     return {"id": rid, "object": "response", "created_at": created, "status": status, "error": None,
             "incomplete_details": incomplete, "instructions": body.instructions,
             "max_output_tokens": body.max_output_tokens, "model": model, "output": output,
-            "parallel_tool_calls": False, "previous_response_id": None, "reasoning": {"effort": None, "summary": None},
-            "store": False, "temperature": body.temperature if body.temperature is not None else 1.0,
+            "parallel_tool_calls": False, "previous_response_id": body.previous_response_id, "reasoning": {"effort": None, "summary": None},
+            "store": body.store is not False, "temperature": body.temperature if body.temperature is not None else 1.0,
             "text": {"format": {"type": "text"}}, "tool_choice": "auto", "tools": [],
             "top_p": body.top_p if body.top_p is not None else 1.0, "truncation": "disabled",
             "usage": usage_block, "user": body.user, "metadata": body.metadata or {}}
@@ -374,21 +401,25 @@ async def responses(body: ResponsesRequest, request: Request):
     text_format = (body.text or {}).get("format")
     if isinstance(text_format, dict) and text_format.get("type", "text") != "text":
         raise not_supported(f"text.format of type {text_format.get('type')!r} (structured output)", param="text")
+    conversation = _conversation(state, body)
+    instructions = [{"role": "system", "content": body.instructions}] if body.instructions else []
     entry = await state.use_model(request, body.model)
-    prompt = chat_prompt_ids(entry.engine, _responses_messages(body))
+    prompt = chat_prompt_ids(entry.engine, instructions + conversation)
     kwargs = {k: getattr(body, k) for k in ("temperature", "top_p", "seed") if getattr(body, k) is not None}
     params = SamplingParams(max_tokens=body.max_output_tokens, **kwargs)
     generation = start_generation(state, entry, [prompt], params, "resp")
     rid, msg_id, created = f"resp_{uuid.uuid4().hex}", f"msg_{uuid.uuid4().hex}", int(time.time())
     if body.stream:
-        return streaming(_responses_stream(generation, body, rid, msg_id, created))
+        return streaming(_responses_stream(generation, body, rid, msg_id, created,
+                                           lambda choice: _remember(state, body, rid, conversation, choice)))
     choice = (await collect(request, generation))[0]
     status = "completed" if choice.finish_reason == "stop" else "incomplete"
+    _remember(state, body, rid, conversation, choice)
     return _response_object(rid, created, body, entry.name, status, choice, msg_id)
 
 
 async def _responses_stream(generation: Generation, body: ResponsesRequest, rid: str, msg_id: str,
-                            created: int) -> AsyncIterator[str]:
+                            created: int, remember) -> AsyncIterator[str]:
     sequence = 0
 
     def event(kind: str, **fields) -> str:
@@ -422,6 +453,7 @@ async def _responses_stream(generation: Generation, body: ResponsesRequest, rid:
     yield event("response.content_part.done", item_id=msg_id, output_index=0, content_index=0,
                 part={**part, "text": choice.text})
     status = "completed" if choice.finish_reason == "stop" else "incomplete"
+    remember(choice)
     final = _response_object(rid, created, body, model, status, choice, msg_id)
     yield event("response.output_item.done", output_index=0, item=final["output"][0])
     yield event("response.completed" if status == "completed" else "response.incomplete", response=final)
