@@ -73,6 +73,8 @@ class LLM:
                 done.token_ids.extend(out.token_ids)
                 if out.logprobs is not None:
                     done.logprobs = (done.logprobs or []) + out.logprobs
+                if out.prompt_logprobs is not None:
+                    done.prompt_logprobs = out.prompt_logprobs
                 if out.finished:
                     done.finish_reason = out.finish_reason
                     done.cached_tokens = out.cached_tokens

@@ -151,6 +151,29 @@ def test_vllm_and_llamacpp_fields_produce_matching_text(server):
             assert choice["finish_reason"] == "stop" and check(choice["text"]), (fields, choice)
 
 
+def test_llamacpp_completion_route_grammar_and_json_schema(server):
+    """llama.cpp's own POST /completion: `grammar` (GBNF) and `json_schema`; bad or both: 400 naming them."""
+    grammar = 'root ::= "id-" [0-9] [0-9] [0-9]'
+    for fields, check in (({"grammar": grammar}, lambda t: re.fullmatch("id-[0-9]{3}", t)),
+                          ({"json_schema": SCHEMAS[4]},
+                           lambda t: jsonschema.validate(json.loads(t), SCHEMAS[4]) is None)):
+        for stream in (False, True):
+            body = {"prompt": "Answer:", "n_predict": 64, "temperature": 1.0, "seed": 9, "stream": stream, **fields}
+            reply = post(server, "/completion", body)
+            assert reply.status_code == 200, reply.text
+            if stream:
+                events = [json.loads(line[6:]) for line in reply.text.splitlines() if line.startswith("data: ")]
+                text, final = "".join(e["content"] for e in events[:-1]), events[-1]
+            else:
+                final = reply.json()
+                text = final["content"]
+            assert final["stop_type"] == "eos" and check(text), (fields, text)
+    for fields, param in (({"grammar": "root ::= nope"}, "grammar"),
+                          ({"grammar": grammar, "json_schema": SCHEMAS[0]}, "json_schema")):
+        reply = post(server, "/completion", {"prompt": "hi", "n_predict": 4, **fields})
+        assert reply.status_code == 400 and reply.json()["error"]["param"] == param, reply.text
+
+
 def test_responses_text_format(client, server):
     response = client.responses.create(
         model=server.model, input="A person, please.", temperature=0.0, max_output_tokens=120,

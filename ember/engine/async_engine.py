@@ -101,6 +101,9 @@ class AsyncEngine:
     async def embed(self, prompt_token_ids: list[int]) -> list[float]:
         return await self._run_on_engine(lambda: self.engine.embed(prompt_token_ids))
 
+    async def running_sequences(self) -> list[dict]:
+        return await self._run_on_engine(self.engine.running_sequences)
+
     async def _run_on_engine(self, job: Callable[[], Any]) -> Any:
         future: Future = Future()
         with self._lock:

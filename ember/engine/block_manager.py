@@ -74,7 +74,7 @@ class BlockManager:
         """Give a waiting sequence blocks for all its tokens, reusing cached prefix blocks; False if short."""
         hashes = self._prefix_hashes(seq)
         # Keep at least one token to compute: the step that samples the next token needs its logits.
-        max_hits = (len(seq) - 1) // self.block_size
+        max_hits = (len(seq) - 1) // self.block_size if seq.reuses_prefix_cache else 0
         hits = []
         for h in hashes[:max_hits]:
             block_id = self.cached.get(h)

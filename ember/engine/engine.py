@@ -15,14 +15,14 @@ import psutil
 import torch
 
 from ember.engine.block_manager import BlockManager
-from ember.engine.model_runner import ModelRunner
+from ember.engine.model_runner import ModelRunner, PromptScores
 from ember.engine.outputs import StepOutput, TokenLogprob
 from ember.engine.scheduler import ScheduledChunk, Scheduler
 from ember.engine.sequence import Sequence, SequenceStatus
 from ember.engine.speculator import Candidate, Speculator
 from ember.engine.stop import StopChecker
 from ember.errors import InvalidParameter, OutOfResources
-from ember.layers.sampler import Sampler, SamplingState
+from ember.layers.sampler import Sampler, SamplingState, token_logprobs
 from ember.loader.model import LoadedModel, load_model
 from ember.sampling_params import SamplingParams
 from ember.store.memory import kv_bytes_per_token
@@ -76,6 +76,10 @@ class _Request:
     detokenizer: IncrementalDetokenizer
     stop: StopChecker
     text: list[str] = field(default_factory=list)
+    # Log-probabilities of prompt tokens 1.. (token 0 has none), when the request scores its prompt; handed
+    # over once, with the request's first output.
+    prompt_logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs_sent: bool = False
 
 
 def _default_kv_budget(device: torch.device) -> int:
@@ -190,7 +194,8 @@ class LLMEngine:
         )
         detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens)
         stop = StopChecker(params, self.eos_token_ids, max_tokens)
-        self.requests[request_id] = _Request(seq, sampling, detokenizer, stop)
+        self.requests[request_id] = _Request(seq, sampling, detokenizer, stop,
+                                             prompt_logprobs=[] if params.prompt_logprobs is not None else None)
         self.scheduler.add(seq)
 
     def abort(self, request_id: str) -> StepOutput | None:
@@ -205,11 +210,18 @@ class LLMEngine:
 
     def _output(self, request, text, token_ids, logprobs, finish_reason) -> StepOutput:
         seq = request.seq
+        prompt_logprobs = None
+        # Complete once a token was sampled or the prompt was evaluated to its end (an abort may come earlier).
+        complete = token_ids or (finish_reason is not None and seq.num_computed_tokens >= seq.num_prompt_tokens)
+        if request.prompt_logprobs is not None and not request.prompt_logprobs_sent and complete:
+            prompt_logprobs = [None, *request.prompt_logprobs]
+            request.prompt_logprobs_sent = True
         return StepOutput(
             request_id=seq.request_id, text_delta=text, token_ids=token_ids, logprobs=logprobs,
             finished=finish_reason is not None, finish_reason=finish_reason,
             prompt_tokens=seq.num_prompt_tokens, completion_tokens=seq.num_output_tokens,
-            cached_tokens=seq.num_cached_tokens,
+            cached_tokens=seq.num_cached_tokens, prompt_logprobs=prompt_logprobs,
+            stop_reason=request.stop.stopped_by if finish_reason == "stop" else None,
         )
 
     @torch.inference_mode()
@@ -220,7 +232,9 @@ class LLMEngine:
         started = self.clock()
         if self.speculator is not None:
             self._speculate(chunks)
-        sampled, logits = self.runner.run(chunks)
+        sampled, logits, scored = self.runner.run(chunks)
+        for scores in scored:
+            self._score_prompt(self.requests[scores.seq.request_id], scores)
         for chunk in chunks:
             if chunk.proposal is not None:
                 continue  # what it computed for good is known once its drafts are verified
@@ -231,15 +245,17 @@ class LLMEngine:
         if not sampled:
             # Not timed: nothing here waits for the device (CUDA and MPS run asynchronously).
             return []
-        plain_rows, plain, verified, row = [], [], [], 0
+        plain_rows, plain, verified, outputs, row = [], [], [], [], 0
         for chunk in sampled:
-            if chunk.proposal is None:
+            request = self.requests[chunk.seq.request_id]
+            if request.stop.max_tokens == 0:  # the prompt is evaluated (and scored), nothing is generated
+                outputs.append(self._finish_unsampled(request, "length"))
+            elif chunk.proposal is None:
                 plain_rows.append(row)
-                plain.append(self.requests[chunk.seq.request_id])
+                plain.append(request)
             else:
                 verified.append((chunk, logits[row : row + chunk.num_logits]))
             row += chunk.num_logits
-        outputs = []
         if plain:
             rows = logits if len(plain_rows) == logits.shape[0] else logits[plain_rows]
             tokens, logprobs = self.sampler(rows, [r.sampling for r in plain])
@@ -315,6 +331,26 @@ class LLMEngine:
         if self.speculator is not None:
             self.speculator.release(seq.request_id)
 
+    def _finish_unsampled(self, request: _Request, reason: str) -> StepOutput:
+        """End a request at a step that sampled nothing for it (max_tokens 0)."""
+        seq = request.seq
+        seq.finish_reason = reason
+        output = self._output(request, "", [], None, reason)  # before _finish frees the sequence's blocks
+        self._finish(seq)
+        del self.requests[seq.request_id]
+        return output
+
+    def _score_prompt(self, request: _Request, scores: PromptScores) -> None:
+        """Append the log-probabilities of the prompt tokens these logits predict. After a preemption the
+        prompt is computed again from position 0: the rows scored before are skipped."""
+        done = len(request.prompt_logprobs)
+        skip = done - scores.first
+        if skip >= scores.logits.shape[0]:
+            return
+        start = scores.first + skip + 1
+        targets = request.seq.token_ids[start : start + scores.logits.shape[0] - skip]
+        request.prompt_logprobs += token_logprobs(scores.logits[skip:], targets, request.sampling.params.prompt_logprobs)
+
     @torch.inference_mode()
     def embed(self, prompt_token_ids: list[int]) -> list[float]:
         """Mean-pooled final hidden states: a stand-in embedding for decoder models."""
@@ -348,6 +384,16 @@ class LLMEngine:
             "preemptions": self.scheduler.num_preemptions,
             **(self.speculator.stats() if self.speculator is not None else {}),
         }
+
+    def running_sequences(self) -> list[dict]:
+        """The sequences being computed, oldest first: what llama.cpp's /slots shows (call on the engine thread)."""
+        result = []
+        for seq in sorted(self.scheduler.running, key=lambda s: s.arrival):
+            request = self.requests.get(seq.request_id)
+            if request is not None:
+                result.append({"request_id": seq.request_id, "params": seq.params, "output_tokens": seq.num_output_tokens,
+                               "max_tokens": request.stop.max_tokens})
+        return result
 
     def is_running(self, request_id: str) -> bool:
         request = self.requests.get(request_id)

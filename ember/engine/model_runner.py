@@ -4,13 +4,31 @@ from __future__ import annotations
 
 import math
 import mmap
+from dataclasses import dataclass
 
 import torch
 
 from ember.config import ModelConfig
 from ember.engine.scheduler import ScheduledChunk
+from ember.engine.sequence import Sequence
 from ember.layers.attention import AttentionMetadata, PrefillSlice
 from ember.models.decoder import CausalLM
+
+
+@dataclass
+class PromptScores:
+    """Logits of a sequence's prompt positions first.. computed in one step: row i predicts token first + i + 1."""
+
+    seq: Sequence
+    first: int
+    logits: torch.Tensor
+
+
+@dataclass
+class _LogitPlan:
+    rows: torch.Tensor | None  # hidden rows to compute logits for; None: all of them
+    sample_index: list[int] | None  # the sampled chunks' rows among those; None: all of them
+    scored: list[tuple[ScheduledChunk, int, int]]
 
 
 def _zeroed_cache(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -96,12 +114,23 @@ class ModelRunner:
                 else:
                     piece.context_start = first_slot
             prefill_slices.append(piece)
-        sample_rows: list[int] = []
+        # Rows that need logits: each sampling chunk's last `num_logits` (one per token it samples), and the
+        # prompt positions of a sequence that scores its prompt (position p's logits give the log-probability
+        # of prompt token p + 1).
+        logit_rows: list[int] = []
+        sample_index: list[int] = []  # where the sampled chunks' rows sit in logit_rows
+        scored: list[tuple[ScheduledChunk, int, int]] = []  # (chunk, first position, first index in logit_rows)
         offset = 0
         for chunk in ordered:
+            seq, start = chunk.seq, chunk.seq.num_computed_tokens
+            last = min(start + chunk.num_tokens, seq.num_prompt_tokens - 1)
+            if seq.wants_prompt_logprobs and last > start:
+                scored.append((chunk, start, len(logit_rows)))
+                logit_rows.extend(range(offset, offset + last - start))
             offset += chunk.num_tokens
             if chunk.samples:
-                sample_rows.extend(range(offset - chunk.num_logits, offset))
+                sample_index.extend(range(len(logit_rows), len(logit_rows) + chunk.num_logits))
+                logit_rows.extend(range(offset - chunk.num_logits, offset))
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device), block_size=size,
             num_decode=len(lens), prefills=prefill_slices, scratch=self._scratch,
@@ -128,20 +157,28 @@ class ModelRunner:
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
         sampled = [c for c in ordered if c.samples]
         rows = None
-        if len(sample_rows) != len(input_ids):
-            rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
-        return ids, pos, meta, rows, sampled
+        if len(logit_rows) != len(input_ids):
+            rows = torch.tensor(logit_rows, dtype=torch.long, device=self.device)
+        plan = _LogitPlan(rows, sample_index if scored else None, scored)
+        return ids, pos, meta, plan, sampled
 
     @torch.inference_mode()
-    def run(self, chunks: list[ScheduledChunk]) -> tuple[list[ScheduledChunk], torch.Tensor]:
-        """Compute the step; return the chunks that sample and their next-token logits (fp32), `num_logits`
-        rows per chunk in the order of the returned chunks."""
-        ids, pos, meta, rows, sampled = self._build(chunks)
+    def run(self, chunks: list[ScheduledChunk]) -> tuple[list[ScheduledChunk], torch.Tensor, list[PromptScores]]:
+        """Compute the step; return the chunks that sample, their next-token logits (fp32, `num_logits` rows per
+        chunk in the order of the returned chunks), and the logits of the prompt positions computed for
+        sequences that score their prompt."""
+        ids, pos, meta, plan, sampled = self._build(chunks)
         hidden = self.model(ids, pos, meta)
-        if not sampled:
-            return [], torch.empty(0)
-        # Logits only for the rows that sample (an all-decode step samples every row: no gather).
-        return sampled, self.model.compute_logits(hidden if rows is None else hidden.index_select(0, rows))
+        if not plan.scored and not sampled:
+            return [], torch.empty(0), []
+        # Logits only for the rows that need them (an all-decode step samples every row: no gather).
+        logits = self.model.compute_logits(hidden if plan.rows is None else hidden.index_select(0, plan.rows))
+        scored = [PromptScores(chunk.seq, first, logits[at : at + min(first + chunk.num_tokens,
+                                                                     chunk.seq.num_prompt_tokens - 1) - first])
+                  for chunk, first, at in plan.scored]
+        if plan.sample_index is not None:
+            logits = logits[plan.sample_index]
+        return sampled, logits, scored
 
     @torch.inference_mode()
     def hidden_states(self, chunk: ScheduledChunk) -> torch.Tensor:

@@ -107,7 +107,7 @@ class DraftModel:
     def _run(self, chunks: list[ScheduledChunk]) -> dict[int, torch.Tensor]:
         """Compute `chunks` in the draft's cache; next-token logits (in the target's width) of those that
         reach their sequence's end, by id of the sequence."""
-        sampled, logits = self.runner.run(chunks)
+        sampled, logits, _ = self.runner.run(chunks)  # the draft never scores prompts
         for chunk in chunks:
             chunk.seq.num_computed_tokens += chunk.num_tokens
         width = logits.shape[-1] if sampled else self.vocab_size

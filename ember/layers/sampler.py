@@ -209,6 +209,17 @@ def _sample(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
     return _draw(filtered_logits(logits, [state.params for state in states]), states)
 
 
+def token_logprobs(logits: torch.Tensor, tokens: list[int], top: int) -> list[TokenLogprob]:
+    """Each row's log-probability of its token under the model's distribution, with the `top` most likely."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logprobs.gather(1, torch.tensor(tokens, device=logits.device)[:, None])[:, 0].tolist()
+    best: list[list[tuple[int, float]]] = [[] for _ in tokens]
+    if top:
+        values, ids = logprobs.topk(top, dim=-1)
+        best = [list(zip(i, v, strict=True)) for i, v in zip(ids.tolist(), values.tolist(), strict=True)]
+    return [TokenLogprob(t, c, b) for t, c, b in zip(tokens, chosen, best, strict=True)]
+
+
 def _logprobs(raw: torch.Tensor, states: list[SamplingState], tokens: list[int],
               masks: GrammarMasks | None = None) -> list[TokenLogprob | None]:
     """Log-probabilities under the model's own distribution (before any penalty or filter), as OpenAI reports;
@@ -218,18 +229,15 @@ def _logprobs(raw: torch.Tensor, states: list[SamplingState], tokens: list[int],
     wanted = [row for row, state in enumerate(states) if state.params.logprobs is not None]
     if not wanted:
         return result
-    scores = raw[wanted].float()
+    scores = raw[wanted]
     if masks is not None:
+        scores = scores.float()  # raw[wanted] is already a copy: the raw logits stay as they are
         masks.select(wanted).apply(scores)
-    logprobs = torch.log_softmax(scores, dim=-1)
-    chosen = logprobs.gather(1, torch.tensor([tokens[r] for r in wanted], device=raw.device)[:, None])[:, 0].tolist()
     most = max(states[r].params.logprobs for r in wanted)
-    top_values, top_ids = logprobs.topk(most, dim=-1)
-    top_values, top_ids = top_values.tolist(), top_ids.tolist()
-    for j, row in enumerate(wanted):
-        count = states[row].params.logprobs
-        top = [(t, v) for t, v in zip(top_ids[j][:count], top_values[j][:count], strict=True) if v != -math.inf]
-        result[row] = TokenLogprob(tokens[row], chosen[j], top)
+    scored = token_logprobs(scores, [tokens[r] for r in wanted], most)
+    for row, entry in zip(wanted, scored, strict=True):
+        entry.top = [(t, v) for t, v in entry.top[: states[row].params.logprobs] if v != -math.inf]
+        result[row] = entry
     return result
 
 

@@ -13,7 +13,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 
 from ember import __version__
-from ember.server import errors, llamacpp_api, ollama_api, openai_api, webui
+from ember.server import anthropic_api, errors, llamacpp_api, ollama_api, openai_api, webui
 from ember.server.errors import DECLARED_TYPE, APIError, error_body
 from ember.server.generation import ClientGone
 from ember.server.state import LEASES, ServerState
@@ -76,7 +76,7 @@ class GuardMiddleware:
             given = auth[7:].strip() if auth[:7].lower() == "bearer " else headers.get("x-api-key", "")
             if not hmac.compare_digest(given.encode(), settings.api_key.encode()):
                 return await _send_error(scope, send, APIError(
-                    401, "invalid or missing API key (send it as 'Authorization: Bearer KEY')",
+                    401, "invalid or missing API key (send it as 'Authorization: Bearer KEY' or 'x-api-key: KEY')",
                     code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"}))
         limit = settings.max_body_bytes
         length = headers.get("content-length")
@@ -168,6 +168,7 @@ def create_app(state: ServerState) -> FastAPI:
     app.include_router(openai_api.router)
     app.include_router(ollama_api.router)
     app.include_router(llamacpp_api.router)
+    app.include_router(anthropic_api.router)
     app.add_middleware(GuardMiddleware, state=state)
     if state.settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=state.settings.cors_origins, allow_methods=["*"],

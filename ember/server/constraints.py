@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from dataclasses import replace
 from typing import Any
 
 from ember.engine.async_engine import AsyncEngine
@@ -148,8 +149,22 @@ def ollama_constraint(fmt: str | dict | None) -> Constraint | None:
     raise bad_request(f"format: must be \"json\" or a JSON schema object, got {fmt!r}", param="format")
 
 
-async def compile_constraint(engine: AsyncEngine, params: SamplingParams, field: str | None) -> None:
-    """Compile params.structured for the engine's vocabulary off the event loop (the engine then finds it in
-    its cache); an invalid spec raises InvalidParameter naming `field`, which the server answers with 400."""
-    if params.structured is not None:
-        await asyncio.to_thread(engine.compile_grammar, params.structured, field or "structured")
+def llamacpp_constraint(body) -> Constraint | None:
+    """llama.cpp's /completion: `grammar` (GBNF; "" is none) or `json_schema`."""
+    found: list[Constraint] = []
+    if body.grammar:
+        found.append((StructuredOutput("grammar", body.grammar), "grammar"))
+    if body.json_schema is not None:
+        found.append((StructuredOutput("json_schema", _schema_text(body.json_schema, "json_schema")), "json_schema"))
+    return _single(found)
+
+
+async def with_constraint(engine: AsyncEngine, params: SamplingParams, constraint: Constraint | None) -> SamplingParams:
+    """`params` with the constraint, compiled for the engine's vocabulary off the event loop (the engine then
+    finds it in its cache); an invalid spec raises InvalidParameter naming its field, which the server answers
+    with 400."""
+    if constraint is None:
+        return params
+    structured, field = constraint
+    await asyncio.to_thread(engine.compile_grammar, structured, field)
+    return replace(params, structured=structured)

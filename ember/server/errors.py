@@ -1,4 +1,5 @@
-"""Errors as HTTP responses: OpenAI's `{"error": {...}}` everywhere except Ollama's `{"error": "..."}` on /api/*."""
+"""Errors as HTTP responses: OpenAI's `{"error": {...}}` everywhere except Ollama's `{"error": "..."}` on /api/*
+and Anthropic's `{"type": "error", "error": {...}}` on /v1/messages."""
 
 from __future__ import annotations
 
@@ -50,9 +51,26 @@ def is_ollama_path(path: str) -> bool:
     return path == "/api" or path.startswith("/api/")
 
 
+def is_anthropic_path(path: str) -> bool:
+    return path == "/v1/messages" or path.startswith("/v1/messages/")
+
+
+# Anthropic's error types by status (its SDK picks the exception class from the status alone).
+_ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                    404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
+                    503: "overloaded_error"}
+
+
+def anthropic_error(err: APIError) -> dict:
+    kind = _ANTHROPIC_TYPES.get(err.status, "api_error" if err.status >= 500 else "invalid_request_error")
+    return {"type": "error", "error": {"type": kind, "message": err.message}}
+
+
 def error_body(path: str, err: APIError) -> dict:
     if is_ollama_path(path):
         return {"error": err.message}
+    if is_anthropic_path(path):
+        return anthropic_error(err)
     return {"error": {"message": err.message, "type": err.type, "param": err.param, "code": err.code}}
 
 

@@ -9,7 +9,6 @@ import math
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -19,7 +18,7 @@ from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 from ember import __version__
 from ember.errors import EmberError
 from ember.sampling_params import SamplingParams
-from ember.server.constraints import compile_constraint, ollama_constraint
+from ember.server.constraints import ollama_constraint, with_constraint
 from ember.server.errors import APIError, bad_request, from_exception, not_supported
 from ember.server.generation import Choice, Generation, collect, start_generation
 from ember.server.ollama_options import check_options, num_ctx, ollama_params
@@ -58,12 +57,7 @@ def check_request(body) -> None:
 async def request_params(entry: ModelEntry, options: dict, body) -> SamplingParams:
     """The SamplingParams of a generate/chat body: its options over the model's defaults, and its format
     compiled (400 if invalid)."""
-    params = _params(entry, options)
-    structured, field = ollama_constraint(body.format) or (None, None)
-    if structured is not None:
-        params = replace(params, structured=structured)
-        await compile_constraint(entry.engine, params, field)
-    return params
+    return await with_constraint(entry.engine, _params(entry, options), ollama_constraint(body.format))
 
 
 def _ns(seconds: float) -> int:

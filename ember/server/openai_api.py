@@ -11,6 +11,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
+from dataclasses import replace
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
@@ -18,17 +19,25 @@ from fastapi.responses import StreamingResponse
 from ember.engine.async_engine import AsyncEngine
 from ember.engine.outputs import StepOutput, TokenLogprob
 from ember.errors import EmberError
-from ember.sampling_params import SamplingParams, StructuredOutput
-from ember.server.constraints import compile_constraint, openai_constraint, responses_constraint
+from ember.sampling_params import SamplingParams
+from ember.server.constraints import openai_constraint, responses_constraint, with_constraint
 from ember.server.errors import APIError, bad_request, from_exception, not_supported
 from ember.server.generation import Choice, Generation, collect, start_generation, validate
-from ember.server.prompting import chat_prompt_ids, content_text, plain_messages, prompt_ids_list, token_text
+from ember.server.prompting import (
+    chat_prompt_ids,
+    content_text,
+    fim_prompt_ids,
+    plain_messages,
+    prompt_ids_list,
+    token_text,
+)
 from ember.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     EmbeddingRequest,
     ResponsesRequest,
     SamplingFields,
+    StreamOptions,
 )
 from ember.server.state import ModelEntry, ServerState
 
@@ -60,24 +69,20 @@ def streaming(events: AsyncIterator[str]) -> StreamingResponse:
     return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
 
 
-def sampling_params(body: SamplingFields, max_tokens: int | None, logprobs: int | None,
-                    structured: StructuredOutput | None = None) -> SamplingParams:
+def sampling_params(body: SamplingFields, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
     kwargs = {name: getattr(body, name) for name in (
         "temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty", "frequency_penalty",
         "repetition_penalty", "logit_bias", "stop", "stop_token_ids") if getattr(body, name) is not None}
     return SamplingParams(
         n=body.n, max_tokens=max_tokens, logprobs=logprobs, min_tokens=body.min_tokens, ignore_eos=body.ignore_eos,
         skip_special_tokens=body.skip_special_tokens, include_stop_str_in_output=body.include_stop_str_in_output,
-        structured=structured, speculative=body.speculative, **kwargs)
+        speculative=body.speculative, use_prefix_cache=body.cache_prompt, **kwargs)
 
 
 async def request_params(engine: AsyncEngine, body: SamplingFields, max_tokens: int | None,
                          logprobs: int | None) -> SamplingParams:
     """The body's SamplingParams with its structured output constraint compiled (400 if it is invalid)."""
-    structured, field = openai_constraint(body) or (None, None)
-    params = sampling_params(body, max_tokens, logprobs, structured)
-    await compile_constraint(engine, params, field)
-    return params
+    return await with_constraint(engine, sampling_params(body, max_tokens, logprobs), openai_constraint(body))
 
 
 def usage(generation: Generation, choices: list[Choice]) -> dict:
@@ -89,29 +94,46 @@ def usage(generation: Generation, choices: list[Choice]) -> dict:
 
 
 # --- logprobs in OpenAI's two shapes ------------------------------------------------------------------------
+def token_entry(engine: AsyncEngine, token_id: int, logprob: float) -> dict:
+    """One token's text, log-probability and UTF-8 bytes (OpenAI's chat shape; llama.cpp adds the id)."""
+    text = token_text(engine, token_id)
+    return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+
 def chat_logprobs(engine: AsyncEngine, logprobs: list[TokenLogprob] | None) -> dict | None:
     if logprobs is None:
         return None
-
-    def entry(token_id: int, logprob: float) -> dict:
-        text = token_text(engine, token_id)
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
-
-    return {"content": [{**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]}
-                        for lp in logprobs]}
+    return {"content": [{**token_entry(engine, lp.token_id, lp.logprob),
+                         "top_logprobs": [token_entry(engine, t, v) for t, v in lp.top]} for lp in logprobs]}
 
 
-def completion_logprobs(engine: AsyncEngine, logprobs: list[TokenLogprob] | None, offset: int = 0) -> dict | None:
-    if logprobs is None:
+def completion_logprobs(engine: AsyncEngine, logprobs: list[TokenLogprob] | None, offset: int = 0,
+                        echoed: tuple[list[int], list[TokenLogprob | None]] | None = None) -> dict | None:
+    """OpenAI's legacy shape. `echoed`: the prompt's ids and log-probabilities, listed first; its first token has
+    none (null, as OpenAI answers)."""
+    if logprobs is None and echoed is None:
         return None
+    entries = list(zip(*echoed, strict=True)) if echoed else []
+    entries += [(lp.token_id, lp) for lp in logprobs or []]
     tokens, offsets = [], []
-    for lp in logprobs:
+    for token_id, _ in entries:
         offsets.append(offset)
-        tokens.append(token_text(engine, lp.token_id))
+        tokens.append(token_text(engine, token_id))
         offset += len(tokens[-1])
-    return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in logprobs],
-            "top_logprobs": [{token_text(engine, t): v for t, v in lp.top} for lp in logprobs],
+    return {"tokens": tokens, "token_logprobs": [lp.logprob if lp else None for _, lp in entries],
+            "top_logprobs": [{token_text(engine, t): v for t, v in lp.top} if lp else None for _, lp in entries],
             "text_offset": offsets}
+
+
+def finish_reason(reason: str | None) -> str | None:
+    """Only the reasons OpenAI's clients know. An aborted choice (the server shutting down, past its grace
+    period) reads "length": its text was cut short, which "stop" would deny."""
+    return "length" if reason == "abort" else reason
+
+
+def check_stream_options(body: SamplingFields) -> None:
+    if body.stream_options is not None and not body.stream:
+        raise bad_request("stream_options: only allowed when stream is true", param="stream_options")
 
 
 # --- models -------------------------------------------------------------------------------------------------
@@ -211,24 +233,28 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     entry = await state.use_model(request, body.model)
     prompt = chat_prompt_ids(entry.engine, plain_messages(body.messages), body.tools, body.add_generation_prompt,
                              body.chat_template_kwargs)
+    check_stream_options(body)
     params = await request_params(entry.engine, body, body.max_completion_tokens or body.max_tokens,
                                   (body.top_logprobs or 0) if body.logprobs else None)
     generation = start_generation(state, entry, [prompt], params, "chatcmpl")
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": entry.name,
             "system_fingerprint": None}
     if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return streaming(_chat_stream(generation, head, include_usage))
+        return streaming(_chat_stream(generation, head, body.stream_options))
     choices = await collect(request, generation)
     return {**head, "object": "chat.completion", "choices": [
         {"index": c.index, "message": {"role": "assistant", "content": c.text},
-         "logprobs": chat_logprobs(entry.engine, c.logprobs), "finish_reason": c.finish_reason}
+         "logprobs": chat_logprobs(entry.engine, c.logprobs), "finish_reason": finish_reason(c.finish_reason)}
         for c in choices], "usage": usage(generation, choices)}
 
 
-async def _sse_stream(generation: Generation, head: dict, include_usage: bool, render) -> AsyncIterator[str]:
-    """The SSE body of a generation: `render(index, out, first)` yields each output's chunks, then come the usage
-    chunk (when asked for) and [DONE]; an error mid-stream becomes an error event and [DONE]."""
+async def _sse_stream(generation: Generation, head: dict, options: StreamOptions | None,
+                      render) -> AsyncIterator[str]:
+    """The SSE body of a generation: `render(index, out, first, extra)` yields each output's chunks, each with
+    `extra` spliced in (the usage field stream_options asks for), then come the usage chunk (include_usage) and
+    [DONE]; an error mid-stream becomes an error event and [DONE]."""
+    include_usage = bool(options and options.include_usage)
+    continuous = bool(options and options.continuous_usage_stats)
     choices = [Choice(i) for i in range(generation.num_choices)]
     started: set[int] = set()
     try:
@@ -237,7 +263,9 @@ async def _sse_stream(generation: Generation, head: dict, include_usage: bool, r
                 choices[index].add(out)
                 first = index not in started
                 started.add(index)
-                for event in render(index, out, first):
+                extra = ({"usage": usage(generation, choices)} if continuous
+                         else {"usage": None} if include_usage else {})
+                for event in render(index, out, first, extra):
                     yield event
     except (EmberError, APIError) as err:
         yield sse_error(err)
@@ -248,70 +276,90 @@ async def _sse_stream(generation: Generation, head: dict, include_usage: bool, r
     yield sse("[DONE]")
 
 
-def _chat_stream(generation: Generation, head: dict, include_usage: bool) -> AsyncIterator[str]:
+def _chat_stream(generation: Generation, head: dict, options: StreamOptions | None) -> AsyncIterator[str]:
     engine = generation.engine
     head = {**head, "object": "chat.completion.chunk"}
-    extra = {"usage": None} if include_usage else {}
 
-    def chunk(index: int, delta: dict, logprobs=None, finish_reason=None) -> str:
-        return sse({**head, "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
-                                         "finish_reason": finish_reason}], **extra})
+    def render(index: int, out: StepOutput, first: bool, extra: dict):
+        def chunk(delta: dict, logprobs=None, reason=None) -> str:
+            return sse({**head, "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
+                                             "finish_reason": finish_reason(reason)}], **extra})
 
-    def render(index: int, out: StepOutput, first: bool):
         if first:
-            yield chunk(index, {"role": "assistant", "content": ""})
+            yield chunk({"role": "assistant", "content": ""})
         if out.text_delta or out.logprobs:
-            yield chunk(index, {"content": out.text_delta}, chat_logprobs(engine, out.logprobs))
+            yield chunk({"content": out.text_delta}, chat_logprobs(engine, out.logprobs))
         if out.finished:
-            yield chunk(index, {}, None, out.finish_reason)
+            yield chunk({}, None, out.finish_reason)
 
-    return _sse_stream(generation, head, include_usage, render)
+    return _sse_stream(generation, head, options, render)
 
 
 # --- completions --------------------------------------------------------------------------------------------
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request):
     state = get_state(request)
-    if body.suffix:
-        raise not_supported("suffix (fill-in-the-middle)", param="suffix")
+    check_stream_options(body)
     if body.best_of is not None and body.best_of != body.n:
         raise not_supported("best_of different from n", param="best_of")
+    if body.max_tokens == 0 and not body.echo:
+        raise bad_request("max_tokens: 0 is only accepted with echo (to score the prompt)", param="max_tokens")
     entry = await state.use_model(request, body.model)
-    prompts = prompt_ids_list(entry.engine, body.prompt)
+    prompts = _completion_prompts(entry.engine, body)
     params = await request_params(entry.engine, body, 16 if body.max_tokens is None else body.max_tokens,
                                   body.logprobs)
+    if body.echo and body.logprobs is not None:
+        # What lm-evaluation-harness scores: the prompt's own tokens, each given those before it.
+        params = replace(params, prompt_logprobs=body.logprobs)
     generation = start_generation(state, entry, prompts, params, "cmpl")
     echoes = [entry.engine.tokenizer.decode(p) if body.echo else "" for p in prompts]
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": entry.name,
             "system_fingerprint": None}
     if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return streaming(_completion_stream(generation, head, include_usage, echoes))
+        return streaming(_completion_stream(generation, head, body.stream_options, echoes))
     choices = await collect(request, generation)
     result = []
     for c in choices:
         echo = echoes[generation.prompt_of(c.index)]
-        result.append({"index": c.index, "text": echo + c.text, "finish_reason": c.finish_reason,
-                       "logprobs": completion_logprobs(entry.engine, c.logprobs, len(echo))})
+        if c.prompt_logprobs is None:
+            logprobs = completion_logprobs(entry.engine, c.logprobs, len(echo))
+        else:  # the prompt's tokens listed too, from offset 0
+            echoed = (generation.prompts[generation.prompt_of(c.index)], c.prompt_logprobs)
+            logprobs = completion_logprobs(entry.engine, c.logprobs, 0, echoed)
+        result.append({"index": c.index, "text": echo + c.text, "finish_reason": finish_reason(c.finish_reason),
+                       "logprobs": logprobs})
     return {**head, "object": "text_completion", "choices": result, "usage": usage(generation, choices)}
 
 
-def _completion_stream(generation: Generation, head: dict, include_usage: bool,
+def _completion_prompts(engine: AsyncEngine, body: CompletionRequest) -> list[list[int]]:
+    """The prompts' ids; with a suffix, each text prompt is the prefix of a fill-in-the-middle prompt."""
+    if body.suffix is None:
+        return prompt_ids_list(engine, body.prompt)
+    texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    if not all(isinstance(text, str) for text in texts):
+        raise bad_request("suffix: needs text prompts, not token ids", param="suffix")
+    return [fim_prompt_ids(engine, text, body.suffix) for text in texts]
+
+
+def _completion_stream(generation: Generation, head: dict, options: StreamOptions | None,
                        echoes: list[str]) -> AsyncIterator[str]:
     engine = generation.engine
     head = {**head, "object": "text_completion"}
-    extra = {"usage": None} if include_usage else {}
     offsets = [len(echoes[generation.prompt_of(i)]) for i in range(generation.num_choices)]
 
-    def render(index: int, out: StepOutput, first: bool):
+    def render(index: int, out: StepOutput, first: bool, extra: dict):
         echo = echoes[generation.prompt_of(index)] if first else ""
-        if echo or out.text_delta or out.logprobs or out.finished:
-            logprobs = completion_logprobs(engine, out.logprobs, offsets[index])
-            offsets[index] += len(out.text_delta)
+        echoed = None
+        if out.prompt_logprobs is not None:  # the first output: the prompt's tokens are listed from offset 0
+            echoed = (generation.prompts[generation.prompt_of(index)], out.prompt_logprobs)
+            offsets[index] = 0
+        if echo or out.text_delta or out.logprobs or out.finished or echoed:
+            logprobs = completion_logprobs(engine, out.logprobs, offsets[index], echoed)
+            offsets[index] += sum(map(len, logprobs["tokens"])) if echoed else len(out.text_delta)
             yield sse({**head, "choices": [{"index": index, "text": echo + out.text_delta, "logprobs": logprobs,
-                                            "finish_reason": out.finish_reason}], **extra})
+                                            "finish_reason": finish_reason(out.finish_reason)}], **extra})
 
-    return _sse_stream(generation, head, include_usage, render)
+    return _sse_stream(generation, head, options, render)
 
 
 # --- embeddings ---------------------------------------------------------------------------------------------
@@ -403,14 +451,14 @@ def _response_object(rid: str, created: int, body: ResponsesRequest, model: str,
 @router.post("/v1/responses")
 async def responses(body: ResponsesRequest, request: Request):
     state = get_state(request)
-    structured, field = responses_constraint(body.text) or (None, None)
+    constraint = responses_constraint(body.text)
     conversation = _conversation(state, body)
     instructions = [{"role": "system", "content": body.instructions}] if body.instructions else []
     entry = await state.use_model(request, body.model)
     prompt = chat_prompt_ids(entry.engine, instructions + conversation)
     kwargs = {k: getattr(body, k) for k in ("temperature", "top_p", "seed") if getattr(body, k) is not None}
-    params = SamplingParams(max_tokens=body.max_output_tokens, structured=structured, **kwargs)
-    await compile_constraint(entry.engine, params, field)
+    params = await with_constraint(entry.engine, SamplingParams(max_tokens=body.max_output_tokens, **kwargs),
+                                   constraint)
     generation = start_generation(state, entry, [prompt], params, "resp")
     rid, msg_id, created = f"resp_{uuid.uuid4().hex}", f"msg_{uuid.uuid4().hex}", int(time.time())
     if body.stream:

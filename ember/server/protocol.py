@@ -35,7 +35,7 @@ _VLLM_SAMPLING = {name: () for name in (
     "use_beam_search", "length_penalty", "prompt_logprobs", "truncate_prompt_tokens", "allowed_token_ids",
     "bad_words", "priority")}
 _OPENAI_COMMON = {"service_tier": ("auto", "default"), "store": (False,), "metadata": ({},), "prediction": (),
-                  "cache_prompt": (True,), "spaces_between_special_tokens": (True,)}
+                  "spaces_between_special_tokens": (True,)}
 UNSUPPORTED_FIELDS: dict[str, dict[str, tuple]] = {
     "chat": {**_LLAMACPP_SAMPLING, **_VLLM_SAMPLING, **_OPENAI_COMMON, "audio": (), "modalities": (["text"],),
              "reasoning_effort": (), "web_search_options": (), "functions": (), "function_call": (),
@@ -49,6 +49,21 @@ UNSUPPORTED_FIELDS: dict[str, dict[str, tuple]] = {
                         "steps": ()},
     "ollama_chat": {"logprobs": (False,), "top_logprobs": (0,)},
     "tokenize": {"parse_special": (True,)},
+    # llama.cpp's /completion: its samplers and options ember lacks, accepted at the value that turns them off
+    # (what a client sending every field sends). Their settings (dynatemp_exponent, dry_base, mirostat_tau,
+    # xtc_threshold, ...) are not listed: they do nothing while these are off. Nor is n_keep: it only matters
+    # when a context overflows and is shifted, which ember never does (it refuses such prompts).
+    "llamacpp_completion": {
+        "dynatemp_range": (0, 0.0), "typical_p": (1, 1.0), "dry_multiplier": (0, 0.0), "xtc_probability": (0, 0.0),
+        "mirostat": (0,), "top_n_sigma": (-1, -1.0), "tfs_z": (1, 1.0), "penalize_nl": (False,), "n_indent": (0,),
+        "n_cmpl": (1,), "n_cache_reuse": (0,), "min_keep": (0,), "t_max_predict_ms": (0,), "id_slot": (-1,),
+        "timings_per_token": (False,), "return_progress": (False,), "post_sampling_probs": (False,), "lora": ([],),
+        "samplers": (), "response_fields": (), "sse_ping_interval": ()},
+    # Anthropic's Messages API: what ember cannot honour. (metadata, service_tier, cache_control - prefixes
+    # are cached automatically - workspace_id and user_profile_id have no effect on the text there either.)
+    "anthropic": {"tools": (), "tool_choice": (), "thinking": ({"type": "disabled"},), "output_config": (),
+                  "output_format": (), "mcp_servers": (), "container": (), "diagnostics": (),
+                  "inference_geo": (), "speed": ("standard",)},
 }
 
 
@@ -92,6 +107,7 @@ class SamplingFields(_Body):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     speculative: bool = True  # ember's extension: false opts this request out of speculative decoding
+    cache_prompt: bool = True  # llama.cpp's: false computes the prompt again even where the prefix cache holds it
     # Structured output (ember.server.constraints): OpenAI's, vLLM's and llama.cpp's fields.
     response_format: ResponseFormat | None = None
     structured_outputs: dict[str, Any] | None = None
@@ -104,7 +120,8 @@ class SamplingFields(_Body):
 
 
 class StreamOptions(_Body):
-    include_usage: bool = False
+    include_usage: bool = False  # a last chunk with the usage of the whole request
+    continuous_usage_stats: bool = False  # vLLM's: every chunk carries the usage so far
 
 
 class ResponseFormat(_Body):
@@ -133,6 +150,7 @@ class ChatCompletionRequest(SamplingFields):
 class CompletionRequest(SamplingFields):
     unsupported = UNSUPPORTED_FIELDS["completion"]
     prompt: PromptInput
+    max_tokens: Annotated[int, Field(ge=0, le=MAX_TOKENS_LIMIT)] | None = None  # 0 with echo: score the prompt
     logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
     echo: bool = False
     suffix: str | None = None
@@ -230,9 +248,59 @@ class DetokenizeRequest(_Body):
     tokens: TokenIds
 
 
+class LlamaCompletionRequest(_Body):
+    """llama.cpp's POST /completion, with its names and defaults."""
+
+    unsupported = UNSUPPORTED_FIELDS["llamacpp_completion"]
+    model: str | None = None
+    prompt: str | Annotated[list[Annotated[int, Field(ge=0)] | str], Field(min_length=1)]
+    n_predict: Annotated[int, Field(ge=-1, le=MAX_TOKENS_LIMIT)] = -1
+    temperature: Annotated[float, Field(le=2.0)] = 0.8  # <= 0: greedy
+    top_k: Annotated[int, Field(ge=0)] = 40
+    top_p: Annotated[float, Field(ge=0.0, le=1.0)] = 0.95
+    min_p: Annotated[float, Field(ge=0.0, le=1.0)] = 0.05
+    repeat_penalty: Annotated[float, Field(gt=0.0, le=10.0)] = 1.0
+    repeat_last_n: Annotated[int, Field(ge=-1, le=MAX_TOKENS_LIMIT)] = 64  # -1: the whole context, 0: no penalties
+    presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
+    frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
+    seed: Annotated[int, Field(ge=-1, lt=SEED_LIMIT)] = -1
+    stop: Annotated[list[str], Field(max_length=MAX_STOP_STRINGS)] = Field(default_factory=list)
+    n_probs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] = 0
+    stream: bool = False
+    cache_prompt: bool = True
+    ignore_eos: bool = False
+    logit_bias: list[list[Any]] | dict[str, Any] | None = None
+    return_tokens: bool = False
+    grammar: str | None = None  # GBNF; structured output (ember.server.constraints)
+    json_schema: dict[str, Any] | None = None
+
+
 class ApplyTemplateRequest(_Body):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     tools: list[dict[str, Any]] | None = None
+
+
+# --- Anthropic ----------------------------------------------------------------------------------------------
+class AnthropicMessage(_Body):
+    role: Literal["user", "assistant"]
+    content: str | list[dict[str, Any]]
+
+
+class AnthropicCountRequest(_Body):
+    unsupported = UNSUPPORTED_FIELDS["anthropic"]
+    model: str | None = None
+    messages: Annotated[list[AnthropicMessage], Field(min_length=1)]
+    system: str | list[dict[str, Any]] | None = None
+
+
+class AnthropicRequest(AnthropicCountRequest):
+    max_tokens: Annotated[int, Field(ge=0, le=MAX_TOKENS_LIMIT)]  # 0: evaluate (and cache) the prompt only
+    stop_sequences: Annotated[list[str], Field(max_length=MAX_STOP_STRINGS)] | None = None
+    temperature: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
+    top_k: Annotated[int, Field(ge=0)] | None = None
+    stream: bool = False
+    metadata: dict[str, Any] | None = None
 
 
 ResponseFormat.model_rebuild()
