@@ -8,6 +8,7 @@ of linear layers stay in their 16 bits (QuantLinear over their bytes) whatever t
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -15,12 +16,13 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from ember.config import ModelConfig, config_from_hf, read_config_json
+from ember.encoder_config import encoder_config_from_hf, is_encoder_config
 from ember.errors import ModelLoadError
 from ember.kernels import matmul
 from ember.loader.device import resolve_dtype
 from ember.loader.weights import finish_loading, set_weight
 from ember.models.decoder import CausalLM
-from ember.models.registry import model_class_for
+from ember.models.registry import encoder_class_for, model_class_for
 from ember.quant.linear import QuantLinear
 from ember.quant.types import GGMLType
 
@@ -72,28 +74,51 @@ def _native_linear(model: CausalLM, name: str, tensor: torch.Tensor, dtype, devi
     return True
 
 
+def _checkpoint_tensors(model_dir: Path) -> Iterator[tuple[Path, str, torch.Tensor]]:
+    """(file, name, tensor) for every tensor of the checkpoint, read from the memory-mapped files."""
+    for path in checkpoint_files(model_dir):
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as shard:
+                for key in shard.keys():
+                    yield path, key, shard.get_tensor(key)
+        except SafetensorError as err:
+            raise ModelLoadError(f"{path}: not a valid safetensors file ({err})") from None
+
+
 def load_safetensors_model(model_dir: Path, dtype, device: torch.device) -> tuple[CausalLM, ModelConfig, torch.dtype]:
     raw = read_config_json(model_dir)
+    if is_encoder_config(raw):
+        return load_safetensors_encoder(model_dir, raw, dtype, device)
     cls, arch = model_class_for(raw.get("architectures"), raw.get("model_type"))
     config = config_from_hf(raw, arch)
     dtype = resolve_dtype(dtype, device, config.torch_dtype)
     model = cls(config)
     params = dict(model.named_parameters())
-    for path in checkpoint_files(model_dir):
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as shard:
-                for key in shard.keys():
-                    for name, tensor in model.split_checkpoint_tensor(key, shard.get_tensor(key)):
-                        if name == "lm_head.weight" and model.lm_head is None:
-                            continue  # tied to the embedding
-                        if name not in params:
-                            if name.endswith("rotary_emb.inv_freq"):
-                                continue  # some exports save this buffer; ember computes it
-                            raise ModelLoadError(f"{path.name}: unexpected tensor {name!r} for {arch}")
-                        if not _native_linear(model, name, tensor, dtype, device):
-                            set_weight(model, name, params[name], tensor, dtype, device)
-        except SafetensorError as err:
-            raise ModelLoadError(f"{path}: not a valid safetensors file ({err})") from None
+    for path, key, checkpoint_tensor in _checkpoint_tensors(model_dir):
+        for name, tensor in model.split_checkpoint_tensor(key, checkpoint_tensor):
+            if name == "lm_head.weight" and model.lm_head is None:
+                continue  # tied to the embedding
+            if name not in params:
+                if name.endswith("rotary_emb.inv_freq"):
+                    continue  # some exports save this buffer; ember computes it
+                raise ModelLoadError(f"{path.name}: unexpected tensor {name!r} for {arch}")
+            if not _native_linear(model, name, tensor, dtype, device):
+                set_weight(model, name, params[name], tensor, dtype, device)
     finish_loading(model, device)
     model.fuse_projections()
+    return model, config, dtype
+
+
+def load_safetensors_encoder(model_dir: Path, raw: dict, dtype, device: torch.device):
+    """A BERT-family encoder (embedding model or cross-encoder): small, so its weights stay plain tensors."""
+    config = encoder_config_from_hf(raw, model_dir)
+    dtype = resolve_dtype(dtype, device, config.torch_dtype)
+    model = encoder_class_for(config.architecture)(config)
+    params = dict(model.named_parameters())
+    for path, key, checkpoint_tensor in _checkpoint_tensors(model_dir):
+        for name, tensor in model.checkpoint_names(key, checkpoint_tensor):
+            if name not in params:
+                raise ModelLoadError(f"{path.name}: unexpected tensor {key!r} for {config.architecture}")
+            set_weight(model, name, params[name], tensor, dtype, device)
+    finish_loading(model, device)
     return model, config, dtype
