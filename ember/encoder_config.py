@@ -40,7 +40,8 @@ class EncoderConfig:
     type_vocab_size: int = 2
     layer_norm_eps: float = 1e-12
     hidden_act: str = "gelu"
-    # RoBERTa/XLM-R number positions from pad_token_id + 1; BERT (and llama.cpp's trimmed tables) from 0.
+    # RoBERTa/XLM-R number positions from pad_token_id + 1 (their table has max_position_embeddings + offset
+    # rows); BERT, and llama.cpp's trimmed tables, from 0.
     position_offset: int = 0
     # rotary (nomic-bert): the fields ember.layers.rotary.RotaryEmbedding reads
     rope_theta: float = 10000.0
@@ -94,6 +95,22 @@ def is_encoder_config(raw: dict[str, Any]) -> bool:
 def is_encoder_gguf(metadata: dict[str, Any]) -> bool:
     """Whether GGUF metadata describes an encoder (`general.architecture` bert or nomic-bert)."""
     return metadata.get("general.architecture") in ENCODER_GGUF_ARCHITECTURES
+
+
+def is_encoder_path(path: Path) -> bool:
+    """Whether a model folder or GGUF file holds an encoder; False for anything unreadable."""
+    from ember.loader.gguf import GGUFFile, has_gguf_magic
+
+    try:
+        if path.is_dir():
+            raw = _read_json(path / "config.json")
+            return isinstance(raw, dict) and is_encoder_config(raw)
+        if has_gguf_magic(path):
+            with GGUFFile(path) as gguf:
+                return is_encoder_gguf(gguf.metadata)
+    except (ModelLoadError, OSError):
+        return False
+    return False
 
 
 def _read_json(path: Path) -> Any:
@@ -159,18 +176,19 @@ def encoder_config_from_hf(raw: dict[str, Any], model_dir: Path) -> EncoderConfi
             common = _nomic_fields(raw)
         else:
             roberta = raw.get("model_type") in ("roberta", "xlm-roberta", "camembert")
+            offset = int(raw.get("pad_token_id", 1)) + 1 if roberta else 0
             common = dict(
                 architecture="bert", vocab_size=raw["vocab_size"], hidden_size=raw["hidden_size"],
                 intermediate_size=raw["intermediate_size"], num_layers=raw["num_hidden_layers"],
-                num_heads=raw["num_attention_heads"], max_position_embeddings=raw["max_position_embeddings"],
+                num_heads=raw["num_attention_heads"],
+                # The usable positions: RoBERTa's table starts after its padding rows.
+                max_position_embeddings=raw["max_position_embeddings"] - offset,
                 type_vocab_size=raw.get("type_vocab_size", 2), layer_norm_eps=float(raw.get("layer_norm_eps", 1e-12)),
                 hidden_act=raw.get("hidden_act", "gelu"),
-                position_offset=int(raw.get("pad_token_id", 1)) + 1 if roberta else 0,
+                position_offset=offset,
             )
             if raw.get("position_embedding_type", "absolute") != "absolute":
                 raise ModelLoadError(f"position_embedding_type {raw['position_embedding_type']!r} is not supported")
-        # The usable context: RoBERTa's table starts after its padding rows.
-        limit = common["max_position_embeddings"] - common.get("position_offset", 0)
         num_labels = None
         if classifier:
             labels = raw.get("id2label")
@@ -179,7 +197,7 @@ def encoder_config_from_hf(raw: dict[str, Any], model_dir: Path) -> EncoderConfi
             **common,
             pooling=settings.get("pooling", "cls"),
             normalize=settings.get("normalize", False),
-            max_seq_length=settings.get("max_seq_length", limit),
+            max_seq_length=settings.get("max_seq_length", common["max_position_embeddings"]),
             lowercase=settings.get("lowercase", False),
             num_labels=num_labels,
             classifier_dense=classifier,

@@ -20,7 +20,7 @@ from ember.errors import EmberError, InvalidParameter
 from ember.sampling_params import SamplingParams
 from ember.server.errors import APIError, bad_request, from_exception, not_supported
 from ember.server.generation import Choice, Generation, collect, start_generation
-from ember.server.openai_api import available_models, embed_all
+from ember.server.openai_api import available_models, embed_all, encoder_embeddings
 from ember.server.pool import parse_keep_alive
 from ember.server.prompting import chat_prompt_ids, plain_messages
 from ember.server.protocol import (
@@ -288,7 +288,18 @@ async def show(body: OllamaShowRequest, request: Request):
                 (resolved.path.stat().st_mtime if resolved is not None and resolved.path.exists() else time.time()))
     return {"modelfile": f"FROM {key}\n", "parameters": "", "license": info.get("license") or "",
             "template": template, "details": details, "modified_at": _rfc3339(modified),
-            "model_info": model_info, "capabilities": ["completion", "embedding"]}
+            "model_info": model_info, "capabilities": _capabilities(entry, resolved)}
+
+
+def _capabilities(entry, resolved) -> list[str]:
+    """"embedding" for models made for it (encoders), "completion" for the others, as Ollama reports them."""
+    from ember.encoder_config import is_encoder_path
+
+    if entry is not None:
+        encoder = entry.engine.is_encoder
+    else:
+        encoder = resolved is not None and is_encoder_path(resolved.path)
+    return ["embedding"] if encoder else ["completion"]
 
 
 # --- the store: pull, delete, copy --------------------------------------------------------------------------
@@ -407,20 +418,24 @@ def _normalized(vector: list[float]) -> list[float]:
 @router.post("/api/embed")
 async def embed(body: OllamaEmbedRequest, request: Request):
     state = get_state(request)
-    if body.dimensions is not None:
-        raise not_supported("dimensions", param="dimensions")
     entry = await state.use_model(request, body.model, body.keep_alive)
     started = time.monotonic()
     texts = [body.input] if isinstance(body.input, str) else body.input
-    tokenizer = entry.engine.tokenizer
-    inputs = [tokenizer.encode(t) for t in texts]
-    if body.truncate:
-        limit = entry.engine.max_model_len - 1
-        inputs = [ids[:limit] for ids in inputs]
-    vectors = await embed_all(state, entry, inputs) if inputs else []
+    if entry.engine.is_encoder:
+        vectors, count = await encoder_embeddings(state, entry, texts, body.dimensions, body.truncate)
+    else:
+        if body.dimensions is not None:
+            raise not_supported("dimensions with a chat model", param="dimensions")
+        tokenizer = entry.engine.tokenizer
+        inputs = [tokenizer.encode(t) for t in texts]
+        if body.truncate:
+            limit = entry.engine.max_model_len - 1
+            inputs = [ids[:limit] for ids in inputs]
+        vectors = await embed_all(state, entry, inputs) if inputs else []
+        count = sum(len(i) for i in inputs)
     return {"model": entry.name, "embeddings": [_normalized(v) for v in vectors],
             "total_duration": _ns(time.monotonic() - started), "load_duration": 0,
-            "prompt_eval_count": sum(len(i) for i in inputs)}
+            "prompt_eval_count": count}
 
 
 @router.post("/api/embeddings")
@@ -429,6 +444,8 @@ async def embeddings(body: OllamaEmbeddingsRequest, request: Request):
     entry = await state.use_model(request, body.model, body.keep_alive)
     if not body.prompt:
         return {"embedding": []}
+    if entry.engine.is_encoder:
+        return {"embedding": (await encoder_embeddings(state, entry, body.prompt, None))[0][0]}
     vector = (await embed_all(state, entry, [entry.engine.tokenizer.encode(body.prompt)]))[0]
     return {"embedding": vector}
 
