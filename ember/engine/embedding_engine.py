@@ -8,7 +8,7 @@ exists; `validate` refuses generation with a message naming the reason).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -33,7 +33,8 @@ class EmbeddingEngine:
     is_encoder = True
 
     def __init__(self, model: str | None, args: EngineArgs | None = None, loaded: LoadedModel | None = None):
-        self.args = args or EngineArgs()
+        # No KV cache: what the server's pool counts for this model is its weights alone.
+        self.args = replace(args or EngineArgs(), kv_memory=0)
         if self.args.threads is not None:
             torch.set_num_threads(self.args.threads)
         self.loaded = loaded or load_model(model, dtype=self.args.dtype, device=self.args.device)
@@ -61,7 +62,8 @@ class EmbeddingEngine:
         raise InvalidParameter("model", f"{self.model_name} is an {self.kind} model: it cannot generate text "
                                         f"(use {'/v1/rerank' if self.config.is_cross_encoder else '/v1/embeddings'})")
 
-    add_request = validate
+    def add_request(self, request_id: str, prompt_token_ids, params) -> None:
+        self.validate(prompt_token_ids, params)
 
     def has_work(self) -> bool:
         return False
