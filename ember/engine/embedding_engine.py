@@ -158,14 +158,11 @@ class EmbeddingEngine:
 
     def _forward(self, batch: list[EncoderInput], width: int) -> tuple[torch.Tensor, torch.Tensor]:
         pad = self.tokenizer.pad_token_id or 0
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        types = torch.zeros((len(batch), width), dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.bool)
-        for row, item in enumerate(batch):
-            n = len(item.ids)
-            ids[row, :n] = torch.tensor(item.ids)
-            types[row, :n] = torch.tensor(item.type_ids)
-            mask[row, :n] = True
+        # Built as Python lists and converted once: a copy per row costs more than the rows themselves.
+        ids = torch.tensor([item.ids + [pad] * (width - len(item.ids)) for item in batch])
+        types = torch.tensor([item.type_ids + [0] * (width - len(item.ids)) for item in batch])
+        lengths = torch.tensor([len(item.ids) for item in batch])
+        mask = torch.arange(width)[None, :] < lengths[:, None]
         types.clamp_(max=self.config.type_vocab_size - 1)  # one-type models (RoBERTa) read every segment as 0
         ids, types, mask = ids.to(self.device), types.to(self.device), mask.to(self.device)
         return self.loaded.model(ids, types, mask), mask

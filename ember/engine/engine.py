@@ -76,6 +76,9 @@ class LLMEngine:
             # Before loading, so weight repacking uses them too; the native kernels read torch's count as well.
             torch.set_num_threads(self.args.threads)
         self.loaded = loaded or load_model(model, dtype=self.args.dtype, device=self.args.device)
+        if self.loaded.is_encoder:
+            raise InvalidParameter("model", f"{self.loaded.name} is an embedding/reranking model: it cannot generate "
+                                            "text (serve it and use /v1/embeddings or /v1/rerank)")
         config, self.tokenizer = self.loaded.config, self.loaded.tokenizer
         self.model_name = self.loaded.name
         self.device = self.loaded.device

@@ -120,6 +120,7 @@ def load_gguf_encoder(gguf: GGUFFile, dtype, device: torch.device):
             _check(target, params)
             set_weight(model, target, params[target], piece, dtype, device)
     finish_loading(model, device)
+    model.fuse_projections()
     return model, config, dtype
 
 

@@ -121,4 +121,5 @@ def load_safetensors_encoder(model_dir: Path, raw: dict, dtype, device: torch.de
                 raise ModelLoadError(f"{path.name}: unexpected tensor {key!r} for {config.architecture}")
             set_weight(model, name, params[name], tensor, dtype, device)
     finish_loading(model, device)
+    model.fuse_projections()
     return model, config, dtype

@@ -117,6 +117,10 @@ class BertModel(nn.Module):
             x = layer(x, key_mask, rotary)
         return x
 
+    def fuse_projections(self) -> None:
+        for layer in self.layers:
+            layer.attn.fuse_projections()
+
     def score(self, hidden: torch.Tensor) -> torch.Tensor:
         """A cross-encoder's logits [B, num_labels] from its hidden states."""
         return self.head(hidden[:, 0]).float()
