@@ -1,7 +1,14 @@
 """Encoder self-attention: every token attends to every real token of its own input (no causal mask, no KV
-cache). Inputs come as a padded batch [B, L, hidden]; `mask` [B, L] marks the real tokens."""
+cache), over a batch of inputs padded on the right to one length.
+
+Only attention needs the padded [B, L] layout; every other layer of an encoder works token by token, so the
+model keeps the real tokens packed ([T, hidden], `PackedBatch`) and pads just around the attention product:
+no work is spent on padding in the projections, norms and feed-forward blocks.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -9,6 +16,35 @@ from torch import nn
 
 from ember.layers.mlp import make_linear
 from ember.layers.rotary import RotaryEmbedding
+
+
+@dataclass
+class PackedBatch:
+    """Where the real tokens of a padded [B, L] batch are: `rows` indexes them in the flattened batch (None
+    when nothing is padded, so packing is a free reshape); `key_mask` [B, 1, 1, L] for attention."""
+
+    batch: int
+    length: int
+    rows: torch.Tensor | None
+    key_mask: torch.Tensor | None
+
+    @classmethod
+    def from_mask(cls, mask: torch.Tensor) -> PackedBatch:
+        if bool(mask.all()):
+            return cls(mask.shape[0], mask.shape[1], None, None)
+        return cls(mask.shape[0], mask.shape[1], mask.flatten().nonzero().squeeze(1), mask[:, None, None, :])
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, L, D] -> [T, D], the real tokens only."""
+        flat = x.reshape(self.batch * self.length, -1)
+        return flat if self.rows is None else flat.index_select(0, self.rows)
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        """[T, D] -> [B, L, D], zeros at the padding."""
+        if self.rows is None:
+            return x.view(self.batch, self.length, -1)
+        out = x.new_zeros(self.batch * self.length, x.shape[-1])
+        return out.index_copy_(0, self.rows, x).view(self.batch, self.length, -1)
 
 
 class BidirectionalAttention(nn.Module):
@@ -33,19 +69,19 @@ class BidirectionalAttention(nn.Module):
             self.qkv_proj.bias = nn.Parameter(bias, requires_grad=False)
         self.q_proj = self.k_proj = self.v_proj = None
 
-    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None,
+    def forward(self, x: torch.Tensor, batch: PackedBatch,
                 rotary: tuple[RotaryEmbedding, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """x: [B, L, hidden]; key_mask: [B, 1, 1, L] (True: a real token), None when nothing is padded;
-        rotary: the rotary module with prepare()'s [L, 1, dim] cos/sin, for rotary models."""
-        batch, length, _ = x.shape
-        shape = (batch, length, self.num_heads, self.head_dim)
+        """x: the packed real tokens [T, hidden]; rotary: the rotary module with prepare()'s [L, 1, dim] cos/sin,
+        for rotary models. Returns [T, hidden]."""
         if self.qkv_proj is not None:
-            q, k, v = (part.view(shape) for part in self.qkv_proj(x).chunk(3, dim=-1))
+            qkv = self.qkv_proj(x)
         else:
-            q, k, v = self.q_proj(x).view(shape), self.k_proj(x).view(shape), self.v_proj(x).view(shape)
+            qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
+        shape = (batch.batch, batch.length, self.num_heads, self.head_dim)
+        q, k, v = (part.reshape(shape) for part in batch.pad(qkv).chunk(3, dim=-1))
         if rotary is not None:
             module, cos, sin = rotary
             q, k = module.apply(q, cos, sin), module.apply(k, cos, sin)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                             attn_mask=key_mask)
-        return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+                                             attn_mask=batch.key_mask)
+        return self.o_proj(batch.pack(out.transpose(1, 2)))

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ember.encoder_config import EncoderConfig
-from ember.layers.bidirectional_attention import BidirectionalAttention
+from ember.layers.bidirectional_attention import BidirectionalAttention, PackedBatch
 from ember.layers.mlp import DenseMLP, make_linear
 from ember.layers.norm import LayerNorm
 
@@ -44,7 +44,7 @@ class EncoderEmbeddings(nn.Module):
 
 
 class EncoderLayer(nn.Module):
-    """Post-norm: x = norm(x + attention(x)); x = norm(x + mlp(x))."""
+    """Post-norm: x = norm(x + attention(x)); x = norm(x + mlp(x)), over the packed real tokens [T, hidden]."""
 
     def __init__(self, config: EncoderConfig, mlp: nn.Module, bias: bool):
         super().__init__()
@@ -53,8 +53,8 @@ class EncoderLayer(nn.Module):
         self.mlp = mlp
         self.mlp_norm = LayerNorm(config.hidden_size, config.layer_norm_eps)
 
-    def forward(self, x, key_mask, rotary=None):
-        x = self.attn_norm(x + self.attn(x, key_mask, rotary))
+    def forward(self, x, batch, rotary=None):
+        x = self.attn_norm(x + self.attn(x, batch, rotary))
         return self.mlp_norm(x + self.mlp(x))
 
 
@@ -110,12 +110,12 @@ class BertModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """[B, L] ids, token types and real-token mask (padding on the right) -> hidden states [B, L, H]."""
-        x = self.embeddings(input_ids, token_type_ids)
-        key_mask = None if bool(mask.all()) else mask[:, None, None, :]
+        batch = PackedBatch.from_mask(mask)
+        x = batch.pack(self.embeddings(input_ids, token_type_ids))
         rotary = self.rotary_tables(input_ids.shape[1], input_ids.device, x.dtype)
         for layer in self.layers:
-            x = layer(x, key_mask, rotary)
-        return x
+            x = layer(x, batch, rotary)
+        return batch.pad(x)
 
     def fuse_projections(self) -> None:
         for layer in self.layers:
