@@ -99,7 +99,7 @@ def is_encoder_gguf(metadata: dict[str, Any]) -> bool:
 
 def is_encoder_path(path: Path) -> bool:
     """Whether a model folder or GGUF file holds an encoder; False for anything unreadable."""
-    from ember.loader.gguf import GGUFFile, has_gguf_magic
+    from ember.formats.gguf import GGUFFile, has_gguf_magic
 
     try:
         if path.is_dir():

@@ -71,10 +71,12 @@ class ServerProcess:
             raise
 
 
-def start_server(model_dir: Path, *extra: str, api_key: str | None = None, timeout: float = 60) -> ServerProcess:
+def start_server(model_dir: Path | None, *extra: str, api_key: str | None = None, timeout: float = 60,
+                 extra_env: dict[str, str] | None = None) -> ServerProcess:
+    """`ember serve model_dir` (None: the bundled model) on a free loopback port; `extra_env` adds variables."""
     port = free_port()
-    args = [sys.executable, "-m", "ember.cli.main", "serve", str(model_dir), "--host", "127.0.0.1", "--port",
-            str(port), *SERVE_ARGS, *extra]
+    args = [sys.executable, "-m", "ember.cli.main", "serve", *([str(model_dir)] if model_dir else []), "--host",
+            "127.0.0.1", "--port", str(port), *SERVE_ARGS, *extra]
     # A HOME of its own, so models stored or cached on this machine never show up in the tests' listings.
     home = Path(tempfile.mkdtemp(prefix="ember-home-"))
     env = {k: v for k, v in os.environ.items()
@@ -82,6 +84,7 @@ def start_server(model_dir: Path, *extra: str, api_key: str | None = None, timeo
     env["HOME"] = str(home)
     if api_key:
         env["EMBER_API_KEY"] = api_key
+    env.update(extra_env or {})
     # Logs go to a file: an unread pipe would fill up and stall the server.
     log = open(home / "serve.log", "w+")  # noqa: SIM115 - closed with the process
     process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, text=True, env=env)

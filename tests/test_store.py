@@ -15,6 +15,7 @@ import pytest
 
 from ember.cli.main import main
 from ember.errors import EmberError, GGUFError, ModelLoadError
+from ember.store.info import format_size
 from ember.store.memory import estimate_memory, fit_context
 from ember.store.names import parse_ref, parse_store_name
 from ember.store.resolve import DEFAULT_MODEL_DIR, resolve
@@ -253,10 +254,9 @@ def test_resolve(home, gguf_q4, hf_dir):
 # ---- memory -------------------------------------------------------------------------------------------
 
 def test_estimate_memory_from_the_files(gguf_q4, hf_dir, testdata, monkeypatch):
-    from ember.bench.estimates import overhead_bytes
+    from ember.formats.gguf import read_header
     from ember.kernels import native
-    from ember.loader.gguf import read_header
-    from ember.store.memory import native_types
+    from ember.store.memory import native_types, overhead_bytes
 
     # tiny-llama-Q4_0: 4 layers, hidden 256, FFN 768, 32000-token vocabulary, tied output, Q6_K embedding
     header = read_header(gguf_q4)
@@ -341,7 +341,9 @@ def test_cli_ls_show_cp_rm(home, capsys, gguf_q4, hf_dir, tmp_path):
     assert lines[1].split()[:6] == ["tiny:q4_0", "9.2", "MB", "gguf", "Q4_0", "11.2M"]
     assert lines[2].split()[:6] == ["tinyhf:latest", "26.0", "MB", "safetensors", "BF16", "11.2M"]
     code, out, _ = cli(capsys, "ls", "--json")
-    assert [row["name"] for row in json.loads(out)] == ["tiny:q4_0", "tinyhf:latest"]
+    assert [row["name"] for row in json.loads(out)] == ["tiny:q4_0", "tinyhf:latest", "ember-default"]
+    bundled = sum(p.stat().st_size for p in DEFAULT_MODEL_DIR.iterdir() if p.is_file())
+    assert lines[3].split()[:6] == ["ember-default", *format_size(bundled).split(), "safetensors", "BF16", "3.3M"]
 
     code, out, _ = cli(capsys, "cp", "tiny:q4_0", "mine")
     assert code == 0 and "mine:latest" in out
@@ -415,7 +417,7 @@ def _kv(key: str, vtype: int, payload: bytes) -> bytes:
 def test_hostile_gguf_headers(tmp_path, data, problem):
     """The header read of `ember ls`/`show` (arrays skipped) rejects what the loader rejects."""
     from ember.errors import GGUFError
-    from ember.loader.gguf import GGUFFile, read_header
+    from ember.formats.gguf import GGUFFile, read_header
 
     path = tmp_path / "bad.gguf"
     path.write_bytes(data)
@@ -425,7 +427,7 @@ def test_hostile_gguf_headers(tmp_path, data, problem):
 
 
 def test_gguf_header_read_matches_the_full_read(testdata):
-    from ember.loader.gguf import SMALL_ARRAY, ArrayInfo, GGUFFile, read_header
+    from ember.formats.gguf import SMALL_ARRAY, ArrayInfo, GGUFFile, read_header
 
     for name in ("tiny-llama-Q4_K_M.gguf", "tiny-llama-bf16.gguf"):
         header = read_header(testdata / "gguf" / name)

@@ -129,12 +129,12 @@ def test_ls_all(layout, capsys):
     lines = out.splitlines()
     assert lines[0].split() == ["NAME", "SIZE", "FORMAT", "QUANT", "PARAMS", "MODIFIED", "SOURCE"]
     rows = {line.split()[0]: line.split() for line in lines[1:]}
-    assert sorted(rows) == sorted(EXPECTED)
+    assert sorted(rows) == sorted([*EXPECTED, "ember-default"]) and rows["ember-default"][-1] == "bundled"
     for name, (fmt, source, quant) in EXPECTED.items():
         assert rows[name][3:6] == [fmt, quant, "11.2M"], name
         assert rows[name][-1] == source
     code, out, _ = cli(capsys, "ls", "--all", "--json")
-    assert {r["name"] for r in json.loads(out)} == set(EXPECTED)
+    assert {r["name"] for r in json.loads(out)} == {*EXPECTED, "ember-default"}
     code, out, _ = cli(capsys, "ls")
     assert "ollama/" not in out and "no models" in out
 

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import itertools
 import sys
 
 from ember.cli.options import add_model_options, add_sampling_options, engine_args, sampling_kwargs
-
-HELP = "commands: /bye to exit, /clear to forget the conversation, /help for this; Ctrl-C stops a reply"
 
 
 def add_parser(sub) -> None:
@@ -24,18 +23,40 @@ def add_parser(sub) -> None:
 
 
 class Chat:
-    """Streams replies from the engine, keeping the conversation for the chat template."""
+    """Streams replies from the engine, keeping the conversation for the chat template. `options` are the
+    SamplingParams fields of every reply (the REPL's /set parameter changes them)."""
 
-    def __init__(self, engine, params, system: str | None, raw: bool):
+    def __init__(self, engine, options: dict, system: str | None, raw: bool):
         self.engine = engine
-        self.params = params
+        self.options = dict(options)
         self.system = system
+        self.forced_raw = raw
         self.raw = raw or engine.loaded.chat_template is None
         self.history: list[dict] = []
         self._ids = itertools.count()
 
     def clear(self) -> None:
         self.history = []
+
+    def set_option(self, field: str, value) -> str | None:
+        """Change one sampling field; the error, if the value is not valid (the old one stays)."""
+        from ember.errors import EmberError
+        from ember.sampling_params import SamplingParams
+
+        try:
+            SamplingParams(**{**self.options, field: value})
+        except EmberError as err:
+            return f"error: {err}"
+        self.options[field] = value
+        return None
+
+    def switch(self, engine) -> None:
+        """Chat with `engine` from now on; the conversation starts over and the old engine's memory is freed."""
+        self.engine = None
+        gc.collect()
+        self.engine = engine
+        self.raw = self.forced_raw or engine.loaded.chat_template is None
+        self.clear()
 
     def _prompt_ids(self, text: str) -> list[int]:
         tokenizer = self.engine.tokenizer
@@ -50,7 +71,9 @@ class Chat:
         """Stream the answer to `text`; Ctrl-C ends the reply early and keeps what was said."""
         out = sys.stdout  # looked up per reply, not bound at import: tests and callers may redirect it
         request_id = f"run-{next(self._ids)}"
-        self.engine.add_request(request_id, self._prompt_ids(text), self.params)
+        from ember.sampling_params import SamplingParams
+
+        self.engine.add_request(request_id, self._prompt_ids(text), SamplingParams(**self.options))
         answer: list[str] = []
         try:
             finished = False
@@ -71,47 +94,25 @@ class Chat:
         return reply
 
 
-def interactive(chat: Chat) -> None:
-    print(f"ember · {chat.engine.model_name} · {HELP}")
-    while True:
-        try:
-            line = input(">>> ")
-        except EOFError:
-            print()
-            return
-        except KeyboardInterrupt:
-            print("\nUse Ctrl-D or /bye to exit.")
-            continue
-        text = line.strip()
-        if not text:
-            continue
-        if text in ("/bye", "/exit", "/quit"):
-            return
-        if text == "/clear":
-            chat.clear()
-            print("Cleared the conversation.")
-            continue
-        if text in ("/help", "/?"):
-            print(HELP)
-            continue
-        chat.reply(text)
-
-
 def run(args: argparse.Namespace) -> int:
-    from ember.engine.engine import EngineArgs, LLMEngine
+    from ember.cli.loading import load_engine
+    from ember.cli.repl import interactive
+    from ember.engine.engine import EngineArgs
     from ember.sampling_params import SamplingParams
 
-    params = SamplingParams(**sampling_kwargs(args))
+    options = sampling_kwargs(args)
+    SamplingParams(**options)  # a bad value fails here, before the model loads
     prompt = " ".join(args.prompt)
     if prompt == "-":
         prompt = sys.stdin.read()
     # One stream: its KV cache holds one full context, not the batching default of max_num_seqs of them.
-    engine = LLMEngine(args.model, EngineArgs(**engine_args(args, max_num_seqs=1, threads=args.threads)))
-    chat = Chat(engine, params, args.system, args.raw)
+    engine_options = engine_args(args, max_num_seqs=1, threads=args.threads)
+    EngineArgs(**engine_options)
+    chat = Chat(load_engine(args.model, engine_options), options, args.system, args.raw)
     if prompt:
         chat.reply(prompt)
     elif sys.stdin.isatty():
-        interactive(chat)
+        interactive(chat, lambda model: load_engine(model, engine_options))
     else:  # piped input without a prompt: one reply per non-empty line, like a scripted chat
         for line in sys.stdin:
             if line.strip() and line.strip() != "/bye":

@@ -17,8 +17,10 @@ def add_parser(sub) -> None:
                                         "endpoints.")
     parser.add_argument("model", nargs="?", default=None,
                         help="GGUF file, model folder or model name from `ember ls --all` (default: the bundled model)")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
-    parser.add_argument("--port", type=int, default=8080, help="port to listen on (default: %(default)s)")
+    parser.add_argument("--host", default=os.environ.get("EMBER_HOST") or "127.0.0.1",
+                        help="address to listen on (default: $EMBER_HOST or 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=os.environ.get("EMBER_PORT") or "8080",
+                        help="port to listen on (default: $EMBER_PORT or 8080)")
     parser.add_argument("--api-key", default=os.environ.get("EMBER_API_KEY") or None,
                         help="require 'Authorization: Bearer KEY' on every endpoint but /health "
                              "(default: $EMBER_API_KEY)")
@@ -37,6 +39,8 @@ def add_parser(sub) -> None:
     parser.add_argument("--shutdown-grace", type=float, default=5.0,
                         help="seconds in-flight requests may finish after SIGTERM before they are aborted "
                              "(default: %(default)s)")
+    parser.add_argument("--no-webui", dest="webui", action="store_false",
+                        help="do not serve the browser chat page at /")
     add_model_options(parser, "a full context, then up to --max-num-seqs 2K-token conversations, "
                               "within --max-memory", max_num_seqs=True)
 
@@ -70,10 +74,11 @@ def run(args: argparse.Namespace) -> int:
 
     from ember.engine.engine import EngineArgs
     from ember.errors import InvalidParameter
-    from ember.server.app import create_app
+    from ember.server.app import create_app, is_loopback
     from ember.server.errors import APIError
     from ember.server.pool import ModelPool, parse_keep_alive
     from ember.server.state import ServerState, Settings
+    from ember.store.info import format_size
 
     if not 0 <= args.port <= 65535:
         raise InvalidParameter("--port", f"must be in [0, 65535], got {args.port}")
@@ -82,13 +87,17 @@ def run(args: argparse.Namespace) -> int:
     settings = Settings(
         host=args.host, port=args.port, api_key=args.api_key,
         cors_origins=[o.strip() for o in args.cors_origins.split(",") if o.strip()],
-        max_body_bytes=args.max_body, max_queue=args.max_queue, shutdown_grace=args.shutdown_grace)
+        max_body_bytes=args.max_body, max_queue=args.max_queue, shutdown_grace=args.shutdown_grace,
+        webui=args.webui)
     if args.max_memory is not None and args.max_memory <= 0:
         raise InvalidParameter("--max-memory", f"must be positive, got {args.max_memory}")
     try:
         keep_alive = parse_keep_alive(args.keep_alive)
     except APIError as err:
         raise InvalidParameter("--keep-alive", err.message.removeprefix("keep_alive: ")) from None
+    if not args.api_key and not is_loopback(args.host):
+        print(f"warning: listening on {args.host} without an API key: anyone who can reach this port can use "
+              "the server (set --api-key or $EMBER_API_KEY)", file=sys.stderr, flush=True)
     options = engine_args(args, max_num_seqs=args.max_num_seqs, threads=args.threads)
     EngineArgs(**options)  # a bad value fails here, before a model loads and the server starts
     pool = ModelPool(options, args.max_memory, args.model, allow_paths_for_default=True, keep_alive=keep_alive,
@@ -105,7 +114,16 @@ def run(args: argparse.Namespace) -> int:
             port = args.port
             if port == 0 and server.servers and server.servers[0].sockets:
                 port = server.servers[0].sockets[0].getsockname()[1]
+            entry = pool.loaded(pool.default_name)
+            if entry is not None:
+                loaded = entry.engine.engine.loaded
+                print(f"loaded {entry.name} from {loaded.path} in {loaded.load_seconds:.1f} s on {entry.device}: "
+                      f"{format_size(entry.size)} counted against --max-memory, context {entry.context_length}",
+                      flush=True)
             print(f"ember serving {pool.default_name} on http://{host}:{port}", flush=True)
+            print(f"  API      http://{host}:{port}/v1 (OpenAI), http://{host}:{port}/api (Ollama)", flush=True)
+            if args.webui:
+                print(f"  Web UI   http://{host}:{port}/", flush=True)
 
     def failed(err: BaseException) -> None:
         if server is not None:

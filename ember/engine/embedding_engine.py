@@ -13,10 +13,10 @@ from dataclasses import dataclass, replace
 import torch
 
 from ember.encoder_config import EncoderConfig
-from ember.engine.engine import EngineArgs
+from ember.engine.engine import EngineArgs, load_named_model
 from ember.errors import InvalidParameter
 from ember.layers.pooling import finish_embeddings, pool
-from ember.loader.model import LoadedModel, load_model
+from ember.loader.model import LoadedModel
 from ember.tokenizer.encoder_tokenizer import EncoderInput
 
 MAX_BATCH = 64
@@ -37,7 +37,7 @@ class EmbeddingEngine:
         self.args = replace(args or EngineArgs(), kv_memory=0)
         if self.args.threads is not None:
             torch.set_num_threads(self.args.threads)
-        self.loaded = loaded or load_model(model, dtype=self.args.dtype, device=self.args.device)
+        self.loaded = loaded or load_named_model(model, self.args)
         if not self.loaded.is_encoder:
             raise InvalidParameter("model", f"{self.loaded.name} is not an encoder model")
         self.config: EncoderConfig = self.loaded.config

@@ -14,7 +14,7 @@ import psutil
 import torch
 
 from ember.engine.block_manager import BlockManager
-from ember.engine.model_runner import ModelRunner, kv_bytes_per_token
+from ember.engine.model_runner import ModelRunner
 from ember.engine.outputs import StepOutput, TokenLogprob
 from ember.engine.scheduler import ScheduledChunk, Scheduler
 from ember.engine.sequence import Sequence, SequenceStatus
@@ -23,6 +23,8 @@ from ember.errors import InvalidParameter, OutOfResources
 from ember.layers.sampler import Sampler, SamplingState
 from ember.loader.model import LoadedModel, load_model
 from ember.sampling_params import SamplingParams
+from ember.store.memory import kv_bytes_per_token
+from ember.store.resolve import resolve
 from ember.tokenizer.detokenizer import IncrementalDetokenizer
 
 log = logging.getLogger("ember.engine")
@@ -69,13 +71,19 @@ def _default_kv_budget(device: torch.device) -> int:
     return int(psutil.virtual_memory().available * 0.2)
 
 
+def load_named_model(model: str | None, args: EngineArgs) -> LoadedModel:
+    """What a model reference (a path, a name, None for the bundled model) names, loaded as `args` ask."""
+    resolved = resolve(model, allow_paths=True)
+    return load_model(resolved.path, dtype=args.dtype, device=args.device, name=resolved.name)
+
+
 class LLMEngine:
     def __init__(self, model: str, args: EngineArgs | None = None, loaded: LoadedModel | None = None):
         self.args = args or EngineArgs()
         if self.args.threads is not None:
             # Before loading, so weight repacking uses them too; the native kernels read torch's count as well.
             torch.set_num_threads(self.args.threads)
-        self.loaded = loaded or load_model(model, dtype=self.args.dtype, device=self.args.device)
+        self.loaded = loaded or load_named_model(model, self.args)
         if self.loaded.is_encoder:
             raise InvalidParameter("model", f"{self.loaded.name} is an embedding/reranking model: it cannot generate "
                                             "text (serve it and use /v1/embeddings or /v1/rerank)")
@@ -85,7 +93,7 @@ class LLMEngine:
         limit = config.max_position_embeddings
         self.max_model_len = min(self.args.max_model_len or min(limit, DEFAULT_MAX_MODEL_LEN), limit)
         block_size = self.args.block_size
-        per_token = kv_bytes_per_token(config, self.loaded.dtype)
+        per_token = kv_bytes_per_token(config, self.loaded.dtype.itemsize)
         if self.args.kv_memory is not None:
             num_blocks = self.args.kv_memory // per_token // block_size
         else:

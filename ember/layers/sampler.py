@@ -14,8 +14,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ember.engine.outputs import TokenLogprob
 from ember.sampling_params import SamplingParams
+
+
+@dataclass
+class TokenLogprob:
+    """Log-probability of one generated token under the model, with the `top` best alternatives."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
 
 
 @dataclass

@@ -15,12 +15,12 @@ from torch import nn
 from ember.config import ModelConfig
 from ember.encoder_config import encoder_config_from_gguf, is_encoder_gguf
 from ember.errors import GGUFError
+from ember.formats.gguf import GGUFFile
 from ember.kernels import matmul as kernels
 from ember.loader.device import resolve_dtype
-from ember.loader.gguf import GGUFFile
 from ember.loader.gguf_config import config_from_gguf
 from ember.loader.gguf_names import ROPE_TENSORS, ember_name, encoder_name, unpermute_rows
-from ember.loader.weights import finish_loading, set_weight
+from ember.loader.weights import Progress, finish_loading, set_weight
 from ember.models.decoder import CausalLM
 from ember.models.registry import encoder_class_for, model_class_for
 from ember.quant.embedding import QuantEmbedding
@@ -45,10 +45,13 @@ def _rows(gguf: GGUFFile, name: str) -> torch.Tensor:
     return raw.view(info.shape[0], -1)
 
 
-def load_gguf_model(path: Path, dtype, device: torch.device) -> tuple[CausalLM, ModelConfig, torch.dtype]:
+def load_gguf_model(path: Path, dtype, device: torch.device, progress: Progress | None = None
+                    ) -> tuple[CausalLM, ModelConfig, torch.dtype]:
     gguf = GGUFFile(path)
     if is_encoder_gguf(gguf.metadata):
-        return load_gguf_encoder(gguf, dtype, device)
+        return load_gguf_encoder(gguf, dtype, device, progress)
+    total = sum(info.nbytes for info in gguf.tensors.values())
+    done = 0
     shapes = {name: tuple(t.shape) for name, t in gguf.tensors.items()}
     rope = {name: _float_tensor(gguf, name).tolist() for name in ROPE_TENSORS if name in gguf.tensors}
     config = config_from_gguf(gguf.metadata, shapes, rope)
@@ -59,6 +62,9 @@ def load_gguf_model(path: Path, dtype, device: torch.device) -> tuple[CausalLM, 
     params = dict(model.named_parameters())
     permute_qk = config.architecture == "llama"
     for gguf_name, info in gguf.tensors.items():
+        if progress is not None:
+            progress(done, total)
+            done += info.nbytes
         if gguf_name in ROPE_TENSORS:
             continue
         name = ember_name(gguf_name, config.sandwich_norm)
@@ -99,14 +105,18 @@ def load_gguf_model(path: Path, dtype, device: torch.device) -> tuple[CausalLM, 
     return model, config, dtype
 
 
-def load_gguf_encoder(gguf: GGUFFile, dtype, device: torch.device):
+def load_gguf_encoder(gguf: GGUFFile, dtype, device: torch.device, progress: Progress | None = None):
     """A bert / nomic-bert GGUF: every tensor dequantized to `dtype` (encoders are small; their matrices run
     as plain torch matmuls over the padded batch)."""
     config = encoder_config_from_gguf(gguf.metadata, {name: tuple(t.shape) for name, t in gguf.tensors.items()})
     dtype = resolve_dtype(dtype, device, "float16")
     model = encoder_class_for(config.architecture)(config)
     params = dict(model.named_parameters())
-    for gguf_name in gguf.tensors:
+    total, done = sum(info.nbytes for info in gguf.tensors.values()), 0
+    for gguf_name, info in gguf.tensors.items():
+        if progress is not None:
+            progress(done, total)
+            done += info.nbytes
         name = encoder_name(gguf_name)
         if name is None:
             raise GGUFError(f"{gguf.path.name}: unexpected tensor {gguf_name!r} for {config.architecture}")

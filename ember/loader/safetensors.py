@@ -18,13 +18,13 @@ from torch import nn
 from ember.config import ModelConfig, config_from_hf, read_config_json
 from ember.encoder_config import encoder_config_from_hf, is_encoder_config
 from ember.errors import ModelLoadError
+from ember.formats.ggml_types import GGMLType
 from ember.kernels import matmul
 from ember.loader.device import resolve_dtype
-from ember.loader.weights import finish_loading, set_weight
+from ember.loader.weights import Progress, finish_loading, set_weight
 from ember.models.decoder import CausalLM
 from ember.models.registry import encoder_class_for, model_class_for
 from ember.quant.linear import QuantLinear
-from ember.quant.types import GGMLType
 
 
 def checkpoint_files(model_dir: Path) -> list[Path]:
@@ -74,9 +74,16 @@ def _native_linear(model: CausalLM, name: str, tensor: torch.Tensor, dtype, devi
     return True
 
 
-def _checkpoint_tensors(model_dir: Path) -> Iterator[tuple[Path, str, torch.Tensor]]:
-    """(file, name, tensor) for every tensor of the checkpoint, read from the memory-mapped files."""
-    for path in checkpoint_files(model_dir):
+def _checkpoint_tensors(model_dir: Path, progress: Progress | None = None
+                        ) -> Iterator[tuple[Path, str, torch.Tensor]]:
+    """(file, name, tensor) for every tensor of the checkpoint, read from the memory-mapped files; `progress`
+    is told the bytes of the files read so far."""
+    files = checkpoint_files(model_dir)
+    total, done = sum(path.stat().st_size for path in files), 0
+    for path in files:
+        if progress is not None:
+            progress(done, total)
+        done += path.stat().st_size
         try:
             with safe_open(str(path), framework="pt", device="cpu") as shard:
                 for key in shard.keys():
@@ -85,16 +92,17 @@ def _checkpoint_tensors(model_dir: Path) -> Iterator[tuple[Path, str, torch.Tens
             raise ModelLoadError(f"{path}: not a valid safetensors file ({err})") from None
 
 
-def load_safetensors_model(model_dir: Path, dtype, device: torch.device) -> tuple[CausalLM, ModelConfig, torch.dtype]:
+def load_safetensors_model(model_dir: Path, dtype, device: torch.device, progress: Progress | None = None
+                           ) -> tuple[CausalLM, ModelConfig, torch.dtype]:
     raw = read_config_json(model_dir)
     if is_encoder_config(raw):
-        return load_safetensors_encoder(model_dir, raw, dtype, device)
+        return load_safetensors_encoder(model_dir, raw, dtype, device, progress)
     cls, arch = model_class_for(raw.get("architectures"), raw.get("model_type"))
     config = config_from_hf(raw, arch)
     dtype = resolve_dtype(dtype, device, config.torch_dtype)
     model = cls(config)
     params = dict(model.named_parameters())
-    for path, key, checkpoint_tensor in _checkpoint_tensors(model_dir):
+    for path, key, checkpoint_tensor in _checkpoint_tensors(model_dir, progress):
         for name, tensor in model.split_checkpoint_tensor(key, checkpoint_tensor):
             if name == "lm_head.weight" and model.lm_head is None:
                 continue  # tied to the embedding
@@ -109,13 +117,14 @@ def load_safetensors_model(model_dir: Path, dtype, device: torch.device) -> tupl
     return model, config, dtype
 
 
-def load_safetensors_encoder(model_dir: Path, raw: dict, dtype, device: torch.device):
+def load_safetensors_encoder(model_dir: Path, raw: dict, dtype, device: torch.device,
+                             progress: Progress | None = None):
     """A BERT-family encoder (embedding model or cross-encoder): small, so its weights stay plain tensors."""
     config = encoder_config_from_hf(raw, model_dir)
     dtype = resolve_dtype(dtype, device, config.torch_dtype)
     model = encoder_class_for(config.architecture)(config)
     params = dict(model.named_parameters())
-    for path, key, checkpoint_tensor in _checkpoint_tensors(model_dir):
+    for path, key, checkpoint_tensor in _checkpoint_tensors(model_dir, progress):
         for name, tensor in model.checkpoint_names(key, checkpoint_tensor):
             if name not in params:
                 raise ModelLoadError(f"{path.name}: unexpected tensor {key!r} for {config.architecture}")

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
 from ember.errors import ModelLoadError
+
+# Called while weights load with (bytes read so far, bytes in all): the CLI draws a progress bar from it.
+Progress = Callable[[int, int], None]
 
 
 def set_weight(model: nn.Module, name: str, param: torch.Tensor, tensor: torch.Tensor, dtype, device) -> None:

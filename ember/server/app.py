@@ -13,7 +13,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 
 from ember import __version__
-from ember.server import errors, llamacpp_api, ollama_api, openai_api, rerank_api
+from ember.server import errors, llamacpp_api, ollama_api, openai_api, rerank_api, webui
 from ember.server.errors import APIError, error_body
 from ember.server.generation import ClientGone
 from ember.server.state import LEASES, ServerState
@@ -24,7 +24,7 @@ LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
 OPEN_PATHS = {"/health"}  # answered without an API key
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
     if host in LOOPBACK_NAMES:
         return True
     try:
@@ -62,14 +62,16 @@ class GuardMiddleware:
             return await self.app(scope, receive, send)
         settings = self.state.settings
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        if _is_loopback(settings.host):
+        if is_loopback(settings.host):
             allowed = LOOPBACK_NAMES | {settings.host.strip("[]").lower()}
             host = headers.get("host")
             if host is not None and _host_name(host) not in allowed:
                 return await _send_error(scope, send, APIError(
                     400, f"Host {host!r} is not allowed: the server listens on a loopback address",
                     code="invalid_host"))
-        if settings.api_key and scope.get("path") not in OPEN_PATHS and scope.get("method") != "OPTIONS":
+        path = scope.get("path", "")
+        is_open = path in OPEN_PATHS or (settings.webui and webui.is_page_path(path))
+        if settings.api_key and not is_open and scope.get("method") != "OPTIONS":
             auth = headers.get("authorization", "")
             given = auth[7:].strip() if auth[:7].lower() == "bearer " else headers.get("x-api-key", "")
             if not hmac.compare_digest(given.encode(), settings.api_key.encode()):
@@ -149,6 +151,8 @@ def create_app(state: ServerState) -> FastAPI:
     async def _gone(request, exc):
         return Response(status_code=499)
 
+    if state.settings.webui:
+        app.include_router(webui.router)  # before Ollama's "/", which it answers for non-browser clients
     app.include_router(openai_api.router)
     app.include_router(ollama_api.router)
     app.include_router(llamacpp_api.router)

@@ -498,7 +498,6 @@ def load_engine(resolved: ResolvedModel, args: dict) -> AsyncEngine:
     from ember.engine.factory import create_engine
     from ember.loader.model import load_model
 
-    loaded = load_model(str(resolved.path), dtype=args.get("dtype", "auto"), device=args.get("device", "auto"),
-                        allow_paths=True)
-    loaded.name = resolved.name
+    loaded = load_model(resolved.path, dtype=args.get("dtype", "auto"), device=args.get("device", "auto"),
+                        name=resolved.name)
     return AsyncEngine(create_engine(resolved.name, EngineArgs(**args), loaded=loaded))

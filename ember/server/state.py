@@ -36,6 +36,7 @@ class Settings:
     max_body_bytes: int = 4 * 2**20
     max_queue: int = 256
     shutdown_grace: float = 5.0
+    webui: bool = True  # the browser chat page at / (ember.server.webui)
 
 
 class ServerState:
