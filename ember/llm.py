@@ -38,7 +38,8 @@ class LLM:
     def generate(
         self, prompts: Prompt | Seq[Prompt], params: SamplingParams | None = None, use_tqdm: bool = False
     ) -> list[CompletionOutput]:
-        """One output per prompt and per sample (`params.n`), in prompt order."""
+        """One output per prompt and per sample (`params.n`), in prompt order; `use_tqdm`: a progress bar of the
+        finished sequences on stderr."""
         params = params or SamplingParams()
         single = isinstance(prompts, str) or (
             isinstance(prompts, list) and bool(prompts) and isinstance(prompts[0], int)
@@ -54,14 +55,21 @@ class LLM:
                 self.engine.add_request(request_id, ids, replace(params, n=1, seed=seed))
                 order.append(request_id)
                 prompt_ids[request_id] = ids
-        results = self._run(order)
+        results = self._run(order, use_tqdm)
         for request_id, out in results.items():
             out.prompt_token_ids = prompt_ids[request_id]
         return [results[r] for r in order]
 
-    def _run(self, request_ids: list[str]) -> dict[str, CompletionOutput]:
+    def _run(self, request_ids: list[str], use_tqdm: bool = False) -> dict[str, CompletionOutput]:
+        from tqdm import tqdm
+
         pieces: dict[str, CompletionOutput] = {}
         pending = set(request_ids)
+        with tqdm(total=len(request_ids), desc="Processed prompts", unit="seq", disable=not use_tqdm) as bar:
+            self._step_until_done(pieces, pending, bar)
+        return pieces
+
+    def _step_until_done(self, pieces: dict[str, CompletionOutput], pending: set[str], bar) -> None:
         while pending:
             for out in self.engine.step():
                 done = pieces.setdefault(out.request_id, CompletionOutput(
@@ -70,11 +78,13 @@ class LLM:
                 done.token_ids.extend(out.token_ids)
                 if out.logprobs is not None:
                     done.logprobs = (done.logprobs or []) + out.logprobs
+                if out.prompt_logprobs is not None:
+                    done.prompt_logprobs = out.prompt_logprobs
                 if out.finished:
                     done.finish_reason = out.finish_reason
                     done.cached_tokens = out.cached_tokens
                     pending.discard(out.request_id)
-        return pieces
+                    bar.update(1)
 
     def render_chat(self, messages: list[dict], tools: list[dict] | None = None, **template_kwargs) -> str:
         if self.chat_template is None:
@@ -82,12 +92,12 @@ class LLM:
         return self.chat_template.render(messages, tools=tools, add_generation_prompt=True, **template_kwargs)
 
     def chat(self, messages: list[dict] | list[list[dict]], params: SamplingParams | None = None,
-             tools: list[dict] | None = None, **template_kwargs) -> list[CompletionOutput]:
+             tools: list[dict] | None = None, use_tqdm: bool = False, **template_kwargs) -> list[CompletionOutput]:
         """Apply the model's chat template to one conversation (or a list of them) and generate."""
         conversations = messages if messages and isinstance(messages[0], list) else [messages]
         prompts = [self.tokenizer.encode(self.render_chat(c, tools, **template_kwargs), add_special_tokens=False)
                    for c in conversations]
-        return self.generate(prompts, params)
+        return self.generate(prompts, params, use_tqdm)
 
     def embed(self, texts: str | Seq[str], dimensions: int | None = None) -> list[list[float]]:
         """One embedding per text. An embedding model pools, normalises and truncates as sentence-transformers

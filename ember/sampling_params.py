@@ -141,13 +141,14 @@ class StructuredOutput:
 @dataclass(kw_only=True)
 class SamplingParams:
     n: int = 1
-    max_tokens: int | None = 256  # None: until the context is full
+    max_tokens: int | None = 256  # None: until the context is full; 0: evaluate the prompt only
     min_tokens: int = 0  # EOS and stop ids/strings are ignored until this many tokens exist
     temperature: float = 1.0  # 0 = greedy
     top_k: int = 0  # 0 or -1 = off
     top_p: float = 1.0
     min_p: float = 0.0
     repetition_penalty: float = 1.0
+    repetition_window: int | None = None  # the penalty looks at the last this-many tokens; None: all of them
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     seed: int | None = None
@@ -155,22 +156,30 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None  # None: none; k: the chosen token plus the k most likely alternatives
+    # Log-probabilities of the prompt's own tokens (each given those before it), with k alternatives each:
+    # what evaluation harnesses score. Such a request bypasses the prefix cache, whose hits skip positions.
+    prompt_logprobs: int | None = None
+    use_prefix_cache: bool = True  # False: compute the whole prompt even where cached blocks hold it
     logit_bias: dict[int, float] = field(default_factory=dict)
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     structured: StructuredOutput | None = None  # constrained decoding (ember.engine.structured)
+    speculative: bool = True  # False: never draft tokens for this request (when the engine speculates)
 
     def __post_init__(self):
         self.n = _int("n", self.n, 1, MAX_N)
         if self.max_tokens is not None:
-            self.max_tokens = _int("max_tokens", self.max_tokens, 1, MAX_TOKENS_LIMIT)
-        self.min_tokens = _int("min_tokens", self.min_tokens, 0, self.max_tokens or MAX_TOKENS_LIMIT)
+            self.max_tokens = _int("max_tokens", self.max_tokens, 0, MAX_TOKENS_LIMIT)
+        self.min_tokens = _int("min_tokens", self.min_tokens, 0,
+                               MAX_TOKENS_LIMIT if self.max_tokens is None else self.max_tokens)
         self.temperature = _float("temperature", self.temperature, 0.0, 2.0)
         if not _is_int(self.top_k) or self.top_k < -1:
             raise InvalidParameter("top_k", f"must be an integer >= 1, or 0 or -1 to disable, got {self.top_k!r}")
         self.top_p = _float("top_p", self.top_p, 0.0, 1.0, low_open=True)
         self.min_p = _float("min_p", self.min_p, 0.0, 1.0)
         self.repetition_penalty = _float("repetition_penalty", self.repetition_penalty, 0.0, 10.0, low_open=True)
+        if self.repetition_window is not None:
+            self.repetition_window = _int("repetition_window", self.repetition_window, 1, MAX_TOKENS_LIMIT)
         self.presence_penalty = _float("presence_penalty", self.presence_penalty, -2.0, 2.0)
         self.frequency_penalty = _float("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
         if self.seed is not None:
@@ -180,9 +189,13 @@ class SamplingParams:
         self.ignore_eos = _bool("ignore_eos", self.ignore_eos)
         if self.logprobs is not None:
             self.logprobs = _int("logprobs", self.logprobs, 0, MAX_LOGPROBS)
+        if self.prompt_logprobs is not None:
+            self.prompt_logprobs = _int("prompt_logprobs", self.prompt_logprobs, 0, MAX_LOGPROBS)
         self.logit_bias = _logit_bias(self.logit_bias)
         self.skip_special_tokens = _bool("skip_special_tokens", self.skip_special_tokens)
         self.include_stop_str_in_output = _bool("include_stop_str_in_output", self.include_stop_str_in_output)
+        self.speculative = _bool("speculative", self.speculative)
+        self.use_prefix_cache = _bool("use_prefix_cache", self.use_prefix_cache)
         if self.structured is not None and not isinstance(self.structured, StructuredOutput):
             raise InvalidParameter("structured", f"must be a StructuredOutput, got {type(self.structured).__name__}")
 

@@ -17,7 +17,7 @@ def _runner(model, config, block_size=4, num_blocks=128):
 
 def prefill_logits(model, config, prompt: list[int], chunk: int = 7) -> torch.Tensor:
     """Logits at every prompt position, prefilled in chunks so later chunks read earlier ones from the cache."""
-    blocks, runner = _runner(model, config)
+    blocks, runner = _runner(model, config, num_blocks=max(128, -(-len(prompt) // 4)))
     seq = Sequence("ref", prompt, None)
     blocks.allocate(seq)
     hidden = []
@@ -37,13 +37,13 @@ def greedy_tokens(model, config, prompt: list[int], steps: int) -> list[int]:
     chunk = 5
     while seq.num_computed_tokens < len(seq):
         count = min(chunk, len(seq) - seq.num_computed_tokens)
-        _, logits = runner.run([ScheduledChunk(seq, count)])
+        _, logits, _ = runner.run([ScheduledChunk(seq, count)])
         seq.num_computed_tokens += count
     for _ in range(steps):
         token = int(logits[0].argmax())
         out.append(token)
         seq.token_ids.append(token)
         blocks.grow(seq, len(seq))
-        _, logits = runner.run([ScheduledChunk(seq, 1)])
+        _, logits, _ = runner.run([ScheduledChunk(seq, 1)])
         seq.num_computed_tokens += 1
     return out

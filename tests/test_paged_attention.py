@@ -135,7 +135,7 @@ def test_sliding_window_batch_on_scattered_blocks_matches_single_runs(family, tm
         assert blocks.allocate(seq)
     while any(s.num_output_tokens < steps for s in seqs):
         chunks = [ScheduledChunk(s, min(5, s.num_uncomputed_tokens)) for s in seqs if s.num_output_tokens < steps]
-        sampled, logits = runner.run(chunks)
+        sampled, logits, _ = runner.run(chunks)
         for chunk in chunks:
             chunk.seq.num_computed_tokens += chunk.num_tokens
         for chunk, row in zip(sampled, logits, strict=True):

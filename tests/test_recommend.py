@@ -161,11 +161,21 @@ def test_apple_unified_memory_holds_70b_q4_on_128gb():
     assert chosen.placement == "gpu" and guide.engine == "llama.cpp"
 
 
-def test_cpu_only_api_use_recommends_ember_serve_with_threads_and_kv():
-    _, chosen, _, guide = plan("3b", machine_with(ram_gb=32, features=("AVX2", "AVX512-VNNI")), "api")
-    assert chosen.placement == "ram" and guide.engine == "ember"
-    assert "--max-num-seqs 4" in guide.command and "--kv-memory" in guide.command
+def test_cpu_only_api_use_follows_the_measured_figures():
+    """docs/benchmarks.md measures llama.cpp ahead for CPU serving (ember/llama.cpp 0.77-0.88): it is advised,
+    ember second with the figures where it leads; were ember measured ahead, it would be advised."""
+    machine = machine_with(ram_gb=32, features=("AVX2", "AVX512-VNNI"))
+    _, chosen, _, guide = plan("3b", machine, "api")
+    assert chosen.placement == "ram" and guide.engine == "llama.cpp"
+    assert "-np 4" in guide.command and "-t " in guide.command
+    assert "0.77-0.88x" in guide.reasons[0] and "0.80-1.06x" in guide.reasons[0]
     assert any("VNNI" in reason for reason in guide.reasons)
+    ember = guide.alternatives[0]
+    assert "--max-num-seqs 4" in ember and "--kv-memory" in ember and "0.97-2.38x" in ember
+    serving = advice._measured("serving total")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(advice.MEASURED_CPU_RATIOS, serving, (1.1, 1.3))
+        assert plan("3b", machine, "throughput")[3].engine == "ember"
 
 
 def test_nothing_fits_and_low_quality_is_flagged():

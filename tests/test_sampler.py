@@ -154,6 +154,20 @@ def test_repetition_penalty_matches_transformers():
         torch.testing.assert_close(adjusted[row], expected[0])
 
 
+@pytest.mark.parametrize("window", [1, 3, 5, 64])
+def test_repetition_window_penalizes_only_the_last_tokens(window):
+    """Ollama's repeat_last_n: transformers' penalty applied to the last `window` ids of prompt + output."""
+    logits = torch.randn(1, 40) * 3
+    row = state(SamplingParams(repetition_penalty=1.5, repetition_window=window), prompt=[1, 2, 9, 5], output=[7, 3])
+    adjusted = Sampler.adjust_logits(logits, [row])
+    ids = torch.tensor([(row.prompt_token_ids + row.output_token_ids)[-window:]])
+    expected = RepetitionPenaltyLogitsProcessor(1.5)(ids, logits.clone())
+    torch.testing.assert_close(adjusted[0], expected[0])
+    if window < 6:
+        assert not torch.equal(adjusted, Sampler.adjust_logits(
+            logits, [state(SamplingParams(repetition_penalty=1.5), prompt=[1, 2, 9, 5], output=[7, 3])]))
+
+
 def test_presence_and_frequency_penalties_count_output_tokens_only():
     logits = torch.zeros(2, 6)
     params = SamplingParams(presence_penalty=0.5, frequency_penalty=0.3)

@@ -23,7 +23,7 @@ def test_is_greedy():
     "field, value",
     [
         ("n", 0), ("n", 17), ("n", True), ("n", 1.0),
-        ("max_tokens", 0), ("max_tokens", 1_000_001), ("max_tokens", "5"),
+        ("max_tokens", -1), ("max_tokens", 1_000_001), ("max_tokens", "5"),
         ("min_tokens", -1),
         ("temperature", -0.1), ("temperature", 2.01), ("temperature", math.nan), ("temperature", math.inf),
         ("temperature", True), ("temperature", "1"),
@@ -65,6 +65,7 @@ def test_accepts_edges():
     assert params.temperature == 2.0 and isinstance(params.temperature, float)
     assert SamplingParams(max_tokens=None).max_tokens is None
     assert SamplingParams(logprobs=0).logprobs == 0
+    assert SamplingParams(max_tokens=0, prompt_logprobs=20).max_tokens == 0  # evaluate the prompt only
 
 
 def test_min_tokens_cannot_exceed_max_tokens():

@@ -61,7 +61,7 @@ def test_options_stop_and_seed(client, server):
 
 def test_models(client, server):
     tags = client.list().models
-    assert [m.model for m in tags] == [f"{server.model}:latest"]
+    assert [m.model for m in tags] == [f"{server.model}:latest", "ember-default:latest"]
     assert tags[0].size > 0 and tags[0].details.family == "llama"
     shown = client.show(server.model)
     assert "<|assistant|>" in shown.template and "completion" in shown.capabilities

@@ -29,7 +29,7 @@ MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "c
 
 def test_models(client, server):
     models = client.models.list().data
-    assert [m.id for m in models] == [server.model]
+    assert [m.id for m in models] == [server.model, "ember-default"]  # loaded first, then what else can run
     assert client.models.retrieve(server.model).id == server.model
 
 
@@ -99,9 +99,12 @@ def test_completion_logprobs_and_echo(client, server):
     choice = reply.choices[0]
     assert reply.id.startswith("cmpl-") and reply.object == "text_completion"
     assert choice.text.startswith("Once upon a time")
-    assert len(choice.logprobs.tokens) == len(choice.logprobs.token_logprobs) == 3
-    assert all(len(top) <= 2 for top in choice.logprobs.top_logprobs)
-    assert choice.logprobs.text_offset[0] == len("Once upon a time")
+    # Echo with logprobs lists the prompt's tokens too, the first one without a log-probability (as OpenAI).
+    tokens = reply.usage.prompt_tokens + 3
+    assert len(choice.logprobs.tokens) == len(choice.logprobs.token_logprobs) == tokens
+    assert choice.logprobs.token_logprobs[0] is None and choice.logprobs.top_logprobs[0] is None
+    assert all(len(top) == 2 for top in choice.logprobs.top_logprobs[1:])
+    assert choice.logprobs.text_offset[0] == 0
 
 
 def test_stop_string(client, server):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -337,13 +338,15 @@ def test_cli_ls_show_cp_rm(home, capsys, gguf_q4, hf_dir, tmp_path):
 
     code, out, _ = cli(capsys, "ls")
     lines = out.splitlines()
-    assert lines[0].split() == ["NAME", "SIZE", "FORMAT", "QUANT", "PARAMS", "MODIFIED"]
-    assert lines[1].split()[:6] == ["tiny:q4_0", "9.2", "MB", "gguf", "Q4_0", "11.2M"]
-    assert lines[2].split()[:6] == ["tinyhf:latest", "26.0", "MB", "safetensors", "BF16", "11.2M"]
+    assert lines[0].split() == ["NAME", "ID", "SIZE", "FORMAT", "QUANT", "PARAMS", "MODIFIED"]
+    assert lines[1].split()[:7] == ["tiny:q4_0", hashlib.sha256(gguf_q4.read_bytes()).hexdigest()[:12], "9.2", "MB",
+                                    "gguf", "Q4_0", "11.2M"]
+    assert lines[2].split()[2:7] == ["26.0", "MB", "safetensors", "BF16", "11.2M"]
     code, out, _ = cli(capsys, "ls", "--json")
     assert [row["name"] for row in json.loads(out)] == ["tiny:q4_0", "tinyhf:latest", "ember-default"]
     bundled = sum(p.stat().st_size for p in DEFAULT_MODEL_DIR.iterdir() if p.is_file())
-    assert lines[3].split()[:6] == ["ember-default", *format_size(bundled).split(), "safetensors", "BF16", "3.3M"]
+    row = lines[3].split()
+    assert row[:1] + row[2:7] == ["ember-default", *format_size(bundled).split(), "safetensors", "BF16", "3.3M"]
 
     code, out, _ = cli(capsys, "cp", "tiny:q4_0", "mine")
     assert code == 0 and "mine:latest" in out
@@ -351,8 +354,11 @@ def test_cli_ls_show_cp_rm(home, capsys, gguf_q4, hf_dir, tmp_path):
     assert code == 0
     assert "architecture  llama" in out and "quantization  Q4_0" in out and "context       4096" in out
     assert "tiny-llama-Q4_0.gguf" in out
+    assert f"digest        sha256:{hashlib.sha256(gguf_q4.read_bytes()).hexdigest()}" in out
+    assert "capabilities  completion" in out
     code, out, _ = cli(capsys, "show", str(hf_dir))
     assert "LlamaForCausalLM" in out and "model.safetensors" in out and "BF16" in out
+    assert hashlib.sha256((hf_dir / "model.safetensors").read_bytes()).hexdigest() in out
 
     code, out, _ = cli(capsys, "rm", "tiny:q4_0", "mine")
     assert code == 0 and "deleted tiny:q4_0" in out and "deleted mine:latest" in out
@@ -469,8 +475,8 @@ def test_catalog_lists_store_then_discovered(home, gguf_q4, tmp_path, monkeypatc
     ModelStore().register("tiny", {"t.gguf": gguf_q4}, {"type": "huggingface", "repo": "o/r"})
     entries = list_models(include_discovered=True)
     assert [(e.name, e.source, e.quant) for e in entries] == [
-        ("tiny:latest", "store", "Q4_0"), ("local/broken-Q5_K_M", "local", "Q5_K_M"),
-        ("local/tiny-Q4_0", "local", "Q4_0")]
-    assert entries[0].origin == "o/r" and entries[2].parameters == entries[0].parameters > 0
-    assert entries[1].parameters is None  # listed even though its header is unreadable
-    assert [e.name for e in list_models()] == ["tiny:latest"]
+        ("tiny:latest", "store", "Q4_0"), ("ember-default", "default", "BF16"),
+        ("local/broken-Q5_K_M", "local", "Q5_K_M"), ("local/tiny-Q4_0", "local", "Q4_0")]
+    assert entries[0].origin == "o/r" and entries[3].parameters == entries[0].parameters > 0
+    assert entries[2].parameters is None  # listed even though its header is unreadable
+    assert [e.name for e in list_models()] == ["tiny:latest", "ember-default"]

@@ -127,14 +127,18 @@ def test_ls_all(layout, capsys):
     code, out, _ = cli(capsys, "ls", "--all")
     assert code == 0
     lines = out.splitlines()
-    assert lines[0].split() == ["NAME", "SIZE", "FORMAT", "QUANT", "PARAMS", "MODIFIED", "SOURCE"]
+    assert lines[0].split() == ["NAME", "ID", "SIZE", "FORMAT", "QUANT", "PARAMS", "MODIFIED", "SOURCE"]
     rows = {line.split()[0]: line.split() for line in lines[1:]}
-    assert sorted(rows) == sorted([*EXPECTED, "ember-default"]) and rows["ember-default"][-1] == "bundled"
+    assert rows.pop("ember-default")[-1] == "default"  # the bundled model, there on a fresh machine too
+    assert sorted(rows) == sorted(EXPECTED)
     for name, (fmt, source, quant) in EXPECTED.items():
-        assert rows[name][3:6] == [fmt, quant, "11.2M"], name
+        assert rows[name][4:7] == [fmt, quant, "11.2M"], name
         assert rows[name][-1] == source
     code, out, _ = cli(capsys, "ls", "--all", "--json")
-    assert {r["name"] for r in json.loads(out)} == {*EXPECTED, "ember-default"}
+    listed = {r["name"]: r for r in json.loads(out)}
+    assert set(listed) == {*EXPECTED, "ember-default"}
+    assert listed["ollama/tiny:q4"]["digest"] == layout["digest"]  # the sha256 of the file, as Ollama's ID
+    assert rows["ollama/tiny:q4"][1] == layout["digest"][:12]
     code, out, _ = cli(capsys, "ls")
     assert "ollama/" not in out and "no models" in out
 
@@ -187,3 +191,21 @@ def test_ollama_models_env_and_unreadable(layout, monkeypatch, tmp_path):
         finally:
             locked.chmod(0o755)
     assert "ollama/tiny:q4" in {m.name for m in discover_all()}
+
+
+def test_ls_all_on_a_fresh_machine(home, capsys):  # noqa: F811
+    code, out, _ = cli(capsys, "ls", "--all")
+    assert code == 0 and "ember-default" in out and "no models but the bundled one" in out
+
+
+def test_bare_names_fall_back_to_ollama(layout, capsys, caplog):
+    """`ember run llama3.2` as Ollama users type it: not in ember's store, found in Ollama's, said as a warning
+    (the CLI's logging prints it on stderr)."""
+    r = resolve("tiny:q4", allow_paths=False)
+    assert (r.name, r.source) == ("ollama/tiny:q4", "ollama")
+    assert resolve("ollama/someone/tiny2", allow_paths=False).name == "ollama/someone/tiny2:latest"
+    code, out, _ = cli(capsys, "run", "tiny:q4", "--max-tokens", "2", "--temperature", "0", "hello")
+    assert code == 0 and out.strip()
+    assert "tiny:q4 is not in ember's store; using Ollama's ollama/tiny:q4" in caplog.text
+    with pytest.raises(ModelLoadError, match="not found"):
+        resolve("missing", allow_paths=False)

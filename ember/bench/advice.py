@@ -24,6 +24,14 @@ PLACEMENTS = ("gpu", "gpu+ram", "ram")  # fastest first
 GPU_BUDGET_SHARE = 0.9  # leave room for the runtime and fragmentation, as vLLM's default does
 UNIFIED_GPU_SHARE = 0.75  # Metal's default limit on Apple Silicon
 RAM_RESERVE_SHARE, RAM_RESERVE_MIN = 0.10, 2 * GB  # for the OS and everything else running
+# ember / llama.cpp on a CPU, the (lowest, highest) ratio measured in docs/benchmarks.md (2026-12-02, 1.1B model,
+# Q4_0..Q8_0 and bf16): the CPU advice follows these figures, and must change when they do.
+MEASURED_CPU_RATIOS = {
+    "prefill pp512": (0.97, 2.38),
+    "decode tg128": (0.80, 1.06),
+    "serving total tok/s (bench serve, c=1 and 16)": (0.77, 0.88),
+    "serving time to first token (lower is better)": (0.63, 0.69),
+}
 
 
 @dataclass
@@ -211,12 +219,18 @@ def engine_advice(use: str, option: Option, budget: Budget, hw: Hardware, model:
     # CPU: memory bandwidth and SIMD kernels decide.
     isa = _isa_note(hw)
     if use in ("throughput", "api"):
-        return Advice("ember", ember_serve, [
-            ember_reason,
-            f"batching {seqs} sequences reads the weights once per step, so total tokens/s grows with "
-            "concurrency until the CPU's arithmetic runs out",
+        serving, decode = _measured("serving total"), _measured("decode")
+        if MEASURED_CPU_RATIOS[serving][1] >= 1.0:
+            return Advice("ember", ember_serve, [ember_reason, f"measured {serving}: {_ratio(serving)}", isa],
+                          [f"llama.cpp: {llama_server} -t {threads}", measure])
+        prefill, first = _measured("prefill"), _measured("first token")
+        return Advice("llama.cpp", f"{llama_server} -t {threads}", [
+            f"measured on a CPU (docs/benchmarks.md), ember / llama.cpp {serving}: {_ratio(serving)}, "
+            f"{decode}: {_ratio(decode)}: llama.cpp still serves more tokens per second",
+            f"{seqs} parallel slots (-np) share one copy of the weights; -c is split among them",
             isa,
-        ], [f"llama.cpp: {llama_server} -t {threads}", measure])
+        ], [f"ember: {ember_serve} ({ember_reason}; measured {prefill} {_ratio(prefill)} and {first} "
+            f"{_ratio(first)}: it answers long prompts sooner)", measure])
     if use == "container":
         return Advice("llama.cpp", f"docker run -p 8080:8080 -v /models:/models --memory "
                       f"{math.ceil(option.total_bytes * 1.2 / GB)}g ghcr.io/ggml-org/llama.cpp:server "
@@ -231,6 +245,15 @@ def engine_advice(use: str, option: Option, budget: Budget, hw: Hardware, model:
         isa,
         f"{threads} threads: one per physical core (hyper-threads only contend for memory)",
     ], ["Ollama for a model library", f"ember from Python: ember run {gguf}", measure])
+
+
+def _measured(prefix: str) -> str:
+    return next(k for k in MEASURED_CPU_RATIOS if prefix in k)
+
+
+def _ratio(name: str) -> str:
+    low, high = MEASURED_CPU_RATIOS[name]
+    return f"{low:.2f}-{high:.2f}x"
 
 
 def _isa_note(hw: Hardware) -> str:

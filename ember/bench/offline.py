@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ember.engine.engine import LLMEngine
+from ember.engine.speculator import acceptance
 from ember.loader.model import LoadedModel
 from ember.sampling_params import SamplingParams
 
@@ -42,6 +43,7 @@ class TestResult:
     spec: TestSpec
     samples: list[float] = field(default_factory=list)  # tokens/s of each repetition
     preemptions: int = 0  # KV cache pressure during the timed runs; should be 0 for clean figures
+    speculation: dict | None = None  # spec_* counters of the timed runs, when the engine speculates
 
     @property
     def mean(self) -> float:
@@ -58,7 +60,14 @@ class TestResult:
             "threads": self.spec.threads, "repetitions": len(self.samples),
             "tokens_per_s_mean": self.mean, "tokens_per_s_sd": self.sd, "tokens_per_s_samples": self.samples,
             "preemptions": self.preemptions,
+            **self._speculation_dict(),
         }
+
+    def _speculation_dict(self) -> dict:
+        measured = acceptance(self.speculation) if self.speculation else None
+        if measured is None:
+            return {}
+        return {"spec_acceptance_rate": measured[0], "spec_mean_accepted_length": measured[1]}
 
 
 def plan(prompt_sizes: list[int], gen_sizes: list[int], concurrency: list[int], threads: list[int]) -> list[TestSpec]:
@@ -94,12 +103,15 @@ def run_test(engine: LLMEngine, spec: TestSpec, repetitions: int, warmup: bool, 
     generator = torch.Generator().manual_seed(seed)
     if warmup:
         _timed_run(engine, spec, generator)
-    preempted = engine.stats()["preemptions"]
+    before = engine.stats()
     result = TestResult(spec)
     tokens = spec.tokens * spec.concurrency
     for _ in range(repetitions):
         result.samples.append(tokens / _timed_run(engine, spec, generator))
-    result.preemptions = engine.stats()["preemptions"] - preempted
+    after = engine.stats()
+    result.preemptions = after["preemptions"] - before["preemptions"]
+    if "spec_verifications" in after:
+        result.speculation = {key: after[key] - before[key] for key in after if key.startswith("spec_")}
     return result
 
 

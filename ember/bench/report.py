@@ -78,6 +78,17 @@ def _rate(result: dict) -> str:
     return f"{result['tokens_per_s_mean']:.2f} ± {result['tokens_per_s_sd']:.2f}"
 
 
+SPEC_HEADERS = ("accept rate", "accepted len")
+
+
+def _speculation(result: dict) -> list[str]:
+    """Speculative decoding's measured acceptance rate and mean accepted length (blank where nothing was
+    verified, e.g. a pp test)."""
+    if "spec_acceptance_rate" not in result:
+        return ["", ""]
+    return [f"{result['spec_acceptance_rate']:.2f}", f"{result['spec_mean_accepted_length']:.2f}"]
+
+
 def _offline_rows(record: dict) -> list[list[str]]:
     """llama-bench's layout: every row names its model, so tables from several runs can be merged."""
     model = record["model"]
@@ -100,18 +111,24 @@ def offline_table(record: dict) -> Table:
     table = Table(title=f"{model['name']} · {model['quant']} · {_size(model['size_bytes'])} · "
                         f"{_count(model['params'])} params · {model['dtype']} on {model['device']}",
                   caption=offline_caption(record))
-    for header in ("test", "c", "threads", "t/s", "t/s per sequence"):
+    speculative = any("spec_acceptance_rate" in r for r in record["results"])
+    for header in ("test", "c", "threads", "t/s", "t/s per sequence") + (SPEC_HEADERS if speculative else ()):
         table.add_column(header, justify="left" if header == "test" else "right", no_wrap=True)
     for r in record["results"]:
         per_sequence = r["tokens_per_s_mean"] / r["concurrency"] if r["n_gen"] else None
         table.add_row(r["test"], str(r["concurrency"]), str(r["threads"]), _rate(r),
-                      f"{per_sequence:.2f}" if per_sequence is not None else "")
+                      f"{per_sequence:.2f}" if per_sequence is not None else "",
+                      *(_speculation(r) if speculative else ()))
     return table
 
 
 def offline_markdown(record: dict) -> str:
-    right = {i for i, h in enumerate(OFFLINE_HEADERS) if h in ("size", "params", "threads", "c", "t/s")}
-    return _markdown(OFFLINE_HEADERS, _offline_rows(record), right) + f"\n\n{offline_caption(record)}\n"
+    headers, rows = OFFLINE_HEADERS, _offline_rows(record)
+    if any("spec_acceptance_rate" in r for r in record["results"]):
+        headers = headers + list(SPEC_HEADERS)
+        rows = [row + _speculation(r) for row, r in zip(rows, record["results"], strict=True)]
+    right = {i for i, h in enumerate(headers) if h in ("size", "params", "threads", "c", "t/s", *SPEC_HEADERS)}
+    return _markdown(headers, rows, right) + f"\n\n{offline_caption(record)}\n"
 
 
 def offline_csv(record: dict) -> str:

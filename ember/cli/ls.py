@@ -29,19 +29,6 @@ def _ago(timestamp: float) -> str:
     return "just now"
 
 
-def bundled_model() -> dict:
-    """The model inside the package (`ember run` without a model name), listed last like a store model."""
-    from ember.store.catalog import ModelEntry
-    from ember.store.info import describe_path
-    from ember.store.resolve import DEFAULT_MODEL_DIR
-
-    files = [p for p in DEFAULT_MODEL_DIR.iterdir() if p.is_file()]
-    details = describe_path(DEFAULT_MODEL_DIR)
-    return ModelEntry("ember-default", sum(p.stat().st_size for p in files), "safetensors", details.get("quant"),
-                      details.get("parameters"), max(p.stat().st_mtime for p in files), "bundled",
-                      str(DEFAULT_MODEL_DIR)).to_json()
-
-
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
@@ -49,16 +36,16 @@ def run(args: argparse.Namespace) -> int:
     from ember.store.catalog import list_models
     from ember.store.info import format_params, format_size
 
-    found = [entry.to_json() for entry in list_models(include_discovered=args.all)] + [bundled_model()]
+    found = [entry.to_json() for entry in list_models(include_discovered=args.all)]
     if args.json:
         print(json.dumps(found, indent=2))
         return 0
     table = Table(box=None, pad_edge=False, header_style="bold")
-    columns = ["NAME", "SIZE", "FORMAT", "QUANT", "PARAMS", "MODIFIED"] + (["SOURCE"] if args.all else [])
+    columns = ["NAME", "ID", "SIZE", "FORMAT", "QUANT", "PARAMS", "MODIFIED"] + (["SOURCE"] if args.all else [])
     for column in columns:
         table.add_column(column, no_wrap=True, justify="right" if column in ("SIZE", "PARAMS") else "left")
     for row in found:
-        cells = [row["name"], format_size(row["size"]), row["format"], row["quant"] or "-",
+        cells = [row["name"], (row["digest"] or "-")[:12], format_size(row["size"]), row["format"], row["quant"] or "-",
                  format_params(row["parameters"]), _ago(row["modified"])]
         table.add_row(*cells, *([row["source"]] if args.all else []))
     console = Console(width=None if sys.stdout.isatty() else 400, highlight=False)

@@ -24,6 +24,12 @@ def add_model_options(parser: argparse.ArgumentParser, kv_default: str, *, threa
     if threads:
         group.add_argument("-t", "--threads", type=int, default=None, metavar="N",
                            help="CPU threads (default: torch's, one per physical core)")
+    spec = parser.add_argument_group("speculative decoding (docs/speculative.md)")
+    spec.add_argument("--draft", default=None, metavar="MODEL",
+                      help="a smaller model with the same vocabulary drafts tokens the model verifies")
+    spec.add_argument("--spec-ngram", type=int, default=None, metavar="N",
+                      help="draft by looking up the last N (down to 1) tokens earlier in prompt + output")
+    spec.add_argument("--spec-tokens", type=int, default=4, metavar="K", help="tokens drafted per step (default 4)")
 
 
 def engine_args(args: argparse.Namespace, **command) -> dict:
@@ -32,6 +38,7 @@ def engine_args(args: argparse.Namespace, **command) -> dict:
     return {
         "dtype": args.dtype, "device": args.device, "max_model_len": args.max_model_len,
         "kv_memory": args.kv_memory, "block_size": args.block_size, "max_batched_tokens": args.max_batched_tokens,
+        "draft": args.draft, "spec_ngram": args.spec_ngram, "spec_tokens": args.spec_tokens,
         **command,
     }
 

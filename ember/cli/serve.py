@@ -43,6 +43,21 @@ def add_parser(sub) -> None:
                         help="do not serve the browser chat page at /")
     add_model_options(parser, "a full context, then up to --max-num-seqs 2K-token conversations, "
                               "within --max-memory", max_num_seqs=True)
+    scale = parser.add_argument_group("scale-out on Ray Serve (pip install 'ember[ray]'; see docs/scale-out.md)")
+    scale.add_argument("--replicas", type=int, default=None, metavar="N",
+                       help="serve N replicas of the model behind one prefix-aware router")
+    scale.add_argument("--ray-address", default=None, metavar="ADDR",
+                       help="join this Ray cluster (e.g. 10.0.0.1:6379) instead of starting a local Ray instance")
+    scale.add_argument("--replica-cpus", type=float, default=1.0, metavar="C",
+                       help="CPUs each replica reserves; its engine runs that many threads unless -t says "
+                            "(default: %(default)s)")
+    scale.add_argument("--replica-gpus", type=float, default=0.0, metavar="G",
+                       help="GPUs each replica reserves (default: %(default)s)")
+    scale.add_argument("--min-replicas", type=int, default=None, metavar="A",
+                       help="autoscale: never fewer replicas than A")
+    scale.add_argument("--max-replicas", type=int, default=None, metavar="B",
+                       help="autoscale: never more replicas than B (Ray Serve adds replicas when the requests in "
+                            "flight exceed --max-num-seqs per replica)")
 
 
 class _Server:
@@ -100,8 +115,13 @@ def run(args: argparse.Namespace) -> int:
               "the server (set --api-key or $EMBER_API_KEY)", file=sys.stderr, flush=True)
     options = engine_args(args, max_num_seqs=args.max_num_seqs, threads=args.threads)
     EngineArgs(**options)  # a bad value fails here, before a model loads and the server starts
-    pool = ModelPool(options, args.max_memory, args.model, allow_paths_for_default=True, keep_alive=keep_alive,
-                     preload=True)
+    pool_options = {"engine_args": options, "max_memory": args.max_memory, "default_model": args.model,
+                    "allow_paths_for_default": True, "keep_alive": keep_alive}
+    if args.replicas is not None or args.min_replicas is not None or args.max_replicas is not None:
+        from ember.cluster.launch import serve_replicas
+
+        return serve_replicas(args, settings, pool_options, args.max_num_seqs)
+    pool = ModelPool(**pool_options, preload=True)
     server = None
 
     async def ready():

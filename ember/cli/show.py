@@ -19,13 +19,17 @@ def add_parser(sub) -> None:
 def describe(ref: str) -> dict:
     from ember.store.discovery import discover_all
     from ember.store.info import describe_path
+    from ember.store.model_info import describe_model
     from ember.store.resolve import resolve
     from ember.store.store import ModelStore
 
     resolved = resolve(ref, allow_paths=True)
     details = describe_path(resolved.path)
+    model = describe_model(resolved.name, resolved.path, resolved.format)
     info = {"name": resolved.name, "path": str(resolved.path), "format": resolved.format,
-            "source": resolved.source, **details}
+            "source": resolved.source, **details, "family": model.family, "digest": f"sha256:{model.digest}",
+            "embedding_length": model.embedding_length, "capabilities": list(model.capabilities),
+            "defaults": model.defaults}
     if resolved.source == "ollama" and not info.get("template"):
         match = [m for m in discover_all() if m.name == resolved.name]
         if match and match[0].template:
@@ -55,7 +59,10 @@ def run(args: argparse.Namespace) -> int:
             ("source", info["source"]), ("architecture", info.get("architecture") or "-"),
             ("parameters", format_params(info.get("parameters"))),
             ("context", str(info.get("context_length") or "-")), ("quantization", info.get("quant") or "-"),
-            ("license", info.get("license") or "-")]
+            ("license", info.get("license") or "-"), ("digest", info["digest"]),
+            ("capabilities", ", ".join(info["capabilities"]))]
+    if info["defaults"]:
+        rows.append(("defaults", ", ".join(f"{k} {v}" for k, v in info["defaults"].items())))
     origin = info.get("origin") or {}
     if origin.get("repo"):
         rows.append(("origin", f"hf.co/{origin['repo']}" + (f"@{origin['revision'][:12]}" if origin.get("revision")

@@ -107,6 +107,9 @@ class AsyncEngine:
         """Run job(embedding_engine) on the engine thread: an encoder's embed_* or score_pairs call."""
         return await self._run_on_engine(lambda: job(self.engine))
 
+    async def running_sequences(self) -> list[dict]:
+        return await self._run_on_engine(self.engine.running_sequences)
+
     async def _run_on_engine(self, job: Callable[[], Any]) -> Any:
         future: Future = Future()
         with self._lock:

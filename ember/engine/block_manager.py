@@ -74,7 +74,7 @@ class BlockManager:
         """Give a waiting sequence blocks for all its tokens, reusing cached prefix blocks; False if short."""
         hashes = self._prefix_hashes(seq)
         # Keep at least one token to compute: the step that samples the next token needs its logits.
-        max_hits = (len(seq) - 1) // self.block_size
+        max_hits = (len(seq) - 1) // self.block_size if seq.reuses_prefix_cache else 0
         hits = []
         for h in hashes[:max_hits]:
             block_id = self.cached.get(h)
@@ -101,6 +101,18 @@ class BlockManager:
         """Make room for `num_tokens` tokens in total (call can_grow first)."""
         while len(seq.block_table) < self.blocks_needed(num_tokens):
             seq.block_table.append(self._take_fresh())
+
+    def truncate(self, seq: Sequence, num_tokens: int) -> None:
+        """Free the tail blocks past the first `num_tokens` tokens (K/V of rejected speculative tokens).
+        They were never registered (only verified full blocks are), so they go to the front of the free
+        list: the first to be reused, ahead of blocks whose cached prefix may still be revived."""
+        keep = self.blocks_needed(num_tokens)
+        while len(seq.block_table) > keep:
+            block = self.blocks[seq.block_table.pop()]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self.free[block.id] = None
+                self.free.move_to_end(block.id, last=False)
 
     def register_computed(self, seq: Sequence) -> None:
         """Publish the sequence's newly completed full blocks to the prefix cache."""

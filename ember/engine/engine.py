@@ -14,13 +14,14 @@ import psutil
 import torch
 
 from ember.engine.block_manager import BlockManager
-from ember.engine.model_runner import ModelRunner
+from ember.engine.model_runner import ModelRunner, PromptScores
 from ember.engine.outputs import StepOutput, TokenLogprob
 from ember.engine.scheduler import ScheduledChunk, Scheduler
 from ember.engine.sequence import Sequence, SequenceStatus
+from ember.engine.speculator import Candidate, Speculator
 from ember.engine.stop import StopChecker
 from ember.errors import InvalidParameter, OutOfResources
-from ember.layers.sampler import Sampler, SamplingState
+from ember.layers.sampler import Sampler, SamplingState, token_logprobs
 from ember.loader.model import LoadedModel, load_model
 from ember.sampling_params import SamplingParams
 from ember.store.memory import kv_bytes_per_token
@@ -30,6 +31,7 @@ from ember.tokenizer.detokenizer import IncrementalDetokenizer
 log = logging.getLogger("ember.engine")
 
 DEFAULT_MAX_MODEL_LEN = 8192
+MAX_SPEC_TOKENS = 16
 
 
 @dataclass
@@ -43,6 +45,11 @@ class EngineArgs:
     max_num_seqs: int = 32
     max_batched_tokens: int = 512
     threads: int | None = None  # torch's CPU threads, process-wide; default: torch's (the physical cores)
+    # Speculative decoding (docs/speculative.md): a draft model sharing the target's vocabulary, or n-gram
+    # lookup in the sequence itself (the longest match of its last spec_ngram tokens); spec_tokens drafts.
+    draft: str | None = None
+    spec_ngram: int | None = None
+    spec_tokens: int = 4
 
     def __post_init__(self):
         for name in ("block_size", "max_num_seqs", "max_batched_tokens"):
@@ -50,6 +57,12 @@ class EngineArgs:
                 raise InvalidParameter(name, "must be a positive integer")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise InvalidParameter("max_model_len", "must be at least 2")
+        if self.spec_ngram is not None and (not isinstance(self.spec_ngram, int) or self.spec_ngram < 1):
+            raise InvalidParameter("spec_ngram", f"must be a positive integer, got {self.spec_ngram!r}")
+        if not isinstance(self.spec_tokens, int) or not 1 <= self.spec_tokens <= MAX_SPEC_TOKENS:
+            raise InvalidParameter("spec_tokens", f"must be an integer in [1, {MAX_SPEC_TOKENS}], got {self.spec_tokens!r}")
+        if self.draft is not None and self.spec_ngram is not None:
+            raise InvalidParameter("spec_ngram", "choose one way to draft tokens: a draft model or n-gram lookup")
         if self.threads is not None and (not isinstance(self.threads, int) or isinstance(self.threads, bool)
                                          or self.threads < 1):
             raise InvalidParameter("threads", f"must be a positive integer, got {self.threads!r}")
@@ -62,6 +75,10 @@ class _Request:
     detokenizer: IncrementalDetokenizer
     stop: StopChecker
     text: list[str] = field(default_factory=list)
+    # Log-probabilities of prompt tokens 1.. (token 0 has none), when the request scores its prompt; handed
+    # over once, with the request's first output.
+    prompt_logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs_sent: bool = False
 
 
 def _default_kv_budget(device: torch.device) -> int:
@@ -83,7 +100,7 @@ class LLMEngine:
         if self.args.threads is not None:
             # Before loading, so weight repacking uses them too; the native kernels read torch's count as well.
             torch.set_num_threads(self.args.threads)
-        self.loaded = loaded or load_named_model(model, self.args)
+        self.loaded = loaded or self._load(model)
         if self.loaded.is_encoder:
             raise InvalidParameter("model", f"{self.loaded.name} is an embedding/reranking model: it cannot generate "
                                             "text (serve it and use /v1/embeddings or /v1/rerank)")
@@ -112,6 +129,14 @@ class LLMEngine:
         self.clock = time.perf_counter  # times steps for the scheduler's budget; tests substitute a fake
         self.runner = ModelRunner(self.loaded.model, config, self.device, self.loaded.dtype, block_size, self.num_blocks)
         self.sampler = Sampler()
+        self.speculator: Speculator | None = None
+        if self.args.draft is not None or self.args.spec_ngram is not None:
+            draft = None
+            if self.args.draft is not None:
+                draft = self._load(self.args.draft)
+            self.speculator = Speculator(self.args.spec_tokens, self.args.spec_ngram, draft, self.loaded,
+                                         self.num_blocks, block_size, self.args.max_batched_tokens,
+                                         self.args.max_num_seqs)
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(config.eos_token_ids)
         self.requests: dict[str, _Request] = {}
         self.prompt_tokens_total = 0
@@ -121,6 +146,9 @@ class LLMEngine:
             self.num_blocks, block_size, self.num_blocks * block_size,
             self.num_blocks * block_size * per_token / 2**20, self.max_model_len,
         )
+
+    def _load(self, model: str | None) -> LoadedModel:
+        return load_named_model(model, self.args)
 
     @property
     def vocab_size(self) -> int:
@@ -159,14 +187,15 @@ class LLMEngine:
         )
         detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens)
         stop = StopChecker(params, self.eos_token_ids, max_tokens)
-        self.requests[request_id] = _Request(seq, sampling, detokenizer, stop)
+        self.requests[request_id] = _Request(seq, sampling, detokenizer, stop,
+                                             prompt_logprobs=[] if params.prompt_logprobs is not None else None)
         self.scheduler.add(seq)
 
     def abort(self, request_id: str) -> StepOutput | None:
         request = self.requests.pop(request_id, None)
         if request is None:
             return None
-        self.scheduler.finish(request.seq)
+        self._finish(request.seq)
         return self._output(request, request.stop.flush(), [], None, "abort")
 
     def has_work(self) -> bool:
@@ -174,11 +203,18 @@ class LLMEngine:
 
     def _output(self, request, text, token_ids, logprobs, finish_reason) -> StepOutput:
         seq = request.seq
+        prompt_logprobs = None
+        # Complete once a token was sampled or the prompt was evaluated to its end (an abort may come earlier).
+        complete = token_ids or (finish_reason is not None and seq.num_computed_tokens >= seq.num_prompt_tokens)
+        if request.prompt_logprobs is not None and not request.prompt_logprobs_sent and complete:
+            prompt_logprobs = [None, *request.prompt_logprobs]
+            request.prompt_logprobs_sent = True
         return StepOutput(
             request_id=seq.request_id, text_delta=text, token_ids=token_ids, logprobs=logprobs,
             finished=finish_reason is not None, finish_reason=finish_reason,
             prompt_tokens=seq.num_prompt_tokens, completion_tokens=seq.num_output_tokens,
-            cached_tokens=seq.num_cached_tokens,
+            cached_tokens=seq.num_cached_tokens, prompt_logprobs=prompt_logprobs,
+            stop_reason=request.stop.stopped_by if finish_reason == "stop" else None,
         )
 
     @torch.inference_mode()
@@ -187,8 +223,14 @@ class LLMEngine:
         if not chunks:
             return []
         started = self.clock()
-        sampled, logits = self.runner.run(chunks)
+        if self.speculator is not None:
+            self._speculate(chunks)
+        sampled, logits, scored = self.runner.run(chunks)
+        for scores in scored:
+            self._score_prompt(self.requests[scores.seq.request_id], scores)
         for chunk in chunks:
+            if chunk.proposal is not None:
+                continue  # what it computed for good is known once its drafts are verified
             chunk.seq.num_computed_tokens += chunk.num_tokens
             self.block_manager.register_computed(chunk.seq)
             if chunk.seq.num_output_tokens == 0:
@@ -196,24 +238,106 @@ class LLMEngine:
         if not sampled:
             # Not timed: nothing here waits for the device (CUDA and MPS run asynchronously).
             return []
-        requests = [self.requests[c.seq.request_id] for c in sampled]
-        tokens, logprobs = self.sampler(logits, [r.sampling for r in requests])
-        outputs = [self._advance(r, t, lp) for r, t, lp in zip(requests, tokens, logprobs, strict=True)]
+        plain_rows, plain, verified, outputs, row = [], [], [], [], 0
+        for chunk in sampled:
+            request = self.requests[chunk.seq.request_id]
+            if request.stop.max_tokens == 0:  # the prompt is evaluated (and scored), nothing is generated
+                outputs.append(self._finish_unsampled(request, "length"))
+            elif chunk.proposal is None:
+                plain_rows.append(row)
+                plain.append(request)
+            else:
+                verified.append((chunk, logits[row : row + chunk.num_logits]))
+            row += chunk.num_logits
+        if plain:
+            rows = logits if len(plain_rows) == logits.shape[0] else logits[plain_rows]
+            tokens, logprobs = self.sampler(rows, [r.sampling for r in plain])
+            outputs += [self._advance(r, [t], [lp] if lp else None)
+                        for r, t, lp in zip(plain, tokens, logprobs, strict=True)]
+        if verified:
+            outputs += self._verify(verified)
         # The whole step, as the streams see it between two tokens.
         self.scheduler.observe_step(self.clock() - started)
         return outputs
 
-    def _advance(self, request: _Request, token: int, logprob: TokenLogprob | None) -> StepOutput:
+    def _speculate(self, chunks: list[ScheduledChunk]) -> None:
+        """Give the step's decodes drafted tokens to verify, within the step's spare token budget."""
+        budget = self.args.max_batched_tokens - sum(c.num_tokens for c in chunks)
+        candidates = []
+        for chunk in chunks:
+            seq = chunk.seq
+            if chunk.num_tokens != 1 or not chunk.samples or seq.num_output_tokens == 0 or budget <= 0:
+                continue
+            request = self.requests[seq.request_id]
+            params = request.sampling.params
+            # Structured-output masks are not applied to drafted positions: such requests decode plainly.
+            if not params.speculative or params.structured is not None:
+                continue
+            room = min(request.stop.max_tokens - request.stop.num_tokens - 1, budget)
+            if room > 0:
+                candidates.append(Candidate(chunk, request.sampling, room))
+                budget -= min(room, self.args.spec_tokens)
+        self.speculator.propose(candidates, self.block_manager)
+
+    def _verify(self, verified: list[tuple[ScheduledChunk, torch.Tensor]]) -> list[StepOutput]:
+        requests = [self.requests[chunk.seq.request_id] for chunk, _ in verified]
+        results = self.speculator.verify(
+            [(chunk, rows, request.sampling) for (chunk, rows), request in zip(verified, requests, strict=True)])
+        outputs = []
+        for (chunk, _), request, (tokens, logprobs) in zip(verified, requests, results, strict=True):
+            seq = chunk.seq
+            # K/V is kept for the sequence's last token and the accepted drafts; the rejected drafts' is
+            # dropped, with the blocks only they filled.
+            seq.num_computed_tokens += len(tokens)
+            self.block_manager.truncate(seq, seq.num_computed_tokens)
+            output = self._advance(request, tokens, logprobs)
+            if not output.finished:
+                self.block_manager.register_computed(seq)
+            outputs.append(output)
+        return outputs
+
+    def _advance(self, request: _Request, tokens: list[int], logprobs: list[TokenLogprob] | None) -> StepOutput:
+        """Append the step's tokens to the sequence until one of them finishes it."""
         seq = request.seq
-        seq.token_ids.append(token)
-        request.sampling.output_token_ids.append(token)
-        self.generation_tokens_total += 1
-        text, reason = request.stop.update(token, request.detokenizer.add(token))
-        if reason is not None:
-            seq.finish_reason = reason
-            self.scheduler.finish(seq)
-            del self.requests[seq.request_id]
-        return self._output(request, text, [token], [logprob] if logprob else None, reason)
+        texts, reason, count = [], None, 0
+        for token in tokens:
+            seq.token_ids.append(token)
+            request.sampling.output_token_ids.append(token)
+            self.generation_tokens_total += 1
+            count += 1
+            text, reason = request.stop.update(token, request.detokenizer.add(token))
+            texts.append(text)
+            if reason is not None:
+                seq.finish_reason = reason
+                self._finish(seq)
+                del self.requests[seq.request_id]
+                break
+        return self._output(request, "".join(texts), tokens[:count], logprobs[:count] if logprobs else None, reason)
+
+    def _finish(self, seq: Sequence) -> None:
+        self.scheduler.finish(seq)
+        if self.speculator is not None:
+            self.speculator.release(seq.request_id)
+
+    def _finish_unsampled(self, request: _Request, reason: str) -> StepOutput:
+        """End a request at a step that sampled nothing for it (max_tokens 0)."""
+        seq = request.seq
+        seq.finish_reason = reason
+        output = self._output(request, "", [], None, reason)  # before _finish frees the sequence's blocks
+        self._finish(seq)
+        del self.requests[seq.request_id]
+        return output
+
+    def _score_prompt(self, request: _Request, scores: PromptScores) -> None:
+        """Append the log-probabilities of the prompt tokens these logits predict. After a preemption the
+        prompt is computed again from position 0: the rows scored before are skipped."""
+        done = len(request.prompt_logprobs)
+        skip = done - scores.first
+        if skip >= scores.logits.shape[0]:
+            return
+        start = scores.first + skip + 1
+        targets = request.seq.token_ids[start : start + scores.logits.shape[0] - skip]
+        request.prompt_logprobs += token_logprobs(scores.logits[skip:], targets, request.sampling.params.prompt_logprobs)
 
     @torch.inference_mode()
     def embed(self, prompt_token_ids: list[int]) -> list[float]:
@@ -246,7 +370,18 @@ class LLMEngine:
             "prompt_tokens_total": self.prompt_tokens_total,
             "generation_tokens_total": self.generation_tokens_total,
             "preemptions": self.scheduler.num_preemptions,
+            **(self.speculator.stats() if self.speculator is not None else {}),
         }
+
+    def running_sequences(self) -> list[dict]:
+        """The sequences being computed, oldest first: what llama.cpp's /slots shows (call on the engine thread)."""
+        result = []
+        for seq in sorted(self.scheduler.running, key=lambda s: s.arrival):
+            request = self.requests.get(seq.request_id)
+            if request is not None:
+                result.append({"request_id": seq.request_id, "params": seq.params, "output_tokens": seq.num_output_tokens,
+                               "max_tokens": request.stop.max_tokens})
+        return result
 
     def is_running(self, request_id: str) -> bool:
         request = self.requests.get(request_id)

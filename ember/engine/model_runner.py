@@ -4,13 +4,31 @@ from __future__ import annotations
 
 import math
 import mmap
+from dataclasses import dataclass
 
 import torch
 
 from ember.config import ModelConfig
 from ember.engine.scheduler import ScheduledChunk
+from ember.engine.sequence import Sequence
 from ember.layers.attention import AttentionMetadata, PrefillSlice
 from ember.models.decoder import CausalLM
+
+
+@dataclass
+class PromptScores:
+    """Logits of a sequence's prompt positions first.. computed in one step: row i predicts token first + i + 1."""
+
+    seq: Sequence
+    first: int
+    logits: torch.Tensor
+
+
+@dataclass
+class _LogitPlan:
+    rows: torch.Tensor | None  # hidden rows to compute logits for; None: all of them
+    sample_index: list[int] | None  # the sampled chunks' rows among those; None: all of them
+    scored: list[tuple[ScheduledChunk, int, int]]
 
 
 def _zeroed_cache(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -60,20 +78,25 @@ class ModelRunner:
     def _build(self, chunks: list[ScheduledChunk]):
         """Flat inputs of one step; every tensor is built once from a flat Python list."""
         size = self.block_size
-        decodes = [c for c in chunks if c.num_tokens == 1]
-        prefills = [c for c in chunks if c.num_tokens > 1]
+        # A chunk verifying drafted tokens is computed as one decode row per token (each attends to the
+        # cache up to its own position, the drafts before it included: every layer writes the step's K/V
+        # before attending), so its logits come from the same kernel as plain decoding's.
+        decodes = [c for c in chunks if c.num_tokens == 1 or c.decode_rows]
+        prefills = [c for c in chunks if c.num_tokens > 1 and not c.decode_rows]
         ordered = decodes + prefills
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         lens: list[int] = []
+        tables: list[list[int]] = []  # each decode row's block table
         for chunk in decodes:
             seq = chunk.seq
-            pos = seq.num_computed_tokens
-            input_ids.append(seq.token_ids[pos])
-            positions.append(pos)
-            slots.append(seq.block_table[pos // size] * size + pos % size)
-            lens.append(pos + 1)
+            for pos in range(seq.num_computed_tokens, seq.num_computed_tokens + chunk.num_tokens):
+                input_ids.append(seq.token_ids[pos])
+                positions.append(pos)
+                slots.append(seq.block_table[pos // size] * size + pos % size)
+                lens.append(pos + 1)
+                tables.append(seq.block_table)
         prefill_slices: list[PrefillSlice] = []
         for chunk in prefills:
             seq, start = chunk.seq, chunk.seq.num_computed_tokens
@@ -91,29 +114,40 @@ class ModelRunner:
                 else:
                     piece.context_start = first_slot
             prefill_slices.append(piece)
-        sample_rows: list[int] = []
+        # Rows that need logits: each sampling chunk's last `num_logits` (one per token it samples), and the
+        # prompt positions of a sequence that scores its prompt (position p's logits give the log-probability
+        # of prompt token p + 1).
+        logit_rows: list[int] = []
+        sample_index: list[int] = []  # where the sampled chunks' rows sit in logit_rows
+        scored: list[tuple[ScheduledChunk, int, int]] = []  # (chunk, first position, first index in logit_rows)
         offset = 0
         for chunk in ordered:
+            seq, start = chunk.seq, chunk.seq.num_computed_tokens
+            last = min(start + chunk.num_tokens, seq.num_prompt_tokens - 1)
+            if seq.wants_prompt_logprobs and last > start:
+                scored.append((chunk, start, len(logit_rows)))
+                logit_rows.extend(range(offset, offset + last - start))
             offset += chunk.num_tokens
             if chunk.samples:
-                sample_rows.append(offset - 1)
+                sample_index.extend(range(len(logit_rows), len(logit_rows) + chunk.num_logits))
+                logit_rows.extend(range(offset - chunk.num_logits, offset))
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device), block_size=size,
-            num_decode=len(decodes), prefills=prefill_slices, scratch=self._scratch,
+            num_decode=len(lens), prefills=prefill_slices, scratch=self._scratch,
         )
         if decodes:
             width = max(lens)
             per_seq = -(-width // size)
-            first_slot = self._first_slot(decodes[0].seq.block_table[:per_seq]) if len(decodes) == 1 else None
+            first_slot = self._first_slot(tables[0][:per_seq]) if len(lens) == 1 else None
             if first_slot is not None:
                 meta.decode_start = first_slot
             else:
                 # Every decode reads the blocks of `width` keys; past a shorter context it reads block 0
                 # (masked), and the keys past `width` in its last block are trimmed off.
                 flat: list[int] = []
-                for chunk, n in zip(decodes, lens, strict=True):
+                for table, n in zip(tables, lens, strict=True):
                     used = -(-n // size)
-                    flat.extend(chunk.seq.block_table[:used])
+                    flat.extend(table[:used])
                     flat.extend([0] * (per_seq - used))
                 meta.decode_blocks = torch.tensor(flat, dtype=torch.long, device=self.device)
             meta.decode_lens = torch.tensor(lens, device=self.device)
@@ -123,19 +157,28 @@ class ModelRunner:
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
         sampled = [c for c in ordered if c.samples]
         rows = None
-        if len(sample_rows) != len(input_ids):
-            rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
-        return ids, pos, meta, rows, sampled
+        if len(logit_rows) != len(input_ids):
+            rows = torch.tensor(logit_rows, dtype=torch.long, device=self.device)
+        plan = _LogitPlan(rows, sample_index if scored else None, scored)
+        return ids, pos, meta, plan, sampled
 
     @torch.inference_mode()
-    def run(self, chunks: list[ScheduledChunk]) -> tuple[list[ScheduledChunk], torch.Tensor]:
-        """Compute the step; return the chunks that sample and their next-token logits [S, vocab] (fp32)."""
-        ids, pos, meta, rows, sampled = self._build(chunks)
+    def run(self, chunks: list[ScheduledChunk]) -> tuple[list[ScheduledChunk], torch.Tensor, list[PromptScores]]:
+        """Compute the step; return the chunks that sample, their next-token logits (fp32, `num_logits` rows per
+        chunk in the order of the returned chunks), and the logits of the prompt positions computed for
+        sequences that score their prompt."""
+        ids, pos, meta, plan, sampled = self._build(chunks)
         hidden = self.model(ids, pos, meta)
-        if not sampled:
-            return [], torch.empty(0)
-        # Logits only for the rows that sample (an all-decode step samples every row: no gather).
-        return sampled, self.model.compute_logits(hidden if rows is None else hidden.index_select(0, rows))
+        if not plan.scored and not sampled:
+            return [], torch.empty(0), []
+        # Logits only for the rows that need them (an all-decode step samples every row: no gather).
+        logits = self.model.compute_logits(hidden if plan.rows is None else hidden.index_select(0, plan.rows))
+        scored = [PromptScores(chunk.seq, first, logits[at : at + min(first + chunk.num_tokens,
+                                                                     chunk.seq.num_prompt_tokens - 1) - first])
+                  for chunk, first, at in plan.scored]
+        if plan.sample_index is not None:
+            logits = logits[plan.sample_index]
+        return sampled, logits, scored
 
     @torch.inference_mode()
     def hidden_states(self, chunk: ScheduledChunk) -> torch.Tensor:

@@ -20,6 +20,9 @@ class StepOutput:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    stop_reason: str | int | None = None  # with finish_reason "stop": the stop string or token id that matched
+    # With the first output of a request that scores its prompt: one entry per prompt token, None for the first.
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass
@@ -33,3 +36,4 @@ class CompletionOutput:
     finish_reason: str
     logprobs: list[TokenLogprob] | None = None
     cached_tokens: int = 0
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # with SamplingParams.prompt_logprobs

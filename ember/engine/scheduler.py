@@ -12,16 +12,27 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ember.engine.block_manager import BlockManager
 from ember.engine.sequence import Sequence, SequenceStatus
 from ember.engine.step_budget import StepBudget
+
+if TYPE_CHECKING:
+    from ember.engine.spec_decode import Proposal
 
 
 @dataclass
 class ScheduledChunk:
     seq: Sequence
     num_tokens: int  # tokens computed this step, starting at seq.num_computed_tokens
+    # Logits rows the step returns when it samples: the last token's, or with speculative tokens appended
+    # (the `proposal` being verified) the rows of every drafted position too.
+    num_logits: int = 1
+    proposal: Proposal | None = None
+    # Compute each token as a decode row (the kernel plain decoding uses) rather than as a prefill chunk:
+    # speculative chunks, whose logits must be the ones decoding token by token would give.
+    decode_rows: bool = False
 
     @property
     def samples(self) -> bool:

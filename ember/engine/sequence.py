@@ -44,5 +44,14 @@ class Sequence:
         return len(self.token_ids) - self.num_prompt_tokens
 
     @property
+    def wants_prompt_logprobs(self) -> bool:
+        return self.params is not None and self.params.prompt_logprobs is not None
+
+    @property
+    def reuses_prefix_cache(self) -> bool:
+        """Whether cached blocks may stand in for its prompt: not when every position's logits are needed."""
+        return self.params is None or (self.params.use_prefix_cache and self.params.prompt_logprobs is None)
+
+    @property
     def num_uncomputed_tokens(self) -> int:
         return len(self.token_ids) - self.num_computed_tokens

@@ -21,6 +21,7 @@ class StopChecker:
         self.max_tokens = max_tokens
         self.num_tokens = 0
         self.held = ""  # generated text not yet emitted: the tail that might begin a stop string
+        self.stopped_by: str | int | None = None  # the stop string or token id that ended the sequence
         # Only a stop string's first character can open a match, which rules out most positions cheaply.
         self._first_chars = frozenset(stop[0] for stop in self.stop_strings)
 
@@ -43,6 +44,7 @@ class StopChecker:
                 self.held = ""
                 return cut, "stop"
         if stopped_by_token:
+            self.stopped_by = token_id
             return self.flush(), "stop"
         if self.num_tokens >= self.max_tokens:
             return self.flush(), "length"
@@ -68,6 +70,7 @@ class StopChecker:
         if earliest is None:
             return None
         index, stop = earliest
+        self.stopped_by = stop
         return self.held[: index + len(stop)] if self.include_stop else self.held[:index]
 
     def _start_of_possible_stop(self) -> int:

@@ -40,7 +40,14 @@ class SamplingState:
     _prompt_tensor: torch.Tensor | None = field(default=None, init=False, repr=False)
 
     def seen_token_ids(self, device: torch.device) -> torch.Tensor:
-        """Prompt and output token ids, the set the repetition penalty applies to."""
+        """The token ids the repetition penalty applies to: prompt and output, or only the last
+        params.repetition_window of them (Ollama's repeat_last_n)."""
+        window = self.params.repetition_window
+        if window is not None:
+            recent = self.output_token_ids[-window:]
+            if len(recent) < window:
+                recent = self.prompt_token_ids[len(recent) - window:] + recent
+            return torch.tensor(recent, dtype=torch.long, device=device)
         if self._prompt_tensor is None or self._prompt_tensor.device != device:
             self._prompt_tensor = torch.tensor(self.prompt_token_ids, dtype=torch.long, device=device)
         output = torch.tensor(self.output_token_ids, dtype=torch.long, device=device)
@@ -184,12 +191,27 @@ def _draw(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
     return (probs / noise).argmax(dim=-1)
 
 
-def _sample(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
-    params = [state.params for state in states]
+def filtered_logits(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Temperature, top-k, top-p and min-p over adjusted logits: the softmax of the result is the
+    distribution a sampling row draws from (speculative decoding verifies against it)."""
     logits = logits / _column([p.temperature for p in params], logits)
     logits = _top_k_top_p(logits, params)
-    logits = _min_p(logits, params)
-    return _draw(logits, states)
+    return _min_p(logits, params)
+
+
+def _sample(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
+    return _draw(filtered_logits(logits, [state.params for state in states]), states)
+
+
+def token_logprobs(logits: torch.Tensor, tokens: list[int], top: int) -> list[TokenLogprob]:
+    """Each row's log-probability of its token under the model's distribution, with the `top` most likely."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logprobs.gather(1, torch.tensor(tokens, device=logits.device)[:, None])[:, 0].tolist()
+    best: list[list[tuple[int, float]]] = [[] for _ in tokens]
+    if top:
+        values, ids = logprobs.topk(top, dim=-1)
+        best = [list(zip(i, v, strict=True)) for i, v in zip(ids.tolist(), values.tolist(), strict=True)]
+    return [TokenLogprob(t, c, b) for t, c, b in zip(tokens, chosen, best, strict=True)]
 
 
 def _logprobs(raw: torch.Tensor, states: list[SamplingState], tokens: list[int]) -> list[TokenLogprob | None]:
@@ -198,15 +220,11 @@ def _logprobs(raw: torch.Tensor, states: list[SamplingState], tokens: list[int])
     wanted = [row for row, state in enumerate(states) if state.params.logprobs is not None]
     if not wanted:
         return result
-    logprobs = torch.log_softmax(raw[wanted].float(), dim=-1)
-    chosen = logprobs.gather(1, torch.tensor([tokens[r] for r in wanted], device=raw.device)[:, None])[:, 0].tolist()
     most = max(states[r].params.logprobs for r in wanted)
-    top_values, top_ids = logprobs.topk(most, dim=-1)
-    top_values, top_ids = top_values.tolist(), top_ids.tolist()
-    for j, row in enumerate(wanted):
-        count = states[row].params.logprobs
-        top = list(zip(top_ids[j][:count], top_values[j][:count], strict=True))
-        result[row] = TokenLogprob(tokens[row], chosen[j], top)
+    scored = token_logprobs(raw[wanted], [tokens[r] for r in wanted], most)
+    for row, entry in zip(wanted, scored, strict=True):
+        entry.top = entry.top[: states[row].params.logprobs]
+        result[row] = entry
     return result
 
 

@@ -13,8 +13,8 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 
 from ember import __version__
-from ember.server import errors, llamacpp_api, ollama_api, openai_api, rerank_api, webui
-from ember.server.errors import APIError, error_body
+from ember.server import anthropic_api, errors, llamacpp_api, ollama_api, openai_api, rerank_api, webui
+from ember.server.errors import DECLARED_TYPE, APIError, error_body
 from ember.server.generation import ClientGone
 from ember.server.state import LEASES, ServerState
 
@@ -76,7 +76,7 @@ class GuardMiddleware:
             given = auth[7:].strip() if auth[:7].lower() == "bearer " else headers.get("x-api-key", "")
             if not hmac.compare_digest(given.encode(), settings.api_key.encode()):
                 return await _send_error(scope, send, APIError(
-                    401, "invalid or missing API key (send it as 'Authorization: Bearer KEY')",
+                    401, "invalid or missing API key (send it as 'Authorization: Bearer KEY' or 'x-api-key: KEY')",
                     code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"}))
         limit = settings.max_body_bytes
         length = headers.get("content-length")
@@ -98,6 +98,8 @@ class GuardMiddleware:
                 break
         body = b"".join(chunks)
         replayed = False
+        if not str(scope.get("path", "")).startswith("/v1/"):
+            _read_as_json(scope, headers.get("content-type"))
 
         async def replay():
             nonlocal replayed
@@ -129,6 +131,16 @@ class GuardMiddleware:
             await self.state.release_all(leases)
 
 
+def _read_as_json(scope, declared: str | None) -> None:
+    """Ollama's and llama.cpp's servers parse a body as JSON whatever its declared type (curl -d sends
+    application/x-www-form-urlencoded, as in Ollama's own documentation): so does ember, on their routes."""
+    if declared is not None and declared.split(";", 1)[0].strip().lower() == "application/json":
+        return
+    scope[DECLARED_TYPE] = declared or "none"
+    others = [(k, v) for k, v in scope.get("headers", []) if k.lower() != b"content-type"]
+    scope["headers"] = [*others, (b"content-type", b"application/json")]
+
+
 def _too_large(limit: int) -> APIError:
     return APIError(413, f"the request body is larger than the limit of {limit} bytes", code="body_too_large")
 
@@ -156,6 +168,7 @@ def create_app(state: ServerState) -> FastAPI:
     app.include_router(openai_api.router)
     app.include_router(ollama_api.router)
     app.include_router(llamacpp_api.router)
+    app.include_router(anthropic_api.router)
     app.include_router(rerank_api.router)
     app.add_middleware(GuardMiddleware, state=state)
     if state.settings.cors_origins:

@@ -1,4 +1,5 @@
-"""Errors as HTTP responses: OpenAI's `{"error": {...}}` everywhere except Ollama's `{"error": "..."}` on /api/*."""
+"""Errors as HTTP responses: OpenAI's `{"error": {...}}` everywhere except Ollama's `{"error": "..."}` on /api/*
+and Anthropic's `{"type": "error", "error": {...}}` on /v1/messages."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from starlette.exceptions import HTTPException
 
 from ember.errors import ChatTemplateError, EmberError, InvalidParameter, OutOfResources, TokenizerError
 
+DECLARED_TYPE = "ember.declared_content_type"  # ASGI scope key: the Content-Type a JSON-read body came with
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
           404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
           429: "rate_limit_error", 501: "not_implemented_error", 503: "service_unavailable_error"}
@@ -49,9 +51,26 @@ def is_ollama_path(path: str) -> bool:
     return path == "/api" or path.startswith("/api/")
 
 
+def is_anthropic_path(path: str) -> bool:
+    return path == "/v1/messages" or path.startswith("/v1/messages/")
+
+
+# Anthropic's error types by status (its SDK picks the exception class from the status alone).
+_ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                    404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
+                    503: "overloaded_error"}
+
+
+def anthropic_error(err: APIError) -> dict:
+    kind = _ANTHROPIC_TYPES.get(err.status, "api_error" if err.status >= 500 else "invalid_request_error")
+    return {"type": "error", "error": {"type": kind, "message": err.message}}
+
+
 def error_body(path: str, err: APIError) -> dict:
     if is_ollama_path(path):
         return {"error": err.message}
+    if is_anthropic_path(path):
+        return anthropic_error(err)
     return {"error": {"message": err.message, "type": err.type, "param": err.param, "code": err.code}}
 
 
@@ -76,17 +95,24 @@ def from_exception(exc: BaseException) -> APIError:
     return APIError(500, "internal server error", type="server_error", code="internal_error")
 
 
-def _validation_error(exc: RequestValidationError) -> APIError:
+def _validation_error(exc: RequestValidationError, declared: str | None = None) -> APIError:
+    """`declared`: the Content-Type of a body read as JSON although it was not declared JSON (ember.server.app)."""
     errors = exc.errors()
     first = errors[0] if errors else {}
     kind = first.get("type", "")
     loc = [p for p in first.get("loc", ()) if p != "body"]
+    if kind == "unsupported_field":
+        name = (first.get("ctx") or {}).get("field")
+        return not_supported(name, param=name)
     if kind == "json_invalid":
         detail = (first.get("ctx") or {}).get("error", "")
-        return bad_request(f"the request body is not valid JSON{': ' + detail if detail else ''}",
+        why = (f" (it was sent as Content-Type {declared}; on this route ember reads every body as JSON)"
+               if declared else "")
+        return bad_request(f"the request body is not valid JSON{': ' + detail if detail else ''}{why}",
                            code="invalid_json")
     if not loc and kind in ("model_attributes_type", "dict_type", "model_type"):
-        return bad_request("the request body must be a JSON object", code="invalid_body")
+        return bad_request("the request body must be a JSON object (sent with Content-Type: application/json)",
+                           code="invalid_body")
     # Drop the tags pydantic adds for union members ("str", "list[str]") so the path names the field.
     names = [str(p) for p in loc if isinstance(p, int) or not ("[" in p or p in _UNION_TAGS)]
     param = ".".join(names) or None
@@ -108,7 +134,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
-        return error_response(request.url.path, _validation_error(exc))
+        return error_response(request.url.path, _validation_error(exc, request.scope.get(DECLARED_TYPE)))
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException):

@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from ember.engine.speculator import acceptance
+
 if TYPE_CHECKING:
     from ember.server.state import ModelRegistry
 
@@ -33,6 +35,13 @@ class _EngineCollector:
         prompt = CounterMetricFamily("ember_prompt_tokens", "Prompt tokens processed", labels=["model"])
         generated = CounterMetricFamily("ember_generation_tokens", "Tokens generated", labels=["model"])
         preemptions = CounterMetricFamily("ember_preemptions", "Sequences preempted for KV space", labels=["model"])
+        drafted = CounterMetricFamily("ember_spec_draft_tokens", "Speculative tokens drafted", labels=["model"])
+        accepted = CounterMetricFamily("ember_spec_accepted_tokens", "Drafted tokens the target kept",
+                                       labels=["model"])
+        rate = GaugeMetricFamily("ember_spec_acceptance_rate", "Share of drafted tokens kept", labels=["model"])
+        length = GaugeMetricFamily("ember_spec_mean_accepted_length", "Tokens a sequence gains per verification "
+                                   "(kept drafts plus the target's own)", labels=["model"])
+        speculating = False
         for entry in self.models.list():
             stats = entry.engine.stats()
             for key, family in gauges.items():
@@ -42,8 +51,17 @@ class _EngineCollector:
             prompt.add_metric([entry.name], stats.get("prompt_tokens_total", 0))
             generated.add_metric([entry.name], stats.get("generation_tokens_total", 0))
             preemptions.add_metric([entry.name], stats.get("preemptions", 0))
+            if "spec_verifications" in stats:  # only engines that speculate report these
+                speculating = True
+                drafted.add_metric([entry.name], stats["spec_proposed_tokens"])
+                accepted.add_metric([entry.name], stats["spec_accepted_tokens"])
+                measured = acceptance(stats) or (0.0, 0.0)
+                rate.add_metric([entry.name], measured[0])
+                length.add_metric([entry.name], measured[1])
         yield from gauges.values()
         yield from (hit_rate, prompt, generated, preemptions)
+        if speculating:
+            yield from (drafted, accepted, rate, length)
 
 
 class Metrics:

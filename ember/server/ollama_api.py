@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
+import logging
 import math
 import time
 from collections.abc import AsyncIterator
@@ -16,10 +16,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 
 from ember import __version__
-from ember.errors import EmberError, InvalidParameter
-from ember.sampling_params import SamplingParams
+from ember.errors import EmberError
 from ember.server.errors import APIError, bad_request, from_exception, not_supported
 from ember.server.generation import Choice, Generation, collect, start_generation
+from ember.server.ollama_options import check_options, num_ctx, ollama_params
 from ember.server.openai_api import available_models, embed_all, encoder_embeddings
 from ember.server.pool import parse_keep_alive
 from ember.server.prompting import chat_prompt_ids, plain_messages
@@ -31,17 +31,13 @@ from ember.server.protocol import (
     OllamaShowRequest,
     _Body,
 )
-from ember.server.state import ModelEntry, ServerState
+from ember.server.state import LOAD_SECONDS, ModelEntry, ServerState
+from ember.store.info import format_params
+from ember.store.model_info import ModelInfo, describe_model, gguf_metadata_verbose
 
 router = APIRouter()
+log = logging.getLogger("ember.server")
 NEVER = "2318-01-01T00:00:00Z"  # expires_at of a model kept forever (Ollama's far future)
-
-# Ollama option -> SamplingParams field; the others (num_ctx, mirostat, num_thread...) are accepted and ignored.
-OPTION_MAP = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p",
-              "repeat_penalty": "repetition_penalty", "presence_penalty": "presence_penalty",
-              "frequency_penalty": "frequency_penalty", "seed": "seed", "stop": "stop"}
-DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.9, "repetition_penalty": 1.1}
-
 
 def get_state(request: Request) -> ServerState:
     return request.app.state.ember
@@ -49,23 +45,6 @@ def get_state(request: Request) -> ServerState:
 
 def now() -> str:
     return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
-
-
-def ollama_params(options: dict[str, Any] | None) -> SamplingParams:
-    options = options or {}
-    kwargs: dict[str, Any] = dict(DEFAULTS)
-    for key, value in options.items():
-        if key in OPTION_MAP:
-            if value is not None:
-                kwargs[OPTION_MAP[key]] = value
-        elif key == "num_predict":
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise InvalidParameter("num_predict", f"must be an integer, got {value!r}")
-            kwargs["max_tokens"] = None if value < 0 else value  # -1: unlimited, -2: fill the context
-            if value == 0:
-                raise InvalidParameter("num_predict", "must be positive, or -1 for no limit")
-    kwargs.setdefault("max_tokens", None)
-    return SamplingParams(**kwargs)
 
 
 def check_request(body) -> None:
@@ -84,7 +63,7 @@ def _final(entry_name: str, generation: Generation, choice: Choice, started: flo
     first = choice.first_token_at or end
     return {"model": entry_name, "created_at": now(), "done": True,
             "done_reason": choice.finish_reason or "stop",
-            "total_duration": _ns(end - started), "load_duration": _ns(load),
+            "total_duration": _ns(end - started + load), "load_duration": _ns(load),
             "prompt_eval_count": choice.prompt_tokens, "prompt_eval_duration": _ns(first - started),
             "eval_count": choice.completion_tokens, "eval_duration": _ns(end - first)}
 
@@ -101,9 +80,10 @@ async def _run(request: Request, generation: Generation, stream: bool, piece, fi
     """Stream NDJSON pieces then the final object, or answer the whole reply at once."""
     started = generation.started
     name = generation.model
+    load = request.scope.get(LOAD_SECONDS, 0.0)
     if not stream:
         choice = (await collect(request, generation))[0]
-        return {**piece(choice.text), **_final(name, generation, choice, started, 0.0), **final_extra(choice)}
+        return {**piece(choice.text), **_final(name, generation, choice, started, load), **final_extra(choice)}
 
     async def items():
         choice = Choice(0)
@@ -116,9 +96,19 @@ async def _run(request: Request, generation: Generation, stream: bool, piece, fi
         except (EmberError, APIError) as err:
             yield {"error": from_exception(err).message}
             return
-        yield {**piece(""), **_final(name, generation, choice, started, 0.0), **final_extra(choice)}
+        yield {**piece(""), **_final(name, generation, choice, started, load), **final_extra(choice)}
 
     return _ndjson(items())
+
+
+def _load_durations(request: Request) -> dict:
+    """A load-only request's timings: all of it was getting the model ready."""
+    load = _ns(request.scope.get(LOAD_SECONDS, 0.0))
+    return {"total_duration": load, "load_duration": load}
+
+
+def _params(entry: ModelEntry, options: dict):
+    return ollama_params(options, entry.info.defaults if entry.info is not None else None)
 
 
 @router.post("/api/generate")
@@ -128,9 +118,11 @@ async def generate(body: OllamaGenerateRequest, request: Request):
     if not body.prompt and not body.context and _is_zero(body.keep_alive):  # Ollama's "unload the model" request
         name = await state.pool.stop(body.model)
         return {"model": name, "created_at": now(), "response": "", "done": True, "done_reason": "unload"}
-    entry = await state.use_model(request, body.model, body.keep_alive)
+    options = check_options(body.options)
+    entry = await state.use_model(request, body.model, body.keep_alive, num_ctx(options))
     if not body.prompt and not body.context:  # Ollama's "load the model" request
-        return {"model": entry.name, "created_at": now(), "response": "", "done": True, "done_reason": "load"}
+        return {"model": entry.name, "created_at": now(), "response": "", "done": True, "done_reason": "load",
+                **_load_durations(request)}
     if body.suffix:
         raise not_supported("suffix (fill-in-the-middle)", param="suffix")
     engine = entry.engine
@@ -140,7 +132,7 @@ async def generate(body: OllamaGenerateRequest, request: Request):
         messages = ([{"role": "system", "content": body.system}] if body.system else [])
         prompt = chat_prompt_ids(engine, [*messages, {"role": "user", "content": body.prompt or ""}])
     prompt = list(body.context or []) + prompt
-    generation = start_generation(state, entry, [prompt], ollama_params(body.options), "ollama")
+    generation = start_generation(state, entry, [prompt], _params(entry, options), "ollama")
     return await _run(request, generation, body.stream, lambda text: {"response": text},
                       lambda choice: {"context": prompt + choice.token_ids})
 
@@ -155,43 +147,45 @@ async def chat(body: OllamaChatRequest, request: Request):
         name = await state.pool.stop(body.model)
         return {"model": name, "created_at": now(), "message": {"role": "assistant", "content": ""},
                 "done": True, "done_reason": "unload"}
-    entry = await state.use_model(request, body.model, body.keep_alive)
+    options = check_options(body.options)
+    entry = await state.use_model(request, body.model, body.keep_alive, num_ctx(options))
     if not body.messages:
         return {"model": entry.name, "created_at": now(), "message": {"role": "assistant", "content": ""},
-                "done": True, "done_reason": "load"}
+                "done": True, "done_reason": "load", **_load_durations(request)}
     prompt = chat_prompt_ids(entry.engine, plain_messages(body.messages), body.tools)
-    generation = start_generation(state, entry, [prompt], ollama_params(body.options), "ollama")
+    generation = start_generation(state, entry, [prompt], _params(entry, options), "ollama")
     return await _run(request, generation, body.stream,
                       lambda text: {"message": {"role": "assistant", "content": text}}, lambda choice: {})
 
 
-# --- models -------------------------------------------------------------------------------------------------
-def _details(entry: ModelEntry) -> dict:
-    loaded = getattr(entry.engine.engine, "loaded", None)
-    config = getattr(loaded, "config", None)
-    family = getattr(config, "architecture", None) or "unknown"
-    params = None
-    model = getattr(loaded, "model", None)
-    if model is not None and hasattr(model, "parameters"):
-        params = sum(p.numel() for p in model.parameters())
-    fmt = str(getattr(loaded, "format", "") or "")
-    return {"parent_model": "", "format": fmt or "safetensors", "family": family, "families": [family],
-            "parameter_size": _human(params) if params else "", "quantization_level": str(
-                getattr(loaded, "dtype", "")).removeprefix("torch.")}
+# --- models: each renders a ModelInfo (ember.store.model_info) ------------------------------------------------
+# SamplingParams field -> the Ollama parameter name /api/show reports it under
+PARAMETER_NAMES = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p",
+                   "repetition_penalty": "repeat_penalty", "repetition_window": "repeat_last_n"}
 
 
-def _human(count: int) -> str:
-    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if count >= size:
-            return f"{count / size:.1f}{unit}"
-    return str(count)
+def _rfc3339(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, timezone.utc).isoformat().replace("+00:00", "Z")
 
 
-def _size(entry: ModelEntry) -> int:
-    model = getattr(getattr(entry.engine.engine, "loaded", None), "model", None)
-    if model is None or not hasattr(model, "parameters"):
-        return 0
-    return sum(p.numel() * p.element_size() for p in model.parameters())
+def _tag_name(name: str) -> str:
+    return name if ":" in name.rsplit("/", 1)[-1] else f"{name}:latest"
+
+
+def _details(info: ModelInfo) -> dict:
+    details = {"parent_model": "", "format": info.format, "family": info.family or "",
+               "families": [info.family] if info.family else None,
+               "parameter_size": format_params(info.parameters) if info.parameters else "",
+               "quantization_level": info.quantization or ""}
+    return details
+
+
+def _model_tag(name: str, info: ModelInfo | None, modified: float) -> dict:
+    """An /api/tags entry; a model without files (built in-process) has no size, digest or details to report."""
+    tag = {"name": _tag_name(name), "model": _tag_name(name), "modified_at": _rfc3339(modified)}
+    if info is not None:
+        tag.update(size=info.size, digest=info.digest, details=_details(info))
+    return tag
 
 
 def _is_zero(keep_alive) -> bool:
@@ -204,25 +198,16 @@ def _is_zero(keep_alive) -> bool:
         return False
 
 
-def _tag(entry: ModelEntry) -> dict:
-    name = entry.name if ":" in entry.name.rsplit("/", 1)[-1] else f"{entry.name}:latest"
-    return {"name": name, "model": name,
-            "modified_at": datetime.fromtimestamp(entry.created, timezone.utc).isoformat().replace("+00:00", "Z"),
-            "size": _size(entry), "digest": hashlib.sha256(entry.name.encode()).hexdigest(), "details": _details(entry)}
+def _available_info(model) -> ModelInfo | None:
+    """The ModelInfo of a model listed by the catalog (not loaded); None when its files are unreadable."""
+    from ember.store.store import ModelStore
 
-
-def _rfc3339(seconds: float) -> str:
-    return datetime.fromtimestamp(seconds, timezone.utc).isoformat().replace("+00:00", "Z")
-
-
-def _available_tag(model) -> dict:
-    name = model.name if ":" in model.name.rsplit("/", 1)[-1] else f"{model.name}:latest"
-    family = getattr(model, "architecture", None) or "unknown"
-    return {"name": name, "model": name, "modified_at": _rfc3339(model.modified), "size": model.size,
-            "digest": hashlib.sha256(model.name.encode()).hexdigest(),
-            "details": {"parent_model": "", "format": model.format, "family": family, "families": [family],
-                        "parameter_size": _human(model.parameters) if model.parameters else "",
-                        "quantization_level": model.quant or ""}}
+    try:
+        path = model.path if model.path else ModelStore().path_for(model.name)
+        return describe_model(model.name, path, model.format)
+    except (EmberError, OSError) as err:
+        log.warning("cannot describe %s: %s", model.name, err)
+        return None
 
 
 @router.get("/api/tags")
@@ -230,8 +215,11 @@ async def tags(request: Request):
     state = get_state(request)
     loaded = state.pool.list()
     names = {e.name for e in loaded}
-    return {"models": [_tag(e) for e in loaded]
-            + [_available_tag(m) for m in await available_models(state) if m.name not in names]}
+    available = [m for m in await available_models(state) if m.name not in names]
+    infos = await asyncio.to_thread(lambda: [_available_info(m) for m in available])
+    return {"models": [_model_tag(e.name, e.info, e.created) for e in loaded]
+            + [_model_tag(m.name, info, info.modified if info else m.modified)
+               for m, info in zip(available, infos, strict=True)]}
 
 
 @router.get("/api/ps")
@@ -239,7 +227,8 @@ async def ps(request: Request):
     models = []
     for entry in get_state(request).pool.list():
         expires = entry.expires_at
-        models.append({**_tag(entry), "size": entry.size, "size_vram": entry.size if entry.device != "cpu" else 0,
+        models.append({**_model_tag(entry.name, entry.info, entry.created), "size": entry.size,
+                       "size_vram": entry.size if entry.device != "cpu" else 0,
                        "expires_at": _rfc3339(expires) if expires is not None else NEVER,
                        "context_length": entry.context_length, "context_fitted": entry.context_fitted,
                        "busy": entry.busy})
@@ -254,52 +243,47 @@ def _model_name(body) -> str:
     return name
 
 
+def _parameters_text(info: ModelInfo) -> str:
+    """Ollama's `parameters`: one "name value" line per default the model ships (and ember applies)."""
+    return "\n".join(f"{PARAMETER_NAMES[k]:<30} {v}" for k, v in info.defaults.items() if k in PARAMETER_NAMES)
+
+
+def _model_info(info: ModelInfo, verbose: bool) -> dict:
+    if info.format == "gguf":
+        metadata = {**info.metadata, **(gguf_metadata_verbose(info.path) if verbose else {})}
+        metadata["general.parameter_count"] = info.parameters
+        return metadata
+    family = info.family or "unknown"
+    found = {"general.architecture": family, "general.parameter_count": info.parameters,
+             f"{family}.context_length": info.context_length, f"{family}.embedding_length": info.embedding_length}
+    return {k: v for k, v in found.items() if v is not None}
+
+
 @router.post("/api/show")
 async def show(body: OllamaShowRequest, request: Request):
-    from ember.store.info import describe_path
-
     name = _model_name(body)
     pool = get_state(request).pool
     key, resolved = await pool.lookup(name)
     entry = pool.loaded(key)
-    info: dict[str, Any] = {}
-    if resolved is not None:
+    info = entry.info if entry is not None else None
+    if info is None and resolved is not None:
         try:
-            info = await asyncio.to_thread(describe_path, resolved.path)
-        except EmberError as err:
+            info = await asyncio.to_thread(describe_model, key, resolved.path, resolved.format)
+        except (EmberError, OSError) as err:
             raise APIError(500, f"cannot read {key}: {err}", code="unreadable_model") from None
-    family = info.get("architecture") or (_details(entry)["family"] if entry is not None else "unknown")
-    details = {"parent_model": "", "format": resolved.format if resolved is not None else "safetensors",
-               "family": family, "families": [family],
-               "parameter_size": _human(info["parameters"]) if info.get("parameters") else "",
-               "quantization_level": info.get("quant") or ""}
-    if entry is not None and not info:
-        details = _details(entry)
-    template = info.get("template") or ""
-    if entry is not None and entry.engine.chat_template is not None:
-        template = entry.engine.chat_template.source
-    context = info.get("context_length") or (entry.context_length if entry is not None else None)
-    model_info: dict[str, Any] = {"general.architecture": family}
-    if info.get("parameters"):
-        model_info["general.parameter_count"] = info["parameters"]
-    if context:
-        model_info[f"{family}.context_length"] = context
-    modified = (entry.created if entry is not None else
-                (resolved.path.stat().st_mtime if resolved is not None and resolved.path.exists() else time.time()))
-    return {"modelfile": f"FROM {key}\n", "parameters": "", "license": info.get("license") or "",
-            "template": template, "details": details, "modified_at": _rfc3339(modified),
-            "model_info": model_info, "capabilities": _capabilities(entry, resolved)}
-
-
-def _capabilities(entry, resolved) -> list[str]:
-    """"embedding" for models made for it (encoders), "completion" for the others, as Ollama reports them."""
-    from ember.encoder_config import is_encoder_path
-
-    if entry is not None:
-        encoder = entry.engine.is_encoder
-    else:
-        encoder = resolved is not None and is_encoder_path(resolved.path)
-    return ["embedding"] if encoder else ["completion"]
+    if info is None:
+        raise APIError(404, f"{key} has no model files to describe", param="model", code="model_not_found")
+    try:
+        model_info = await asyncio.to_thread(_model_info, info, body.verbose)
+    except (EmberError, OSError) as err:
+        raise APIError(500, f"cannot read {key}: {err}", code="unreadable_model") from None
+    result = {"modelfile": f"FROM {info.path}\n", "parameters": _parameters_text(info),
+              "license": info.license or "", "template": info.template or "", "details": _details(info),
+              "modified_at": _rfc3339(info.modified), "model_info": model_info,
+              "capabilities": list(info.capabilities)}
+    if info.load_seconds is not None:
+        result["load_duration"] = _ns(info.load_seconds)
+    return result
 
 
 # --- the store: pull, delete, copy --------------------------------------------------------------------------
@@ -338,36 +322,34 @@ async def pull(body: PullRequest, request: Request):
     except EmberError as err:
         raise bad_request(str(err), param="model") from None
     loop = asyncio.get_running_loop()
-    lines: asyncio.Queue = asyncio.Queue()
+    events: asyncio.Queue = asyncio.Queue()
 
-    def echo(text: str) -> None:
-        loop.call_soon_threadsafe(lines.put_nowait, {"status": text})
+    def report(event: dict) -> None:
+        loop.call_soon_threadsafe(events.put_nowait, event)
 
     def work():
         from ember.store.pull import pull as pull_model
 
-        return pull_model(ref, progress=False, echo=echo)
+        return pull_model(ref, progress=False, report=report)
 
     async def items():
         yield {"status": "pulling manifest"}
         task = asyncio.ensure_future(asyncio.to_thread(work))
         while True:
-            getter = asyncio.ensure_future(lines.get())
+            getter = asyncio.ensure_future(events.get())
             done, _ = await asyncio.wait({task, getter}, return_when=asyncio.FIRST_COMPLETED)
             if getter in done:
                 yield getter.result()
                 continue
             getter.cancel()
-            while not lines.empty():
-                yield lines.get_nowait()
+            while not events.empty():
+                yield events.get_nowait()
             break
         try:
             manifest = task.result()
         except Exception as err:
             yield {"error": str(err) if isinstance(err, EmberError) else f"pull failed: {err}"}
             return
-        yield {"status": "verifying sha256 digest"}
-        yield {"status": "writing manifest"}
         yield {"status": "success", "model": manifest.name, "total": manifest.size}
 
     if body.stream:
@@ -418,8 +400,9 @@ def _normalized(vector: list[float]) -> list[float]:
 @router.post("/api/embed")
 async def embed(body: OllamaEmbedRequest, request: Request):
     state = get_state(request)
-    entry = await state.use_model(request, body.model, body.keep_alive)
-    started = time.monotonic()
+    options = check_options(body.options, {"num_ctx"})
+    entry = await state.use_model(request, body.model, body.keep_alive, num_ctx(options))
+    started, load = time.monotonic(), request.scope.get(LOAD_SECONDS, 0.0)
     texts = [body.input] if isinstance(body.input, str) else body.input
     if entry.engine.is_encoder:
         vectors, count = await encoder_embeddings(state, entry, texts, body.dimensions, body.truncate)
@@ -434,14 +417,15 @@ async def embed(body: OllamaEmbedRequest, request: Request):
         vectors = await embed_all(state, entry, inputs) if inputs else []
         count = sum(len(i) for i in inputs)
     return {"model": entry.name, "embeddings": [_normalized(v) for v in vectors],
-            "total_duration": _ns(time.monotonic() - started), "load_duration": 0,
+            "total_duration": _ns(time.monotonic() - started + load), "load_duration": _ns(load),
             "prompt_eval_count": count}
 
 
 @router.post("/api/embeddings")
 async def embeddings(body: OllamaEmbeddingsRequest, request: Request):
     state = get_state(request)
-    entry = await state.use_model(request, body.model, body.keep_alive)
+    options = check_options(body.options, {"num_ctx"})
+    entry = await state.use_model(request, body.model, body.keep_alive, num_ctx(options))
     if not body.prompt:
         return {"embedding": []}
     if entry.engine.is_encoder:

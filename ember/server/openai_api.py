@@ -11,6 +11,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
+from dataclasses import replace
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
@@ -21,13 +22,21 @@ from ember.errors import EmberError
 from ember.sampling_params import SamplingParams
 from ember.server.errors import APIError, bad_request, from_exception, not_supported
 from ember.server.generation import Choice, Generation, collect, start_generation, validate
-from ember.server.prompting import chat_prompt_ids, content_text, plain_messages, prompt_ids_list, token_text
+from ember.server.prompting import (
+    chat_prompt_ids,
+    content_text,
+    fim_prompt_ids,
+    plain_messages,
+    prompt_ids_list,
+    token_text,
+)
 from ember.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     EmbeddingRequest,
     ResponsesRequest,
     SamplingFields,
+    StreamOptions,
 )
 from ember.server.state import ModelEntry, ServerState
 
@@ -71,7 +80,7 @@ def sampling_params(body: SamplingFields, max_tokens: int | None, logprobs: int 
     return SamplingParams(
         n=body.n, max_tokens=max_tokens, logprobs=logprobs, min_tokens=body.min_tokens, ignore_eos=body.ignore_eos,
         skip_special_tokens=body.skip_special_tokens, include_stop_str_in_output=body.include_stop_str_in_output,
-        **kwargs)
+        speculative=body.speculative, use_prefix_cache=body.cache_prompt, **kwargs)
 
 
 def usage(generation: Generation, choices: list[Choice]) -> dict:
@@ -83,29 +92,46 @@ def usage(generation: Generation, choices: list[Choice]) -> dict:
 
 
 # --- logprobs in OpenAI's two shapes ------------------------------------------------------------------------
+def token_entry(engine: AsyncEngine, token_id: int, logprob: float) -> dict:
+    """One token's text, log-probability and UTF-8 bytes (OpenAI's chat shape; llama.cpp adds the id)."""
+    text = token_text(engine, token_id)
+    return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+
 def chat_logprobs(engine: AsyncEngine, logprobs: list[TokenLogprob] | None) -> dict | None:
     if logprobs is None:
         return None
-
-    def entry(token_id: int, logprob: float) -> dict:
-        text = token_text(engine, token_id)
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
-
-    return {"content": [{**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]}
-                        for lp in logprobs]}
+    return {"content": [{**token_entry(engine, lp.token_id, lp.logprob),
+                         "top_logprobs": [token_entry(engine, t, v) for t, v in lp.top]} for lp in logprobs]}
 
 
-def completion_logprobs(engine: AsyncEngine, logprobs: list[TokenLogprob] | None, offset: int = 0) -> dict | None:
-    if logprobs is None:
+def completion_logprobs(engine: AsyncEngine, logprobs: list[TokenLogprob] | None, offset: int = 0,
+                        echoed: tuple[list[int], list[TokenLogprob | None]] | None = None) -> dict | None:
+    """OpenAI's legacy shape. `echoed`: the prompt's ids and log-probabilities, listed first; its first token has
+    none (null, as OpenAI answers)."""
+    if logprobs is None and echoed is None:
         return None
+    entries = list(zip(*echoed, strict=True)) if echoed else []
+    entries += [(lp.token_id, lp) for lp in logprobs or []]
     tokens, offsets = [], []
-    for lp in logprobs:
+    for token_id, _ in entries:
         offsets.append(offset)
-        tokens.append(token_text(engine, lp.token_id))
+        tokens.append(token_text(engine, token_id))
         offset += len(tokens[-1])
-    return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in logprobs],
-            "top_logprobs": [{token_text(engine, t): v for t, v in lp.top} for lp in logprobs],
+    return {"tokens": tokens, "token_logprobs": [lp.logprob if lp else None for _, lp in entries],
+            "top_logprobs": [{token_text(engine, t): v for t, v in lp.top} if lp else None for _, lp in entries],
             "text_offset": offsets}
+
+
+def finish_reason(reason: str | None) -> str | None:
+    """Only the reasons OpenAI's clients know. An aborted choice (the server shutting down, past its grace
+    period) reads "length": its text was cut short, which "stop" would deny."""
+    return "length" if reason == "abort" else reason
+
+
+def check_stream_options(body: SamplingFields) -> None:
+    if body.stream_options is not None and not body.stream:
+        raise bad_request("stream_options: only allowed when stream is true", param="stream_options")
 
 
 # --- models -------------------------------------------------------------------------------------------------
@@ -116,16 +142,29 @@ def model_card(entry: ModelEntry) -> dict:
         config = engine.engine.config
         note = ("a reranking (cross-encoder) model: /v1/rerank and /v1/score" if config.is_cross_encoder else
                 f"an embedding model: {config.pooling} pooling{', L2-normalised' if config.normalize else ''}")
+    meta = {"max_model_len": engine.max_model_len, "chat_template": engine.chat_template is not None,
+            "embeddings": note, "loaded": True, **_info_meta(entry.info)}
     return {"id": entry.name, "object": "model", "created": entry.created, "owned_by": "ember",
-            "max_model_len": engine.max_model_len,
-            "meta": {"max_model_len": engine.max_model_len, "chat_template": engine.chat_template is not None,
-                     "embeddings": note}}
+            "max_model_len": engine.max_model_len, "meta": meta}
 
 
 def available_card(model) -> dict:
     """A model that is available (ember.store.catalog) but not loaded."""
     return {"id": model.name, "object": "model", "created": int(model.modified), "owned_by": "ember",
-            "meta": {"loaded": False, "format": model.format, "size": model.size, "source": model.source}}
+            "meta": {"loaded": False, "format": model.format, "size": model.size, "source": model.source,
+                     **({"quantization": model.quant} if model.quant else {}),
+                     **({"parameters": model.parameters} if model.parameters else {})}}
+
+
+def _info_meta(info) -> dict:
+    """What ember.store.model_info knows of a loaded model, for its card (nothing when it has no files)."""
+    if info is None:
+        return {}
+    found = {"format": info.format, "family": info.family, "parameters": info.parameters,
+             "quantization": info.quantization, "digest": f"sha256:{info.digest}", "size": info.size,
+             "context_length": info.context_length, "capabilities": list(info.capabilities),
+             "load_seconds": info.load_seconds}
+    return {k: v for k, v in found.items() if v is not None}
 
 
 async def available_models(state: ServerState) -> list:
@@ -198,24 +237,28 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     entry = await state.use_model(request, body.model)
     prompt = chat_prompt_ids(entry.engine, plain_messages(body.messages), body.tools, body.add_generation_prompt,
                              body.chat_template_kwargs)
+    check_stream_options(body)
     params = sampling_params(body, body.max_completion_tokens or body.max_tokens,
                              (body.top_logprobs or 0) if body.logprobs else None)
     generation = start_generation(state, entry, [prompt], params, "chatcmpl")
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": entry.name,
             "system_fingerprint": None}
     if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return streaming(_chat_stream(generation, head, include_usage))
+        return streaming(_chat_stream(generation, head, body.stream_options))
     choices = await collect(request, generation)
     return {**head, "object": "chat.completion", "choices": [
         {"index": c.index, "message": {"role": "assistant", "content": c.text},
-         "logprobs": chat_logprobs(entry.engine, c.logprobs), "finish_reason": c.finish_reason}
+         "logprobs": chat_logprobs(entry.engine, c.logprobs), "finish_reason": finish_reason(c.finish_reason)}
         for c in choices], "usage": usage(generation, choices)}
 
 
-async def _sse_stream(generation: Generation, head: dict, include_usage: bool, render) -> AsyncIterator[str]:
-    """The SSE body of a generation: `render(index, out, first)` yields each output's chunks, then come the usage
-    chunk (when asked for) and [DONE]; an error mid-stream becomes an error event and [DONE]."""
+async def _sse_stream(generation: Generation, head: dict, options: StreamOptions | None,
+                      render) -> AsyncIterator[str]:
+    """The SSE body of a generation: `render(index, out, first, extra)` yields each output's chunks, each with
+    `extra` spliced in (the usage field stream_options asks for), then come the usage chunk (include_usage) and
+    [DONE]; an error mid-stream becomes an error event and [DONE]."""
+    include_usage = bool(options and options.include_usage)
+    continuous = bool(options and options.continuous_usage_stats)
     choices = [Choice(i) for i in range(generation.num_choices)]
     started: set[int] = set()
     try:
@@ -224,7 +267,9 @@ async def _sse_stream(generation: Generation, head: dict, include_usage: bool, r
                 choices[index].add(out)
                 first = index not in started
                 started.add(index)
-                for event in render(index, out, first):
+                extra = ({"usage": usage(generation, choices)} if continuous
+                         else {"usage": None} if include_usage else {})
+                for event in render(index, out, first, extra):
                     yield event
     except (EmberError, APIError) as err:
         yield sse_error(err)
@@ -235,24 +280,23 @@ async def _sse_stream(generation: Generation, head: dict, include_usage: bool, r
     yield sse("[DONE]")
 
 
-def _chat_stream(generation: Generation, head: dict, include_usage: bool) -> AsyncIterator[str]:
+def _chat_stream(generation: Generation, head: dict, options: StreamOptions | None) -> AsyncIterator[str]:
     engine = generation.engine
     head = {**head, "object": "chat.completion.chunk"}
-    extra = {"usage": None} if include_usage else {}
 
-    def chunk(index: int, delta: dict, logprobs=None, finish_reason=None) -> str:
-        return sse({**head, "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
-                                         "finish_reason": finish_reason}], **extra})
+    def render(index: int, out: StepOutput, first: bool, extra: dict):
+        def chunk(delta: dict, logprobs=None, reason=None) -> str:
+            return sse({**head, "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
+                                             "finish_reason": finish_reason(reason)}], **extra})
 
-    def render(index: int, out: StepOutput, first: bool):
         if first:
-            yield chunk(index, {"role": "assistant", "content": ""})
+            yield chunk({"role": "assistant", "content": ""})
         if out.text_delta or out.logprobs:
-            yield chunk(index, {"content": out.text_delta}, chat_logprobs(engine, out.logprobs))
+            yield chunk({"content": out.text_delta}, chat_logprobs(engine, out.logprobs))
         if out.finished:
-            yield chunk(index, {}, None, out.finish_reason)
+            yield chunk({}, None, out.finish_reason)
 
-    return _sse_stream(generation, head, include_usage, render)
+    return _sse_stream(generation, head, options, render)
 
 
 # --- completions --------------------------------------------------------------------------------------------
@@ -260,45 +304,66 @@ def _chat_stream(generation: Generation, head: dict, include_usage: bool) -> Asy
 async def completions(body: CompletionRequest, request: Request):
     state = get_state(request)
     check_format(body.response_format)
-    if body.suffix:
-        raise not_supported("suffix (fill-in-the-middle)", param="suffix")
+    check_stream_options(body)
     if body.best_of is not None and body.best_of != body.n:
         raise not_supported("best_of different from n", param="best_of")
+    if body.max_tokens == 0 and not body.echo:
+        raise bad_request("max_tokens: 0 is only accepted with echo (to score the prompt)", param="max_tokens")
     entry = await state.use_model(request, body.model)
-    prompts = prompt_ids_list(entry.engine, body.prompt)
+    prompts = _completion_prompts(entry.engine, body)
     params = sampling_params(body, 16 if body.max_tokens is None else body.max_tokens, body.logprobs)
+    if body.echo and body.logprobs is not None:
+        # What lm-evaluation-harness scores: the prompt's own tokens, each given those before it.
+        params = replace(params, prompt_logprobs=body.logprobs)
     generation = start_generation(state, entry, prompts, params, "cmpl")
     echoes = [entry.engine.tokenizer.decode(p) if body.echo else "" for p in prompts]
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": entry.name,
             "system_fingerprint": None}
     if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return streaming(_completion_stream(generation, head, include_usage, echoes))
+        return streaming(_completion_stream(generation, head, body.stream_options, echoes))
     choices = await collect(request, generation)
     result = []
     for c in choices:
         echo = echoes[generation.prompt_of(c.index)]
-        result.append({"index": c.index, "text": echo + c.text, "finish_reason": c.finish_reason,
-                       "logprobs": completion_logprobs(entry.engine, c.logprobs, len(echo))})
+        if c.prompt_logprobs is None:
+            logprobs = completion_logprobs(entry.engine, c.logprobs, len(echo))
+        else:  # the prompt's tokens listed too, from offset 0
+            echoed = (generation.prompts[generation.prompt_of(c.index)], c.prompt_logprobs)
+            logprobs = completion_logprobs(entry.engine, c.logprobs, 0, echoed)
+        result.append({"index": c.index, "text": echo + c.text, "finish_reason": finish_reason(c.finish_reason),
+                       "logprobs": logprobs})
     return {**head, "object": "text_completion", "choices": result, "usage": usage(generation, choices)}
 
 
-def _completion_stream(generation: Generation, head: dict, include_usage: bool,
+def _completion_prompts(engine: AsyncEngine, body: CompletionRequest) -> list[list[int]]:
+    """The prompts' ids; with a suffix, each text prompt is the prefix of a fill-in-the-middle prompt."""
+    if body.suffix is None:
+        return prompt_ids_list(engine, body.prompt)
+    texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    if not all(isinstance(text, str) for text in texts):
+        raise bad_request("suffix: needs text prompts, not token ids", param="suffix")
+    return [fim_prompt_ids(engine, text, body.suffix) for text in texts]
+
+
+def _completion_stream(generation: Generation, head: dict, options: StreamOptions | None,
                        echoes: list[str]) -> AsyncIterator[str]:
     engine = generation.engine
     head = {**head, "object": "text_completion"}
-    extra = {"usage": None} if include_usage else {}
     offsets = [len(echoes[generation.prompt_of(i)]) for i in range(generation.num_choices)]
 
-    def render(index: int, out: StepOutput, first: bool):
+    def render(index: int, out: StepOutput, first: bool, extra: dict):
         echo = echoes[generation.prompt_of(index)] if first else ""
-        if echo or out.text_delta or out.logprobs or out.finished:
-            logprobs = completion_logprobs(engine, out.logprobs, offsets[index])
-            offsets[index] += len(out.text_delta)
+        echoed = None
+        if out.prompt_logprobs is not None:  # the first output: the prompt's tokens are listed from offset 0
+            echoed = (generation.prompts[generation.prompt_of(index)], out.prompt_logprobs)
+            offsets[index] = 0
+        if echo or out.text_delta or out.logprobs or out.finished or echoed:
+            logprobs = completion_logprobs(engine, out.logprobs, offsets[index], echoed)
+            offsets[index] += sum(map(len, logprobs["tokens"])) if echoed else len(out.text_delta)
             yield sse({**head, "choices": [{"index": index, "text": echo + out.text_delta, "logprobs": logprobs,
-                                            "finish_reason": out.finish_reason}], **extra})
+                                            "finish_reason": finish_reason(out.finish_reason)}], **extra})
 
-    return _sse_stream(generation, head, include_usage, render)
+    return _sse_stream(generation, head, options, render)
 
 
 # --- embeddings ---------------------------------------------------------------------------------------------
@@ -351,8 +416,17 @@ async def encoder_embeddings(state: ServerState, entry: ModelEntry, inputs, dime
 
 
 # --- responses ----------------------------------------------------------------------------------------------
-def _responses_messages(body: ResponsesRequest) -> list[dict]:
-    messages = [{"role": "system", "content": body.instructions}] if body.instructions else []
+def _conversation(state: ServerState, body: ResponsesRequest) -> list[dict]:
+    """The messages so far: those of `previous_response_id` (its instructions are not carried over, as in
+    OpenAI's API), then this request's input."""
+    messages: list[dict] = []
+    if body.previous_response_id is not None:
+        previous = state.responses.get(body.previous_response_id)
+        if previous is None:
+            raise bad_request(f"previous_response_id: no stored response {body.previous_response_id!r} (this "
+                              "server keeps the most recent ones with store true, until it restarts)",
+                              param="previous_response_id")
+        messages = list(previous)
     if isinstance(body.input, str):
         return [*messages, {"role": "user", "content": body.input}]
     for item in body.input:
@@ -366,6 +440,11 @@ def _responses_messages(body: ResponsesRequest) -> list[dict]:
                               param="input")
         messages.append({"role": item["role"], "content": content_text(content, "input")})
     return messages
+
+
+def _remember(state: ServerState, body: ResponsesRequest, rid: str, conversation: list[dict], choice: Choice):
+    if body.store is not False:
+        state.responses.put(rid, [*conversation, {"role": "assistant", "content": choice.text}])
 
 
 def _response_object(rid: str, created: int, body: ResponsesRequest, model: str, status: str,
@@ -387,8 +466,8 @@ def _response_object(rid: str, created: int, body: ResponsesRequest, model: str,
     return {"id": rid, "object": "response", "created_at": created, "status": status, "error": None,
             "incomplete_details": incomplete, "instructions": body.instructions,
             "max_output_tokens": body.max_output_tokens, "model": model, "output": output,
-            "parallel_tool_calls": False, "previous_response_id": None, "reasoning": {"effort": None, "summary": None},
-            "store": False, "temperature": body.temperature if body.temperature is not None else 1.0,
+            "parallel_tool_calls": False, "previous_response_id": body.previous_response_id, "reasoning": {"effort": None, "summary": None},
+            "store": body.store is not False, "temperature": body.temperature if body.temperature is not None else 1.0,
             "text": {"format": {"type": "text"}}, "tool_choice": "auto", "tools": [],
             "top_p": body.top_p if body.top_p is not None else 1.0, "truncation": "disabled",
             "usage": usage_block, "user": body.user, "metadata": body.metadata or {}}
@@ -400,21 +479,25 @@ async def responses(body: ResponsesRequest, request: Request):
     text_format = (body.text or {}).get("format")
     if isinstance(text_format, dict) and text_format.get("type", "text") != "text":
         raise not_supported(f"text.format of type {text_format.get('type')!r} (structured output)", param="text")
+    conversation = _conversation(state, body)
+    instructions = [{"role": "system", "content": body.instructions}] if body.instructions else []
     entry = await state.use_model(request, body.model)
-    prompt = chat_prompt_ids(entry.engine, _responses_messages(body))
+    prompt = chat_prompt_ids(entry.engine, instructions + conversation)
     kwargs = {k: getattr(body, k) for k in ("temperature", "top_p", "seed") if getattr(body, k) is not None}
     params = SamplingParams(max_tokens=body.max_output_tokens, **kwargs)
     generation = start_generation(state, entry, [prompt], params, "resp")
     rid, msg_id, created = f"resp_{uuid.uuid4().hex}", f"msg_{uuid.uuid4().hex}", int(time.time())
     if body.stream:
-        return streaming(_responses_stream(generation, body, rid, msg_id, created))
+        return streaming(_responses_stream(generation, body, rid, msg_id, created,
+                                           lambda choice: _remember(state, body, rid, conversation, choice)))
     choice = (await collect(request, generation))[0]
     status = "completed" if choice.finish_reason == "stop" else "incomplete"
+    _remember(state, body, rid, conversation, choice)
     return _response_object(rid, created, body, entry.name, status, choice, msg_id)
 
 
 async def _responses_stream(generation: Generation, body: ResponsesRequest, rid: str, msg_id: str,
-                            created: int) -> AsyncIterator[str]:
+                            created: int, remember) -> AsyncIterator[str]:
     sequence = 0
 
     def event(kind: str, **fields) -> str:
@@ -448,6 +531,7 @@ async def _responses_stream(generation: Generation, body: ResponsesRequest, rid:
     yield event("response.content_part.done", item_id=msg_id, output_index=0, content_index=0,
                 part={**part, "text": choice.text})
     status = "completed" if choice.finish_reason == "stop" else "incomplete"
+    remember(choice)
     final = _response_object(rid, created, body, model, status, choice, msg_id)
     yield event("response.output_item.done", output_index=0, item=final["output"][0])
     yield event("response.completed" if status == "completed" else "response.incomplete", response=final)

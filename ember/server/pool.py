@@ -29,6 +29,7 @@ from ember.server.errors import APIError, bad_request, model_not_found
 
 if TYPE_CHECKING:
     from ember.engine.async_engine import AsyncEngine
+    from ember.store.model_info import ModelInfo
     from ember.store.resolve import ResolvedModel
 
 log = logging.getLogger("ember.server")
@@ -98,6 +99,8 @@ class ModelEntry:
     expires: float | None = None  # unix seconds when it unloads (idle only); None: not scheduled
     last_used: float = field(default_factory=time.monotonic)
     device: str = "cpu"
+    info: ModelInfo | None = None  # what the model is (ember.store.model_info), with its measured load time
+    requested_context: int | None = None  # the context a request asked for (Ollama's num_ctx); None: the default
 
     @property
     def busy(self) -> bool:
@@ -153,14 +156,17 @@ class ModelPool:
         if self._reaper is None:
             self._reaper = asyncio.get_running_loop().create_task(self._reap())
         if self._default_loader is not None and self.preload:
+            began = time.monotonic()
             engine = await asyncio.to_thread(self._default_loader)
             await engine.start()
+            seconds = time.monotonic() - began
             self.load_count += 1
             self.default_name = engine.model_name
             self._registered[engine.model_name] = None
             self.pinned.add(engine.model_name)
             entry = ModelEntry(engine.model_name, engine, int(time.time()), _measured_size(engine),
-                               engine.max_model_len, device=_device(engine), keep_alive=self.keep_alive)
+                               engine.max_model_len, device=_device(engine), keep_alive=self.keep_alive,
+                               info=await asyncio.to_thread(_describe_engine, engine.model_name, engine, seconds))
             self._schedule_expiry(entry)
             self._models[entry.name] = entry
         elif self.default_model is not None or self.preload:
@@ -261,7 +267,9 @@ class ModelPool:
         finally:
             await self.release(entry)
 
-    async def acquire(self, name: str | None, keep_alive: Any = None) -> ModelEntry:
+    async def acquire(self, name: str | None, keep_alive: Any = None, context: int | None = None) -> ModelEntry:
+        """Hold a model; `context` (Ollama's num_ctx): the context it must be loaded with; an idle model loaded
+        with another one is reloaded, as Ollama does (503 while other requests use it)."""
         if self.closing:
             raise APIError(503, "the server is shutting down", code="shutting_down", headers={"Retry-After": "5"})
         if not self._open:
@@ -270,6 +278,10 @@ class ModelPool:
         key, resolved = await self.lookup(name)
         while True:
             entry = self._models.get(key)
+            if entry is not None and context is not None and context not in (entry.context_length,
+                                                                                entry.requested_context):
+                await self._reload_for(entry, context)
+                continue
             if entry is not None:
                 entry.refs += 1
                 entry.keep_alive = None if key in self.pinned else seconds
@@ -278,7 +290,7 @@ class ModelPool:
                 return entry
             task = self._loading.get(key)
             if task is None:
-                task = asyncio.get_running_loop().create_task(self._load(key, resolved))
+                task = asyncio.get_running_loop().create_task(self._load(key, resolved, context))
                 self._loading[key] = task
                 task.add_done_callback(self._loaded)
             self._waiting[key] = self._waiting.get(key, 0) + 1
@@ -333,9 +345,22 @@ class ModelPool:
     def used_bytes(self) -> int:
         return sum(e.size for e in self._models.values()) + sum(self._reserved.values())
 
-    async def _load(self, key: str, resolved: ResolvedModel | None) -> ModelEntry:
+    async def _reload_for(self, entry: ModelEntry, context: int) -> None:
+        if entry.resolved is None:
+            raise bad_request(f"num_ctx: {entry.name} was built in-process and cannot be reloaded with another "
+                              f"context (it has {entry.context_length})", param="num_ctx")
+        if entry.busy or self._waiting.get(entry.name):
+            raise APIError(503, f"{entry.name} is in use with a context of {entry.context_length} tokens; it is "
+                                f"reloaded with num_ctx {context} once idle", code="server_busy",
+                           headers={"Retry-After": "1"})
+        log.info("reloading %s with a context of %d tokens (num_ctx)", entry.name, context)
+        await self._unload(entry)
+
+    async def _load(self, key: str, resolved: ResolvedModel | None, context: int | None = None) -> ModelEntry:
         began = time.monotonic()
         args = dict(self.engine_args)
+        if context is not None:
+            args["max_model_len"] = context
         if resolved is None:  # the default model built by a callable: no estimate up front
             engine = await asyncio.to_thread(self._default_loader)
             size, fitted = None, False
@@ -350,9 +375,12 @@ class ModelPool:
         except BaseException:
             await engine.shutdown()
             raise
+        seconds = time.monotonic() - began
         self.load_count += 1
         entry = ModelEntry(key, engine, int(time.time()), size if size is not None else _measured_size(engine),
-                           engine.max_model_len, resolved, fitted, keep_alive=self.keep_alive, device=_device(engine))
+                           engine.max_model_len, resolved, fitted, keep_alive=self.keep_alive, device=_device(engine),
+                           info=await asyncio.to_thread(_describe_engine, key, engine, seconds, resolved),
+                           requested_context=context)
         self._schedule_expiry(entry)
         self._models[key] = entry
         log.info("loaded %s in %.1f s (%s, context %d)", key, time.monotonic() - began, _gib(entry.size),
@@ -482,11 +510,28 @@ def _device(engine) -> str:
     return str(getattr(getattr(engine, "engine", None), "device", "cpu"))
 
 
+def _describe_engine(name: str, engine, seconds: float, resolved: ResolvedModel | None = None) -> ModelInfo | None:
+    """The ModelInfo of a loaded model, with its load time; None for an engine without files (test fakes)."""
+    from ember.store.model_info import describe_model
+
+    loaded = getattr(getattr(engine, "engine", None), "loaded", None)
+    path, fmt = (resolved.path, resolved.format) if resolved is not None else (
+        getattr(loaded, "path", None), getattr(loaded, "format", None))
+    if path is None or fmt is None:
+        return None
+    try:
+        return describe_model(name, path, fmt).loaded(seconds)
+    except (EmberError, OSError) as err:
+        log.warning("cannot describe %s: %s", name, err)
+        return None
+
+
 def _measured_size(engine) -> int:
-    """Weights + KV cache of a loaded engine, in bytes."""
+    """Weights (parameters and buffers: quantized weights are buffers) + KV cache of a loaded engine, in bytes."""
     inner = getattr(engine, "engine", None)
     model = getattr(getattr(inner, "loaded", None), "model", None)
-    weights = sum(p.numel() * p.element_size() for p in model.parameters()) if model is not None else 0
+    weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]) \
+        if model is not None else 0
     kv = getattr(getattr(inner, "args", None), "kv_memory", None) or 0
     return weights + kv
 

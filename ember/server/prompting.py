@@ -83,3 +83,15 @@ def token_text(engine: AsyncEngine, token_id: int) -> str:
     if tokenizer.id_to_piece(token_id).startswith("\u2581") and not text.startswith(" "):
         text = " " + text  # SentencePiece drops the word-start space when decoding a lone token
     return text
+
+
+def fim_prompt_ids(engine: AsyncEngine, prefix: str, suffix: str, param: str = "suffix") -> list[int]:
+    """A fill-in-the-middle prompt, prefix-suffix-middle as code models are trained (and llama.cpp builds it):
+    [BOS] PRE prefix SUF suffix MID; the model writes what goes between prefix and suffix."""
+    tokenizer = engine.tokenizer
+    if tokenizer.fim_token_ids is None:
+        raise bad_request(f"{param}: this model's vocabulary has no fill-in-the-middle tokens", param=param)
+    pre, suf, mid = tokenizer.fim_token_ids
+    bos = [tokenizer.bos_token_id] if tokenizer.add_bos else []
+    return [*bos, pre, *tokenizer.encode(prefix, add_special_tokens=False), suf,
+            *tokenizer.encode(suffix, add_special_tokens=False), mid]

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from ember.server.errors import APIError, queue_full
 from ember.server.metrics import Metrics
 from ember.server.pool import ModelEntry, ModelPool
+from ember.server.response_store import ResponseStore
 
 if TYPE_CHECKING:
     from starlette.requests import Request
@@ -22,9 +23,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ember.server")
 
-__all__ = ["LEASES", "ModelEntry", "ModelPool", "ServerState", "Settings"]
+__all__ = ["LEASES", "LOAD_SECONDS", "ModelEntry", "ModelPool", "ServerState", "Settings"]
 
 LEASES = "ember.leases"  # ASGI scope key: the models a request holds, released when its response has ended
+LOAD_SECONDS = "ember.load_seconds"  # ASGI scope key: how long the request waited for its model (Ollama's load_duration)
 
 
 @dataclass
@@ -48,6 +50,7 @@ class ServerState:
         self.pool = pool or ModelPool(default_loader=loader, preload=loader is not None)
         self.registry = self.pool  # the loaded models behind get/entry/list
         self.metrics = Metrics(self.pool)
+        self.responses = ResponseStore()  # the Responses API's previous_response_id
         self.on_ready = on_ready
         self.on_load_error = on_load_error
         self.load_error: BaseException | None = None
@@ -80,13 +83,17 @@ class ServerState:
         self.inflight.pop(request_id, None)
 
     # --- models ---------------------------------------------------------------------------------------------
-    async def use_model(self, request: Request, name: str | None, keep_alive: Any = None) -> ModelEntry:
-        """Hold model `name` (loading it if needed) until the request's response has ended, streams included:
-        GuardMiddleware releases what is listed under LEASES in the ASGI scope."""
+    async def use_model(self, request: Request, name: str | None, keep_alive: Any = None,
+                        context: int | None = None) -> ModelEntry:
+        """Hold model `name` (loading it if needed, with `context` tokens when given) until the request's
+        response has ended, streams included: GuardMiddleware releases what is listed under LEASES in the ASGI
+        scope. The time spent getting it is kept under LOAD_SECONDS."""
         leases = request.scope.get(LEASES)
         if leases is None:
             raise RuntimeError("use_model needs the GuardMiddleware (create_app installs it)")
-        entry = await self.pool.acquire(name, keep_alive)
+        began = time.monotonic()
+        entry = await self.pool.acquire(name, keep_alive, context)
+        request.scope[LOAD_SECONDS] = request.scope.get(LOAD_SECONDS, 0.0) + time.monotonic() - began
         leases.append(entry)
         return entry
 

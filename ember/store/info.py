@@ -63,7 +63,7 @@ def safetensors_tensors(paths: list[Path]) -> list[tuple[str, str, int]]:
     return found
 
 
-def _read_json(path: Path | None) -> dict[str, Any]:
+def read_json(path: Path | None) -> dict[str, Any]:
     if path is None or not path.is_file():
         return {}
     try:
@@ -122,7 +122,7 @@ def gguf_details(path: Path) -> dict[str, Any]:
 
 def safetensors_details(files: dict[str, Path]) -> dict[str, Any]:
     """`files`: the model's file names → where they are (a folder's files, or store blobs)."""
-    config = _read_json(files.get("config.json"))
+    config = read_json(files.get("config.json"))
     tensors = safetensors_tensors([p for n, p in sorted(files.items()) if n.endswith(".safetensors")])
     dtypes = Counter(dtype for _, dtype, _ in tensors)
     dtype = CONFIG_DTYPES.get(str(config.get("torch_dtype") or config.get("dtype") or ""))
@@ -139,7 +139,7 @@ def safetensors_details(files: dict[str, Path]) -> dict[str, Any]:
         except OSError:
             template = None
     if template is None:
-        tpl = _read_json(files.get("tokenizer_config.json")).get("chat_template")
+        tpl = read_json(files.get("tokenizer_config.json")).get("chat_template")
         if isinstance(tpl, str):
             template = tpl
         elif isinstance(tpl, list) and tpl and isinstance(tpl[0], dict):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import logging
+import os
 import re
 import sys
 from collections.abc import Callable
@@ -116,8 +117,15 @@ def default_name(repo: str, variant: str | None) -> str:
 
 
 def pull(ref: str, store: ModelStore | None = None, *, name: str | None = None, revision: str | None = None,
-         progress: bool = True, echo: Callable[[str], None] | None = None) -> Manifest:
-    """Download `ref` (`org/repo[:QUANT|:file.gguf]`) into the store; returns the written manifest."""
+         progress: bool = True, echo: Callable[[str], None] | None = None,
+         report: Callable[[dict], None] | None = None) -> Manifest:
+    """Download `ref` (`org/repo[:QUANT|:file.gguf]`) into the store; returns the written manifest.
+
+    `report` receives Ollama's pull progress objects as the work happens: per file {"status": "pulling X",
+    "digest", "total", "completed"} before and after its download, {"status": "verifying sha256 digest"} right
+    before the file is hashed and compared with the repo's LFS SHA-256 (files without one: "verifying size"),
+    then {"status": "writing manifest"}."""
+    tell = report or (lambda event: None)
     import huggingface_hub
 
     parsed = parse_ref(ref, allow_paths=False)
@@ -154,10 +162,17 @@ def pull(ref: str, store: ModelStore | None = None, *, name: str | None = None, 
     try:
         with _progress_bars(progress):
             for remote in wanted:
+                pulling = {"status": f"pulling {remote.sha256[:12] if remote.sha256 else remote.name}",
+                           **({"digest": f"sha256:{remote.sha256}"} if remote.sha256 else {}),
+                           **({"total": remote.size} if remote.size is not None else {})}
+                tell({**pulling, "completed": 0})
                 try:
                     local = huggingface_hub.hf_hub_download(repo, remote.name, revision=commit or revision)
                 except Exception as err:
                     raise ModelLoadError(f"download of {repo}/{remote.name} failed: {_short(err)}") from None
+                tell({**pulling, "completed": remote.size if remote.size is not None else os.path.getsize(local)})
+                tell({"status": "verifying sha256 digest" if remote.sha256 else "verifying size",
+                      **({"digest": pulling["digest"]} if remote.sha256 else {})})
                 local_name = remote.name.rsplit("/", 1)[-1]
                 info = store.add_file(local_name, local, expected_sha256=remote.sha256, expected_size=remote.size,
                                       link=True)
@@ -167,6 +182,7 @@ def pull(ref: str, store: ModelStore | None = None, *, name: str | None = None, 
         if fmt == "gguf":
             source["file"] = wanted[0].name
             source["quant"] = variant
+        tell({"status": "writing manifest"})
         manifest = store.register(store_name, infos, source)
     except BaseException:
         store.collect_garbage(only=added)

@@ -1,13 +1,16 @@
 """ONE resolver from a model reference to files on disk, for every command and the server.
 
 Order: None → the bundled default; an existing path (CLI only); a store name (`family:tag`), or a model a Python
-package ships (ember.store.packaged); a discovered
-name (`hf.co/...`, `ollama/...`, `lmstudio/...`, `local/...`); a Hugging Face repo id already pulled into
-the store or present in the HF cache. Anything else: "not found; try `ember pull`".
+package ships (ember.store.packaged), else the same
+name in Ollama's store (`llama3.2` → `ollama/llama3.2:latest`, said as a warning: Ollama users type bare
+names); a discovered name (`hf.co/...`, `ollama/...`, `lmstudio/...`, `local/...`, an Ollama name without a
+tag meaning `:latest`); a Hugging Face repo id already pulled into the store or present in the HF cache.
+Anything else: "not found; try `ember pull`".
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +18,8 @@ from pathlib import Path
 from ember.errors import ModelLoadError
 from ember.formats.detect import path_format
 from ember.store.names import ModelRef, parse_ref
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "assets" / "default"
 
@@ -72,6 +77,11 @@ def _resolve_store(parsed: ModelRef, store) -> ResolvedModel:
     tags = store.tags(parsed.family)
     if tags:
         raise ModelLoadError(f"model {parsed.store_name!r} not found; {parsed.family} has tags: {', '.join(tags)}")
+    ollama = _resolve_discovered(f"ollama/{parsed.store_name}", store)
+    if ollama is not None:
+        # a logging warning: on stderr for the CLI (Python's last-resort handler), in the log for the server
+        log.warning("%s is not in ember's store; using Ollama's %s", parsed.text, ollama.name)
+        return ollama
     raise _not_found(parsed.text)
 
 
@@ -79,9 +89,12 @@ def _resolve_discovered(name: str, store) -> ResolvedModel | None:
     from ember.store.discovery import discover_all
 
     found = discover_all()
-    exact = [m for m in found if m.name == name]
+    names = [name]
+    if name.startswith("ollama/") and ":" not in name:
+        names.append(f"{name}:latest")  # Ollama's default tag
+    exact = [m for m in found if m.name in names]
     if not exact:
-        exact = [m for m in found if m.name.lower() == name.lower()]
+        exact = [m for m in found if m.name.lower() in {n.lower() for n in names}]
     if len(exact) != 1:
         return None
     model = exact[0]

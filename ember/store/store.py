@@ -196,7 +196,7 @@ class ModelStore:
                 except OSError:
                     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             if linked:
-                digest, size = _hash_file(tmp)
+                digest, size = hash_file(tmp)
             else:
                 digest, size = _copy_hashing(source, fd)
             if expected_size is not None and size != expected_size:
@@ -463,7 +463,7 @@ def _copy_hashing(source: str | Path | IO[bytes], fd: int) -> tuple[str, int]:
     return hasher.hexdigest(), size
 
 
-def _hash_file(path: Path) -> tuple[str, int]:
+def hash_file(path: Path) -> tuple[str, int]:
     hasher = hashlib.sha256()
     size = 0
     with open(path, "rb") as fh:

@@ -183,7 +183,18 @@ def tokenizer_from_gguf_metadata(metadata: dict) -> Tokenizer:
         add_eos=specials.add_eos,
         chat_template=template if isinstance(template, str) else None,
         pad_token_id=specials.pad_id,
+        fim_token_ids=_fim_ids(metadata, len(tokens)),
     )
+
+
+def _fim_ids(metadata: dict, n_tokens: int) -> tuple[int, int, int] | None:
+    """The fill-in-the-middle prefix/suffix/middle ids the file names (newer keys first, CodeLlama's older ones)."""
+    for keys in (("fim_pre_token_id", "fim_suf_token_id", "fim_mid_token_id"),
+                 ("prefix_token_id", "suffix_token_id", "middle_token_id")):
+        ids = [_token_id(metadata, key, n_tokens, None) for key in keys]
+        if None not in ids:
+            return ids[0], ids[1], ids[2]
+    return None
 
 
 @dataclass

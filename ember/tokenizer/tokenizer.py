@@ -10,6 +10,16 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from ember.errors import TokenizerError
 
+# (prefix, suffix, middle) token names: Qwen2.5-Coder, StarCoder, SantaCoder, DeepSeek-Coder, CodeLlama.
+FIM_TOKEN_NAMES = (
+    ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"),
+    ("<fim_prefix>", "<fim_suffix>", "<fim_middle>"),
+    ("<fim-prefix>", "<fim-suffix>", "<fim-middle>"),
+    ("<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>"),
+    ("▁<PRE>", "▁<SUF>", "▁<MID>"),
+    ("<PRE>", "<SUF>", "<MID>"),
+)
+
 
 class Tokenizer:
     """Encodes and decodes text. BOS/EOS are added here (not by a post-processor) so every source —
@@ -17,7 +27,7 @@ class Tokenizer:
 
     def __init__(self, hf: HFTokenizer, *, bos_token: str | None, eos_token: str | None, eos_token_ids: set[int],
                  add_bos: bool, add_eos: bool = False, chat_template: str | None = None,
-                 pad_token_id: int | None = None):
+                 pad_token_id: int | None = None, fim_token_ids: tuple[int, int, int] | None = None):
         self.hf = hf
         self.bos_token = bos_token
         self.eos_token = eos_token
@@ -30,6 +40,15 @@ class Tokenizer:
         self.pad_token_id = pad_token_id
         self.vocab_size = hf.get_vocab_size(with_added_tokens=True)
         self.special_ids = {i for i, t in hf.get_added_tokens_decoder().items() if t.special}
+        self.fim_token_ids = fim_token_ids or self._named_fim_ids()
+
+    def _named_fim_ids(self) -> tuple[int, int, int] | None:
+        """Fill-in-the-middle prefix/suffix/middle tokens found by the names code models give them."""
+        for names in FIM_TOKEN_NAMES:
+            ids = [self.hf.token_to_id(name) for name in names]
+            if None not in ids:
+                return ids[0], ids[1], ids[2]
+        return None
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`; special-token text inside it becomes those tokens (as in transformers)."""

@@ -1,0 +1,159 @@
+"""Throughput of `ember serve --replicas` with 1 vs 2 replicas, and the latency the Ray ingress adds.
+
+    python benchmarks/replicas.py                                   # the bundled model
+    python benchmarks/replicas.py --model /work/bench/b1-Q4_K_M.gguf --requests 8 --max-tokens 16 --no-overhead
+
+For each replica count: starts `ember serve MODEL --replicas N --replica-cpus 1 -t 1` (a local Ray instance on
+loopback), warms every replica, then sends --requests chat requests (distinct prompts, greedy, ignore_eos,
+--max-tokens each) from --concurrency clients and reports generated tokens per second; the ratio 2/1 follows.
+
+Routing overhead: a one-token request sent alternately to `--replicas 1` and to a plain `ember serve` (same
+model, same thread count) running at the same time, so that other load on the machine hits both alike; the
+median of the paired differences is what Serve's proxy, the ingress, the router and the hop to the replica add
+per request. The ingress's own part comes from its `Server-Timing: ingress;dur=MS` header (its time from the
+body read to the response start, less the replica's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    def __init__(self, model: str | None, *extra: str, timeout: float = 600):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = Path(tempfile.mkdtemp(prefix="ember-bench-")) / "serve.log"
+        command = [sys.executable, "-m", "ember.cli.main", "serve", *([model] if model else []), "--host",
+                   "127.0.0.1", "--port", str(self.port), "-t", "1", *extra]
+        began = time.monotonic()
+        with open(self.log, "w") as out:
+            self.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        while time.monotonic() - began < timeout:
+            if "ember serving" in self.log.read_text():
+                break
+            if self.process.poll() is not None:
+                raise SystemExit(f"ember serve exited: {self.log.read_text()}")
+            time.sleep(0.5)
+        else:
+            self.stop()
+            raise SystemExit(f"ember serve did not start within {timeout} s")
+        self.start_seconds = time.monotonic() - began
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+
+
+def chat_body(index: int, max_tokens: int) -> dict:
+    return {"max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+            "messages": [{"role": "user", "content": f"Request {index}: write about the number {index * 7919}."}]}
+
+
+async def throughput(url: str, model: str, requests: int, concurrency: int, max_tokens: int) -> float:
+    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+        async def one(index: int) -> int:
+            body = {**chat_body(index, max_tokens), "model": model}
+            response = await client.post("/v1/chat/completions", json=body)
+            response.raise_for_status()
+            return response.json()["usage"]["completion_tokens"]
+
+        await asyncio.gather(*(one(-i - 1) for i in range(concurrency)))  # warm every replica
+        queue = list(range(requests))
+        tokens = 0
+
+        async def worker():
+            nonlocal tokens
+            while queue:
+                tokens += await one(queue.pop())
+
+        began = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return tokens / (time.perf_counter() - began)
+
+
+def paired_latencies(via_ray: str, plain: str, model: str, samples: int) -> tuple[list[float], ...]:
+    """One-token requests, alternately to each server: (latencies through Ray, latencies of the plain server,
+    the ingress's own part of those through Ray)."""
+    body = {"model": model, "max_tokens": 1, "temperature": 0, "messages": [{"role": "user", "content": "hi"}]}
+    times: dict[str, list[float]] = {via_ray: [], plain: [], "ingress": []}
+    with httpx.Client(timeout=60) as client:
+        for i in range(samples + 3):
+            for url in (via_ray, plain) if i % 2 else (plain, via_ray):
+                began = time.perf_counter()
+                response = client.post(f"{url}/v1/chat/completions", json=body).raise_for_status()
+                if i >= 3:  # the first ones warm caches and connections
+                    times[url].append(time.perf_counter() - began)
+                    if "server-timing" in response.headers:
+                        times["ingress"].append(float(response.headers["server-timing"].split("dur=")[1]) / 1e3)
+    return times[via_ray], times[plain], times["ingress"]
+
+
+def model_name(url: str) -> str:
+    return httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]["id"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=None, help="model to serve (default: the bundled model)")
+    parser.add_argument("--requests", type=int, default=16)
+    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--samples", type=int, default=30, help="requests timed for the routing overhead")
+    parser.add_argument("--no-overhead", action="store_true", help="skip the routing-overhead measurement")
+    args = parser.parse_args()
+    label = args.model or "ember-default (bundled)"
+    results = {}
+    for replicas in (1, 2):
+        server = Server(args.model, "--replicas", str(replicas), "--replica-cpus", "1")
+        try:
+            name = model_name(server.url)
+            rate = asyncio.run(throughput(server.url, name, args.requests, args.concurrency, args.max_tokens))
+            results[replicas] = rate
+            print(f"{label}: {replicas} replica(s): {rate:.1f} generated tokens/s "
+                  f"(ready in {server.start_seconds:.0f} s)", flush=True)
+            if replicas == 1 and not args.no_overhead:
+                overhead(server.url, args.model, name, args.samples, label)
+        finally:
+            server.stop()
+    print(f"{label}: throughput ratio 2/1 replicas = {results[2] / results[1]:.2f}")
+
+
+def overhead(via_ray: str, model: str | None, name: str, samples: int, label: str) -> None:
+    plain = Server(model)
+    try:
+        ray_times, plain_times, ingress_times = paired_latencies(via_ray, plain.url, name, samples)
+    finally:
+        plain.stop()
+    added = statistics.median(r - p for r, p in zip(ray_times, plain_times, strict=True))
+    print(f"{label}: one-token request p50 {statistics.median(plain_times) * 1e3:.1f} ms plain, "
+          f"{statistics.median(ray_times) * 1e3:.1f} ms through the Ray ingress; median paired difference "
+          f"{added * 1e3:.1f} ms added per request ({samples} pairs); the ingress's own part (Server-Timing) "
+          f"p50 {statistics.median(ingress_times) * 1e3:.2f} ms")
+
+
+if __name__ == "__main__":
+    main()
