@@ -6,7 +6,9 @@ import itertools
 from collections.abc import Sequence as Seq
 from dataclasses import replace
 
-from ember.engine.engine import EngineArgs, LLMEngine
+from ember.engine.embedding_engine import EmbeddingEngine
+from ember.engine.engine import EngineArgs
+from ember.engine.factory import create_engine
 from ember.engine.outputs import CompletionOutput
 from ember.errors import ChatTemplateError, InvalidParameter
 from ember.sampling_params import SamplingParams
@@ -15,10 +17,13 @@ Prompt = str | list[int]
 
 
 class LLM:
-    """`LLM(model)` with a GGUF file, a transformers folder, or None for the bundled default model."""
+    """`LLM(model)` with a GGUF file, a transformers folder, or None for the bundled default model.
+
+    An encoder (BERT-family embedding model or cross-encoder) gets the embedding engine: `embed` and `score`
+    work, generation raises InvalidParameter."""
 
     def __init__(self, model: str | None = None, **engine_args):
-        self.engine = LLMEngine(model, EngineArgs(**engine_args))
+        self.engine = create_engine(model, EngineArgs(**engine_args))
         self.tokenizer = self.engine.tokenizer
         self.chat_template = self.engine.loaded.chat_template
         self._ids = itertools.count()
@@ -93,3 +98,19 @@ class LLM:
         prompts = [self.tokenizer.encode(self.render_chat(c, tools, **template_kwargs), add_special_tokens=False)
                    for c in conversations]
         return self.generate(prompts, params, use_tqdm)
+
+    def embed(self, texts: str | Seq[str], dimensions: int | None = None) -> list[list[float]]:
+        """One embedding per text. An embedding model pools, normalises and truncates as sentence-transformers
+        does; a decoder (chat) model gives the mean of its final hidden states (no `dimensions`)."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if isinstance(self.engine, EmbeddingEngine):
+            return self.engine.embed_texts(texts, dimensions).values
+        if dimensions is not None:
+            raise InvalidParameter("dimensions", "needs an embedding model")
+        return [self.engine.embed(self.encode(text)) for text in texts]
+
+    def score(self, query: str, documents: Seq[str]) -> list[float]:
+        """A cross-encoder's relevance score (0..1) of each document for the query."""
+        if not isinstance(self.engine, EmbeddingEngine):
+            raise InvalidParameter("model", "scoring needs a reranking (cross-encoder) model")
+        return self.engine.score_pairs([(query, doc) for doc in documents]).values

@@ -15,6 +15,7 @@ from concurrent.futures import Future
 from typing import Any
 
 from ember.engine.engine import EngineArgs, LLMEngine
+from ember.engine.factory import create_engine
 from ember.engine.outputs import StepOutput
 from ember.errors import EmberError
 from ember.sampling_params import SamplingParams, StructuredOutput
@@ -40,7 +41,7 @@ class AsyncEngine:
 
     @classmethod
     def from_model(cls, model: str | None, **engine_args) -> AsyncEngine:
-        return cls(LLMEngine(model, EngineArgs(**engine_args)))
+        return cls(create_engine(model, EngineArgs(**engine_args)))
 
     async def start(self) -> None:
         if self._thread is None:
@@ -100,6 +101,15 @@ class AsyncEngine:
 
     async def embed(self, prompt_token_ids: list[int]) -> list[float]:
         return await self._run_on_engine(lambda: self.engine.embed(prompt_token_ids))
+
+    @property
+    def is_encoder(self) -> bool:
+        """An embedding model or cross-encoder (an EmbeddingEngine): no generation."""
+        return getattr(self.engine, "is_encoder", False)
+
+    async def encode(self, job: Callable[[Any], Any]) -> Any:
+        """Run job(embedding_engine) on the engine thread: an encoder's embed_* or score_pairs call."""
+        return await self._run_on_engine(lambda: job(self.engine))
 
     async def running_sequences(self) -> list[dict]:
         return await self._run_on_engine(self.engine.running_sequences)

@@ -89,6 +89,12 @@ def _default_kv_budget(device: torch.device) -> int:
     return int(psutil.virtual_memory().available * 0.2)
 
 
+def load_named_model(model: str | None, args: EngineArgs) -> LoadedModel:
+    """What a model reference (a path, a name, None for the bundled model) names, loaded as `args` ask."""
+    resolved = resolve(model, allow_paths=True)
+    return load_model(resolved.path, dtype=args.dtype, device=args.device, name=resolved.name)
+
+
 class LLMEngine:
     def __init__(self, model: str, args: EngineArgs | None = None, loaded: LoadedModel | None = None):
         self.args = args or EngineArgs()
@@ -96,6 +102,9 @@ class LLMEngine:
             # Before loading, so weight repacking uses them too; the native kernels read torch's count as well.
             torch.set_num_threads(self.args.threads)
         self.loaded = loaded or self._load(model)
+        if self.loaded.is_encoder:
+            raise InvalidParameter("model", f"{self.loaded.name} is an embedding/reranking model: it cannot generate "
+                                            "text (serve it and use /v1/embeddings or /v1/rerank)")
         config, self.tokenizer = self.loaded.config, self.loaded.tokenizer
         self.model_name = self.loaded.name
         self.device = self.loaded.device
@@ -142,8 +151,7 @@ class LLMEngine:
         )
 
     def _load(self, model: str | None) -> LoadedModel:
-        resolved = resolve(model, allow_paths=True)
-        return load_model(resolved.path, dtype=self.args.dtype, device=self.args.device, name=resolved.name)
+        return load_named_model(model, self.args)
 
     @property
     def vocab_size(self) -> int:

@@ -1,4 +1,4 @@
-"""The gated feed-forward block shared by every supported family."""
+"""Feed-forward blocks: the gated one every decoder family (and nomic-bert) uses, and BERT's dense one."""
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +15,12 @@ ACTIVATIONS = {
 }
 
 
+def activation(name: str):
+    if name not in ACTIVATIONS:
+        raise ModelLoadError(f"unsupported hidden_act {name!r} (supported: {', '.join(ACTIVATIONS)})")
+    return ACTIVATIONS[name]
+
+
 class _UninitializedLinear(nn.Linear):
     def reset_parameters(self) -> None:
         """Nothing: the checkpoint provides the weights (and init ops on meta import torch._dynamo: 2 s)."""
@@ -28,9 +34,7 @@ def make_linear(in_features: int, out_features: int, bias: bool = False) -> nn.L
 class GatedMLP(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int, act: str):
         super().__init__()
-        if act not in ACTIVATIONS:
-            raise ModelLoadError(f"unsupported hidden_act {act!r} (supported: {', '.join(ACTIVATIONS)})")
-        self.act = ACTIVATIONS[act]
+        self.act = activation(act)
         self.gate_proj = make_linear(hidden_size, intermediate_size)
         self.up_proj = make_linear(hidden_size, intermediate_size)
         self.down_proj = make_linear(intermediate_size, hidden_size)
@@ -45,3 +49,16 @@ class GatedMLP(nn.Module):
         # The projection's output is a fresh tensor: activate and gate it in place (no extra [T, inter] buffers).
         hidden = F.silu(gate, inplace=True) if self.act is F.silu else self.act(gate)
         return self.down_proj(hidden.mul_(up))
+
+
+class DenseMLP(nn.Module):
+    """BERT's feed-forward block: up-projection, activation, down-projection, both with biases."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, act: str):
+        super().__init__()
+        self.act = activation(act)
+        self.up_proj = make_linear(hidden_size, intermediate_size, bias=True)
+        self.down_proj = make_linear(intermediate_size, hidden_size, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.up_proj(x)))

@@ -28,3 +28,16 @@ class RMSNorm(nn.Module):
         if self.weight_offset:
             return (h * (self.weight_offset + self.weight.float())).to(x.dtype)
         return self.weight * h.to(x.dtype)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with weight and bias loaded from the checkpoint (no initialisation on the meta device)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim, device="meta"))
+        self.bias = nn.Parameter(torch.empty(dim, device="meta"))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)

@@ -13,15 +13,16 @@ import torch
 from torch import nn
 
 from ember.config import ModelConfig
+from ember.encoder_config import encoder_config_from_gguf, is_encoder_gguf
 from ember.errors import GGUFError
 from ember.formats.gguf import GGUFFile
 from ember.kernels import matmul as kernels
 from ember.loader.device import resolve_dtype
 from ember.loader.gguf_config import config_from_gguf
-from ember.loader.gguf_names import ROPE_TENSORS, ember_name, unpermute_rows
+from ember.loader.gguf_names import ROPE_TENSORS, ember_name, encoder_name, unpermute_rows
 from ember.loader.weights import Progress, finish_loading, set_weight
 from ember.models.decoder import CausalLM
-from ember.models.registry import model_class_for
+from ember.models.registry import encoder_class_for, model_class_for
 from ember.quant.embedding import QuantEmbedding
 from ember.quant.ggml import FLOAT_TYPES, GGMLType, dequantize
 from ember.quant.linear import QuantLinear
@@ -47,6 +48,8 @@ def _rows(gguf: GGUFFile, name: str) -> torch.Tensor:
 def load_gguf_model(path: Path, dtype, device: torch.device, progress: Progress | None = None
                     ) -> tuple[CausalLM, ModelConfig, torch.dtype]:
     gguf = GGUFFile(path)
+    if is_encoder_gguf(gguf.metadata):
+        return load_gguf_encoder(gguf, dtype, device, progress)
     total = sum(info.nbytes for info in gguf.tensors.values())
     done = 0
     shapes = {name: tuple(t.shape) for name, t in gguf.tensors.items()}
@@ -97,6 +100,35 @@ def load_gguf_model(path: Path, dtype, device: torch.device, progress: Progress 
         if not _kept_as_file(info, device) or (permute_qk and name.endswith(("q_proj.weight", "k_proj.weight"))):
             # The blocks were repacked or copied (reordered rows): drop their pages so RSS stays near the file size.
             gguf.release(gguf_name)
+    finish_loading(model, device)
+    model.fuse_projections()
+    return model, config, dtype
+
+
+def load_gguf_encoder(gguf: GGUFFile, dtype, device: torch.device, progress: Progress | None = None):
+    """A bert / nomic-bert GGUF: every tensor dequantized to `dtype` (encoders are small; their matrices run
+    as plain torch matmuls over the padded batch)."""
+    config = encoder_config_from_gguf(gguf.metadata, {name: tuple(t.shape) for name, t in gguf.tensors.items()})
+    dtype = resolve_dtype(dtype, device, "float16")
+    model = encoder_class_for(config.architecture)(config)
+    params = dict(model.named_parameters())
+    total, done = sum(info.nbytes for info in gguf.tensors.values()), 0
+    for gguf_name, info in gguf.tensors.items():
+        if progress is not None:
+            progress(done, total)
+            done += info.nbytes
+        name = encoder_name(gguf_name)
+        if name is None:
+            raise GGUFError(f"{gguf.path.name}: unexpected tensor {gguf_name!r} for {config.architecture}")
+        tensor = _float_tensor(gguf, gguf_name)
+        if ".qkv_proj." in name:
+            pieces = [(name.replace("qkv_proj", part), chunk)
+                      for part, chunk in zip(("q_proj", "k_proj", "v_proj"), tensor.chunk(3, dim=0), strict=True)]
+        else:
+            pieces = [(name, tensor)]
+        for target, piece in pieces:
+            _check(target, params)
+            set_weight(model, target, params[target], piece, dtype, device)
     finish_loading(model, device)
     model.fuse_projections()
     return model, config, dtype

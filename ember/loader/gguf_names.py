@@ -49,6 +49,29 @@ def ember_name(gguf_name: str, sandwich_norm: bool) -> str | None:
     target = _GLOBAL_NAMES.get(base)
     return None if target is None else f"{target}.{kind}"
 
+# Encoders (bert, nomic-bert) -> ember.models.bert's names; attn_qkv (nomic-bert) is split by the loader.
+_ENCODER_LAYER_NAMES = {
+    "attn_q": "attn.q_proj", "attn_k": "attn.k_proj", "attn_v": "attn.v_proj", "attn_qkv": "attn.qkv_proj",
+    "attn_output": "attn.o_proj", "attn_output_norm": "attn_norm", "ffn_up": "mlp.up_proj",
+    "ffn_gate": "mlp.gate_proj", "ffn_down": "mlp.down_proj", "layer_output_norm": "mlp_norm",
+}
+_ENCODER_GLOBAL_NAMES = {
+    "token_embd": "embeddings.word", "token_types": "embeddings.token_type", "position_embd": "embeddings.position",
+    "token_embd_norm": "embeddings.norm", "cls": "head.dense", "cls.output": "head.out",
+}
+
+
+def encoder_name(gguf_name: str) -> str | None:
+    """The ember encoder parameter for a GGUF tensor, or None when ember does not know it."""
+    match = _LAYER.match(gguf_name)
+    if match:
+        layer, part, kind = match.groups()
+        target = _ENCODER_LAYER_NAMES.get(part)
+        return None if target is None else f"layers.{layer}.{target}.{kind}"
+    base, _, kind = gguf_name.rpartition(".")
+    target = _ENCODER_GLOBAL_NAMES.get(base)
+    return None if target is None else f"{target}.{kind}"
+
 
 def unpermute_rows(rows: torch.Tensor, num_heads: int) -> torch.Tensor:
     """Undo the row order llama.cpp's converter gives Llama's q/k weights.

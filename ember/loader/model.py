@@ -9,11 +9,13 @@ from pathlib import Path
 import torch
 
 from ember.config import ModelConfig
+from ember.encoder_config import EncoderConfig
 from ember.formats.detect import path_format
 from ember.loader.device import resolve_device
 from ember.loader.weights import Progress
 from ember.models.decoder import CausalLM
 from ember.tokenizer import ChatTemplate, Tokenizer, load_tokenizer
+from ember.tokenizer.encoder_tokenizer import EncoderTokenizer
 
 
 @dataclass
@@ -21,13 +23,18 @@ class LoadedModel:
     name: str
     path: Path
     format: str  # "safetensors" | "gguf"
-    model: CausalLM
-    config: ModelConfig
+    model: CausalLM  # or an encoder (ember.models.bert) when config is an EncoderConfig
+    config: ModelConfig | EncoderConfig
     tokenizer: Tokenizer
     chat_template: ChatTemplate | None
     dtype: torch.dtype
     device: torch.device
     load_seconds: float
+    encoder_tokenizer: EncoderTokenizer | None = None  # an encoder's inputs with [CLS]/[SEP] and truncation
+
+    @property
+    def is_encoder(self) -> bool:
+        return isinstance(self.config, EncoderConfig)
 
 
 def load_model(path: str | Path, dtype="auto", device="auto", *, name: str | None = None,
@@ -48,8 +55,13 @@ def load_model(path: str | Path, dtype="auto", device="auto", *, name: str | Non
 
         net, config, dtype = load_safetensors_model(path, dtype, target, progress)
     tokenizer = load_tokenizer(path)
-    template = None
-    if tokenizer.chat_template:
+    template = encoder_tokenizer = None
+    if isinstance(config, EncoderConfig):
+        if path.is_dir():
+            encoder_tokenizer = EncoderTokenizer.from_dir(path, config.max_seq_length, config.lowercase)
+        else:
+            encoder_tokenizer = EncoderTokenizer.from_gguf_tokenizer(tokenizer, config.max_seq_length)
+    elif tokenizer.chat_template:
         template = ChatTemplate(tokenizer.chat_template, bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token)
     return LoadedModel(name or path.name, path, model_format, net, config, tokenizer, template, dtype, target,
-                       time.perf_counter() - started)
+                       time.perf_counter() - started, encoder_tokenizer)

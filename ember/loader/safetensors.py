@@ -8,6 +8,7 @@ of linear layers stay in their 16 bits (QuantLinear over their bytes) whatever t
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -15,13 +16,14 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from ember.config import ModelConfig, config_from_hf, read_config_json
+from ember.encoder_config import encoder_config_from_hf, is_encoder_config
 from ember.errors import ModelLoadError
 from ember.formats.ggml_types import GGMLType
 from ember.kernels import matmul
 from ember.loader.device import resolve_dtype
 from ember.loader.weights import Progress, finish_loading, set_weight
 from ember.models.decoder import CausalLM
-from ember.models.registry import model_class_for
+from ember.models.registry import encoder_class_for, model_class_for
 from ember.quant.linear import QuantLinear
 
 
@@ -72,14 +74,10 @@ def _native_linear(model: CausalLM, name: str, tensor: torch.Tensor, dtype, devi
     return True
 
 
-def load_safetensors_model(model_dir: Path, dtype, device: torch.device, progress: Progress | None = None
-                           ) -> tuple[CausalLM, ModelConfig, torch.dtype]:
-    raw = read_config_json(model_dir)
-    cls, arch = model_class_for(raw.get("architectures"), raw.get("model_type"))
-    config = config_from_hf(raw, arch)
-    dtype = resolve_dtype(dtype, device, config.torch_dtype)
-    model = cls(config)
-    params = dict(model.named_parameters())
+def _checkpoint_tensors(model_dir: Path, progress: Progress | None = None
+                        ) -> Iterator[tuple[Path, str, torch.Tensor]]:
+    """(file, name, tensor) for every tensor of the checkpoint, read from the memory-mapped files; `progress`
+    is told the bytes of the files read so far."""
     files = checkpoint_files(model_dir)
     total, done = sum(path.stat().st_size for path in files), 0
     for path in files:
@@ -89,17 +87,48 @@ def load_safetensors_model(model_dir: Path, dtype, device: torch.device, progres
         try:
             with safe_open(str(path), framework="pt", device="cpu") as shard:
                 for key in shard.keys():
-                    for name, tensor in model.split_checkpoint_tensor(key, shard.get_tensor(key)):
-                        if name == "lm_head.weight" and model.lm_head is None:
-                            continue  # tied to the embedding
-                        if name not in params:
-                            if name.endswith("rotary_emb.inv_freq"):
-                                continue  # some exports save this buffer; ember computes it
-                            raise ModelLoadError(f"{path.name}: unexpected tensor {name!r} for {arch}")
-                        if not _native_linear(model, name, tensor, dtype, device):
-                            set_weight(model, name, params[name], tensor, dtype, device)
+                    yield path, key, shard.get_tensor(key)
         except SafetensorError as err:
             raise ModelLoadError(f"{path}: not a valid safetensors file ({err})") from None
+
+
+def load_safetensors_model(model_dir: Path, dtype, device: torch.device, progress: Progress | None = None
+                           ) -> tuple[CausalLM, ModelConfig, torch.dtype]:
+    raw = read_config_json(model_dir)
+    if is_encoder_config(raw):
+        return load_safetensors_encoder(model_dir, raw, dtype, device, progress)
+    cls, arch = model_class_for(raw.get("architectures"), raw.get("model_type"))
+    config = config_from_hf(raw, arch)
+    dtype = resolve_dtype(dtype, device, config.torch_dtype)
+    model = cls(config)
+    params = dict(model.named_parameters())
+    for path, key, checkpoint_tensor in _checkpoint_tensors(model_dir, progress):
+        for name, tensor in model.split_checkpoint_tensor(key, checkpoint_tensor):
+            if name == "lm_head.weight" and model.lm_head is None:
+                continue  # tied to the embedding
+            if name not in params:
+                if name.endswith("rotary_emb.inv_freq"):
+                    continue  # some exports save this buffer; ember computes it
+                raise ModelLoadError(f"{path.name}: unexpected tensor {name!r} for {arch}")
+            if not _native_linear(model, name, tensor, dtype, device):
+                set_weight(model, name, params[name], tensor, dtype, device)
+    finish_loading(model, device)
+    model.fuse_projections()
+    return model, config, dtype
+
+
+def load_safetensors_encoder(model_dir: Path, raw: dict, dtype, device: torch.device,
+                             progress: Progress | None = None):
+    """A BERT-family encoder (embedding model or cross-encoder): small, so its weights stay plain tensors."""
+    config = encoder_config_from_hf(raw, model_dir)
+    dtype = resolve_dtype(dtype, device, config.torch_dtype)
+    model = encoder_class_for(config.architecture)(config)
+    params = dict(model.named_parameters())
+    for path, key, checkpoint_tensor in _checkpoint_tensors(model_dir, progress):
+        for name, tensor in model.checkpoint_names(key, checkpoint_tensor):
+            if name not in params:
+                raise ModelLoadError(f"{path.name}: unexpected tensor {key!r} for {config.architecture}")
+            set_weight(model, name, params[name], tensor, dtype, device)
     finish_loading(model, device)
     model.fuse_projections()
     return model, config, dtype

@@ -27,7 +27,11 @@ def finish_loading(model: nn.Module, device: torch.device) -> None:
     if missing:
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
         raise ModelLoadError(f"checkpoint is missing weights: {shown}")
-    rotary = model.model.rotary
+    # A decoder's rotary module sits in model.model; nomic-bert's on the model itself; BERT has none.
+    rotary = getattr(getattr(model, "model", model), "rotary", None)
+    if rotary is None:
+        model.eval()
+        return
     rotary.inv_freq = rotary.inv_freq.to(device)
     if rotary.long_inv_freq is not None:
         rotary.long_inv_freq = rotary.long_inv_freq.to(device)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from ember.errors import ModelLoadError
+from ember.models.bert import BertModel
 from ember.models.decoder import CausalLM
 from ember.models.gemma2 import Gemma2ForCausalLM
 from ember.models.llama import LlamaForCausalLM
 from ember.models.mistral import MistralForCausalLM
+from ember.models.nomic_bert import NomicBertModel
 from ember.models.phi3 import Phi3ForCausalLM
 from ember.models.qwen2 import Qwen2ForCausalLM
 from ember.models.qwen3 import Qwen3ForCausalLM
@@ -19,6 +21,16 @@ MODEL_CLASSES: tuple[type[CausalLM], ...] = (
     Phi3ForCausalLM,
     Gemma2ForCausalLM,
 )
+
+ENCODER_CLASSES: tuple[type[BertModel], ...] = (BertModel, NomicBertModel)
+
+
+def encoder_class_for(architecture: str) -> type[BertModel]:
+    """The encoder class for an EncoderConfig.architecture ("bert" or "nomic-bert")."""
+    for cls in ENCODER_CLASSES:
+        if architecture in cls.model_types:
+            return cls
+    raise ModelLoadError(f"unsupported encoder architecture {architecture!r}")
 
 
 def supported_architectures() -> list[str]:

@@ -22,7 +22,7 @@ from ember.server.constraints import ollama_constraint, with_constraint
 from ember.server.errors import APIError, bad_request, from_exception, not_supported
 from ember.server.generation import Choice, Generation, collect, start_generation
 from ember.server.ollama_options import check_options, num_ctx, ollama_params
-from ember.server.openai_api import available_models, embed_all
+from ember.server.openai_api import available_models, embed_all, encoder_embeddings
 from ember.server.pool import parse_keep_alive
 from ember.server.prompting import chat_prompt_ids, plain_messages
 from ember.server.protocol import (
@@ -406,21 +406,25 @@ def _normalized(vector: list[float]) -> list[float]:
 @router.post("/api/embed")
 async def embed(body: OllamaEmbedRequest, request: Request):
     state = get_state(request)
-    if body.dimensions is not None:
-        raise not_supported("dimensions", param="dimensions")
     options = check_options(body.options, {"num_ctx"})
     entry = await state.use_model(request, body.model, body.keep_alive, num_ctx(options))
     started, load = time.monotonic(), request.scope.get(LOAD_SECONDS, 0.0)
     texts = [body.input] if isinstance(body.input, str) else body.input
-    tokenizer = entry.engine.tokenizer
-    inputs = [tokenizer.encode(t) for t in texts]
-    if body.truncate:
-        limit = entry.engine.max_model_len - 1
-        inputs = [ids[:limit] for ids in inputs]
-    vectors = await embed_all(state, entry, inputs) if inputs else []
+    if entry.engine.is_encoder:
+        vectors, count = await encoder_embeddings(state, entry, texts, body.dimensions, body.truncate)
+    else:
+        if body.dimensions is not None:
+            raise not_supported("dimensions with a chat model", param="dimensions")
+        tokenizer = entry.engine.tokenizer
+        inputs = [tokenizer.encode(t) for t in texts]
+        if body.truncate:
+            limit = entry.engine.max_model_len - 1
+            inputs = [ids[:limit] for ids in inputs]
+        vectors = await embed_all(state, entry, inputs) if inputs else []
+        count = sum(len(i) for i in inputs)
     return {"model": entry.name, "embeddings": [_normalized(v) for v in vectors],
             "total_duration": _ns(time.monotonic() - started + load), "load_duration": _ns(load),
-            "prompt_eval_count": sum(len(i) for i in inputs)}
+            "prompt_eval_count": count}
 
 
 @router.post("/api/embeddings")
@@ -430,6 +434,8 @@ async def embeddings(body: OllamaEmbeddingsRequest, request: Request):
     entry = await state.use_model(request, body.model, body.keep_alive, num_ctx(options))
     if not body.prompt:
         return {"embedding": []}
+    if entry.engine.is_encoder:
+        return {"embedding": (await encoder_embeddings(state, entry, body.prompt, None))[0][0]}
     vector = (await embed_all(state, entry, [entry.engine.tokenizer.encode(body.prompt)]))[0]
     return {"embedding": vector}
 

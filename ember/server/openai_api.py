@@ -139,8 +139,13 @@ def check_stream_options(body: SamplingFields) -> None:
 # --- models -------------------------------------------------------------------------------------------------
 def model_card(entry: ModelEntry) -> dict:
     engine = entry.engine
+    note = EMBEDDINGS_NOTE
+    if engine.is_encoder:
+        config = engine.engine.config
+        note = ("a reranking (cross-encoder) model: /v1/rerank and /v1/score" if config.is_cross_encoder else
+                f"an embedding model: {config.pooling} pooling{', L2-normalised' if config.normalize else ''}")
     meta = {"max_model_len": engine.max_model_len, "chat_template": engine.chat_template is not None,
-            "embeddings": EMBEDDINGS_NOTE, "loaded": True, **_info_meta(entry.info)}
+            "embeddings": note, "loaded": True, **_info_meta(entry.info)}
     return {"id": entry.name, "object": "model", "created": entry.created, "owned_by": "ember",
             "max_model_len": engine.max_model_len, "meta": meta}
 
@@ -376,18 +381,39 @@ async def embed_all(state: ServerState, entry: ModelEntry, inputs: list[list[int
 async def embeddings(body: EmbeddingRequest, request: Request):
     state = get_state(request)
     entry = await state.use_model(request, body.model)
-    if body.dimensions is not None:
-        raise not_supported("dimensions (shortened embeddings)", param="dimensions")
-    inputs = prompt_ids_list(entry.engine, body.input, "input")
-    vectors = await embed_all(state, entry, inputs)
+    if entry.engine.is_encoder:
+        vectors, tokens = await encoder_embeddings(state, entry, body.input, body.dimensions)
+    else:
+        if body.dimensions is not None:
+            raise not_supported("dimensions (shortened embeddings) with a chat model", param="dimensions")
+        inputs = prompt_ids_list(entry.engine, body.input, "input")
+        vectors = await embed_all(state, entry, inputs)
+        tokens = sum(len(ids) for ids in inputs)
     data = []
     for index, vector in enumerate(vectors):
         value = (base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
                  if body.encoding_format == "base64" else vector)
         data.append({"object": "embedding", "index": index, "embedding": value})
-    tokens = sum(len(ids) for ids in inputs)
     return {"object": "list", "data": data, "model": entry.name,
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+
+async def encoder_embeddings(state: ServerState, entry: ModelEntry, inputs, dimensions: int | None,
+                             truncate: bool = True) -> tuple[list[list[float]], int]:
+    """An embedding model's vectors for texts (tokenized and truncated as sentence-transformers does) or
+    token-id lists (taken whole), and the tokens it read."""
+    if state.shutting_down:
+        raise APIError(503, "the server is shutting down", code="shutting_down")
+    if isinstance(inputs, str):
+        inputs = [inputs]
+    if not inputs:
+        return [], 0
+    if isinstance(inputs[0], str):
+        result = await entry.engine.encode(lambda e: e.embed_texts(inputs, dimensions, truncate))
+    else:
+        id_lists = [inputs] if isinstance(inputs[0], int) else inputs
+        result = await entry.engine.encode(lambda e: e.embed_token_ids(id_lists, dimensions))
+    return result.values, result.prompt_tokens
 
 
 # --- responses ----------------------------------------------------------------------------------------------

@@ -539,9 +539,10 @@ def _measured_size(engine) -> int:
 def load_engine(resolved: ResolvedModel, args: dict) -> AsyncEngine:
     """Load a resolved model into an engine (blocking: run it in a worker thread)."""
     from ember.engine.async_engine import AsyncEngine
-    from ember.engine.engine import EngineArgs, LLMEngine
+    from ember.engine.engine import EngineArgs
+    from ember.engine.factory import create_engine
     from ember.loader.model import load_model
 
     loaded = load_model(resolved.path, dtype=args.get("dtype", "auto"), device=args.get("device", "auto"),
                         name=resolved.name)
-    return AsyncEngine(LLMEngine(resolved.name, EngineArgs(**args), loaded=loaded))
+    return AsyncEngine(create_engine(resolved.name, EngineArgs(**args), loaded=loaded))

@@ -166,6 +166,34 @@ class EmbeddingRequest(_Body):
     user: str | None = None
 
 
+MAX_DOCUMENTS = 1024  # documents in one rerank request, pairs in one score request
+
+
+class RerankDocument(_Body):
+    text: str
+
+
+class RerankRequest(_Body):
+    """Jina's and Cohere's rerank body, as llama.cpp and vLLM accept it."""
+
+    model: str | None = None
+    query: str
+    documents: Annotated[list[str | RerankDocument], Field(min_length=1, max_length=MAX_DOCUMENTS)]
+    top_n: Annotated[int, Field(ge=1)] | None = None
+    return_documents: bool = True
+
+
+ScoreTexts = str | Annotated[list[str], Field(min_length=1, max_length=MAX_DOCUMENTS)]
+
+
+class ScoreRequest(_Body):
+    """vLLM's /v1/score body: text_1 against each text_2 (one to many), or pairwise (lists of equal length)."""
+
+    model: str | None = None
+    text_1: ScoreTexts
+    text_2: ScoreTexts
+
+
 class ResponsesRequest(_Body):
     unsupported = UNSUPPORTED_FIELDS["responses"]
     model: str | None = None

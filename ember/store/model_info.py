@@ -79,6 +79,7 @@ def describe_model(name: str, path: str | os.PathLike, fmt: str) -> ModelInfo:
     stats = [p.stat() for p in files.values()]
     if fmt == "gguf":
         metadata, family, embedding, defaults = _gguf_extras(path)
+        config = {}
         architecture = details.get("architecture")
     else:
         config = read_json(files.get("config.json"))
@@ -89,9 +90,13 @@ def describe_model(name: str, path: str | os.PathLike, fmt: str) -> ModelInfo:
         architecture = details.get("architecture")
     family = family or (architecture if isinstance(architecture, str) else None)
     template = details.get("template")
+    from ember.encoder_config import ENCODER_GGUF_ARCHITECTURES, is_encoder_config
     from ember.tokenizer.chat_template import template_capabilities
 
-    kind = "embedding" if (family or "").lower() in EMBEDDING_FAMILIES else "completion"
+    # Encoders ember serves (embedding models and cross-encoders: ember.encoder_config), and other encoder
+    # families it cannot run yet.
+    encoder = (is_encoder_config(config) if fmt != "gguf" else (family or "") in ENCODER_GGUF_ARCHITECTURES)
+    kind = "embedding" if encoder or (family or "").lower() in EMBEDDING_FAMILIES else "completion"
     return ModelInfo(
         name=name, path=path, format=fmt, family=family, architecture=architecture,
         parameters=details.get("parameters") or None, quantization=details.get("quant"),

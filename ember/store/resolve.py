@@ -1,6 +1,7 @@
 """ONE resolver from a model reference to files on disk, for every command and the server.
 
-Order: None → the bundled default; an existing path (CLI only); a store name (`family:tag`), else the same
+Order: None → the bundled default; an existing path (CLI only); a store name (`family:tag`), or a model a Python
+package ships (ember.store.packaged), else the same
 name in Ollama's store (`llama3.2` → `ollama/llama3.2:latest`, said as a warning: Ollama users type bare
 names); a discovered name (`hf.co/...`, `ollama/...`, `lmstudio/...`, `local/...`, an Ollama name without a
 tag meaning `:latest`); a Hugging Face repo id already pulled into the store or present in the HF cache.
@@ -28,7 +29,7 @@ class ResolvedModel:
     name: str
     path: Path  # a GGUF file (ending in .gguf) or a checkpoint folder
     format: str  # gguf | safetensors
-    source: str  # default | path | store | huggingface | ollama | lmstudio | local
+    source: str  # default | path | store | huggingface | ollama | lmstudio | local | package
 
 
 def _not_found(ref: str) -> ModelLoadError:
@@ -59,10 +60,20 @@ def _raise(err: Exception):
     raise err
 
 
+def _packaged(name: str) -> ResolvedModel | None:
+    from ember.store.packaged import packaged_model
+
+    found = packaged_model(name)
+    return None if found is None else ResolvedModel(found[0], found[1], "safetensors", "package")
+
+
 def _resolve_store(parsed: ModelRef, store) -> ResolvedModel:
     if store.exists(parsed.store_name):
         manifest = store.get(parsed)
         return ResolvedModel(parsed.store_name, store.path_for(parsed), manifest.format, "store")
+    packaged = _packaged(parsed.store_name)
+    if packaged is not None:
+        return packaged
     tags = store.tags(parsed.family)
     if tags:
         raise ModelLoadError(f"model {parsed.store_name!r} not found; {parsed.family} has tags: {', '.join(tags)}")
@@ -98,6 +109,9 @@ def _resolve_hf(parsed: ModelRef, store) -> ResolvedModel:
     if len(hits) > 1:
         names = ", ".join(m.name for m in hits)
         raise ModelLoadError(f"{parsed.text!r} matches several stored models ({names}); name one of them")
+    packaged = _packaged(parsed.repo) if parsed.variant is None else None
+    if packaged is not None:
+        return packaged
     from ember.store.discovery import discover_hf
 
     prefix = f"hf.co/{parsed.repo}".lower()
