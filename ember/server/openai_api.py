@@ -19,6 +19,8 @@ from ember.engine.async_engine import AsyncEngine
 from ember.engine.outputs import StepOutput, TokenLogprob
 from ember.errors import EmberError
 from ember.sampling_params import SamplingParams
+from ember.server.chat_output import parse_whole
+from ember.server.chat_plan import ChatPlan, plan_chat
 from ember.server.errors import APIError, bad_request, from_exception, not_supported
 from ember.server.generation import Choice, Generation, collect, start_generation, validate
 from ember.server.prompting import chat_prompt_ids, content_text, plain_messages, prompt_ids_list, token_text
@@ -191,21 +193,55 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     if body.top_logprobs is not None and not body.logprobs:
         raise bad_request("top_logprobs: requires logprobs to be true", param="top_logprobs")
     entry = await state.use_model(request, body.model)
-    prompt = chat_prompt_ids(entry.engine, plain_messages(body.messages), body.tools, body.add_generation_prompt,
-                             body.chat_template_kwargs)
-    params = sampling_params(body, body.max_completion_tokens or body.max_tokens,
-                             (body.top_logprobs or 0) if body.logprobs else None)
-    generation = start_generation(state, entry, [prompt], params, "chatcmpl")
+    plan = plan_chat(entry.engine, plain_messages(body.messages), body.tools, body.tool_choice,
+                     body.parallel_tool_calls, body.chat_template_kwargs, body.add_generation_prompt)
+    params = plan.constrain(sampling_params(body, body.max_completion_tokens or body.max_tokens,
+                                            (body.top_logprobs or 0) if body.logprobs else None))
+    generation = start_generation(state, entry, [plan.prompt], params, "chatcmpl")
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": entry.name,
             "system_fingerprint": None}
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return streaming(_chat_stream(generation, head, include_usage))
+        return streaming(_chat_stream(generation, head, include_usage, plan))
     choices = await collect(request, generation)
     return {**head, "object": "chat.completion", "choices": [
-        {"index": c.index, "message": {"role": "assistant", "content": c.text},
-         "logprobs": chat_logprobs(entry.engine, c.logprobs), "finish_reason": c.finish_reason}
+        {"index": c.index, **_chat_message(plan, c), "logprobs": chat_logprobs(entry.engine, c.logprobs)}
         for c in choices], "usage": usage(generation, choices)}
+
+
+def _chat_message(plan: ChatPlan, choice: Choice) -> dict:
+    """A finished choice's message (content, reasoning_content, tool_calls) and finish_reason."""
+    parsed = parse_whole(plan.parser(), choice.text)
+    message: dict = {"role": "assistant", "content": parsed.content or (None if parsed.calls else "")}
+    if plan.reasoning is not None:
+        message["reasoning_content"] = parsed.reasoning or None
+    if parsed.calls:
+        message["tool_calls"] = [{"id": c["id"], "type": "function",
+                                  "function": {"name": c["name"], "arguments": c["arguments"]}} for c in parsed.calls]
+    return {"message": message, "finish_reason": _finish_reason(choice.finish_reason, bool(parsed.calls))}
+
+
+def _finish_reason(reason: str | None, called: bool) -> str | None:
+    return "tool_calls" if called and reason == "stop" else reason
+
+
+def _chat_deltas(events: list[tuple]) -> list[dict]:
+    """Parser events as OpenAI chat deltas: content, reasoning_content, or one tool call's start / arguments."""
+    deltas: list[dict] = []
+    for event in events:
+        kind = event[0]
+        if kind in ("content", "reasoning"):
+            key = "content" if kind == "content" else "reasoning_content"
+            if deltas and set(deltas[-1]) == {key}:
+                deltas[-1][key] += event[1]
+            else:
+                deltas.append({key: event[1]})
+        elif kind == "call":
+            deltas.append({"tool_calls": [{"index": event[1], "id": event[2], "type": "function",
+                                           "function": {"name": event[3], "arguments": ""}}]})
+        elif kind == "args":
+            deltas.append({"tool_calls": [{"index": event[1], "function": {"arguments": event[2]}}]})
+    return deltas
 
 
 async def _sse_stream(generation: Generation, head: dict, include_usage: bool, render) -> AsyncIterator[str]:
@@ -230,10 +266,12 @@ async def _sse_stream(generation: Generation, head: dict, include_usage: bool, r
     yield sse("[DONE]")
 
 
-def _chat_stream(generation: Generation, head: dict, include_usage: bool) -> AsyncIterator[str]:
+def _chat_stream(generation: Generation, head: dict, include_usage: bool, plan: ChatPlan) -> AsyncIterator[str]:
     engine = generation.engine
     head = {**head, "object": "chat.completion.chunk"}
     extra = {"usage": None} if include_usage else {}
+    parsers = [plan.parser() for _ in range(generation.num_choices)]
+    called = [False] * generation.num_choices
 
     def chunk(index: int, delta: dict, logprobs=None, finish_reason=None) -> str:
         return sse({**head, "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
@@ -242,10 +280,16 @@ def _chat_stream(generation: Generation, head: dict, include_usage: bool) -> Asy
     def render(index: int, out: StepOutput, first: bool):
         if first:
             yield chunk(index, {"role": "assistant", "content": ""})
-        if out.text_delta or out.logprobs:
-            yield chunk(index, {"content": out.text_delta}, chat_logprobs(engine, out.logprobs))
+        parser = parsers[index]
+        events = parser.feed(out.text_delta) + (parser.finish() if out.finished else [])
+        called[index] = called[index] or any(e[0] == "call" for e in events)
+        logprobs = chat_logprobs(engine, out.logprobs)
+        deltas = _chat_deltas(events) or ([{"content": ""}] if out.logprobs else [])
+        for delta in deltas:
+            yield chunk(index, delta, logprobs)
+            logprobs = None
         if out.finished:
-            yield chunk(index, {}, None, out.finish_reason)
+            yield chunk(index, {}, None, _finish_reason(out.finish_reason, called[index]))
 
     return _sse_stream(generation, head, include_usage, render)
 
