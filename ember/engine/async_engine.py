@@ -17,7 +17,7 @@ from typing import Any
 from ember.engine.engine import EngineArgs, LLMEngine
 from ember.engine.outputs import StepOutput
 from ember.errors import EmberError
-from ember.sampling_params import SamplingParams
+from ember.sampling_params import SamplingParams, StructuredOutput
 
 log = logging.getLogger("ember.engine")
 
@@ -93,6 +93,10 @@ class AsyncEngine:
         with self._lock:
             self._aborts.add(request_id)
         self._wake.set()
+
+    def compile_grammar(self, structured: StructuredOutput, field: str = "structured") -> None:
+        """Compile a constraint into the engine's grammar cache (any thread; the server uses a worker thread)."""
+        self.engine.grammars.compile(structured, field)
 
     async def embed(self, prompt_token_ids: list[int]) -> list[float]:
         return await self._run_on_engine(lambda: self.engine.embed(prompt_token_ids))

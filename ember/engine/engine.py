@@ -7,6 +7,7 @@ sampling -> detokenize -> stop checks. `LLM` drives it directly; `AsyncEngine` d
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -103,6 +104,8 @@ class LLMEngine:
         self.sampler = Sampler()
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(config.eos_token_ids)
         self.requests: dict[str, _Request] = {}
+        self._grammars = None  # ember.engine.structured.Grammars, built for the first constrained request
+        self._grammars_lock = threading.Lock()
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         log.info(
@@ -114,6 +117,16 @@ class LLMEngine:
     @property
     def vocab_size(self) -> int:
         return self.loaded.config.vocab_size
+
+    @property
+    def grammars(self):
+        """The grammar compiler for this model's vocabulary (xgrammar is imported on first use)."""
+        with self._grammars_lock:
+            if self._grammars is None:
+                from ember.engine.structured import Grammars
+
+                self._grammars = Grammars(self.tokenizer, self.vocab_size, set(self.eos_token_ids))
+            return self._grammars
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Reject what can never run, before it is queued (called from any thread)."""
@@ -145,6 +158,8 @@ class LLMEngine:
         sampling = SamplingState(
             params=params, generator=generator, prompt_token_ids=list(prompt_token_ids), output_token_ids=[],
             eos_token_ids=frozenset() if params.ignore_eos else self.eos_token_ids,
+            # A cache hit when the server compiled it before queueing the request.
+            grammar=self.grammars.state(params.structured) if params.structured is not None else None,
         )
         detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens)
         stop = StopChecker(params, self.eos_token_ids, max_tokens)
@@ -198,6 +213,11 @@ class LLMEngine:
         request.sampling.output_token_ids.append(token)
         self.generation_tokens_total += 1
         text, reason = request.stop.update(token, request.detokenizer.add(token))
+        grammar = request.sampling.grammar
+        if grammar is not None and reason is None:
+            grammar.accept(token)
+            if grammar.finished:  # the grammar is complete (or broken): nothing more may follow
+                text, reason = text + request.stop.flush(), "stop"
         if reason is not None:
             seq.finish_reason = reason
             self.scheduler.finish(seq)

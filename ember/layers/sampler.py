@@ -1,7 +1,8 @@
 """Turns a batch of next-token logits into tokens, each row under its own SamplingParams.
 
 Order, as in transformers and vLLM: logit bias -> repetition penalty -> presence/frequency penalties ->
-min_tokens -> greedy argmax, or temperature -> top-k -> top-p -> min-p -> draw. Every filter runs on the
+min_tokens -> grammar mask (constrained decoding, ember.engine.structured) -> greedy argmax, or temperature ->
+top-k -> top-p -> min-p -> draw. Every filter runs on the
 whole batch at once with per-row parameter columns (neutral values for rows that do not use it); only
 the draw loops over rows, so that a seeded request draws from its own generator and gets the same tokens
 whatever else shares its batch.
@@ -11,11 +12,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from ember.engine.outputs import TokenLogprob
 from ember.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from ember.engine.structured import GrammarState
+
+# A filled grammar bitmask and the rows it constrains (ember.engine.structured.fill_masks).
+Masks = tuple[torch.Tensor, list[int]]
 
 
 @dataclass
@@ -27,6 +35,7 @@ class SamplingState:
     prompt_token_ids: list[int]
     output_token_ids: list[int]
     eos_token_ids: frozenset[int] = frozenset()  # banned until min_tokens; empty when ignore_eos
+    grammar: GrammarState | None = None  # the request's constraint, when it has one
     # The prompt as a tensor, built on first use: the repetition penalty needs it every step and
     # converting a long prompt from a list each time would dominate the step.
     _prompt_tensor: torch.Tensor | None = field(default=None, init=False, repr=False)
@@ -184,22 +193,59 @@ def _sample(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
     return _draw(logits, states)
 
 
-def _logprobs(raw: torch.Tensor, states: list[SamplingState], tokens: list[int]) -> list[TokenLogprob | None]:
-    """Log-probabilities under the model's own distribution (before any penalty or filter), as OpenAI reports."""
+def _logprobs(raw: torch.Tensor, states: list[SamplingState], tokens: list[int],
+              masks: Masks | None) -> list[TokenLogprob | None]:
+    """Log-probabilities under the model's own distribution (before any penalty or filter), as OpenAI reports;
+    on a constrained row, under that distribution restricted to what the grammar allows (the tokens the
+    sampler chose among), so that no alternative the output could not contain is reported."""
     result: list[TokenLogprob | None] = [None] * len(states)
     wanted = [row for row, state in enumerate(states) if state.params.logprobs is not None]
     if not wanted:
         return result
-    logprobs = torch.log_softmax(raw[wanted].float(), dim=-1)
+    scores = raw[wanted].float()
+    if masks is not None:
+        bitmask, constrained = masks
+        positions = [j for j, row in enumerate(wanted) if row in constrained]
+        if positions:
+            from ember.engine.structured import apply_masks
+
+            apply_masks(scores, (bitmask[wanted], positions))
+    logprobs = torch.log_softmax(scores, dim=-1)
     chosen = logprobs.gather(1, torch.tensor([tokens[r] for r in wanted], device=raw.device)[:, None])[:, 0].tolist()
     most = max(states[r].params.logprobs for r in wanted)
     top_values, top_ids = logprobs.topk(most, dim=-1)
     top_values, top_ids = top_values.tolist(), top_ids.tolist()
     for j, row in enumerate(wanted):
         count = states[row].params.logprobs
-        top = list(zip(top_ids[j][:count], top_values[j][:count], strict=True))
+        top = [(t, v) for t, v in zip(top_ids[j][:count], top_values[j][:count], strict=True) if v != -math.inf]
         result[row] = TokenLogprob(tokens[row], chosen[j], top)
     return result
+
+
+def _grammar_masks(states: list[SamplingState], vocab_size: int) -> Masks | None:
+    grammars = [state.grammar for state in states]
+    if all(grammar is None for grammar in grammars):
+        return None
+    from ember.engine.structured import fill_masks  # xgrammar is loaded only once a request needs it
+
+    return fill_masks(grammars, vocab_size)
+
+
+def _apply_grammar(logits: torch.Tensor, states: list[SamplingState], masks: Masks) -> None:
+    from ember.engine.structured import apply_masks
+
+    apply_masks(logits, masks)
+    banning = [row for row in masks[1] if states[row].min_tokens_banned()]
+    if not banning:
+        return
+    # Where min_tokens banned the only tokens the grammar allows (its stop tokens: the text is complete),
+    # the grammar wins: such a row chooses uniformly among its allowed tokens, as if min_tokens were met.
+    dead = ~torch.isfinite(logits[banning]).any(dim=-1)
+    if bool(dead.any()):
+        rows = [row for row, is_dead in zip(banning, dead.tolist(), strict=True) if is_dead]
+        allowed = torch.zeros((len(rows), logits.shape[-1]), dtype=logits.dtype, device=logits.device)
+        apply_masks(allowed, (masks[0][rows], list(range(len(rows)))))
+        logits[rows] = allowed
 
 
 class Sampler:
@@ -209,24 +255,27 @@ class Sampler:
         """Pick one token per row of `logits` [B, V]; also return each row's logprobs if it asked for them."""
         if logits.shape[0] != len(states):
             raise ValueError(f"{logits.shape[0]} rows of logits for {len(states)} sampling states")
-        if all(state.params.is_greedy and not _changes_logits(state) for state in states):
+        masks = _grammar_masks(states, logits.shape[-1])
+        if masks is None and all(state.params.is_greedy and not _changes_logits(state) for state in states):
             tokens = logits.argmax(dim=-1).tolist()
-            return tokens, _logprobs(logits, states, tokens)
-        processed = self.adjust_logits(logits, states)
+            return tokens, _logprobs(logits, states, tokens, None)
+        processed = self.adjust_logits(logits, states, masks)
         chosen = processed.argmax(dim=-1)
         random_rows = [row for row, state in enumerate(states) if not state.params.is_greedy]
         if random_rows:
             chosen[random_rows] = _sample(processed[random_rows], [states[r] for r in random_rows])
         tokens = chosen.tolist()
-        return tokens, _logprobs(logits, states, tokens)
+        return tokens, _logprobs(logits, states, tokens, masks)
 
     @staticmethod
-    def adjust_logits(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
-        """A copy of `logits` after logit bias, repetition/presence/frequency penalties and min_tokens bans:
-        the scores greedy rows take the argmax of and the others sample from after temperature."""
+    def adjust_logits(logits: torch.Tensor, states: list[SamplingState], masks: Masks | None = None) -> torch.Tensor:
+        """A copy of `logits` after logit bias, repetition/presence/frequency penalties, min_tokens bans and the
+        grammar masks: the scores greedy rows take the argmax of and the others sample from after temperature."""
         adjusted = logits.clone()
         _apply_logit_bias(adjusted, states)
         adjusted = _apply_repetition_penalty(adjusted, states)
         adjusted = _apply_presence_frequency(adjusted, states)
         _apply_min_tokens(adjusted, states)
+        if masks is not None:
+            _apply_grammar(adjusted, states, masks)
         return adjusted

@@ -86,18 +86,18 @@ class ChatPlan:
     def parser(self) -> ChatOutputParser:
         return ChatOutputParser(self.reasoning, self.tool_format)
 
-    def constrain(self, params: SamplingParams) -> SamplingParams:
-        """The request's parameters with the tool constraint, and any other constraint (response_format)
-        starting after the reasoning."""
+    def constrain(self, params: SamplingParams, field: str | None) -> tuple[SamplingParams, str | None]:
+        """The request's parameters with the tool constraint, or its own constraint (`field`: response_format
+        ...) starting after the reasoning; and the field a compilation error names."""
         structured = params.structured
         if self.constraint is not None:
             if structured is not None:
-                raise bad_request("tool_choice: a required tool call cannot be combined with a response format",
+                raise bad_request(f"tool_choice: tool calls the request requires cannot be combined with {field}",
                                   param="tool_choice")
-            structured = self.constraint
+            structured, field = self.constraint, "tools"
         elif structured is not None and self.reasoning is not None and structured.after is None:
             structured = replace(structured, after=THINK_CLOSE)
-        return replace(params, structured=structured)
+        return replace(params, structured=structured), field
 
 
 def plan_chat(engine: AsyncEngine, messages: list[dict], tools: list[dict] | None = None, tool_choice: Any = None,

@@ -9,6 +9,7 @@ import math
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
+from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -18,6 +19,7 @@ from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 from ember import __version__
 from ember.errors import EmberError, InvalidParameter
 from ember.sampling_params import SamplingParams
+from ember.server.constraints import compile_constraint, ollama_constraint
 from ember.server.errors import APIError, bad_request, from_exception, not_supported
 from ember.server.generation import Choice, Generation, collect, start_generation
 from ember.server.openai_api import available_models, embed_all
@@ -69,10 +71,18 @@ def ollama_params(options: dict[str, Any] | None) -> SamplingParams:
 
 
 def check_request(body) -> None:
-    if body.format is not None and body.format != "":
-        raise not_supported("format (structured output)", param="format")
     if getattr(body, "images", None):
         raise not_supported("images", param="images")
+
+
+async def request_params(engine, body) -> SamplingParams:
+    """The SamplingParams of a generate/chat body: its options, and its format compiled (400 if invalid)."""
+    params = ollama_params(body.options)
+    structured, field = ollama_constraint(body.format) or (None, None)
+    if structured is not None:
+        params = replace(params, structured=structured)
+        await compile_constraint(engine, params, field)
+    return params
 
 
 def _ns(seconds: float) -> int:
@@ -140,7 +150,7 @@ async def generate(body: OllamaGenerateRequest, request: Request):
         messages = ([{"role": "system", "content": body.system}] if body.system else [])
         prompt = chat_prompt_ids(engine, [*messages, {"role": "user", "content": body.prompt or ""}])
     prompt = list(body.context or []) + prompt
-    generation = start_generation(state, entry, [prompt], ollama_params(body.options), "ollama")
+    generation = start_generation(state, entry, [prompt], await request_params(engine, body), "ollama")
     return await _run(request, generation, body.stream, lambda text: {"response": text},
                       lambda choice: {"context": prompt + choice.token_ids})
 
@@ -160,7 +170,7 @@ async def chat(body: OllamaChatRequest, request: Request):
         return {"model": entry.name, "created_at": now(), "message": {"role": "assistant", "content": ""},
                 "done": True, "done_reason": "load"}
     prompt = chat_prompt_ids(entry.engine, plain_messages(body.messages), body.tools)
-    generation = start_generation(state, entry, [prompt], ollama_params(body.options), "ollama")
+    generation = start_generation(state, entry, [prompt], await request_params(entry.engine, body), "ollama")
     return await _run(request, generation, body.stream,
                       lambda text: {"message": {"role": "assistant", "content": text}}, lambda choice: {})
 

@@ -21,6 +21,7 @@ from ember.errors import EmberError
 from ember.sampling_params import SamplingParams
 from ember.server.chat_output import parse_whole
 from ember.server.chat_plan import ChatPlan, plan_chat
+from ember.server.constraints import compile_constraint, openai_constraint, responses_constraint
 from ember.server.errors import APIError, bad_request, from_exception, not_supported
 from ember.server.generation import Choice, Generation, collect, start_generation, validate
 from ember.server.prompting import chat_prompt_ids, content_text, plain_messages, prompt_ids_list, token_text
@@ -61,19 +62,22 @@ def streaming(events: AsyncIterator[str]) -> StreamingResponse:
     return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
 
 
-def check_format(response_format, param: str = "response_format") -> None:
-    if response_format is not None and response_format.type != "text":
-        raise not_supported(f"{param} of type {response_format.type!r} (structured output)", param=param)
-
-
-def sampling_params(body: SamplingFields, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+async def sampling_params(engine: AsyncEngine, body: SamplingFields, max_tokens: int | None,
+                          logprobs: int | None, plan: ChatPlan | None = None) -> SamplingParams:
+    """The body's SamplingParams, with its structured output constraint (or the tool calls `plan` requires)
+    compiled (400 if it is invalid)."""
     kwargs = {name: getattr(body, name) for name in (
         "temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty", "frequency_penalty",
         "repetition_penalty", "logit_bias", "stop", "stop_token_ids") if getattr(body, name) is not None}
-    return SamplingParams(
+    structured, field = openai_constraint(body) or (None, None)
+    params = SamplingParams(
         n=body.n, max_tokens=max_tokens, logprobs=logprobs, min_tokens=body.min_tokens, ignore_eos=body.ignore_eos,
         skip_special_tokens=body.skip_special_tokens, include_stop_str_in_output=body.include_stop_str_in_output,
-        **kwargs)
+        structured=structured, **kwargs)
+    if plan is not None:
+        params, field = plan.constrain(params, field)
+    await compile_constraint(engine, params, field)
+    return params
 
 
 def usage(generation: Generation, choices: list[Choice]) -> dict:
@@ -189,14 +193,13 @@ async def get_model(model_id: str, request: Request):
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     state = get_state(request)
-    check_format(body.response_format)
     if body.top_logprobs is not None and not body.logprobs:
         raise bad_request("top_logprobs: requires logprobs to be true", param="top_logprobs")
     entry = await state.use_model(request, body.model)
     plan = plan_chat(entry.engine, plain_messages(body.messages), body.tools, body.tool_choice,
                      body.parallel_tool_calls, body.chat_template_kwargs, body.add_generation_prompt)
-    params = plan.constrain(sampling_params(body, body.max_completion_tokens or body.max_tokens,
-                                            (body.top_logprobs or 0) if body.logprobs else None))
+    params = await sampling_params(entry.engine, body, body.max_completion_tokens or body.max_tokens,
+                                   (body.top_logprobs or 0) if body.logprobs else None, plan)
     generation = start_generation(state, entry, [plan.prompt], params, "chatcmpl")
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": entry.name,
             "system_fingerprint": None}
@@ -298,14 +301,14 @@ def _chat_stream(generation: Generation, head: dict, include_usage: bool, plan: 
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request):
     state = get_state(request)
-    check_format(body.response_format)
     if body.suffix:
         raise not_supported("suffix (fill-in-the-middle)", param="suffix")
     if body.best_of is not None and body.best_of != body.n:
         raise not_supported("best_of different from n", param="best_of")
     entry = await state.use_model(request, body.model)
     prompts = prompt_ids_list(entry.engine, body.prompt)
-    params = sampling_params(body, 16 if body.max_tokens is None else body.max_tokens, body.logprobs)
+    params = await sampling_params(entry.engine, body, 16 if body.max_tokens is None else body.max_tokens,
+                                   body.logprobs)
     generation = start_generation(state, entry, prompts, params, "cmpl")
     echoes = [entry.engine.tokenizer.decode(p) if body.echo else "" for p in prompts]
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": entry.name,
@@ -407,7 +410,7 @@ def _response_object(rid: str, created: int, body: ResponsesRequest, model: str,
             "max_output_tokens": body.max_output_tokens, "model": model, "output": output,
             "parallel_tool_calls": False, "previous_response_id": None, "reasoning": {"effort": None, "summary": None},
             "store": False, "temperature": body.temperature if body.temperature is not None else 1.0,
-            "text": {"format": {"type": "text"}}, "tool_choice": "auto", "tools": [],
+            "text": {"format": ((body.text or {}).get("format") or {"type": "text"})}, "tool_choice": "auto", "tools": [],
             "top_p": body.top_p if body.top_p is not None else 1.0, "truncation": "disabled",
             "usage": usage_block, "user": body.user, "metadata": body.metadata or {}}
 
@@ -415,13 +418,12 @@ def _response_object(rid: str, created: int, body: ResponsesRequest, model: str,
 @router.post("/v1/responses")
 async def responses(body: ResponsesRequest, request: Request):
     state = get_state(request)
-    text_format = (body.text or {}).get("format")
-    if isinstance(text_format, dict) and text_format.get("type", "text") != "text":
-        raise not_supported(f"text.format of type {text_format.get('type')!r} (structured output)", param="text")
+    structured, field = responses_constraint(body.text) or (None, None)
     entry = await state.use_model(request, body.model)
     prompt = chat_prompt_ids(entry.engine, _responses_messages(body))
     kwargs = {k: getattr(body, k) for k in ("temperature", "top_p", "seed") if getattr(body, k) is not None}
-    params = SamplingParams(max_tokens=body.max_output_tokens, **kwargs)
+    params = SamplingParams(max_tokens=body.max_output_tokens, structured=structured, **kwargs)
+    await compile_constraint(entry.engine, params, field)
     generation = start_generation(state, entry, [prompt], params, "resp")
     rid, msg_id, created = f"resp_{uuid.uuid4().hex}", f"msg_{uuid.uuid4().hex}", int(time.time())
     if body.stream:

@@ -50,6 +50,15 @@ class SamplingFields(_Body):
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # Structured output (ember.server.constraints): OpenAI's, vLLM's and llama.cpp's fields.
+    response_format: ResponseFormat | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    grammar: str | None = None
+    json_schema: dict[str, Any] | None = None
 
 
 class StreamOptions(_Body):
@@ -58,6 +67,8 @@ class StreamOptions(_Body):
 
 class ResponseFormat(_Body):
     type: str
+    json_schema: dict[str, Any] | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")  # llama.cpp's, beside the type
 
 
 class ChatMessage(_Body):
@@ -74,7 +85,6 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: MaxTokens = None
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
-    response_format: ResponseFormat | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
@@ -88,7 +98,6 @@ class CompletionRequest(SamplingFields):
     echo: bool = False
     suffix: str | None = None
     best_of: Annotated[int, Field(ge=1, le=MAX_N)] | None = None
-    response_format: ResponseFormat | None = None
 
 
 class EmbeddingRequest(_Body):
@@ -186,6 +195,7 @@ class ApplyTemplateRequest(_Body):
     tools: list[dict[str, Any]] | None = None
 
 
+ResponseFormat.model_rebuild()
 SamplingFields.model_rebuild()
 ChatCompletionRequest.model_rebuild()
 CompletionRequest.model_rebuild()
