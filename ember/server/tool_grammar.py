@@ -12,6 +12,9 @@ from ember.server.reasoning import THINK_CLOSE
 from ember.server.tool_calls import FIREFUNCTION, GRANITE, HERMES, LLAMA3, MISTRAL, ToolFormat
 
 EMPTY_PARAMETERS = {"type": "object", "properties": {}}
+# Consecutive whitespace allowed inside arguments: more than compact or indented JSON needs, few enough that a
+# model that keeps choosing whitespace still reaches the end of its call.
+MAX_ARGS_SPACE = 16
 # Whitespace a thinking model may write between `</think>` and its answer (the grammar starts after `</think>`).
 LEADING_SPACE = r"[ \n]{0,4}"
 _LISTS = {MISTRAL.name: "[TOOL_CALLS][", GRANITE.name: "<|tool_call|>[", FIREFUNCTION.name: "functools["}
@@ -25,7 +28,8 @@ def _call_tag(fmt: ToolFormat, tool: dict):
     end = "}"
     if fmt is HERMES:
         begin, end = "<tool_call>\n" + begin, "}\n</tool_call>"
-    return TagFormat(begin=begin, content=JSONSchemaFormat(json_schema=function.get("parameters") or EMPTY_PARAMETERS),
+    return TagFormat(begin=begin, content=JSONSchemaFormat(json_schema=function.get("parameters") or EMPTY_PARAMETERS,
+                                                       max_whitespace_cnt=MAX_ARGS_SPACE),
                      end=end)
 
 
