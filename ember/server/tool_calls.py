@@ -53,7 +53,7 @@ HERMES = ToolFormat("hermes", "<tool_call>", "object", closer="</tool_call>")
 LLAMA3 = ToolFormat("llama3", None, "answer", args_key="parameters", parallel=False)
 MISTRAL = ToolFormat("mistral", "[TOOL_CALLS]", "mistral", ids="mistral")
 GRANITE = ToolFormat("granite", "<|tool_call|>", "list")
-FIREFUNCTION = ToolFormat("firefunction", "functools[", "list")
+FIREFUNCTION = ToolFormat("firefunction", "functools", "list")
 JSON = ToolFormat("json", None, "answer")
 FORMATS = {f.name: f for f in (HERMES, LLAMA3, MISTRAL, GRANITE, FIREFUNCTION, JSON)}
 
@@ -68,7 +68,7 @@ def tool_format(source: str) -> ToolFormat:
         return GRANITE
     if "functools[" in source:
         return FIREFUNCTION
-    if PYTHON_TAG in source or '"parameters": ' in source:
+    if "<|start_header_id|>" in source and (PYTHON_TAG in source or '"parameters": ' in source):
         return LLAMA3
     return JSON
 
