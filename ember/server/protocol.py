@@ -193,6 +193,7 @@ class DetokenizeRequest(_Body):
 class ApplyTemplateRequest(_Body):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     tools: list[dict[str, Any]] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
 
 
 ResponseFormat.model_rebuild()
