@@ -6,10 +6,10 @@ import pytest
 
 from ember.engine.async_engine import AsyncEngine
 from ember.engine.engine import EngineArgs, LLMEngine
-from ember.engine.model_runner import kv_bytes_per_token
 from ember.errors import InvalidParameter
 from ember.llm import LLM
 from ember.sampling_params import SamplingParams
+from ember.store.memory import kv_bytes_per_token
 from tests.tiny_models import build_tiny_model, copy_tokenizer
 
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
@@ -35,7 +35,7 @@ def test_batched_preempted_outputs_equal_single_runs(tiny_dir):
     alone = make_llm(tiny_dir, max_num_seqs=1)
     expected = [alone.generate([p], GREEDY)[0].token_ids for p in batch]
     # 4-token blocks, 7-token budget (chunked prefill), and a cache far smaller than 16 sequences need.
-    per_token = kv_bytes_per_token(alone.engine.loaded.config, alone.engine.loaded.dtype)
+    per_token = kv_bytes_per_token(alone.engine.loaded.config, alone.engine.loaded.dtype.itemsize)
     tight = make_llm(tiny_dir, block_size=4, max_batched_tokens=7, kv_memory=40 * 4 * per_token,
                      max_num_seqs=16, max_model_len=100)
     got = tight.generate(batch, GREEDY)

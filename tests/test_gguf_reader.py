@@ -1,4 +1,4 @@
-"""ember.loader.gguf: a validating GGUF reader, checked on hand-corrupted files, on files written by the
+"""ember.formats.gguf: a validating GGUF reader, checked on hand-corrupted files, on files written by the
 PyPI `gguf` writer, and against `gguf.GGUFReader` on every shared test file."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from ember.errors import GGUFError
-from ember.loader import gguf as reader_module
-from ember.loader.gguf import GGMLType, GGUFFile
+from ember.formats import gguf as reader_module
+from ember.formats.gguf import GGMLType, GGUFFile
 from ember.quant.ggml import GGMLType as QuantGGMLType
 
 # GGUF metadata value type ids.

@@ -253,10 +253,9 @@ def test_resolve(home, gguf_q4, hf_dir):
 # ---- memory -------------------------------------------------------------------------------------------
 
 def test_estimate_memory_from_the_files(gguf_q4, hf_dir, testdata, monkeypatch):
-    from ember.bench.estimates import overhead_bytes
+    from ember.formats.gguf import read_header
     from ember.kernels import native
-    from ember.loader.gguf import read_header
-    from ember.store.memory import native_types
+    from ember.store.memory import native_types, overhead_bytes
 
     # tiny-llama-Q4_0: 4 layers, hidden 256, FFN 768, 32000-token vocabulary, tied output, Q6_K embedding
     header = read_header(gguf_q4)
@@ -415,7 +414,7 @@ def _kv(key: str, vtype: int, payload: bytes) -> bytes:
 def test_hostile_gguf_headers(tmp_path, data, problem):
     """The header read of `ember ls`/`show` (arrays skipped) rejects what the loader rejects."""
     from ember.errors import GGUFError
-    from ember.loader.gguf import GGUFFile, read_header
+    from ember.formats.gguf import GGUFFile, read_header
 
     path = tmp_path / "bad.gguf"
     path.write_bytes(data)
@@ -425,7 +424,7 @@ def test_hostile_gguf_headers(tmp_path, data, problem):
 
 
 def test_gguf_header_read_matches_the_full_read(testdata):
-    from ember.loader.gguf import SMALL_ARRAY, ArrayInfo, GGUFFile, read_header
+    from ember.formats.gguf import SMALL_ARRAY, ArrayInfo, GGUFFile, read_header
 
     for name in ("tiny-llama-Q4_K_M.gguf", "tiny-llama-bf16.gguf"):
         header = read_header(testdata / "gguf" / name)

@@ -19,7 +19,7 @@ anonymous map whose pages are committed as tokens fill it. Then it records RSS a
 
 Compared: measured = RSS after − baseline, against estimate_memory(path, 4096, "auto", "cpu")'s weights
 (including the GGUF header) + KV (kv_memory is exactly the estimated KV, 8 MiB at 4096 tokens in float32) +
-the tokenizer and engine parts of its overhead (ember.bench.estimates.tokenizer_bytes and ENGINE_BYTES, each
+the tokenizer and engine parts of its overhead (ember.store.memory.tokenizer_bytes and ENGINE_BYTES, each
 measured alone the same way; the engine part is the new engine's Python objects, code pages of torch touched
 for the first time, page-cache pages the kernel maps around the faulting ones, and heap fragmentation, which
 moves in ~1 MB steps between machines). The rest of the overhead (RUNTIME_BYTES for the framework, kernels and
@@ -37,9 +37,8 @@ import sys
 
 import pytest
 
-from ember.bench.estimates import ENGINE_BYTES, tokenizer_bytes
 from ember.kernels import native
-from ember.store.memory import estimate_memory, model_config
+from ember.store.memory import ENGINE_BYTES, estimate_memory, model_config, tokenizer_bytes
 
 CONTEXT = 4096
 PROBE = """

@@ -18,6 +18,7 @@ from pathlib import Path
 from ember.bench.advice import Option
 from ember.bench.shapes import parameter_count
 from ember.config import ModelConfig
+from ember.store.memory import kv_bytes_per_token, overhead_bytes
 
 # Averages over whole GGUF files as llama-quantize writes them (mixes keep some tensors at higher
 # precision): e.g. Llama-3.3-70B Q4_K_M is 42.5 GB for 70.6 B parameters = 4.82 bits.
@@ -25,32 +26,10 @@ BITS_PER_WEIGHT = {"F16": 16.0, "BF16": 16.0, "F32": 32.0, "Q8_0": 8.5, "Q6_K": 
                    "Q4_K_M": 4.85, "Q3_K_M": 3.91, "Q2_K": 2.99}
 DTYPE_NAMES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}  # as GGUF names them
 KV_BYTES_PER_ELEMENT = 2
-PREFILL_BATCH = 512
-RUNTIME_BYTES = 256 * 2**20  # allocator pools, kernels' workspaces, the framework itself
-# Measured: ember's tokenizer for a 32000-token Llama (SentencePiece) vocabulary, built alone from the GGUF in a
-# fresh process after a warm-up engine (the baseline of tests/test_store_rss.py), adds 9.5 MB of RSS. The GGUF
-# header it comes from is counted with the file (ember.store.memory), not here.
-TOKENIZER_BYTES_PER_TOKEN = 297
-# Measured the same way: a second loaded engine beyond its weights, KV cache and tokenizer (scheduler and block
-# tables, sampler state, the model's Python modules, heap fragmentation, library code first touched) adds
-# 2.6-2.8 MB whatever the quantization or the kernel backend.
-ENGINE_BYTES = 2_700_000
 
 
 def kv_cache_bytes(config: ModelConfig, context: int) -> int:
-    from ember.store.memory import kv_bytes_per_token
-
     return kv_bytes_per_token(config, KV_BYTES_PER_ELEMENT) * context
-
-
-def tokenizer_bytes(config: ModelConfig) -> int:
-    """The tokenizer ember builds from the model's vocabulary (Python strings, id maps, merges)."""
-    return config.vocab_size * TOKENIZER_BYTES_PER_TOKEN
-
-
-def overhead_bytes(config: ModelConfig) -> int:
-    per_token = 4 * config.hidden_size + 2 * config.intermediate_size  # residual, q/k/v/o, gate/up
-    return RUNTIME_BYTES + ENGINE_BYTES + PREFILL_BATCH * per_token * 4 + tokenizer_bytes(config)
 
 
 def weights_bytes(config: ModelConfig, quant: str) -> int:
@@ -66,7 +45,7 @@ def option(config: ModelConfig, quant: str, context: int, own: tuple[str, int] |
 
 def gguf_quant(path: Path) -> str:
     """The GGUF's declared file type (Q4_K_M, ...), else its most common matrix type."""
-    from ember.loader.gguf import read_header
+    from ember.formats.gguf import read_header
 
     return read_header(path).quant
 
@@ -87,7 +66,7 @@ def model_from_reference(reference: str, context: int = 8192, device: str = "cpu
 
 
 def _from_gguf(name: str, path: Path, context: int, device: str) -> tuple[str, ModelConfig, tuple[str, int]]:
-    from ember.loader.gguf import read_header
+    from ember.formats.gguf import read_header
     from ember.store.memory import estimate_memory, model_config
 
     config = model_config(path)

@@ -124,6 +124,7 @@ def _run_offline(args: argparse.Namespace) -> int:
     from ember.bench import hardware, offline, report
     from ember.engine.engine import EngineArgs, LLMEngine
     from ember.loader.model import load_model
+    from ember.store.resolve import resolve
 
     if args.repetitions < 1:
         raise BenchUsageError("--repetitions must be at least 1")
@@ -137,7 +138,8 @@ def _run_offline(args: argparse.Namespace) -> int:
     if not specs:
         raise BenchUsageError("nothing to run: every -p and -n size is 0")
     status = Console(stderr=True)
-    loaded = load_model(args.target, dtype=args.dtype, device=args.device)
+    resolved = resolve(args.target, allow_paths=True)
+    loaded = load_model(resolved.path, dtype=args.dtype, device=args.device, name=resolved.name)
     # The longest sequence is the longest test plus its sampled token: without --kv-memory the engine holds
     # max_num_seqs sequences of max_model_len tokens, so every test's sequences fit at once without preemption.
     # No engine thread count: each test sets its own (offline.run_test).

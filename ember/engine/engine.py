@@ -15,7 +15,7 @@ import psutil
 import torch
 
 from ember.engine.block_manager import BlockManager
-from ember.engine.model_runner import ModelRunner, kv_bytes_per_token
+from ember.engine.model_runner import ModelRunner
 from ember.engine.outputs import StepOutput, TokenLogprob
 from ember.engine.scheduler import ScheduledChunk, Scheduler
 from ember.engine.sequence import Sequence, SequenceStatus
@@ -24,6 +24,8 @@ from ember.errors import InvalidParameter, OutOfResources
 from ember.layers.sampler import Sampler, SamplingState
 from ember.loader.model import LoadedModel, load_model
 from ember.sampling_params import SamplingParams
+from ember.store.memory import kv_bytes_per_token
+from ember.store.resolve import resolve
 from ember.tokenizer.detokenizer import IncrementalDetokenizer
 
 log = logging.getLogger("ember.engine")
@@ -76,14 +78,17 @@ class LLMEngine:
         if self.args.threads is not None:
             # Before loading, so weight repacking uses them too; the native kernels read torch's count as well.
             torch.set_num_threads(self.args.threads)
-        self.loaded = loaded or load_model(model, dtype=self.args.dtype, device=self.args.device)
+        if loaded is None:
+            resolved = resolve(model, allow_paths=True)
+            loaded = load_model(resolved.path, dtype=self.args.dtype, device=self.args.device, name=resolved.name)
+        self.loaded = loaded
         config, self.tokenizer = self.loaded.config, self.loaded.tokenizer
         self.model_name = self.loaded.name
         self.device = self.loaded.device
         limit = config.max_position_embeddings
         self.max_model_len = min(self.args.max_model_len or min(limit, DEFAULT_MAX_MODEL_LEN), limit)
         block_size = self.args.block_size
-        per_token = kv_bytes_per_token(config, self.loaded.dtype)
+        per_token = kv_bytes_per_token(config, self.loaded.dtype.itemsize)
         if self.args.kv_memory is not None:
             num_blocks = self.args.kv_memory // per_token // block_size
         else:

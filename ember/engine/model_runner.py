@@ -13,10 +13,6 @@ from ember.layers.attention import AttentionMetadata, PrefillSlice
 from ember.models.decoder import CausalLM
 
 
-def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
-    return 2 * config.num_layers * config.num_kv_heads * config.head_dim * dtype.itemsize
-
-
 def _zeroed_cache(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A zero-filled cache tensor. Zeroed, not empty: padded positions of a gathered context are masked,
     but NaN garbage would still poison the weighted sum (0 * NaN).

@@ -2,16 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-
-@dataclass
-class TokenLogprob:
-    """Log-probability of one generated token under the model, with the `top` best alternatives."""
-
-    token_id: int
-    logprob: float
-    top: list[tuple[int, float]] = field(default_factory=list)
+from ember.layers.sampler import TokenLogprob
 
 
 @dataclass

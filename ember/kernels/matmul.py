@@ -9,8 +9,8 @@ import logging
 import torch
 
 import ember
+from ember.formats.ggml_types import BLOCK_SIZES, GGMLType
 from ember.kernels.native import NATIVE_TYPES, library
-from ember.quant.types import BLOCK_SIZES, GGMLType
 
 MAX_SEGMENTS = 8  # ggml_matmul.c's MAX_SEGMENTS
 PREP_NONE, PREP_RMS_NORM, PREP_SILU_GATE = 0, 1, 2  # ggml_matmul.c's PREP_*

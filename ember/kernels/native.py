@@ -29,7 +29,7 @@ import sysconfig
 import tempfile
 from pathlib import Path
 
-from ember.quant.types import GGMLType
+from ember.formats.ggml_types import GGMLType
 
 logger = logging.getLogger(__name__)
 

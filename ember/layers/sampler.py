@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ember.engine.outputs import TokenLogprob
 from ember.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -24,6 +23,15 @@ if TYPE_CHECKING:
 
 # A filled grammar bitmask and the rows it constrains (ember.engine.structured.fill_masks).
 Masks = tuple[torch.Tensor, list[int]]
+
+
+@dataclass
+class TokenLogprob:
+    """Log-probability of one generated token under the model, with the `top` best alternatives."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
 
 
 @dataclass

@@ -14,9 +14,9 @@ from torch import nn
 
 from ember.config import ModelConfig
 from ember.errors import GGUFError
+from ember.formats.gguf import GGUFFile
 from ember.kernels import matmul as kernels
 from ember.loader.device import resolve_dtype
-from ember.loader.gguf import GGUFFile
 from ember.loader.gguf_config import config_from_gguf
 from ember.loader.gguf_names import ROPE_TENSORS, ember_name, unpermute_rows
 from ember.loader.weights import finish_loading, set_weight

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from ember.config import ModelConfig
+from ember.formats.detect import path_format
 from ember.loader.device import resolve_device
 from ember.models.decoder import CausalLM
 from ember.tokenizer import ChatTemplate, Tokenizer, load_tokenizer
@@ -28,15 +29,14 @@ class LoadedModel:
     load_seconds: float
 
 
-def load_model(model: str | Path | None, dtype="auto", device="auto", *, allow_paths: bool = True) -> LoadedModel:
-    """Load what `model` names: a path (CLI), a store or discovered name, a HF repo id; None: the bundled model."""
-    from ember.store.resolve import resolve
-
+def load_model(path: str | Path, dtype="auto", device="auto", *, name: str | None = None) -> LoadedModel:
+    """Load a GGUF file or a safetensors checkpoint folder; a model's name is resolved to its files before
+    (ember.store.resolve), so the loader knows nothing of stores."""
     started = time.perf_counter()
-    resolved = resolve(model, allow_paths=allow_paths)
-    path = resolved.path
+    path = Path(path)
+    model_format = path_format(path)
     target = resolve_device(device)
-    if resolved.format == "gguf":
+    if model_format == "gguf":
         from ember.loader.gguf_model import load_gguf_model
 
         net, config, dtype = load_gguf_model(path, dtype, target)
@@ -48,5 +48,5 @@ def load_model(model: str | Path | None, dtype="auto", device="auto", *, allow_p
     template = None
     if tokenizer.chat_template:
         template = ChatTemplate(tokenizer.chat_template, bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token)
-    return LoadedModel(resolved.name, path, resolved.format, net, config, tokenizer, template, dtype, target,
+    return LoadedModel(name or path.name, path, model_format, net, config, tokenizer, template, dtype, target,
                        time.perf_counter() - started)

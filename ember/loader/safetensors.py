@@ -16,13 +16,13 @@ from torch import nn
 
 from ember.config import ModelConfig, config_from_hf, read_config_json
 from ember.errors import ModelLoadError
+from ember.formats.ggml_types import GGMLType
 from ember.kernels import matmul
 from ember.loader.device import resolve_dtype
 from ember.loader.weights import finish_loading, set_weight
 from ember.models.decoder import CausalLM
 from ember.models.registry import model_class_for
 from ember.quant.linear import QuantLinear
-from ember.quant.types import GGMLType
 
 
 def checkpoint_files(model_dir: Path) -> list[Path]:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ember.errors import GGUFError
-from ember.quant.types import (  # noqa: F401  (re-exported: the torch-free part lives in ember.quant.types)
+from ember.formats.ggml_types import (  # noqa: F401  (re-exported: the torch-free part lives in ember.formats.ggml_types)
     BLOCK_SIZES,
     FLOAT_TYPES,
     FP16_FIELDS,

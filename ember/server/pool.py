@@ -497,7 +497,6 @@ def load_engine(resolved: ResolvedModel, args: dict) -> AsyncEngine:
     from ember.engine.engine import EngineArgs, LLMEngine
     from ember.loader.model import load_model
 
-    loaded = load_model(str(resolved.path), dtype=args.get("dtype", "auto"), device=args.get("device", "auto"),
-                        allow_paths=True)
-    loaded.name = resolved.name
+    loaded = load_model(resolved.path, dtype=args.get("dtype", "auto"), device=args.get("device", "auto"),
+                        name=resolved.name)
     return AsyncEngine(LLMEngine(resolved.name, EngineArgs(**args), loaded=loaded))

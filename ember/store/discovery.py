@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from ember.loader.gguf import has_gguf_magic
+from ember.formats.gguf import has_gguf_magic
 from ember.store.info import quant_from_filename
 
 log = logging.getLogger(__name__)

@@ -102,7 +102,7 @@ def _license_from_file(path: Path | None) -> str | None:
 
 
 def gguf_details(path: Path) -> dict[str, Any]:
-    from ember.loader.gguf import read_header
+    from ember.formats.gguf import read_header
 
     summary = read_header(path)
     md = summary.metadata

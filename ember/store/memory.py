@@ -28,9 +28,9 @@ weights  = what ember holds after loading the file on that device (ember.loader.
            Safetensors: each floating tensor's elements × the bytes of the dtype it will be loaded in
            (integer/quantized tensors keep their own size).
 KV cache = 2 (K, V) × layers × KV heads × head dim × context × bytes of the activation dtype (the cache's)
-overhead = ember.bench.estimates.overhead_bytes: RUNTIME_BYTES (allocator pools, kernel workspaces, the
-           framework) + fp32 activations of one 512-token prefill batch + the tokenizer (~297 bytes a vocabulary
-           entry)
+overhead = overhead_bytes: RUNTIME_BYTES (allocator pools, kernel workspaces, the
+           framework) + ENGINE_BYTES (one loaded engine's own objects) + fp32 activations of one 512-token
+           prefill batch + the tokenizer (~297 bytes a vocabulary entry); the model pool budgets with these too
 
 tests/test_store_rss.py holds both models to a fresh process's measured RSS (weights + KV + tokenizer, 15 %).
 
@@ -58,6 +58,17 @@ GGUF_CHECKPOINT_DTYPE = "float16"  # what ember.loader.gguf_model resolves "auto
 DEVICE_KINDS = ("cpu", "cuda", "mps")
 FLOAT_TYPES = {"F64", "F32", "F16", "BF16"}
 CONTEXT_STEP = 256
+
+PREFILL_BATCH = 512
+RUNTIME_BYTES = 256 * 2**20  # allocator pools, kernels' workspaces, the framework itself
+# Measured: ember's tokenizer for a 32000-token Llama (SentencePiece) vocabulary, built alone from the GGUF in a
+# fresh process after a warm-up engine (the baseline of tests/test_store_rss.py), adds 9.5 MB of RSS. The GGUF
+# header it comes from is counted with the file (the weights), not here.
+TOKENIZER_BYTES_PER_TOKEN = 297
+# Measured the same way: a second loaded engine beyond its weights, KV cache and tokenizer (scheduler and block
+# tables, sampler state, the model's Python modules, heap fragmentation, library code first touched) adds
+# 2.6-2.8 MB whatever the quantization or the kernel backend.
+ENGINE_BYTES = 2_700_000
 
 
 @dataclass(frozen=True)
@@ -164,7 +175,7 @@ FILE_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 def gguf_held_bytes(tensors, dtype: str = "float32", device: str = "cpu", native: frozenset[str] | None = None,
                     header_bytes: int = 0) -> int:
-    """What ember holds for a GGUF's tensors (TensorInfo of ember.loader.gguf) with activations in `dtype`
+    """What ember holds for a GGUF's tensors (TensorInfo of ember.formats.gguf) with activations in `dtype`
     (a resolved name: float32, bfloat16, float16) on `device`; `native`: the type names the native kernels
     run (default: native_types(device)); `header_bytes`: the file's header (metadata, vocabulary), counted on
     CPU when any tensor stays a view of the map (the loader parses the header through it, so those pages are
@@ -197,7 +208,7 @@ def gguf_held_bytes(tensors, dtype: str = "float32", device: str = "cpu", native
 
 
 def _gguf_shape(path: Path, dtype, device: str, weights: bool = True) -> _Shape:
-    from ember.loader.gguf import ArrayInfo, read_header
+    from ember.formats.gguf import ArrayInfo, read_header
     from ember.loader.gguf_config import config_from_gguf
 
     summary = read_header(path)
@@ -247,10 +258,14 @@ def kv_bytes_per_token(config: ModelConfig, kv_dtype_bytes: int = 2) -> int:
     return 2 * config.num_layers * config.num_kv_heads * config.head_dim * kv_dtype_bytes
 
 
-def _overhead(config: ModelConfig) -> int:
-    from ember.bench.estimates import overhead_bytes
+def tokenizer_bytes(config: ModelConfig) -> int:
+    """The tokenizer ember builds from the model's vocabulary (Python strings, id maps, merges)."""
+    return config.vocab_size * TOKENIZER_BYTES_PER_TOKEN
 
-    return overhead_bytes(config)
+
+def overhead_bytes(config: ModelConfig) -> int:
+    per_token = 4 * config.hidden_size + 2 * config.intermediate_size  # residual, q/k/v/o, gate/up
+    return RUNTIME_BYTES + ENGINE_BYTES + PREFILL_BATCH * per_token * 4 + tokenizer_bytes(config)
 
 
 def estimate_memory(path: str | Path, context: int, dtype: str = "bfloat16", device: str = "cpu") -> MemoryEstimate:
@@ -260,14 +275,14 @@ def estimate_memory(path: str | Path, context: int, dtype: str = "bfloat16", dev
         raise ModelLoadError(f"context must be a positive integer, not {context!r}")
     shape = _shape(path, dtype, device)
     kv = kv_bytes_per_token(shape.config, DTYPE_BYTES[shape.dtype]) * context
-    return MemoryEstimate(shape.weights_bytes, kv, _overhead(shape.config), context)
+    return MemoryEstimate(shape.weights_bytes, kv, overhead_bytes(shape.config), context)
 
 
 def fit_context(path: str | Path, budget_bytes: int, wanted: int, dtype: str = "bfloat16", device: str = "cpu") -> int:
     """The largest context ≤ `wanted` that fits in `budget_bytes` on `device`: `wanted` itself when it fits,
     else the largest multiple of 256 that does; EmberError when not even 256 tokens fit."""
     shape = _shape(path, dtype, device)
-    fixed = shape.weights_bytes + _overhead(shape.config)
+    fixed = shape.weights_bytes + overhead_bytes(shape.config)
     per_token = kv_bytes_per_token(shape.config, DTYPE_BYTES[shape.dtype])
     if fixed + per_token * wanted <= budget_bytes:
         return wanted

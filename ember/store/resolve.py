@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ember.errors import ModelLoadError
-from ember.loader.gguf import has_gguf_magic
+from ember.formats.detect import path_format
 from ember.store.names import ModelRef, parse_ref
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "assets" / "default"
@@ -24,18 +24,6 @@ class ResolvedModel:
     path: Path  # a GGUF file (ending in .gguf) or a checkpoint folder
     format: str  # gguf | safetensors
     source: str  # default | path | store | huggingface | ollama | lmstudio | local
-
-
-def path_format(path: Path) -> str:
-    if path.is_dir():
-        if (path / "config.json").is_file():
-            return "safetensors"
-        raise ModelLoadError(f"{path}: a model folder needs config.json")
-    if path.is_file():
-        if has_gguf_magic(path):
-            return "gguf"
-        raise ModelLoadError(f"{path}: not a GGUF file")
-    raise ModelLoadError(f"model {str(path)!r} not found (give a GGUF file or a folder with config.json)")
 
 
 def _not_found(ref: str) -> ModelLoadError:

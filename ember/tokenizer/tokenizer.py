@@ -126,7 +126,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     path = Path(path)
     if path.is_dir():
         return Tokenizer.from_dir(path)
-    from ember.loader.gguf import GGUFFile, has_gguf_magic
+    from ember.formats.gguf import GGUFFile, has_gguf_magic
 
     if path.is_file() and has_gguf_magic(path):
         from ember.tokenizer.gguf_vocab import tokenizer_from_gguf_metadata

@@ -1,6 +1,6 @@
 """GGML tensor types and their block layouts: the torch-free part of ember.quant.ggml.
 
-Header readers (ember.loader.gguf, `ember ls`/`show`, the memory estimator) need these without importing torch;
+Header readers (ember.formats.gguf, `ember ls`/`show`, the memory estimator) need these without importing torch;
 ember.quant.ggml re-exports every name, so `from ember.quant.ggml import GGMLType` keeps working.
 """
 

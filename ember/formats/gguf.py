@@ -26,7 +26,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES
 
 from ember.errors import GGUFError
-from ember.quant.types import GGMLType  # re-exported: TensorInfo.ggml_type is one of these
+from ember.formats.ggml_types import GGMLType  # re-exported: TensorInfo.ggml_type is one of these
 
 if TYPE_CHECKING:
     import torch
