@@ -170,3 +170,6 @@ def test_tool_request_errors(servers):
     for extra, param in bad:
         r = httpx.post(url, json={"model": server.model, "messages": QUESTION, "max_tokens": 2, **extra}, timeout=60)
         assert r.status_code == 400 and r.json()["error"]["param"] == param, (extra, r.text)
+    r = httpx.post(f"{server.url}/v1/responses", json={"model": server.model, "input": "Hi", "tools": [
+        {"type": "function", "name": "get_time", "parameters": {"type": "object"}}]}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tools"  # not silently ignored

@@ -418,6 +418,8 @@ def _response_object(rid: str, created: int, body: ResponsesRequest, model: str,
 @router.post("/v1/responses")
 async def responses(body: ResponsesRequest, request: Request):
     state = get_state(request)
+    if (body.model_extra or {}).get("tools"):
+        raise not_supported("tools on /v1/responses (use /v1/chat/completions)", param="tools")
     structured, field = responses_constraint(body.text) or (None, None)
     entry = await state.use_model(request, body.model)
     prompt = chat_prompt_ids(entry.engine, _responses_messages(body))
