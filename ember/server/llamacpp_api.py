@@ -76,7 +76,8 @@ async def detokenize(body: DetokenizeRequest, request: Request):
 @router.post("/apply-template")
 async def apply_template(body: ApplyTemplateRequest, request: Request):
     engine = await _engine(request, body)
-    return {"prompt": render_chat(engine, plain_messages(body.messages), body.tools)}
+    return {"prompt": render_chat(engine, plain_messages(body.messages), body.tools,
+                                  template_kwargs=body.chat_template_kwargs)}
 
 
 @router.get("/metrics")

@@ -18,6 +18,8 @@ from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 from ember import __version__
 from ember.errors import EmberError
 from ember.sampling_params import SamplingParams
+from ember.server.chat_output import ParsedMessage, arguments_object, parse_whole
+from ember.server.chat_plan import ChatPlan, plan_chat
 from ember.server.constraints import ollama_constraint, with_constraint
 from ember.server.errors import APIError, bad_request, from_exception, not_supported
 from ember.server.generation import Choice, Generation, collect, start_generation
@@ -54,10 +56,13 @@ def check_request(body) -> None:
         raise not_supported("images", param="images")
 
 
-async def request_params(entry: ModelEntry, options: dict, body) -> SamplingParams:
-    """The SamplingParams of a generate/chat body: its options over the model's defaults, and its format
-    compiled (400 if invalid)."""
-    return await with_constraint(entry.engine, _params(entry, options), ollama_constraint(body.format))
+async def request_params(entry: ModelEntry, options: dict, body, plan: ChatPlan | None = None) -> SamplingParams:
+    """The SamplingParams of a generate/chat body: its options over the model's defaults, and its format (or the
+    tool calls `plan` requires) compiled (400 if invalid)."""
+    constraint = ollama_constraint(body.format)
+    if plan is not None:
+        constraint = plan.constrain(constraint)
+    return await with_constraint(entry.engine, _params(entry, options), constraint)
 
 
 def _ns(seconds: float) -> int:
@@ -82,14 +87,15 @@ def _ndjson(items: AsyncIterator[dict]) -> StreamingResponse:
     return StreamingResponse(lines(), media_type="application/x-ndjson")
 
 
-async def _run(request: Request, generation: Generation, stream: bool, piece, final_extra) -> Any:
-    """Stream NDJSON pieces then the final object, or answer the whole reply at once."""
+async def _run(request: Request, generation: Generation, stream: bool, whole, pieces, final_extra) -> Any:
+    """Stream NDJSON pieces then the final object, or answer the whole reply at once: `whole(choice)` is the
+    reply's body, `pieces(text, finished)` the bodies of a stream's chunks for a piece of text."""
     started = generation.started
     name = generation.model
     load = request.scope.get(LOAD_SECONDS, 0.0)
     if not stream:
         choice = (await collect(request, generation))[0]
-        return {**piece(choice.text), **_final(name, generation, choice, started, load), **final_extra(choice)}
+        return {**whole(choice), **_final(name, generation, choice, started, load), **final_extra(choice)}
 
     async def items():
         choice = Choice(0)
@@ -97,12 +103,12 @@ async def _run(request: Request, generation: Generation, stream: bool, piece, fi
             async with aclosing(generation.stream()) as outputs:
                 async for _, out in outputs:
                     choice.add(out)
-                    if out.text_delta:
-                        yield {"model": name, "created_at": now(), **piece(out.text_delta), "done": False}
+                    for piece in pieces(out.text_delta, out.finished):
+                        yield {"model": name, "created_at": now(), **piece, "done": False}
         except (EmberError, APIError) as err:
             yield {"error": from_exception(err).message}
             return
-        yield {**piece(""), **_final(name, generation, choice, started, load), **final_extra(choice)}
+        yield {**whole(Choice(0)), **_final(name, generation, choice, started, load), **final_extra(choice)}
 
     return _ndjson(items())
 
@@ -139,7 +145,8 @@ async def generate(body: OllamaGenerateRequest, request: Request):
         prompt = chat_prompt_ids(engine, [*messages, {"role": "user", "content": body.prompt or ""}])
     prompt = list(body.context or []) + prompt
     generation = start_generation(state, entry, [prompt], await request_params(entry, options, body), "ollama")
-    return await _run(request, generation, body.stream, lambda text: {"response": text},
+    return await _run(request, generation, body.stream, lambda choice: {"response": choice.text},
+                      lambda text, _: [{"response": text}] if text else [],
                       lambda choice: {"context": prompt + choice.token_ids})
 
 
@@ -158,10 +165,68 @@ async def chat(body: OllamaChatRequest, request: Request):
     if not body.messages:
         return {"model": entry.name, "created_at": now(), "message": {"role": "assistant", "content": ""},
                 "done": True, "done_reason": "load", **_load_durations(request)}
-    prompt = chat_prompt_ids(entry.engine, plain_messages(body.messages), body.tools)
-    generation = start_generation(state, entry, [prompt], await request_params(entry, options, body), "ollama")
+    plan = plan_chat(entry.engine, plain_messages(_with_call_ids(body.messages)), body.tools,
+                     template_kwargs={"reasoning_effort": body.think} if isinstance(body.think, str) else None,
+                     think=None if body.think is None else bool(body.think))
+    generation = start_generation(state, entry, [plan.prompt], await request_params(entry, options, body, plan),
+                                  "ollama")
+    parser, parsed = plan.parser(), ParsedMessage()
+
+    def pieces(text: str, finished: bool) -> list[dict]:
+        events = parser.feed(text) + (parser.finish() if finished else [])
+        parsed.add(events)
+        return [{"message": _message(delta)} for delta in _ollama_deltas(events, parsed)]
+
     return await _run(request, generation, body.stream,
-                      lambda text: {"message": {"role": "assistant", "content": text}}, lambda choice: {})
+                      lambda choice: {"message": _message(parse_whole(plan.parser(), choice.text))}, pieces,
+                      lambda choice: {})
+
+
+def _message(parsed: ParsedMessage) -> dict:
+    """Ollama's message: content, thinking, and tool calls with their arguments as objects (a call whose
+    arguments are not an object, cut short by the token limit, is left out)."""
+    message = {"role": "assistant", "content": parsed.content}
+    if parsed.reasoning:
+        message["thinking"] = parsed.reasoning
+    calls = [(i, c, arguments_object(c["arguments"])) for i, c in enumerate(parsed.calls)]
+    calls = [{"function": {"index": i, "name": c["name"], "arguments": args}} for i, c, args in calls if args is not None]
+    if calls:
+        message["tool_calls"] = calls
+    return message
+
+
+def _ollama_deltas(events: list[tuple], parsed: ParsedMessage) -> list[ParsedMessage]:
+    """Stream chunks as Ollama sends them: text and thinking as they come, each tool call once complete."""
+    deltas = []
+    for event in events:
+        if event[0] == "content":
+            deltas.append(ParsedMessage(content=event[1]))
+        elif event[0] == "reasoning":
+            deltas.append(ParsedMessage(reasoning=event[1]))
+        elif event[0] == "call_done":
+            deltas.append(ParsedMessage(calls=[parsed.calls[event[1]]]))
+    return deltas
+
+
+def _with_call_ids(messages: list) -> list[dict]:
+    """Ollama's tool calls carry no ids, which some templates (Mistral's) need to pair a result with its call:
+    each call gets one, and each tool result the id of the next unanswered call."""
+    plain, waiting, count = [], [], 0
+    for message in messages:
+        data = message.model_dump(exclude_none=True)
+        if data.get("tool_calls"):
+            calls = []
+            for call in data["tool_calls"]:
+                if isinstance(call, dict) and "id" not in call:
+                    count += 1
+                    call = {"id": f"call{count:05d}", **call}  # 9 alphanumerics, as Mistral templates insist
+                calls.append(call)
+                waiting.append(call.get("id") if isinstance(call, dict) else None)
+            data["tool_calls"] = calls
+        elif data.get("role") == "tool" and "tool_call_id" not in data and waiting:
+            data["tool_call_id"] = waiting.pop(0)
+        plain.append(data)
+    return plain
 
 
 # --- models: each renders a ModelInfo (ember.store.model_info) ------------------------------------------------

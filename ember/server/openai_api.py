@@ -20,6 +20,8 @@ from ember.engine.async_engine import AsyncEngine
 from ember.engine.outputs import StepOutput, TokenLogprob
 from ember.errors import EmberError
 from ember.sampling_params import SamplingParams
+from ember.server.chat_output import parse_whole
+from ember.server.chat_plan import ChatPlan, plan_chat
 from ember.server.constraints import openai_constraint, responses_constraint, with_constraint
 from ember.server.errors import APIError, bad_request, from_exception, not_supported
 from ember.server.generation import Choice, Generation, collect, start_generation, validate
@@ -80,9 +82,13 @@ def sampling_params(body: SamplingFields, max_tokens: int | None, logprobs: int 
 
 
 async def request_params(engine: AsyncEngine, body: SamplingFields, max_tokens: int | None,
-                         logprobs: int | None) -> SamplingParams:
-    """The body's SamplingParams with its structured output constraint compiled (400 if it is invalid)."""
-    return await with_constraint(engine, sampling_params(body, max_tokens, logprobs), openai_constraint(body))
+                         logprobs: int | None, plan: ChatPlan | None = None) -> SamplingParams:
+    """The body's SamplingParams with its structured output constraint (or the tool calls `plan` requires)
+    compiled (400 if it is invalid)."""
+    constraint = openai_constraint(body)
+    if plan is not None:
+        constraint = plan.constrain(constraint)
+    return await with_constraint(engine, sampling_params(body, max_tokens, logprobs), constraint)
 
 
 def usage(generation: Generation, choices: list[Choice]) -> dict:
@@ -236,21 +242,55 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     if body.top_logprobs is not None and not body.logprobs:
         raise bad_request("top_logprobs: requires logprobs to be true", param="top_logprobs")
     entry = await state.use_model(request, body.model)
-    prompt = chat_prompt_ids(entry.engine, plain_messages(body.messages), body.tools, body.add_generation_prompt,
-                             body.chat_template_kwargs)
+    plan = plan_chat(entry.engine, plain_messages(body.messages), body.tools, body.tool_choice,
+                     body.parallel_tool_calls, body.chat_template_kwargs, body.add_generation_prompt)
     check_stream_options(body)
     params = await request_params(entry.engine, body, body.max_completion_tokens or body.max_tokens,
-                                  (body.top_logprobs or 0) if body.logprobs else None)
-    generation = start_generation(state, entry, [prompt], params, "chatcmpl")
+                                  (body.top_logprobs or 0) if body.logprobs else None, plan)
+    generation = start_generation(state, entry, [plan.prompt], params, "chatcmpl")
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": entry.name,
             "system_fingerprint": None}
     if body.stream:
-        return streaming(_chat_stream(generation, head, body.stream_options))
+        return streaming(_chat_stream(generation, head, body.stream_options, plan))
     choices = await collect(request, generation)
     return {**head, "object": "chat.completion", "choices": [
-        {"index": c.index, "message": {"role": "assistant", "content": c.text},
-         "logprobs": chat_logprobs(entry.engine, c.logprobs), "finish_reason": finish_reason(c.finish_reason)}
+        {"index": c.index, **_chat_message(plan, c), "logprobs": chat_logprobs(entry.engine, c.logprobs)}
         for c in choices], "usage": usage(generation, choices)}
+
+
+def _chat_message(plan: ChatPlan, choice: Choice) -> dict:
+    """A finished choice's message (content, reasoning_content, tool_calls) and finish_reason."""
+    parsed = parse_whole(plan.parser(), choice.text)
+    message: dict = {"role": "assistant", "content": parsed.content or (None if parsed.calls else "")}
+    if plan.reasoning is not None:
+        message["reasoning_content"] = parsed.reasoning or None
+    if parsed.calls:
+        message["tool_calls"] = [{"id": c["id"], "type": "function",
+                                  "function": {"name": c["name"], "arguments": c["arguments"]}} for c in parsed.calls]
+    return {"message": message, "finish_reason": _finish_reason(choice.finish_reason, bool(parsed.calls))}
+
+
+def _finish_reason(reason: str | None, called: bool) -> str | None:
+    return "tool_calls" if called and reason == "stop" else finish_reason(reason)
+
+
+def _chat_deltas(events: list[tuple]) -> list[dict]:
+    """Parser events as OpenAI chat deltas: content, reasoning_content, or one tool call's start / arguments."""
+    deltas: list[dict] = []
+    for event in events:
+        kind = event[0]
+        if kind in ("content", "reasoning"):
+            key = "content" if kind == "content" else "reasoning_content"
+            if deltas and set(deltas[-1]) == {key}:
+                deltas[-1][key] += event[1]
+            else:
+                deltas.append({key: event[1]})
+        elif kind == "call":
+            deltas.append({"tool_calls": [{"index": event[1], "id": event[2], "type": "function",
+                                           "function": {"name": event[3], "arguments": ""}}]})
+        elif kind == "args":
+            deltas.append({"tool_calls": [{"index": event[1], "function": {"arguments": event[2]}}]})
+    return deltas
 
 
 async def _sse_stream(generation: Generation, head: dict, options: StreamOptions | None,
@@ -281,21 +321,30 @@ async def _sse_stream(generation: Generation, head: dict, options: StreamOptions
     yield sse("[DONE]")
 
 
-def _chat_stream(generation: Generation, head: dict, options: StreamOptions | None) -> AsyncIterator[str]:
+def _chat_stream(generation: Generation, head: dict, options: StreamOptions | None,
+                 plan: ChatPlan) -> AsyncIterator[str]:
     engine = generation.engine
     head = {**head, "object": "chat.completion.chunk"}
+    parsers = [plan.parser() for _ in range(generation.num_choices)]
+    called = [False] * generation.num_choices
 
     def render(index: int, out: StepOutput, first: bool, extra: dict):
         def chunk(delta: dict, logprobs=None, reason=None) -> str:
             return sse({**head, "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
-                                             "finish_reason": finish_reason(reason)}], **extra})
+                                             "finish_reason": reason}], **extra})
 
         if first:
             yield chunk({"role": "assistant", "content": ""})
-        if out.text_delta or out.logprobs:
-            yield chunk({"content": out.text_delta}, chat_logprobs(engine, out.logprobs))
+        parser = parsers[index]
+        events = parser.feed(out.text_delta) + (parser.finish() if out.finished else [])
+        called[index] = called[index] or any(e[0] == "call" for e in events)
+        logprobs = chat_logprobs(engine, out.logprobs)
+        deltas = _chat_deltas(events) or ([{"content": ""}] if out.logprobs else [])
+        for delta in deltas:
+            yield chunk(delta, logprobs)
+            logprobs = None
         if out.finished:
-            yield chunk({}, None, out.finish_reason)
+            yield chunk({}, None, _finish_reason(out.finish_reason, called[index]))
 
     return _sse_stream(generation, head, options, render)
 

@@ -3,6 +3,7 @@ shape, and the text of a single token for logprobs."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from ember.engine.async_engine import AsyncEngine
@@ -31,13 +32,39 @@ def content_text(content: Any, param: str = "messages") -> str:
 
 
 def plain_messages(messages: list[Any]) -> list[dict]:
-    """Pydantic messages (or dicts) as template-ready dicts with text content."""
+    """Pydantic messages (or dicts) as template-ready dicts with text content and tool calls."""
     plain = []
     for message in messages:
         data = message.model_dump(exclude_none=True) if hasattr(message, "model_dump") else dict(message)
         data["content"] = content_text(data.get("content"))
+        if "tool_calls" in data:
+            calls = template_tool_calls(data.pop("tool_calls"))
+            if calls:  # templates test `'tool_calls' in message`: an empty list would read as calls
+                data["tool_calls"] = calls
         plain.append(data)
     return plain
+
+
+def template_tool_calls(calls: Any, param: str = "messages") -> list[dict]:
+    """An assistant message's tool calls as templates read them: arguments as an object (Llama and Mistral
+    templates write them with tojson; OpenAI clients send JSON text), as vLLM passes them."""
+    if not isinstance(calls, list):
+        raise bad_request(f"{param}: tool_calls must be a list", param=param)
+    result = []
+    for call in calls:
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise bad_request(f"{param}: each tool call needs a function with a name", param=param)
+        arguments = function.get("arguments", {})
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments) if arguments.strip() else {}
+            except ValueError:
+                pass  # kept as the text the client sent
+        elif not isinstance(arguments, dict):
+            raise bad_request(f"{param}: tool call arguments must be an object or JSON text", param=param)
+        result.append({**call, "type": call.get("type", "function"), "function": {**function, "arguments": arguments}})
+    return result
 
 
 def render_chat(engine: AsyncEngine, messages: list[dict], tools: list[dict] | None = None,
@@ -56,11 +83,14 @@ def render_chat(engine: AsyncEngine, messages: list[dict], tools: list[dict] | N
     return template.render(messages, tools=tools, add_generation_prompt=add_generation_prompt, **template_kwargs)
 
 
-def chat_prompt_ids(engine: AsyncEngine, messages: list[dict], tools: list[dict] | None = None,
-                    add_generation_prompt: bool = True, template_kwargs: dict | None = None) -> list[int]:
-    text = render_chat(engine, messages, tools, add_generation_prompt, template_kwargs)
+def encode_chat(engine: AsyncEngine, text: str) -> list[int]:
     # A template writes its own BOS; only the template-less transcript needs the tokenizer's.
     return engine.tokenizer.encode(text, add_special_tokens=engine.chat_template is None)
+
+
+def chat_prompt_ids(engine: AsyncEngine, messages: list[dict], tools: list[dict] | None = None,
+                    add_generation_prompt: bool = True, template_kwargs: dict | None = None) -> list[int]:
+    return encode_chat(engine, render_chat(engine, messages, tools, add_generation_prompt, template_kwargs))
 
 
 def prompt_ids_list(engine: AsyncEngine, prompt: Any, param: str = "prompt") -> list[list[int]]:

@@ -43,7 +43,8 @@ UNSUPPORTED_FIELDS: dict[str, dict[str, tuple]] = {
     "completion": {**_LLAMACPP_SAMPLING, **_VLLM_SAMPLING, **_OPENAI_COMMON},
     "responses": {"reasoning": (), "include": ([],), "background": (False,), "conversation": (), "prompt": (),
                   "max_tool_calls": (), "service_tier": ("auto", "default"), "top_logprobs": (0,),
-                  "truncation": ("disabled",), "stream_options": ()},
+                  "truncation": ("disabled",), "stream_options": (), "tools": ([],), "tool_choice": ("none", "auto"),
+                  "parallel_tool_calls": ()},
     "embedding": {},
     "ollama_generate": {"template": ("",), "logprobs": (False,), "top_logprobs": (0,), "width": (), "height": (),
                         "steps": ()},
@@ -134,6 +135,9 @@ class ChatMessage(_Body):
     role: str
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+    reasoning_content: str | None = None
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -143,6 +147,8 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     add_generation_prompt: bool = True
 
@@ -216,6 +222,9 @@ class OllamaMessage(_Body):
     role: str
     content: str | None = ""
     images: list[str] | None = None
+    thinking: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_name: str | None = None
 
 
 class _OllamaBody(_Body):
@@ -240,6 +249,7 @@ class OllamaChatRequest(_OllamaBody):
     unsupported = UNSUPPORTED_FIELDS["ollama_chat"]
     messages: list[OllamaMessage] = Field(default_factory=list)
     tools: list[dict[str, Any]] | None = None
+    think: bool | Literal["high", "medium", "low"] | None = None
 
 
 class OllamaEmbedRequest(_Body):
@@ -306,6 +316,7 @@ class LlamaCompletionRequest(_Body):
 class ApplyTemplateRequest(_Body):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     tools: list[dict[str, Any]] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
 
 
 # --- Anthropic ----------------------------------------------------------------------------------------------

@@ -216,15 +216,29 @@ class ChatTemplate:
         return "".join(pieces)
 
 
+_PROBE_TOOL = "ember_capability_probe"
+
+
+@lru_cache(maxsize=64)
 def template_capabilities(source: str | None) -> list[str]:
-    """What a chat template lets a model do beyond completion, read from what the template renders:
-    "tools" when it renders a `tools` list (the model was trained to call them), "thinking" when it writes or
+    """What a chat template lets a model do beyond completion: "tools" when it really renders an offered tool
+    (probed by rendering one: mentioning `tools` or `tool_calls` is not enough), "thinking" when it writes or
     switches a `<think>` block."""
     if not source:
         return []
     capabilities = []
-    if "tools" in source:
+    if "tools" in source and _renders_tools(source):
         capabilities.append("tools")
     if "<think>" in source or "enable_thinking" in source:
         capabilities.append("thinking")
     return capabilities
+
+
+def _renders_tools(source: str) -> bool:
+    tool = {"type": "function", "function": {"name": _PROBE_TOOL, "description": "A probe.", "parameters": {
+        "type": "object", "properties": {"text": {"type": "string", "description": "Any text."}}}}}
+    try:
+        rendered = ChatTemplate(source, "<s>", "</s>").render([{"role": "user", "content": "Hi"}], tools=[tool])
+    except ChatTemplateError:  # a template that cannot render a plain chat with tools does not support them
+        return False
+    return _PROBE_TOOL in rendered

@@ -1,0 +1,66 @@
+"""Reasoning split off a thinking model's answer, whole and streamed in arbitrary pieces; how the real
+thinking templates leave the generation prompt; constraints start after the reasoning."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from ember.sampling_params import StructuredOutput
+from ember.server.chat_plan import ChatPlan
+from ember.server.reasoning import ReasoningParser, reasoning_start
+from ember.tokenizer.chat_template import ChatTemplate
+from tests.conftest import SHARED
+
+CASES = [  # (starts inside, output, reasoning, content)
+    (False, "<think>\nThe user greets me.\n</think>\n\nHello!", "The user greets me.", "Hello!"),
+    (False, "  <think>a</think>b", "a", "b"),
+    (False, "Hello, no thinking.", "", "Hello, no thinking."),
+    (False, "<thin", "", "<thin"),
+    (True, "Let me see.\n</think>\n\nIt is 4.", "Let me see.", "It is 4."),
+    (True, "Cut off by the token limit <", "Cut off by the token limit <", ""),
+    (False, "<think>x</think>a </think> b", "x", "a </think> b"),
+]
+
+
+def _split(inside: bool, text: str, seed: int | None) -> tuple[str, str]:
+    parser, events = ReasoningParser(inside), []
+    if seed is None:
+        events += parser.feed(text)
+    else:
+        rng, at = random.Random(seed), 0
+        while at < len(text):
+            size = rng.randint(1, 5)
+            events += parser.feed(text[at:at + size])
+            at += size
+    events += parser.finish()
+    return ("".join(t for k, t in events if k == "reasoning"), "".join(t for k, t in events if k == "content"))
+
+
+@pytest.mark.parametrize("inside,text,reasoning,content", CASES)
+def test_split_whole_and_streamed(inside, text, reasoning, content):
+    for seed in (None, *range(20)):
+        assert _split(inside, text, seed) == (reasoning, content), seed
+
+
+@pytest.mark.parametrize("template,kwargs,expected", [
+    ("Qwen-Qwen3-0.6B.jinja", {}, None),  # the model opens <think> itself
+    ("Qwen-Qwen3-0.6B.jinja", {"enable_thinking": False}, False),  # an empty block closes it
+    ("deepseek-ai-DeepSeek-R1-Distill-Llama-8B.jinja", {}, True),  # the prompt opens it
+    ("HuggingFaceTB-SmolLM3-3B.jinja", {"enable_thinking": False}, False),
+])
+def test_reasoning_start_of_real_templates(template, kwargs, expected):
+    source = (SHARED / "templates" / template).read_text()
+    prompt = ChatTemplate(source, "<s>", "</s>").render([{"role": "user", "content": "Hi"}], **kwargs)
+    assert reasoning_start(prompt) is expected
+
+
+def test_constraints_start_after_the_reasoning():
+    schema = StructuredOutput("json_schema", '{"type": "object"}')
+    thinking = ChatPlan(prompt=[1], tool_format=None, reasoning=False, constraint=None)
+    structured, field = thinking.constrain((schema, "response_format"))
+    assert structured.after == "</think>" and field == "response_format"
+    plain = ChatPlan(prompt=[1], tool_format=None, reasoning=None, constraint=None)
+    assert plain.constrain((schema, "response_format")) == (schema, "response_format")
+    assert plain.constrain(None) is None
