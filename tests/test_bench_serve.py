@@ -127,10 +127,12 @@ def test_figures_are_consistent(capsys, server_url, tmp_path):
         assert run["tpot_median_ms"] >= TOKEN_DELAY * 1000
         assert run["itl_median_ms"] >= TOKEN_DELAY * 1000 * 0.9
         assert run["e2el_mean_ms"] <= duration * 1000
-    # c=4 overlaps requests, so it must finish the same work in clearly less time than c=1
-    assert record["runs"][1]["duration_s"] < record["runs"][0]["duration_s"] * 0.7
-
     detailed = json.loads(saved.read_text())
+    # c=4 overlaps requests: the run takes clearly less than its requests' latencies end to end (at c=1 the two
+    # are equal). Measured within one run, so a stall of the machine lengthens both sides alike.
+    overlapped = detailed["runs"][1]
+    assert all(r["e2el"] <= overlapped["duration_s"] for r in overlapped["requests"])  # seconds, both
+    assert overlapped["duration_s"] < 0.7 * sum(r["e2el"] for r in overlapped["requests"])
     for request in detailed["runs"][0]["requests"]:
         tpot = (request["e2el"] - request["ttft"]) / (request["output_tokens"] - 1)
         assert request["ttft"] + tpot * (request["output_tokens"] - 1) == pytest.approx(request["e2el"])

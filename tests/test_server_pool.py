@@ -152,6 +152,25 @@ def test_eviction_busy_and_context_fit(models, caplog):
         assert r.status_code == 400 and "context" in r.json()["error"]["message"]
 
 
+def test_num_ctx_waits_for_a_busy_model_then_reloads_it(models):
+    """Ollama's behaviour: a request for another num_ctx queues until the requests using the model are done,
+    then the model is reloaded with that context (not a 503 for a model that is merely busy)."""
+    with Served(ModelPool(ENGINE_ARGS)) as srv:
+        body = {"model": "local/alpha", "prompt": "Once", "stream": True,
+                "options": {"num_predict": 40, "temperature": 1.0}}
+        with concurrent.futures.ThreadPoolExecutor(1) as pool, \
+                httpx.stream("POST", f"{srv.url}/api/generate", json=body, timeout=60) as stream:
+            lines = stream.iter_lines()
+            assert json.loads(next(lines))["done"] is False  # alpha is busy with its default context
+            resized = pool.submit(srv.generate, "local/alpha", options={"num_ctx": 512, "num_predict": 2})
+            time.sleep(0.5)
+            assert not resized.done()  # waiting for the stream, not refused
+            assert json.loads(list(lines)[-1])["done"] is True
+            assert resized.result(timeout=60).status_code == 200
+        (model,) = srv.ps()
+        assert model["context_length"] == 512
+
+
 def test_paths_and_unknown_names_from_http(models, monkeypatch):
     import ember.store.resolve as resolve_module
 

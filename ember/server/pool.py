@@ -36,6 +36,7 @@ log = logging.getLogger("ember.server")
 
 DEFAULT_KEEP_ALIVE = 300.0
 REAP_INTERVAL = 1.0
+RELOAD_WAIT = 30.0  # seconds a request for another num_ctx waits for a busy model before 503
 _UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 _DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
 
@@ -101,6 +102,7 @@ class ModelEntry:
     device: str = "cpu"
     info: ModelInfo | None = None  # what the model is (ember.store.model_info), with its measured load time
     requested_context: int | None = None  # the context a request asked for (Ollama's num_ctx); None: the default
+    idle: asyncio.Event = field(default_factory=asyncio.Event)  # set while no request holds it
 
     @property
     def busy(self) -> bool:
@@ -269,7 +271,7 @@ class ModelPool:
 
     async def acquire(self, name: str | None, keep_alive: Any = None, context: int | None = None) -> ModelEntry:
         """Hold a model; `context` (Ollama's num_ctx): the context it must be loaded with; an idle model loaded
-        with another one is reloaded, as Ollama does (503 while other requests use it)."""
+        with another one is reloaded, as Ollama does, once the requests using it are done."""
         if self.closing:
             raise APIError(503, "the server is shutting down", code="shutting_down", headers={"Retry-After": "5"})
         if not self._open:
@@ -284,6 +286,7 @@ class ModelPool:
                 continue
             if entry is not None:
                 entry.refs += 1
+                entry.idle.clear()
                 entry.keep_alive = None if key in self.pinned else seconds
                 entry.expires = None
                 entry.last_used = time.monotonic()
@@ -313,6 +316,7 @@ class ModelPool:
         entry.last_used = time.monotonic()
         if entry.refs > 0:
             return
+        entry.idle.set()
         if entry.keep_alive is not None and entry.keep_alive <= 0:
             await asyncio.shield(self._shutdown_engine(entry.name, self._forget(entry)))
         else:
@@ -349,10 +353,16 @@ class ModelPool:
         if entry.resolved is None:
             raise bad_request(f"num_ctx: {entry.name} was built in-process and cannot be reloaded with another "
                               f"context (it has {entry.context_length})", param="num_ctx")
-        if entry.busy or self._waiting.get(entry.name):
-            raise APIError(503, f"{entry.name} is in use with a context of {entry.context_length} tokens; it is "
-                                f"reloaded with num_ctx {context} once idle", code="server_busy",
-                           headers={"Retry-After": "1"})
+        if entry.busy:
+            # As Ollama does, the request waits for the requests using the model to finish, then reloads it
+            # (the caller looks again: another request may have reloaded it meanwhile).
+            try:
+                await asyncio.wait_for(entry.idle.wait(), RELOAD_WAIT)
+            except asyncio.TimeoutError:
+                raise APIError(503, f"{entry.name} is in use with a context of {entry.context_length} tokens; it "
+                                    f"is reloaded with num_ctx {context} once idle", code="server_busy",
+                               headers={"Retry-After": "1"}) from None
+            return
         log.info("reloading %s with a context of %d tokens (num_ctx)", entry.name, context)
         await self._unload(entry)
 
