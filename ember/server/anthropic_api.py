@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
-from contextlib import aclosing
 
 from fastapi import APIRouter, Request
 
 from ember.engine.async_engine import AsyncEngine
-from ember.errors import EmberError
+from ember.engine.outputs import StepOutput
 from ember.sampling_params import SamplingParams
-from ember.server.errors import APIError, anthropic_error, bad_request, from_exception, not_supported
-from ember.server.generation import Choice, Generation, collect, start_generation
+from ember.server.errors import anthropic_error, bad_request, not_supported
+from ember.server.generation import Choice, Generation, collect, drive, start_generation
 from ember.server.openai_api import get_state, sse, streaming
 from ember.server.prompting import chat_prompt_ids, render_chat
 from ember.server.protocol import AnthropicCountRequest, AnthropicRequest
@@ -101,18 +100,18 @@ async def _events(generation: Generation, message: dict, input_tokens: int) -> A
                                           "usage": {"input_tokens": input_tokens, "output_tokens": 0}})
     yield event("content_block_start", index=0, content_block={"type": "text", "text": ""})
     yield event("ping")
-    choice = Choice(0)
-    try:
-        async with aclosing(generation.stream()) as stream:
-            async for _, out in stream:
-                choice.add(out)
-                if out.text_delta:
-                    yield event("content_block_delta", index=0, delta={"type": "text_delta", "text": out.text_delta})
-    except (EmberError, APIError) as err:
-        yield sse(anthropic_error(from_exception(err)), event="error")
-        return
-    yield event("content_block_stop", index=0)
-    stop_reason, stop_sequence = _stop(choice)
-    yield event("message_delta", delta={"stop_reason": stop_reason, "stop_sequence": stop_sequence},
-                usage={"output_tokens": choice.completion_tokens})
-    yield event("message_stop")
+
+    def each(_: int, out: StepOutput, __):
+        if out.text_delta:
+            yield event("content_block_delta", index=0, delta={"type": "text_delta", "text": out.text_delta})
+
+    def done(choices: list[Choice]):
+        choice = choices[0]
+        yield event("content_block_stop", index=0)
+        stop_reason, stop_sequence = _stop(choice)
+        yield event("message_delta", delta={"stop_reason": stop_reason, "stop_sequence": stop_sequence},
+                    usage={"output_tokens": choice.completion_tokens})
+        yield event("message_stop")
+
+    async for item in drive(generation, each, lambda api: [sse(anthropic_error(api), event="error")], done):
+        yield item

@@ -5,16 +5,21 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import aclosing
 from dataclasses import dataclass, field, replace
+from typing import TypeVar
 
 from starlette.requests import Request
 
 from ember.engine.async_engine import AsyncEngine
 from ember.engine.outputs import StepOutput, TokenLogprob
+from ember.errors import EmberError
 from ember.sampling_params import SamplingParams
+from ember.server.errors import APIError, from_exception
 from ember.server.state import ModelEntry, ServerState
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -146,6 +151,28 @@ async def wait_for_disconnect(request: Request) -> None:
         message = await request.receive()
         if message["type"] == "http.disconnect":
             return
+
+
+async def drive(generation: Generation, render: Callable[[int, StepOutput, list[Choice]], Iterable[T]],
+                error: Callable[[APIError], Iterable[T]], finish: Callable[[list[Choice]], Iterable[T]]
+                ) -> AsyncIterator[T]:
+    """The one streaming driver every API's stream runs on; the APIs keep only their encoders (OpenAI SSE
+    chunks, Responses and Anthropic events, llama.cpp and Ollama lines). Each output is added to its choice,
+    then `render(index, output, choices)` gives what to send for it; an error mid-stream is sent as `error`
+    encodes it and ends the stream; otherwise `finish(choices)` closes it."""
+    choices = [Choice(i) for i in range(generation.num_choices)]
+    try:
+        async with aclosing(generation.stream()) as stream:
+            async for index, out in stream:
+                choices[index].add(out)
+                for item in render(index, out, choices):
+                    yield item
+    except (EmberError, APIError) as err:
+        for item in error(from_exception(err)):
+            yield item
+        return
+    for item in finish(choices):
+        yield item
 
 
 async def collect(request: Request, generation: Generation,

@@ -5,19 +5,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
-from contextlib import aclosing
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from ember import __version__
 from ember.engine.async_engine import AsyncEngine
-from ember.engine.outputs import TokenLogprob
-from ember.errors import EmberError
+from ember.engine.outputs import StepOutput, TokenLogprob
 from ember.sampling_params import LOGIT_BIAS_LIMIT, SamplingParams
 from ember.server.constraints import llamacpp_constraint, with_constraint
-from ember.server.errors import APIError, bad_request, from_exception, not_supported
-from ember.server.generation import Choice, Generation, collect, start_generation
+from ember.server.errors import APIError, bad_request, not_supported
+from ember.server.generation import Choice, Generation, collect, drive, start_generation
 from ember.server.metrics import CONTENT_TYPE
 from ember.server.openai_api import sse, streaming, token_entry
 from ember.server.prompting import plain_messages, render_chat
@@ -214,27 +212,26 @@ async def completion(body: LlamaCompletionRequest, request: Request):
     return _final(generation, body, prompt, (await collect(request, generation))[0])
 
 
-async def _stream(generation: Generation, body: LlamaCompletionRequest, prompt: list[int]) -> AsyncIterator[str]:
+def _stream(generation: Generation, body: LlamaCompletionRequest, prompt: list[int]) -> AsyncIterator[str]:
     """llama.cpp's stream: `data: {...}` per piece of text (content, tokens, stop false), then the final object
     with empty content and stop true; no [DONE]."""
-    choice = Choice(0)
-    try:
-        async with aclosing(generation.stream()) as stream:
-            async for _, out in stream:
-                choice.add(out)
-                if out.text_delta or out.token_ids:
-                    chunk = {"index": 0, "content": out.text_delta, "tokens": out.token_ids, "stop": False}
-                    if body.n_probs:
-                        chunk["completion_probabilities"] = _probs(generation.engine, out.logprobs)
-                    yield sse(chunk)
-    except (EmberError, APIError) as err:
-        api = from_exception(err)
+    def each(_: int, out: StepOutput, __):
+        if out.text_delta or out.token_ids:
+            chunk = {"index": 0, "content": out.text_delta, "tokens": out.token_ids, "stop": False}
+            if body.n_probs:
+                chunk["completion_probabilities"] = _probs(generation.engine, out.logprobs)
+            yield sse(chunk)
+
+    def done(choices: list[Choice]):
+        final = {**_final(generation, body, prompt, choices[0]), "content": "", "tokens": []}
+        if body.n_probs:
+            final["completion_probabilities"] = []  # every token's were streamed with it
+        yield sse(final)
+
+    def failed(api: APIError):
         yield sse({"error": {"code": api.status, "message": api.message, "type": api.type}})
-        return
-    final = {**_final(generation, body, prompt, choice), "content": "", "tokens": []}
-    if body.n_probs:
-        final["completion_probabilities"] = []  # every token's were streamed with it
-    yield sse(final)
+
+    return drive(generation, each, failed, done)
 
 
 # --- /props and /slots --------------------------------------------------------------------------------------

@@ -8,7 +8,6 @@ import logging
 import math
 import time
 from collections.abc import AsyncIterator
-from contextlib import aclosing
 from datetime import datetime, timezone
 from typing import Any
 
@@ -16,13 +15,14 @@ from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 
 from ember import __version__
+from ember.engine.outputs import StepOutput
 from ember.errors import EmberError
 from ember.sampling_params import SamplingParams
 from ember.server.chat_output import ParsedMessage, arguments_object, parse_whole
 from ember.server.chat_plan import ChatPlan, plan_chat
 from ember.server.constraints import ollama_constraint, with_constraint
-from ember.server.errors import APIError, bad_request, from_exception, not_supported
-from ember.server.generation import Choice, Generation, collect, start_generation
+from ember.server.errors import APIError, bad_request, not_supported
+from ember.server.generation import Choice, Generation, collect, drive, start_generation
 from ember.server.ollama_options import check_options, num_ctx, ollama_params
 from ember.server.openai_api import available_models, embed_all, encoder_embeddings
 from ember.server.pool import parse_keep_alive
@@ -97,20 +97,15 @@ async def _run(request: Request, generation: Generation, stream: bool, whole, pi
         choice = (await collect(request, generation))[0]
         return {**whole(choice), **_final(name, generation, choice, started, load), **final_extra(choice)}
 
-    async def items():
-        choice = Choice(0)
-        try:
-            async with aclosing(generation.stream()) as outputs:
-                async for _, out in outputs:
-                    choice.add(out)
-                    for piece in pieces(out.text_delta, out.finished):
-                        yield {"model": name, "created_at": now(), **piece, "done": False}
-        except (EmberError, APIError) as err:
-            yield {"error": from_exception(err).message}
-            return
-        yield {**whole(Choice(0)), **_final(name, generation, choice, started, load), **final_extra(choice)}
+    def each(_: int, out: StepOutput, __) -> list[dict]:
+        return [{"model": name, "created_at": now(), **piece, "done": False}
+                for piece in pieces(out.text_delta, out.finished)]
 
-    return _ndjson(items())
+    def done(choices: list[Choice]) -> list[dict]:
+        choice = choices[0]
+        return [{**whole(Choice(0)), **_final(name, generation, choice, started, load), **final_extra(choice)}]
+
+    return _ndjson(drive(generation, each, lambda api: [{"error": api.message}], done))
 
 
 def _load_durations(request: Request) -> dict:

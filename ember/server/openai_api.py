@@ -10,7 +10,6 @@ import struct
 import time
 import uuid
 from collections.abc import AsyncIterator
-from contextlib import aclosing
 from dataclasses import replace
 
 from fastapi import APIRouter, Request
@@ -18,13 +17,12 @@ from fastapi.responses import StreamingResponse
 
 from ember.engine.async_engine import AsyncEngine
 from ember.engine.outputs import StepOutput, TokenLogprob
-from ember.errors import EmberError
 from ember.sampling_params import SamplingParams
 from ember.server.chat_output import parse_whole
 from ember.server.chat_plan import ChatPlan, plan_chat
 from ember.server.constraints import openai_constraint, responses_constraint, with_constraint
 from ember.server.errors import APIError, bad_request, from_exception, not_supported
-from ember.server.generation import Choice, Generation, collect, start_generation, validate
+from ember.server.generation import Choice, Generation, collect, drive, start_generation, validate
 from ember.server.prompting import (
     chat_prompt_ids,
     content_text,
@@ -293,32 +291,25 @@ def _chat_deltas(events: list[tuple]) -> list[dict]:
     return deltas
 
 
-async def _sse_stream(generation: Generation, head: dict, options: StreamOptions | None,
-                      render) -> AsyncIterator[str]:
+def _sse_stream(generation: Generation, head: dict, options: StreamOptions | None, render) -> AsyncIterator[str]:
     """The SSE body of a generation: `render(index, out, first, extra)` yields each output's chunks, each with
     `extra` spliced in (the usage field stream_options asks for), then come the usage chunk (include_usage) and
     [DONE]; an error mid-stream becomes an error event and [DONE]."""
     include_usage = bool(options and options.include_usage)
     continuous = bool(options and options.continuous_usage_stats)
-    choices = [Choice(i) for i in range(generation.num_choices)]
     started: set[int] = set()
-    try:
-        async with aclosing(generation.stream()) as stream:
-            async for index, out in stream:
-                choices[index].add(out)
-                first = index not in started
-                started.add(index)
-                extra = ({"usage": usage(generation, choices)} if continuous
-                         else {"usage": None} if include_usage else {})
-                for event in render(index, out, first, extra):
-                    yield event
-    except (EmberError, APIError) as err:
-        yield sse_error(err)
-        yield sse("[DONE]")
-        return
-    if include_usage:
-        yield sse({**head, "choices": [], "usage": usage(generation, choices)})
-    yield sse("[DONE]")
+
+    def each(index: int, out: StepOutput, choices: list[Choice]):
+        first = index not in started
+        started.add(index)
+        extra = {"usage": usage(generation, choices)} if continuous else {"usage": None} if include_usage else {}
+        return render(index, out, first, extra)
+
+    def done(choices: list[Choice]) -> list[str]:
+        tail = [sse({**head, "choices": [], "usage": usage(generation, choices)})] if include_usage else []
+        return [*tail, sse("[DONE]")]
+
+    return drive(generation, each, lambda err: [sse_error(err), sse("[DONE]")], done)
 
 
 def _chat_stream(generation: Generation, head: dict, options: StreamOptions | None,
@@ -563,24 +554,26 @@ async def _responses_stream(generation: Generation, body: ResponsesRequest, rid:
     yield event("response.output_item.added", output_index=0, item=item)
     part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
     yield event("response.content_part.added", item_id=msg_id, output_index=0, content_index=0, part=part)
-    choice = Choice(0)
-    try:
-        async with aclosing(generation.stream()) as stream:
-            async for _, out in stream:
-                choice.add(out)
-                if out.text_delta:
-                    yield event("response.output_text.delta", item_id=msg_id, output_index=0, content_index=0,
-                                delta=out.text_delta, logprobs=[])
-    except (EmberError, APIError) as err:
-        api = from_exception(err)
+
+    def each(_: int, out: StepOutput, __):
+        if out.text_delta:
+            yield event("response.output_text.delta", item_id=msg_id, output_index=0, content_index=0,
+                        delta=out.text_delta, logprobs=[])
+
+    def done(choices: list[Choice]):
+        choice = choices[0]
+        yield event("response.output_text.done", item_id=msg_id, output_index=0, content_index=0,
+                    text=choice.text, logprobs=[])
+        yield event("response.content_part.done", item_id=msg_id, output_index=0, content_index=0,
+                    part={**part, "text": choice.text})
+        status = "completed" if choice.finish_reason == "stop" else "incomplete"
+        remember(choice)
+        final = _response_object(rid, created, body, model, status, choice, msg_id)
+        yield event("response.output_item.done", output_index=0, item=final["output"][0])
+        yield event("response.completed" if status == "completed" else "response.incomplete", response=final)
+
+    def failed(api: APIError):
         yield event("error", code=api.code, message=api.message, param=api.param)
-        return
-    yield event("response.output_text.done", item_id=msg_id, output_index=0, content_index=0, text=choice.text,
-                logprobs=[])
-    yield event("response.content_part.done", item_id=msg_id, output_index=0, content_index=0,
-                part={**part, "text": choice.text})
-    status = "completed" if choice.finish_reason == "stop" else "incomplete"
-    remember(choice)
-    final = _response_object(rid, created, body, model, status, choice, msg_id)
-    yield event("response.output_item.done", output_index=0, item=final["output"][0])
-    yield event("response.completed" if status == "completed" else "response.incomplete", response=final)
+
+    async for item in drive(generation, each, failed, done):
+        yield item
