@@ -16,7 +16,8 @@ import httpx
 import pytest
 
 from ember.server import pool as pool_module
-from ember.server.pool import ModelPool, load_engine, parse_keep_alive
+from ember.server.keep_alive import parse_keep_alive
+from ember.server.pool import ModelPool, load_engine
 from ember.server.state import ServerState, Settings
 from ember.store.memory import estimate_memory
 from tests.server_helpers import ThreadedServer, make_tiny_chat_model, start_server

@@ -91,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
     from ember.errors import InvalidParameter
     from ember.server.app import create_app, is_loopback
     from ember.server.errors import APIError
-    from ember.server.pool import ModelPool, parse_keep_alive
+    from ember.server.keep_alive import parse_keep_alive
+    from ember.server.pool import ModelPool
     from ember.server.state import ServerState, Settings
     from ember.store.info import format_size
 

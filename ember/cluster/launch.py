@@ -122,7 +122,7 @@ def serve_replicas(args: argparse.Namespace, settings: Settings, pool_options: d
                         "engine_args": {**pool_options.get("engine_args", {}), "threads": plan.threads}}
     if pool_options.get("max_memory") is None and not args.ray_address:
         # Replicas on this machine share its memory: each gets its part of the usual budget.
-        from ember.server.pool import default_max_memory
+        from ember.server.memory_budget import default_max_memory
 
         pool_options = {**pool_options, "max_memory": default_max_memory(
             pool_options.get("engine_args", {}).get("device", "auto")) // plan.most}

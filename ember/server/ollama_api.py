@@ -23,9 +23,9 @@ from ember.server.chat_plan import ChatPlan, plan_chat
 from ember.server.constraints import ollama_constraint, with_constraint
 from ember.server.errors import APIError, bad_request, not_supported
 from ember.server.generation import Choice, Generation, collect, drive, start_generation
+from ember.server.keep_alive import parse_keep_alive
 from ember.server.ollama_options import check_options, num_ctx, ollama_params
 from ember.server.openai_api import available_models, embed_all, encoder_embeddings
-from ember.server.pool import parse_keep_alive
 from ember.server.prompting import chat_prompt_ids, plain_messages
 from ember.server.protocol import (
     OllamaChatRequest,

@@ -3,12 +3,13 @@
 - A request names a model (resolved with ``allow_paths=False``; the model given to ``ember serve`` may be a path
   and is registered under its name). ``async with pool.use(name, keep_alive) as entry`` holds it (a reference
   count) for the request's lifetime; concurrent first requests for one model await ONE load.
-- ``keep_alive`` (Ollama's): seconds or a duration ("5m", "1h30m", "30s"); 0 unloads as soon as the model is idle,
-  negative keeps it forever. The last request's value wins.
-- Memory: before loading, the model's weights + KV cache at the wanted context + runtime overhead are estimated
-  (ember.store.memory). Idle models are evicted least recently used first to make room; a model with requests
-  running is never evicted. The model given to ``ember serve`` is pinned: requests' keep_alive does not unload it
-  (an explicit unload, ``ember stop``, does; it may still be evicted while idle). If the model still does not fit, its context is lowered to the largest that fits
+- ``keep_alive`` (Ollama's, parsed by ember.server.keep_alive): seconds or a duration ("5m", "1h30m", "30s"); 0
+  unloads as soon as the model is idle, negative keeps it forever. The last request's value wins.
+- Memory (ember.server.memory_budget): before loading, the model's weights + KV cache at the wanted context +
+  runtime overhead are estimated (ember.store.memory). Idle models are evicted least recently used first to make
+  room; a model with requests running is never evicted. The model given to ``ember serve`` is pinned: requests' keep_alive does not unload it
+  (an explicit unload, ``ember stop``, does; it may still be evicted while idle). If the model still does not fit,
+  its context is lowered to the largest that fits
   (logged, and reported in /api/ps); if not even that fits, 503 (with Retry-After while other models are busy).
 """
 
@@ -18,7 +19,6 @@ import asyncio
 import contextlib
 import gc
 import logging
-import re
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 from ember.errors import EmberError, ModelLoadError
 from ember.server.errors import APIError, bad_request, model_not_found
+from ember.server.keep_alive import DEFAULT_KEEP_ALIVE, parse_keep_alive
+from ember.server.memory_budget import context_limit, default_max_memory, gib, measured_size, no_room
 
 if TYPE_CHECKING:
     from ember.engine.async_engine import AsyncEngine
@@ -34,55 +36,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ember.server")
 
-DEFAULT_KEEP_ALIVE = 300.0
 REAP_INTERVAL = 1.0
 RELOAD_WAIT = 30.0  # seconds a request for another num_ctx waits for a busy model before 503
-_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
-_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
 
-
-def parse_keep_alive(value: Any, default: float | None = DEFAULT_KEEP_ALIVE) -> float | None:
-    """Seconds to keep a model loaded after its last request; None: forever. Accepts numbers (seconds) and
-    Go-style durations ("5m", "1h30m", "-1"); None or "" gives `default`."""
-    if value is None or value == "":
-        return default
-    if isinstance(value, bool):
-        raise bad_request("keep_alive: expected a number of seconds or a duration like '5m'", param="keep_alive")
-    if isinstance(value, (int, float)):
-        seconds = float(value)
-    else:
-        text = str(value).strip().lower()
-        sign = -1.0 if text.startswith("-") else 1.0
-        body = text.lstrip("+-")
-        try:
-            seconds = sign * float(body)
-        except ValueError:
-            parts = _DURATION.findall(body)
-            if not parts or "".join(n + u for n, u in parts) != body:
-                raise bad_request(f"keep_alive: {value!r} is not a duration (e.g. 30s, 5m, 1h, -1)",
-                                  param="keep_alive") from None
-            seconds = sign * sum(float(n) * _UNITS[u] for n, u in parts)
-    if seconds != seconds:  # NaN
-        raise bad_request("keep_alive: not a number", param="keep_alive")
-    return None if seconds < 0 else seconds
-
-
-def default_max_memory(device: str = "auto") -> int:
-    """75% of the available RAM on CPU, 90% of the free memory of the GPU."""
-    try:
-        from ember.loader.device import resolve_device
-
-        target = resolve_device(device)
-        if target.type == "cuda":
-            import torch
-
-            free, _ = torch.cuda.mem_get_info(target)
-            return int(free * 0.9)
-    except Exception as err:  # no usable device info: fall back to RAM
-        log.debug("no device memory info (%s); using RAM", err)
-    import psutil
-
-    return int(psutil.virtual_memory().available * 0.75)
 
 
 @dataclass(eq=False)
@@ -116,10 +72,6 @@ class ModelEntry:
         if self.refs == 0 and self.expires is not None:
             return self.expires
         return time.time() + self.keep_alive
-
-
-def _gib(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB"
 
 
 class ModelPool:
@@ -166,7 +118,7 @@ class ModelPool:
             self.default_name = engine.model_name
             self._registered[engine.model_name] = None
             self.pinned.add(engine.model_name)
-            entry = ModelEntry(engine.model_name, engine, int(time.time()), _measured_size(engine),
+            entry = ModelEntry(engine.model_name, engine, int(time.time()), measured_size(engine),
                                engine.max_model_len, device=_device(engine), keep_alive=self.keep_alive,
                                info=await asyncio.to_thread(_describe_engine, engine.model_name, engine, seconds))
             self._schedule_expiry(entry)
@@ -387,13 +339,13 @@ class ModelPool:
             raise
         seconds = time.monotonic() - began
         self.load_count += 1
-        entry = ModelEntry(key, engine, int(time.time()), size if size is not None else _measured_size(engine),
+        entry = ModelEntry(key, engine, int(time.time()), size if size is not None else measured_size(engine),
                            engine.max_model_len, resolved, fitted, keep_alive=self.keep_alive, device=_device(engine),
                            info=await asyncio.to_thread(_describe_engine, key, engine, seconds, resolved),
                            requested_context=context)
         self._schedule_expiry(entry)
         self._models[key] = entry
-        log.info("loaded %s in %.1f s (%s, context %d)", key, time.monotonic() - began, _gib(entry.size),
+        log.info("loaded %s in %.1f s (%s, context %d)", key, time.monotonic() - began, gib(entry.size),
                  entry.context_length)
         return entry
 
@@ -408,7 +360,7 @@ class ModelPool:
             # What the engine will hold depends on where it runs (native CPU kernels keep the file's blocks,
             # GPUs repack) and "auto" dtype on it (float32 on CPU): estimate for the device it will load on.
             device = resolve_device(args.get("device", "auto")).type
-            limit = await asyncio.to_thread(_context_limit, resolved.path)
+            limit = await asyncio.to_thread(context_limit, resolved.path)
             wanted = args.get("max_model_len") or min(limit or DEFAULT_MAX_MODEL_LEN, DEFAULT_MAX_MODEL_LEN)
             if limit:
                 wanted = min(wanted, limit)
@@ -438,9 +390,9 @@ class ModelPool:
                                                             device)
                         fitted = True
                     except EmberError as err:
-                        raise self._no_room(key, need, busy, err) from None
+                        raise no_room(key, need, busy, err, self.max_memory) from None
                 else:
-                    raise self._no_room(key, need, busy, None)
+                    raise no_room(key, need, busy, None, self.max_memory)
             for victim in victims:
                 log.info("unloading %s (idle) to make room for %s", victim.name, key)
                 await self._unload(victim)
@@ -454,20 +406,11 @@ class ModelPool:
             size = fixed + kv
             if fitted:
                 log.warning("%s: %d tokens of context need %s but %s of --max-memory is left; context lowered "
-                            "to %d tokens", key, wanted, _gib(need), _gib(free), context)
+                            "to %d tokens", key, wanted, gib(need), gib(free), context)
             args["max_model_len"] = context
             args["kv_memory"] = kv
             self._reserved[key] = size
         return size, fitted
-
-    def _no_room(self, key: str, need: int, busy: list, err: Exception | None) -> APIError:
-        if busy:
-            return APIError(503, f"server busy: {len(busy)} model{'s' if len(busy) != 1 else ''} in use; not enough "
-                                 f"memory to load {key} (needs {_gib(need)}, --max-memory {_gib(self.max_memory)})",
-                            code="server_busy", headers={"Retry-After": "5"})
-        detail = str(err) if err is not None else f"needs {_gib(need)}"
-        return APIError(503, f"cannot load {key}: {detail}; --max-memory is {_gib(self.max_memory)}",
-                        code="insufficient_memory")
 
     def _forget(self, entry: ModelEntry):
         """Take a model out of the pool at once (no await: nothing can pick it up after this); its engine."""
@@ -509,13 +452,6 @@ def _loading() -> APIError:
     return APIError(503, "the model is still loading", code="loading", headers={"Retry-After": "1"})
 
 
-def _context_limit(path) -> int | None:
-    from ember.store.info import describe_path
-
-    value = describe_path(path).get("context_length")
-    return int(value) if value else None
-
-
 def _device(engine) -> str:
     return str(getattr(getattr(engine, "engine", None), "device", "cpu"))
 
@@ -534,16 +470,6 @@ def _describe_engine(name: str, engine, seconds: float, resolved: ResolvedModel 
     except (EmberError, OSError) as err:
         log.warning("cannot describe %s: %s", name, err)
         return None
-
-
-def _measured_size(engine) -> int:
-    """Weights (parameters and buffers: quantized weights are buffers) + KV cache of a loaded engine, in bytes."""
-    inner = getattr(engine, "engine", None)
-    model = getattr(getattr(inner, "loaded", None), "model", None)
-    weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]) \
-        if model is not None else 0
-    kv = getattr(getattr(inner, "args", None), "kv_memory", None) or 0
-    return weights + kv
 
 
 def load_engine(resolved: ResolvedModel, args: dict) -> AsyncEngine:
