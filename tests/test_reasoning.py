@@ -3,14 +3,13 @@ thinking templates leave the generation prompt; constraints start after the reas
 
 from __future__ import annotations
 
-import random
-
 import pytest
 
 from ember.sampling_params import StructuredOutput
 from ember.server.chat_plan import ChatPlan
 from ember.server.reasoning import ReasoningParser, reasoning_start
 from ember.tokenizer.chat_template import ChatTemplate
+from tests.chunked import feed
 from tests.conftest import SHARED
 
 CASES = [  # (starts inside, output, reasoning, content)
@@ -25,16 +24,7 @@ CASES = [  # (starts inside, output, reasoning, content)
 
 
 def _split(inside: bool, text: str, seed: int | None) -> tuple[str, str]:
-    parser, events = ReasoningParser(inside), []
-    if seed is None:
-        events += parser.feed(text)
-    else:
-        rng, at = random.Random(seed), 0
-        while at < len(text):
-            size = rng.randint(1, 5)
-            events += parser.feed(text[at:at + size])
-            at += size
-    events += parser.finish()
+    events = feed(ReasoningParser(inside), text, seed, largest=5)
     return ("".join(t for k, t in events if k == "reasoning"), "".join(t for k, t in events if k == "content"))
 
 

@@ -133,7 +133,8 @@ def test_vllm_and_llamacpp_fields_produce_matching_text(server):
     cases = [
         ({"guided_regex": "[a-c]{3}-[0-9]{2}"}, lambda t: re.fullmatch("[a-c]{3}-[0-9]{2}", t)),
         ({"guided_choice": ["north", "south", "east west"]}, lambda t: t in ("north", "south", "east west")),
-        ({"structured_outputs": {"regex": "(yes|no)!"}}, lambda t: t in ("yes!", "no!")),
+        ({"structured_outputs": {"regex": "(yes|no)!", "disable_any_whitespace": True, "disable_fallback": True}},
+         lambda t: t in ("yes!", "no!")),
         ({"guided_json": SCHEMAS[1]}, lambda t: jsonschema.validate(json.loads(t), SCHEMAS[1]) is None),
         ({"grammar": 'root ::= "x=" [0-9] [0-9]? ";"'}, lambda t: re.fullmatch(r"x=[0-9][0-9]?;", t)),
         ({"json_schema": SCHEMAS[6]}, lambda t: jsonschema.validate(json.loads(t), SCHEMAS[6]) is None),
@@ -208,6 +209,8 @@ def test_ollama_format_json_and_schema(server):
     ("/v1/completions", {"guided_regex": "a(b"}, "guided_regex", "parenthesis"),
     ("/v1/completions", {"guided_choice": []}, "guided_choice", "non-empty"),
     ("/v1/completions", {"structured_outputs": {"regex": "a", "choice": ["b"]}}, "structured_outputs", "exactly one"),
+    ("/v1/completions", {"structured_outputs": {"regex": "a", "disable_any_whitespace": False}}, "structured_outputs",
+     "disable_any_whitespace false"),
     ("/v1/completions", {"guided_json": "{not json"}, "guided_json", "not valid JSON"),
     ("/v1/completions", {"guided_regex": "a", "grammar": 'root ::= "a"'}, "grammar", "one structured output"),
     ("/v1/chat/completions", {"response_format": {"type": "json_object"}, "guided_choice": ["a"]},

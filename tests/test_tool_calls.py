@@ -14,6 +14,7 @@ from ember.server.prompting import plain_messages
 from ember.server.tool_calls import FORMATS, ToolCallParser, tool_format
 from ember.server.tool_grammar import tool_constraint
 from ember.tokenizer.chat_template import ChatTemplate, template_capabilities
+from tests.chunked import feed
 from tests.conftest import SHARED
 
 TEMPLATES = SHARED / "templates"
@@ -45,17 +46,7 @@ CASES = [
 
 
 def _parse(fmt: str, text: str, seed: int | None = None) -> tuple[str, list[tuple[str, str]], list[tuple]]:
-    parser = ToolCallParser(FORMATS[fmt])
-    events = []
-    if seed is None:
-        events += parser.feed(text)
-    else:
-        rng, at = random.Random(seed), 0
-        while at < len(text):
-            size = rng.randint(1, 6)
-            events += parser.feed(text[at:at + size])
-            at += size
-    events += parser.finish()
+    events = feed(ToolCallParser(FORMATS[fmt]), text, seed)
     message = ParsedMessage()
     message.add(events)
     return message.content, [(c["name"], c["arguments"]) for c in message.calls], events

@@ -20,8 +20,9 @@ from ember.server.errors import bad_request, not_supported
 
 Constraint = tuple[StructuredOutput, str]  # the constraint and the request field it came from
 
-# vLLM's structured_outputs keys -> kinds. Its whitespace and fallback switches need no action: ember's JSON
-# has no free whitespace, and there is a single backend to fall back from.
+# vLLM's structured_outputs keys -> kinds. Its switches: disable_fallback holds (there is a single backend to fall
+# back from) and so does disable_any_whitespace: true (ember's JSON has no free whitespace); false asks for
+# whitespace ember's grammar never allows, and is refused.
 _VLLM_KINDS = {"json": "json_schema", "regex": "regex", "choice": "choice", "grammar": "grammar",
                "json_object": "json_object", "structural_tag": "structural_tag"}
 _VLLM_SWITCHES = {"disable_any_whitespace", "disable_fallback"}
@@ -76,6 +77,9 @@ def _vllm(value: Any, field: str) -> StructuredOutput:
     unknown = sorted(set(value) - set(_VLLM_KINDS) - _VLLM_SWITCHES)
     if unknown:
         raise not_supported(f"{field}.{unknown[0]}", param=field)
+    if value.get("disable_any_whitespace") is False:
+        raise not_supported(f"{field}.disable_any_whitespace false (JSON is generated without free whitespace)",
+                            param=field)
     kinds = [key for key in _VLLM_KINDS if value.get(key) not in (None, False)]
     if len(kinds) != 1:
         raise bad_request(f"{field}: set exactly one of {', '.join(_VLLM_KINDS)}", param=field)

@@ -7,10 +7,10 @@
   unloads as soon as the model is idle, negative keeps it forever. The last request's value wins.
 - Memory (ember.server.memory_budget): before loading, the model's weights + KV cache at the wanted context +
   runtime overhead are estimated (ember.store.memory). Idle models are evicted least recently used first to make
-  room; a model with requests running is never evicted. The model given to ``ember serve`` is pinned: requests' keep_alive does not unload it
-  (an explicit unload, ``ember stop``, does; it may still be evicted while idle). If the model still does not fit,
-  its context is lowered to the largest that fits
-  (logged, and reported in /api/ps); if not even that fits, 503 (with Retry-After while other models are busy).
+  room; a model with requests running is never evicted. The model given to ``ember serve`` is pinned: requests'
+  keep_alive does not unload it (an explicit unload, ``ember stop``, does; it may still be evicted while idle).
+  If the model still does not fit, its context is lowered to the largest that fits (logged, and reported in
+  /api/ps); if not even that fits, 503 (with Retry-After while other models are busy).
 """
 
 from __future__ import annotations
