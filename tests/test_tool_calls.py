@@ -171,3 +171,20 @@ def test_openai_arguments_text_reaches_templates_as_an_object():
     assert as_text == template.render(plain_messages(conversation({"city": "Paris"})), tools=TOOLS)
     assert '{"name": "get_weather", "parameters": {"city": "Paris"}}' in as_text
     assert json.dumps("21 C")[1:-1] in as_text
+
+
+def test_markers_that_are_special_tokens_keep_special_tokens_in_the_answer(testdata):
+    """A marker the parser reads must survive detokenization: when it is one special token of the vocabulary
+    (Mistral's [TOOL_CALLS], Llama 3.1's <|python_tag|>), the request decodes with special tokens kept."""
+    from ember.sampling_params import SamplingParams
+    from ember.server.chat_plan import ChatPlan, is_special_marker
+    from ember.tokenizer import load_tokenizer
+
+    llama3 = load_tokenizer(testdata / "vocab" / "ggml-vocab-llama-bpe.gguf")
+    qwen = load_tokenizer(testdata / "vocab" / "ggml-vocab-qwen2.gguf")
+    assert is_special_marker(llama3, "<|eot_id|>")  # one control token
+    assert not is_special_marker(qwen, "<tool_call>")  # plain text in this vocabulary: several ordinary tokens
+    assert not is_special_marker(llama3, "[TOOL_CALLS]")
+    keeping = ChatPlan([1], None, None, None, keep_special_tokens=True)
+    assert keeping.sampling(SamplingParams()).skip_special_tokens is False
+    assert ChatPlan([1], None, None, None).sampling(SamplingParams()).skip_special_tokens is True

@@ -9,12 +9,12 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from ember.engine.async_engine import AsyncEngine
-from ember.sampling_params import StructuredOutput
+from ember.sampling_params import SamplingParams, StructuredOutput
 from ember.server.chat_output import ChatOutputParser
 from ember.server.constraints import Constraint
 from ember.server.errors import bad_request, not_supported
 from ember.server.prompting import encode_chat, render_chat
-from ember.server.reasoning import THINK_CLOSE, reasoning_start
+from ember.server.reasoning import THINK_CLOSE, THINK_OPEN, reasoning_start
 from ember.server.tool_calls import ToolFormat, tool_format
 from ember.server.tool_grammar import tool_constraint
 from ember.tokenizer.chat_template import template_capabilities
@@ -83,6 +83,13 @@ class ChatPlan:
     tool_format: ToolFormat | None  # None: the answer is not read for tool calls
     reasoning: bool | None  # None: no reasoning to split off; True: the answer starts inside it
     constraint: StructuredOutput | None  # the tool calls tool_choice requires
+    # Markers the parser reads (a tool-call opener, </think>) that are special tokens in this vocabulary, as
+    # Mistral's [TOOL_CALLS] and Llama 3.1's <|python_tag|> are: the answer must keep special tokens' text.
+    keep_special_tokens: bool = False
+
+    def sampling(self, params: SamplingParams) -> SamplingParams:
+        """The request's parameters as this plan needs them decoded."""
+        return replace(params, skip_special_tokens=False) if self.keep_special_tokens else params
 
     def parser(self) -> ChatOutputParser:
         return ChatOutputParser(self.reasoning, self.tool_format)
@@ -127,4 +134,14 @@ def plan_chat(engine: AsyncEngine, messages: list[dict], tools: list[dict] | Non
         allowed = offered if isinstance(choice, str) else [choice]
         constraint = tool_constraint(fmt, allowed, required=choice != "auto", parallel=parallel_tool_calls is not False,
                                      after_reasoning=reasoning is not None)
-    return ChatPlan(encode_chat(engine, text), fmt, reasoning, constraint)
+    markers = [m for m in (fmt.opener, fmt.closer) if m] if fmt is not None else []
+    if reasoning is not None:
+        markers += [THINK_OPEN, THINK_CLOSE]
+    return ChatPlan(encode_chat(engine, text), fmt, reasoning, constraint,
+                    any(is_special_marker(engine.tokenizer, m) for m in markers))
+
+
+def is_special_marker(tokenizer, marker: str) -> bool:
+    """Whether `marker` is one special token of the vocabulary (dropped from text that skips special tokens)."""
+    ids = tokenizer.encode(marker, add_special_tokens=False)
+    return len(ids) == 1 and tokenizer.is_special(ids[0])

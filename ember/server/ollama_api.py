@@ -62,7 +62,8 @@ async def request_params(entry: ModelEntry, options: dict, body, plan: ChatPlan 
     constraint = ollama_constraint(body.format)
     if plan is not None:
         constraint = plan.constrain(constraint)
-    return await with_constraint(entry.engine, _params(entry, options), constraint)
+    params = _params(entry, options)
+    return await with_constraint(entry.engine, plan.sampling(params) if plan is not None else params, constraint)
 
 
 def _ns(seconds: float) -> int:

@@ -86,7 +86,8 @@ async def request_params(engine: AsyncEngine, body: SamplingFields, max_tokens: 
     constraint = openai_constraint(body)
     if plan is not None:
         constraint = plan.constrain(constraint)
-    return await with_constraint(engine, sampling_params(body, max_tokens, logprobs), constraint)
+    params = sampling_params(body, max_tokens, logprobs)
+    return await with_constraint(engine, plan.sampling(params) if plan is not None else params, constraint)
 
 
 def usage(generation: Generation, choices: list[Choice]) -> dict:
