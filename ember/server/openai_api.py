@@ -24,8 +24,6 @@ from ember.server.constraints import openai_constraint, responses_constraint, wi
 from ember.server.errors import APIError, bad_request, from_exception, not_supported
 from ember.server.generation import Choice, Generation, collect, drive, start_generation, validate
 from ember.server.prompting import (
-    chat_prompt_ids,
-    content_text,
     fim_prompt_ids,
     plain_messages,
     prompt_ids_list,
@@ -39,6 +37,7 @@ from ember.server.protocol import (
     SamplingFields,
     StreamOptions,
 )
+from ember.server.responses_items import OutputItems, chat_tools, input_messages
 from ember.server.state import ModelEntry, ServerState
 
 router = APIRouter()
@@ -457,10 +456,10 @@ async def encoder_embeddings(state: ServerState, entry: ModelEntry, inputs, dime
     return result.values, result.prompt_tokens
 
 
-# --- responses ----------------------------------------------------------------------------------------------
+# --- responses ---------------------------------------------------------------------------------------------
 def _conversation(state: ServerState, body: ResponsesRequest) -> list[dict]:
     """The messages so far: those of `previous_response_id` (its instructions are not carried over, as in
-    OpenAI's API), then this request's input."""
+    OpenAI's API; its function calls are), then this request's input."""
     messages: list[dict] = []
     if body.previous_response_id is not None:
         previous = state.responses.get(body.previous_response_id)
@@ -471,31 +470,11 @@ def _conversation(state: ServerState, body: ResponsesRequest) -> list[dict]:
         messages = list(previous)
     if isinstance(body.input, str):
         return [*messages, {"role": "user", "content": body.input}]
-    for item in body.input:
-        kind = item.get("type", "message")
-        if kind != "message" or not isinstance(item.get("role"), str):
-            raise not_supported(f"input items of type {kind!r}", param="input")
-        content = item.get("content")
-        if not isinstance(content, (str, list)) or (isinstance(content, list)
-                                                    and not all(isinstance(p, dict) for p in content)):
-            raise bad_request("input: a message's content must be a string or a list of content parts",
-                              param="input")
-        messages.append({"role": item["role"], "content": content_text(content, "input")})
-    return messages
-
-
-def _remember(state: ServerState, body: ResponsesRequest, rid: str, conversation: list[dict], choice: Choice):
-    if body.store is not False:
-        state.responses.put(rid, [*conversation, {"role": "assistant", "content": choice.text}])
+    return messages + input_messages(body.input)
 
 
 def _response_object(rid: str, created: int, body: ResponsesRequest, model: str, status: str,
-                     choice: Choice | None, msg_id: str) -> dict:
-    output = []
-    if choice is not None:
-        output = [{"type": "message", "id": msg_id, "status": "completed" if status == "completed" else status,
-                   "role": "assistant",
-                   "content": [{"type": "output_text", "text": choice.text, "annotations": [], "logprobs": []}]}]
+                     choice: Choice | None = None, output: list[dict] | None = None) -> dict:
     usage_block = None
     if choice is not None:
         usage_block = {"input_tokens": choice.prompt_tokens, "output_tokens": choice.completion_tokens,
@@ -507,10 +486,12 @@ def _response_object(rid: str, created: int, body: ResponsesRequest, model: str,
         incomplete = {"reason": "max_output_tokens" if choice.finish_reason == "length" else "aborted"}
     return {"id": rid, "object": "response", "created_at": created, "status": status, "error": None,
             "incomplete_details": incomplete, "instructions": body.instructions,
-            "max_output_tokens": body.max_output_tokens, "model": model, "output": output,
-            "parallel_tool_calls": False, "previous_response_id": body.previous_response_id, "reasoning": {"effort": None, "summary": None},
+            "max_output_tokens": body.max_output_tokens, "model": model, "output": output or [],
+            "parallel_tool_calls": body.parallel_tool_calls is not False,
+            "previous_response_id": body.previous_response_id, "reasoning": {"effort": None, "summary": None},
             "store": body.store is not False, "temperature": body.temperature if body.temperature is not None else 1.0,
-            "text": {"format": (body.text or {}).get("format") or {"type": "text"}}, "tool_choice": "auto", "tools": [],
+            "text": {"format": (body.text or {}).get("format") or {"type": "text"}},
+            "tool_choice": body.tool_choice or ("auto" if body.tools else "none"), "tools": body.tools or [],
             "top_p": body.top_p if body.top_p is not None else 1.0, "truncation": "disabled",
             "usage": usage_block, "user": body.user, "metadata": body.metadata or {}}
 
@@ -519,26 +500,36 @@ def _response_object(rid: str, created: int, body: ResponsesRequest, model: str,
 async def responses(body: ResponsesRequest, request: Request):
     state = get_state(request)
     constraint = responses_constraint(body.text)
+    tools = chat_tools(body.tools)
     conversation = _conversation(state, body)
     instructions = [{"role": "system", "content": body.instructions}] if body.instructions else []
     entry = await state.use_model(request, body.model)
-    prompt = chat_prompt_ids(entry.engine, instructions + conversation)
+    plan = plan_chat(entry.engine, instructions + conversation, tools, body.tool_choice, body.parallel_tool_calls)
     kwargs = {k: getattr(body, k) for k in ("temperature", "top_p", "seed") if getattr(body, k) is not None}
-    params = await with_constraint(entry.engine, SamplingParams(max_tokens=body.max_output_tokens, **kwargs),
-                                   constraint)
-    generation = start_generation(state, entry, [prompt], params, "resp")
-    rid, msg_id, created = f"resp_{uuid.uuid4().hex}", f"msg_{uuid.uuid4().hex}", int(time.time())
+    params = plan.sampling(SamplingParams(max_tokens=body.max_output_tokens, **kwargs))
+    params = await with_constraint(entry.engine, params, plan.constrain(constraint))
+    generation = start_generation(state, entry, [plan.prompt], params, "resp")
+    rid, created = f"resp_{uuid.uuid4().hex}", int(time.time())
+
+    def finish(choice: Choice, items: OutputItems) -> tuple[str, list]:
+        """The response's status and the last events; the answer is kept for previous_response_id."""
+        status = "completed" if choice.finish_reason == "stop" else "incomplete"
+        events = items.finish(status)
+        if body.store is not False:
+            state.responses.put(rid, [*conversation, items.message()])
+        return status, events
+
     if body.stream:
-        return streaming(_responses_stream(generation, body, rid, msg_id, created,
-                                           lambda choice: _remember(state, body, rid, conversation, choice)))
+        return streaming(_responses_stream(generation, body, rid, created, OutputItems(plan.parser()), finish))
     choice = (await collect(request, generation))[0]
-    status = "completed" if choice.finish_reason == "stop" else "incomplete"
-    _remember(state, body, rid, conversation, choice)
-    return _response_object(rid, created, body, entry.name, status, choice, msg_id)
+    items = OutputItems(plan.parser())
+    items.feed(choice.text)
+    status, _ = finish(choice, items)
+    return _response_object(rid, created, body, entry.name, status, choice, items.items)
 
 
-async def _responses_stream(generation: Generation, body: ResponsesRequest, rid: str, msg_id: str,
-                            created: int, remember) -> AsyncIterator[str]:
+async def _responses_stream(generation: Generation, body: ResponsesRequest, rid: str, created: int,
+                            items: OutputItems, finish) -> AsyncIterator[str]:
     sequence = 0
 
     def event(kind: str, **fields) -> str:
@@ -547,30 +538,19 @@ async def _responses_stream(generation: Generation, body: ResponsesRequest, rid:
         return sse({"type": kind, "sequence_number": sequence - 1, **fields}, event=kind)
 
     model = generation.model
-    yield event("response.created",
-                response=_response_object(rid, created, body, model, "in_progress", None, msg_id))
-    yield event("response.in_progress",
-                response=_response_object(rid, created, body, model, "in_progress", None, msg_id))
-    item = {"type": "message", "id": msg_id, "status": "in_progress", "role": "assistant", "content": []}
-    yield event("response.output_item.added", output_index=0, item=item)
-    part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
-    yield event("response.content_part.added", item_id=msg_id, output_index=0, content_index=0, part=part)
+    yield event("response.created", response=_response_object(rid, created, body, model, "in_progress"))
+    yield event("response.in_progress", response=_response_object(rid, created, body, model, "in_progress"))
 
     def each(_: int, out: StepOutput, __):
-        if out.text_delta:
-            yield event("response.output_text.delta", item_id=msg_id, output_index=0, content_index=0,
-                        delta=out.text_delta, logprobs=[])
+        for kind, fields in items.feed(out.text_delta):
+            yield event(kind, **fields)
 
     def done(choices: list[Choice]):
         choice = choices[0]
-        yield event("response.output_text.done", item_id=msg_id, output_index=0, content_index=0,
-                    text=choice.text, logprobs=[])
-        yield event("response.content_part.done", item_id=msg_id, output_index=0, content_index=0,
-                    part={**part, "text": choice.text})
-        status = "completed" if choice.finish_reason == "stop" else "incomplete"
-        remember(choice)
-        final = _response_object(rid, created, body, model, status, choice, msg_id)
-        yield event("response.output_item.done", output_index=0, item=final["output"][0])
+        status, events = finish(choice, items)
+        for kind, fields in events:
+            yield event(kind, **fields)
+        final = _response_object(rid, created, body, model, status, choice, items.items)
         yield event("response.completed" if status == "completed" else "response.incomplete", response=final)
 
     def failed(api: APIError):

@@ -43,8 +43,7 @@ UNSUPPORTED_FIELDS: dict[str, dict[str, tuple]] = {
     "completion": {**_LLAMACPP_SAMPLING, **_VLLM_SAMPLING, **_OPENAI_COMMON},
     "responses": {"reasoning": (), "include": ([],), "background": (False,), "conversation": (), "prompt": (),
                   "max_tool_calls": (), "service_tier": ("auto", "default"), "top_logprobs": (0,),
-                  "truncation": ("disabled",), "stream_options": (), "tools": ([],), "tool_choice": ("none", "auto"),
-                  "parallel_tool_calls": ()},
+                  "truncation": ("disabled",), "stream_options": ()},
     "embedding": {},
     "ollama_generate": {"template": ("",), "logprobs": (False,), "top_logprobs": (0,), "width": (), "height": (),
                         "steps": ()},
@@ -215,6 +214,9 @@ class ResponsesRequest(_Body):
     store: bool | None = None  # default true, as OpenAI's: kept for previous_response_id (ember.server.response_store)
     previous_response_id: Annotated[str, Field(max_length=200)] | None = None
     metadata: dict[str, Any] | None = None
+    tools: list[Any] | None = None  # flat function tools (ember.server.responses_items.chat_tools)
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
 
 
 # --- Ollama -------------------------------------------------------------------------------------------------
