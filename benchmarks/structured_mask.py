@@ -8,7 +8,9 @@ For each batch size B:
   along the tokens of a valid instance; at every position the bitmask is filled for all B rows and applied to
   [B, vocab] logits, exactly as the sampler does (median over the positions);
 - constrained step: the same B sequences with that schema as their constraint, `LLMEngine.step()` timed
-  (median), to see the cost inside the real step (sampler path included).
+  (median), to see the cost inside the real step (sampler path included);
+- mixed step: half of the B sequences (at least one) constrained, the others free: the free ones share its step, so
+  mixed / free step - 1 is how much a constrained neighbour slows a free request (the goal: at most 10 %).
 Prints the ratio mask / decode step (median mask; the slowest position too); the goal is at most 10 %.
 """
 
@@ -41,10 +43,14 @@ INSTANCE = {"name": "Ada Lovelace", "age": 36, "address": {"city": "London", "zi
 
 
 def _decode_steps(engine: LLMEngine, batch: int, steps: int, structured: StructuredOutput | None,
-                  tag: str) -> float:
-    params = SamplingParams(temperature=0, max_tokens=10_000, ignore_eos=True, structured=structured)
+                  tag: str, constrained: int | None = None) -> float:
+    """Median step time of `batch` sequences decoding, the first `constrained` (default: all) under
+    `structured`, the others free."""
+    constrained = batch if constrained is None else constrained
     generator = torch.Generator().manual_seed(batch)
     for i in range(batch):
+        params = SamplingParams(temperature=0, max_tokens=10_000, ignore_eos=True,
+                                structured=structured if i < constrained else None)
         prompt = torch.randint(3, engine.vocab_size, (32,), generator=generator).tolist()
         engine.add_request(f"{tag}-{i}", prompt, params)
     while any(r.seq.num_output_tokens == 0 for r in engine.requests.values()):
@@ -88,6 +94,7 @@ def main() -> None:
     parser.add_argument("--batch", default="1,16")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--rounds", type=int, default=3, help="free/constrained/mixed measurements interleaved")
     args = parser.parse_args()
     batches = [int(b) for b in args.batch.split(",")]
     engine = LLMEngine(args.model, EngineArgs(max_num_seqs=max(batches), max_model_len=512, threads=args.threads))
@@ -96,13 +103,22 @@ def main() -> None:
     engine.grammars.compile(structured)
     print(f"model {engine.model_name}, vocab {engine.vocab_size}, torch threads {torch.get_num_threads()}; "
           f"schema compiled in {1e3 * (time.perf_counter() - start):.1f} ms (first compile includes the vocabulary)")
-    print(f"{'batch':>5} {'decode step ms':>15} {'mask ms':>8} {'mask/step':>10} {'constrained step ms':>20}")
+    print(f"{'batch':>5} {'decode step ms':>15} {'mask ms':>8} {'mask/step':>10} {'constrained step ms':>20} "
+          f"{'mixed step ms':>14} {'free slowed':>12}")
     for batch in batches:
-        step = _decode_steps(engine, batch, args.steps, None, f"free{batch}")
+        # Free, all-constrained and mixed batches interleaved, --rounds times: a step of 30-300 ms on a shared
+        # machine moves by ±10 % between runs, more than the differences measured here.
+        free, full, half = [], [], []
+        for r in range(args.rounds):
+            free.append(_decode_steps(engine, batch, args.steps, None, f"free{batch}-{r}"))
+            full.append(_decode_steps(engine, batch, args.steps, structured, f"json{batch}-{r}"))
+            half.append(_decode_steps(engine, batch, args.steps, structured, f"mixed{batch}-{r}",
+                                      constrained=max(batch // 2, 1)))
+        step, constrained, mixed = (statistics.median(times) for times in (free, full, half))
         mask, worst, positions = _mask_cost(engine, batch, structured)
-        constrained = _decode_steps(engine, batch, args.steps, structured, f"json{batch}")
         print(f"{batch:>5} {1e3 * step:>15.2f} {1e3 * mask:>8.3f} {100 * mask / step:>9.2f}% "
-              f"{1e3 * constrained:>20.2f}   (mask: median over {positions} positions, max {1e3 * worst:.3f} ms)")
+              f"{1e3 * constrained:>20.2f} {1e3 * mixed:>14.2f} {100 * (mixed / step - 1):>+11.1f}%   "
+              f"(mask: median over {positions} positions, max {1e3 * worst:.3f} ms)")
 
 
 if __name__ == "__main__":

@@ -124,3 +124,19 @@ def test_cross_encoder_scores_equal_transformers(tmp_path):
     assert (torch.tensor(llm.score(query, documents)) - expected).abs().max() < 1e-4
     with pytest.raises(InvalidParameter, match="needs an embedding model"):
         llm.embed("x")
+
+
+@pytest.mark.parametrize("kind", ["bert", "nomic"])
+def test_memory_estimate_of_an_encoder_is_what_it_holds(tiny_encoders, kind, tmp_path):
+    """The pool budgets encoders too: weights as the float tensors the loaded model holds (GGUF dequantized),
+    no KV cache."""
+    from ember.store.memory import estimate_memory
+
+    directory = tiny_encoders[kind]
+    model = LLM(str(directory)).engine.loaded.model
+    held = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]
+               if t.is_floating_point() and t.dim() > 0)
+    for path in (directory, write_gguf(directory, tmp_path / f"{kind}.gguf")):
+        estimate = estimate_memory(path, 512, "auto", "cpu")
+        assert estimate.kv_bytes == 0 and estimate.overhead_bytes > 0
+        assert abs(estimate.weights_bytes - held) <= 0.02 * held, (path, estimate.weights_bytes, held)

@@ -273,9 +273,37 @@ def estimate_memory(path: str | Path, context: int, dtype: str = "bfloat16", dev
     `dtype` ("auto": as the engine resolves it on that device)."""
     if not isinstance(context, int) or context <= 0:
         raise ModelLoadError(f"context must be a positive integer, not {context!r}")
+    from ember.encoder_config import is_encoder_path
+
+    if is_encoder_path(Path(path).expanduser()):
+        return _encoder_estimate(Path(path).expanduser(), context, dtype, device_kind(device))
     shape = _shape(path, dtype, device)
     kv = kv_bytes_per_token(shape.config, DTYPE_BYTES[shape.dtype]) * context
     return MemoryEstimate(shape.weights_bytes, kv, overhead_bytes(shape.config), context)
+
+
+def _encoder_estimate(path: Path, context: int, dtype, device: str) -> MemoryEstimate:
+    """An encoder (embeddings, reranking): every weight a float tensor in the activation dtype (the loader
+    dequantizes GGUF blocks), no KV cache; the overhead as for a decoder (its config has the same size fields)."""
+    from ember.encoder_config import encoder_config_from_gguf, encoder_config_from_hf
+    from ember.store.info import SAFETENSORS_DTYPE_BYTES, safetensors_tensors
+
+    if path.is_dir():
+        from ember.config import read_config_json
+
+        config = encoder_config_from_hf(read_config_json(path), path)
+        act = DTYPE_BYTES[resolve_dtype_name(dtype, device, config.torch_dtype)]
+        held = sum(n * (act if tensor_dtype in FLOAT_TYPES else SAFETENSORS_DTYPE_BYTES.get(tensor_dtype, 1))
+                   for _, tensor_dtype, n in safetensors_tensors(sorted(path.glob("*.safetensors"))))
+    else:
+        from ember.formats.gguf import ArrayInfo, read_header
+
+        summary = read_header(path)
+        metadata = {k: v for k, v in summary.metadata.items() if not isinstance(v, ArrayInfo)}
+        config = encoder_config_from_gguf(metadata, {t.name: t.shape for t in summary.tensors.values()})
+        act = DTYPE_BYTES[resolve_dtype_name(dtype, device, GGUF_CHECKPOINT_DTYPE)]
+        held = sum(t.n_elements for t in summary.tensors.values()) * act
+    return MemoryEstimate(held, 0, overhead_bytes(config), context)
 
 
 def fit_context(path: str | Path, budget_bytes: int, wanted: int, dtype: str = "bfloat16", device: str = "cpu") -> int:
