@@ -54,3 +54,22 @@ def test_constraints_start_after_the_reasoning():
     plain = ChatPlan(prompt=[1], tool_format=None, reasoning=None, constraint=None)
     assert plain.constrain((schema, "response_format")) == (schema, "response_format")
     assert plain.constrain(None) is None
+
+
+def test_responses_count_reasoning_tokens_up_to_the_closing_marker(testdata):
+    """usage.output_tokens_details.reasoning_tokens is computed: the generated tokens through </think>."""
+    from types import SimpleNamespace
+
+    from ember.server.generation import Choice
+    from ember.server.openai_api import _reasoning_tokens
+    from ember.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(testdata / "vocab" / "ggml-vocab-qwen2.gguf")
+    reasoning = tokenizer.encode("The user greets me, so I greet back.</think>", add_special_tokens=False)
+    answer = tokenizer.encode("Hello there!", add_special_tokens=False)
+    engine = SimpleNamespace(tokenizer=tokenizer)
+    choice = Choice(0, token_ids=reasoning + answer)
+    assert _reasoning_tokens(engine, choice, [{"type": "reasoning"}, {"type": "message"}]) == len(reasoning)
+    assert _reasoning_tokens(engine, choice, [{"type": "message"}]) == 0
+    unfinished = Choice(0, token_ids=reasoning[:-4])
+    assert _reasoning_tokens(engine, unfinished, [{"type": "reasoning"}]) == len(unfinished.token_ids)

@@ -37,6 +37,7 @@ from ember.server.protocol import (
     SamplingFields,
     StreamOptions,
 )
+from ember.server.reasoning import THINK_CLOSE
 from ember.server.responses_items import OutputItems, chat_tools, input_messages
 from ember.server.state import ModelEntry, ServerState
 
@@ -473,14 +474,30 @@ def _conversation(state: ServerState, body: ResponsesRequest) -> list[dict]:
     return messages + input_messages(body.input)
 
 
+def _reasoning_tokens(engine: AsyncEngine, choice: Choice, output: list[dict]) -> int:
+    """Generated tokens up to the one that closes the reasoning (all of them if it never closed); 0 without a
+    reasoning item. Whether a prefix's text holds </think> only grows with the prefix: a binary search."""
+    if not any(item["type"] == "reasoning" for item in output):
+        return 0
+    ids, low, high = choice.token_ids, 1, len(choice.token_ids)
+    while low < high:
+        mid = (low + high) // 2
+        if THINK_CLOSE in engine.tokenizer.decode(ids[:mid], skip_special_tokens=False):
+            high = mid
+        else:
+            low = mid + 1
+    return high
+
+
 def _response_object(rid: str, created: int, body: ResponsesRequest, model: str, status: str,
-                     choice: Choice | None = None, output: list[dict] | None = None) -> dict:
+                     choice: Choice | None = None, output: list[dict] | None = None, reasoning_tokens: int = 0
+                     ) -> dict:
     usage_block = None
     if choice is not None:
         usage_block = {"input_tokens": choice.prompt_tokens, "output_tokens": choice.completion_tokens,
                        "total_tokens": choice.prompt_tokens + choice.completion_tokens,
                        "input_tokens_details": {"cached_tokens": choice.cached_tokens},
-                       "output_tokens_details": {"reasoning_tokens": 0}}
+                       "output_tokens_details": {"reasoning_tokens": reasoning_tokens}}
     incomplete = None
     if status == "incomplete" and choice is not None:
         incomplete = {"reason": "max_output_tokens" if choice.finish_reason == "length" else "aborted"}
@@ -525,7 +542,8 @@ async def responses(body: ResponsesRequest, request: Request):
     items = OutputItems(plan.parser())
     items.feed(choice.text)
     status, _ = finish(choice, items)
-    return _response_object(rid, created, body, entry.name, status, choice, items.items)
+    return _response_object(rid, created, body, entry.name, status, choice, items.items,
+                            _reasoning_tokens(entry.engine, choice, items.items))
 
 
 async def _responses_stream(generation: Generation, body: ResponsesRequest, rid: str, created: int,
@@ -550,7 +568,8 @@ async def _responses_stream(generation: Generation, body: ResponsesRequest, rid:
         status, events = finish(choice, items)
         for kind, fields in events:
             yield event(kind, **fields)
-        final = _response_object(rid, created, body, model, status, choice, items.items)
+        final = _response_object(rid, created, body, model, status, choice, items.items,
+                                 _reasoning_tokens(generation.engine, choice, items.items))
         yield event("response.completed" if status == "completed" else "response.incomplete", response=final)
 
     def failed(api: APIError):
