@@ -175,3 +175,33 @@ def test_tool_request_errors(servers):
     for extra, param in bad:
         r = httpx.post(url, json={"model": server.model, "messages": QUESTION, "max_tokens": 2, **extra}, timeout=60)
         assert r.status_code == 400 and r.json()["error"]["param"] == param, (extra, r.text)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_ollama_parsed_call_round_trip(servers, stream):
+    """Ollama has no tool_choice; its `format` can hold the answer to Llama 3.1's call shape (a bare JSON object
+    with name and parameters), which /api/chat then returns as message.tool_calls; the result goes back and the
+    model answers."""
+    server = servers["llama3"]
+    client = ollama.Client(host=server.url, timeout=180)
+    call_shape = {"type": "object", "properties": {
+        "name": {"enum": ["get_weather"]},
+        "parameters": {"type": "object", "properties": {"city": {"enum": CITIES}}, "required": ["city"],
+                       "additionalProperties": False}},
+        "required": ["name", "parameters"], "additionalProperties": False}
+    options = {"num_predict": 64, "temperature": 1.0, "seed": 3}
+    if stream:
+        parts = list(client.chat(model=server.model, messages=QUESTION, tools=TOOLS, format=call_shape,
+                                 options=options, stream=True))
+        calls = [c for p in parts for c in (p.message.tool_calls or [])]
+        assert parts[-1].done and "".join(p.message.content or "" for p in parts) == ""
+    else:
+        reply = client.chat(model=server.model, messages=QUESTION, tools=TOOLS, format=call_shape, options=options)
+        calls = reply.message.tool_calls or []
+        assert reply.message.content == ""
+    assert len(calls) == 1 and calls[0].function.name == "get_weather"
+    assert calls[0].function.arguments["city"] in CITIES  # arguments as an object, as Ollama returns them
+    history = [*QUESTION, {"role": "assistant", "content": "", "tool_calls": [c.model_dump() for c in calls]},
+               {"role": "tool", "content": '{"temperature": 21}', "tool_name": "get_weather"}]
+    final = client.chat(model=server.model, messages=history, tools=TOOLS, options={"num_predict": 8, "seed": 1})
+    assert final.done and not final.message.tool_calls
