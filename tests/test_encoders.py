@@ -140,3 +140,43 @@ def test_memory_estimate_of_an_encoder_is_what_it_holds(tiny_encoders, kind, tmp
         estimate = estimate_memory(path, 512, "auto", "cpu")
         assert estimate.kv_bytes == 0 and estimate.overhead_bytes > 0
         assert abs(estimate.weights_bytes - held) <= 0.02 * held, (path, estimate.weights_bytes, held)
+
+
+def test_concurrent_embedding_requests_share_one_encoder_pass(tiny_encoders):
+    """Embedding requests waiting at the same time run through the encoder together (one embed_many), each
+    with its own dimensions, equal to each run alone; a request with a bad field fails alone."""
+    import asyncio
+    import threading
+
+    from ember.engine.async_engine import AsyncEngine
+
+    engine = LLM(str(tiny_encoders["bert"])).engine
+    cases = [("hello world", None), ("a longer sentence about the sea and the wind", 16), ("short", 8),
+             ("the quick brown fox jumps over the lazy dog", None)]
+    alone = [engine.embed_texts([text], dims).values[0] for text, dims in cases]
+
+    async def run():
+        runner = AsyncEngine(engine)
+        await runner.start()
+        gate = threading.Event()
+        blocker = asyncio.ensure_future(runner.encode(lambda _: gate.wait(10)))  # holds the engine thread
+        await asyncio.sleep(0.2)
+        calls = engine.encoder_calls
+        tasks = [asyncio.ensure_future(runner.embed_batched(lambda e, t=text: e.text_inputs([t]), dims))
+                 for text, dims in cases]
+        bad = asyncio.ensure_future(runner.embed_batched(lambda e: e.text_inputs(["x"]), 10_000))
+        await asyncio.sleep(0.2)
+        gate.set()
+        await blocker
+        results = await asyncio.gather(*tasks)
+        with pytest.raises(InvalidParameter, match="dimensions"):
+            await bad
+        batched_calls = engine.encoder_calls - calls
+        await runner.shutdown()
+        return results, batched_calls
+
+    results, batched_calls = asyncio.run(run())
+    assert batched_calls == 1
+    for result, expected, (_, dims) in zip(results, alone, cases, strict=True):
+        assert len(result.values[0]) == (dims or engine.config.hidden_size)
+        assert torch.allclose(torch.tensor(result.values[0]), torch.tensor(expected), atol=1e-5)

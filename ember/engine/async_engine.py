@@ -35,6 +35,7 @@ class AsyncEngine:
         self._new: list[tuple[str, list[int], SamplingParams]] = []
         self._aborts: set[str] = set()
         self._jobs: list[tuple[Callable[[], Any], Future]] = []
+        self._embeds: list[tuple[Callable[[Any], Any], int | None, Future]] = []
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -111,6 +112,15 @@ class AsyncEngine:
         """Run job(embedding_engine) on the engine thread: an encoder's embed_* or score_pairs call."""
         return await self._run_on_engine(lambda: job(self.engine))
 
+    async def embed_batched(self, prepare: Callable[[Any], Any], dimensions: int | None = None) -> Any:
+        """An embedding request whose inputs (`prepare(engine)`, run on the engine thread) go through the encoder
+        together with every other one waiting at the same time (EmbeddingEngine.embed_many)."""
+        future: Future = Future()
+        with self._lock:
+            self._embeds.append((prepare, dimensions, future))
+        self._wake.set()
+        return await asyncio.wrap_future(future)
+
     async def running_sequences(self) -> list[dict]:
         return await self._run_on_engine(self.engine.running_sequences)
 
@@ -133,6 +143,7 @@ class AsyncEngine:
             new, self._new = self._new, []
             aborts, self._aborts = self._aborts, set()
             jobs, self._jobs = self._jobs, []
+            embeds, self._embeds = self._embeds, []
         for request_id, prompt, params in new:
             if request_id in aborts:
                 continue
@@ -149,6 +160,28 @@ class AsyncEngine:
                 future.set_result(job())
             except Exception as err:
                 future.set_exception(err)
+        if embeds:
+            self._embed_together(embeds)
+
+    def _embed_together(self, embeds: list[tuple[Callable[[Any], Any], int | None, Future]]) -> None:
+        """One encoder pass for every waiting embedding request; a request's own bad input fails it alone."""
+        ready = []
+        for prepare, dimensions, future in embeds:
+            try:
+                self.engine.check_dimensions(dimensions)
+                ready.append((prepare(self.engine), dimensions, future))
+            except Exception as err:
+                future.set_exception(err)
+        if not ready:
+            return
+        try:
+            results = self.engine.embed_many([(inputs, dimensions) for inputs, dimensions, _ in ready])
+        except Exception as err:
+            for *_, future in ready:
+                future.set_exception(err)
+            return
+        for (*_, future), result in zip(ready, results, strict=True):
+            future.set_result(result)
 
     def _loop(self) -> None:
         while not self._stopping:

@@ -48,6 +48,7 @@ class EmbeddingEngine:
         self.max_model_len = self.config.max_seq_length
         self.requests: dict = {}
         self.prompt_tokens_total = 0
+        self.encoder_calls = 0  # embed_many calls: each runs all the inputs it was given as one set of batches
 
     @property
     def vocab_size(self) -> int:
@@ -81,22 +82,46 @@ class EmbeddingEngine:
 
     # --- embeddings and scores ------------------------------------------------------------------------------
     def embed_texts(self, texts: list[str], dimensions: int | None = None, truncate: bool = True) -> EncoderResult:
-        return self.embed_inputs(self._tokenized(self.encoder_tokenizer.encode(texts), truncate), dimensions)
+        return self.embed_inputs(self.text_inputs(texts, truncate), dimensions)
 
     def embed_token_ids(self, inputs: list[list[int]], dimensions: int | None = None) -> EncoderResult:
-        """Embeddings of inputs given as token ids: taken as the whole sequence ([CLS]/[SEP] are the caller's)."""
+        return self.embed_inputs(self.token_id_inputs(inputs), dimensions)
+
+    def text_inputs(self, texts: list[str], truncate: bool = True) -> list[EncoderInput]:
+        """Texts tokenized and truncated as sentence-transformers does."""
+        return self._tokenized(self.encoder_tokenizer.encode(texts), truncate)
+
+    def token_id_inputs(self, inputs: list[list[int]]) -> list[EncoderInput]:
+        """Inputs given as token ids: taken as the whole sequence ([CLS]/[SEP] are the caller's)."""
         for ids in inputs:
             self._check_ids(ids)
-        return self.embed_inputs([EncoderInput(list(ids), [0] * len(ids)) for ids in inputs], dimensions)
+        return [EncoderInput(list(ids), [0] * len(ids)) for ids in inputs]
 
     def embed_inputs(self, inputs: list[EncoderInput], dimensions: int | None = None) -> EncoderResult:
+        return self.embed_many([(inputs, dimensions)])[0]
+
+    def check_dimensions(self, dimensions: int | None) -> None:
         self._require("embedding")
         if dimensions is not None and not 0 < dimensions <= self.config.hidden_size:
             raise InvalidParameter("dimensions", f"must be between 1 and {self.config.hidden_size} for this model")
-        vectors = self._run(inputs, lambda hidden, mask: pool(hidden, mask, self.config.pooling))
-        if vectors.numel():
-            vectors = finish_embeddings(vectors, self.config.normalize, dimensions)
-        return EncoderResult(vectors.tolist(), self._count(inputs))
+
+    def embed_many(self, requests: list[tuple[list[EncoderInput], int | None]]) -> list[EncoderResult]:
+        """Several requests' inputs through the encoder together (one sort by length, one set of padded
+        batches: concurrent small requests fill a batch), each request's vectors finished with its own
+        `dimensions`."""
+        for _, dimensions in requests:
+            self.check_dimensions(dimensions)
+        flat = [item for inputs, _ in requests for item in inputs]
+        vectors = self._run(flat, lambda hidden, mask: pool(hidden, mask, self.config.pooling))
+        self.encoder_calls += 1
+        results, at = [], 0
+        for inputs, dimensions in requests:
+            part = vectors[at:at + len(inputs)]
+            at += len(inputs)
+            if part.numel():
+                part = finish_embeddings(part, self.config.normalize, dimensions)
+            results.append(EncoderResult(part.tolist(), self._count(inputs)))
+        return results
 
     def score_pairs(self, pairs: list[tuple[str, str]], truncate: bool = True) -> EncoderResult:
         """A cross-encoder's relevance of each (query, document) pair: sigmoid of its logit, as

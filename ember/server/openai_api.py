@@ -450,10 +450,10 @@ async def encoder_embeddings(state: ServerState, entry: ModelEntry, inputs, dime
     if not inputs:
         return [], 0
     if isinstance(inputs[0], str):
-        result = await entry.engine.encode(lambda e: e.embed_texts(inputs, dimensions, truncate))
+        result = await entry.engine.embed_batched(lambda e: e.text_inputs(inputs, truncate), dimensions)
     else:
         id_lists = [inputs] if isinstance(inputs[0], int) else inputs
-        result = await entry.engine.encode(lambda e: e.embed_token_ids(id_lists, dimensions))
+        result = await entry.engine.embed_batched(lambda e: e.token_id_inputs(id_lists), dimensions)
     return result.values, result.prompt_tokens
 
 
