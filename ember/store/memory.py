@@ -85,9 +85,14 @@ class MemoryEstimate:
 
 @dataclass(frozen=True)
 class _Shape:
-    config: ModelConfig
+    config: ModelConfig  # an EncoderConfig for an encoder (the same size fields overhead_bytes reads)
     weights_bytes: int
     dtype: str  # the resolved activation (and KV cache) dtype
+    encoder: bool = False  # embeddings / reranking: every weight a float tensor, no KV cache
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return 0 if self.encoder else kv_bytes_per_token(self.config, DTYPE_BYTES[self.dtype])
 
 
 def device_kind(device) -> str:
@@ -208,28 +213,38 @@ def gguf_held_bytes(tensors, dtype: str = "float32", device: str = "cpu", native
 
 
 def _gguf_shape(path: Path, dtype, device: str, weights: bool = True) -> _Shape:
+    from ember.encoder_config import encoder_config_from_gguf, is_encoder_gguf
     from ember.formats.gguf import ArrayInfo, read_header
     from ember.loader.gguf_config import config_from_gguf
 
     summary = read_header(path)
     metadata = {k: v for k, v in summary.metadata.items() if not isinstance(v, ArrayInfo)}
-    config = config_from_gguf(metadata, {t.name: t.shape for t in summary.tensors.values()}, {})
+    shapes = {t.name: t.shape for t in summary.tensors.values()}
     name = resolve_dtype_name(dtype, device, GGUF_CHECKPOINT_DTYPE)
+    if is_encoder_gguf(metadata):  # the loader dequantizes an encoder's blocks: float tensors in `name`
+        held = sum(t.n_elements for t in summary.tensors.values()) * DTYPE_BYTES[name] if weights else 0
+        return _Shape(encoder_config_from_gguf(metadata, shapes), held, name, encoder=True)
+    config = config_from_gguf(metadata, shapes, {})
     held = gguf_held_bytes(summary.tensors.values(), name, device, header_bytes=summary.data_offset) if weights else 0
     return _Shape(config, held, name)
 
 
 def _safetensors_shape(folder: Path, dtype, device: str, weights: bool = True) -> _Shape:
     from ember.config import config_from_hf, read_config_json
+    from ember.encoder_config import encoder_config_from_hf, is_encoder_config
     from ember.models.registry import model_class_for
     from ember.store.info import SAFETENSORS_DTYPE_BYTES, safetensors_tensors
 
     raw = read_config_json(folder)
-    _, arch = model_class_for(raw.get("architectures"), raw.get("model_type"))
-    config = config_from_hf(raw, arch)
+    encoder = is_encoder_config(raw)
+    if encoder:
+        config = encoder_config_from_hf(raw, folder)
+    else:
+        _, arch = model_class_for(raw.get("architectures"), raw.get("model_type"))
+        config = config_from_hf(raw, arch)
     name = resolve_dtype_name(dtype, device, config.torch_dtype)
     if not weights:
-        return _Shape(config, 0, name)
+        return _Shape(config, 0, name, encoder)
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise ModelLoadError(f"{folder}: no .safetensors files")
@@ -237,7 +252,7 @@ def _safetensors_shape(folder: Path, dtype, device: str, weights: bool = True) -
     held = 0
     for _, tensor_dtype, n in safetensors_tensors(files):
         held += n * (target if tensor_dtype in FLOAT_TYPES else SAFETENSORS_DTYPE_BYTES.get(tensor_dtype, 1))
-    return _Shape(config, held, name)
+    return _Shape(config, held, name, encoder)
 
 
 def _shape(path: str | Path, dtype, device: str = "cpu", weights: bool = True) -> _Shape:
@@ -250,8 +265,11 @@ def _shape(path: str | Path, dtype, device: str = "cpu", weights: bool = True) -
 
 
 def model_config(path: str | Path) -> ModelConfig:
-    """The ModelConfig of a GGUF file or checkpoint folder, from headers only."""
-    return _shape(path, "float32", "cpu", weights=False).config
+    """The ModelConfig of a GGUF file or checkpoint folder, from headers only (decoders: an encoder has none)."""
+    shape = _shape(path, "float32", "cpu", weights=False)
+    if shape.encoder:
+        raise ModelLoadError(f"{Path(path).name} is an encoder (embeddings or reranking), not a text generator")
+    return shape.config
 
 
 def kv_bytes_per_token(config: ModelConfig, kv_dtype_bytes: int = 2) -> int:
@@ -273,37 +291,9 @@ def estimate_memory(path: str | Path, context: int, dtype: str = "bfloat16", dev
     `dtype` ("auto": as the engine resolves it on that device)."""
     if not isinstance(context, int) or context <= 0:
         raise ModelLoadError(f"context must be a positive integer, not {context!r}")
-    from ember.encoder_config import is_encoder_path
-
-    if is_encoder_path(Path(path).expanduser()):
-        return _encoder_estimate(Path(path).expanduser(), context, dtype, device_kind(device))
     shape = _shape(path, dtype, device)
-    kv = kv_bytes_per_token(shape.config, DTYPE_BYTES[shape.dtype]) * context
-    return MemoryEstimate(shape.weights_bytes, kv, overhead_bytes(shape.config), context)
-
-
-def _encoder_estimate(path: Path, context: int, dtype, device: str) -> MemoryEstimate:
-    """An encoder (embeddings, reranking): every weight a float tensor in the activation dtype (the loader
-    dequantizes GGUF blocks), no KV cache; the overhead as for a decoder (its config has the same size fields)."""
-    from ember.encoder_config import encoder_config_from_gguf, encoder_config_from_hf
-    from ember.store.info import SAFETENSORS_DTYPE_BYTES, safetensors_tensors
-
-    if path.is_dir():
-        from ember.config import read_config_json
-
-        config = encoder_config_from_hf(read_config_json(path), path)
-        act = DTYPE_BYTES[resolve_dtype_name(dtype, device, config.torch_dtype)]
-        held = sum(n * (act if tensor_dtype in FLOAT_TYPES else SAFETENSORS_DTYPE_BYTES.get(tensor_dtype, 1))
-                   for _, tensor_dtype, n in safetensors_tensors(sorted(path.glob("*.safetensors"))))
-    else:
-        from ember.formats.gguf import ArrayInfo, read_header
-
-        summary = read_header(path)
-        metadata = {k: v for k, v in summary.metadata.items() if not isinstance(v, ArrayInfo)}
-        config = encoder_config_from_gguf(metadata, {t.name: t.shape for t in summary.tensors.values()})
-        act = DTYPE_BYTES[resolve_dtype_name(dtype, device, GGUF_CHECKPOINT_DTYPE)]
-        held = sum(t.n_elements for t in summary.tensors.values()) * act
-    return MemoryEstimate(held, 0, overhead_bytes(config), context)
+    return MemoryEstimate(shape.weights_bytes, shape.kv_bytes_per_token * context, overhead_bytes(shape.config),
+                          context)
 
 
 def fit_context(path: str | Path, budget_bytes: int, wanted: int, dtype: str = "bfloat16", device: str = "cpu") -> int:
@@ -311,7 +301,7 @@ def fit_context(path: str | Path, budget_bytes: int, wanted: int, dtype: str = "
     else the largest multiple of 256 that does; EmberError when not even 256 tokens fit."""
     shape = _shape(path, dtype, device)
     fixed = shape.weights_bytes + overhead_bytes(shape.config)
-    per_token = kv_bytes_per_token(shape.config, DTYPE_BYTES[shape.dtype])
+    per_token = shape.kv_bytes_per_token
     if fixed + per_token * wanted <= budget_bytes:
         return wanted
     fits = (budget_bytes - fixed) // per_token if budget_bytes > fixed else 0
