@@ -59,11 +59,10 @@ def check_request(body) -> None:
 async def request_params(entry: ModelEntry, options: dict, body, plan: ChatPlan | None = None) -> SamplingParams:
     """The SamplingParams of a generate/chat body: its options over the model's defaults, and its format (or the
     tool calls `plan` requires) compiled (400 if invalid)."""
-    constraint = ollama_constraint(body.format)
+    params, constraint = _params(entry, options), ollama_constraint(body.format)
     if plan is not None:
-        constraint = plan.constrain(constraint)
-    params = _params(entry, options)
-    return await with_constraint(entry.engine, plan.sampling(params) if plan is not None else params, constraint)
+        params, constraint = plan.sampling(params), plan.constrain(constraint)
+    return await with_constraint(entry.engine, params, constraint)
 
 
 def _ns(seconds: float) -> int:

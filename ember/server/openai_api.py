@@ -83,11 +83,10 @@ async def request_params(engine: AsyncEngine, body: SamplingFields, max_tokens: 
                          logprobs: int | None, plan: ChatPlan | None = None) -> SamplingParams:
     """The body's SamplingParams with its structured output constraint (or the tool calls `plan` requires)
     compiled (400 if it is invalid)."""
-    constraint = openai_constraint(body)
+    params, constraint = sampling_params(body, max_tokens, logprobs), openai_constraint(body)
     if plan is not None:
-        constraint = plan.constrain(constraint)
-    params = sampling_params(body, max_tokens, logprobs)
-    return await with_constraint(engine, plan.sampling(params) if plan is not None else params, constraint)
+        params, constraint = plan.sampling(params), plan.constrain(constraint)
+    return await with_constraint(engine, params, constraint)
 
 
 def usage(generation: Generation, choices: list[Choice]) -> dict:
