@@ -10,15 +10,18 @@ from ember.engine.scheduler import ScheduledChunk
 from ember.engine.sequence import Sequence
 
 
-def _runner(model, config, block_size=4, num_blocks=128):
-    return BlockManager(num_blocks, block_size), ModelRunner(model, config, torch.device("cpu"),
-                                                            next(model.parameters()).dtype, block_size, num_blocks)
+def _runner(model, config, block_size=4, num_blocks=128, lora=None):
+    runner = ModelRunner(model, config, torch.device("cpu"), next(model.parameters()).dtype, block_size, num_blocks)
+    runner.lora = lora
+    return BlockManager(num_blocks, block_size), runner
 
 
-def prefill_logits(model, config, prompt: list[int], chunk: int = 7) -> torch.Tensor:
-    """Logits at every prompt position, prefilled in chunks so later chunks read earlier ones from the cache."""
-    blocks, runner = _runner(model, config, num_blocks=max(128, -(-len(prompt) // 4)))
+def prefill_logits(model, config, prompt: list[int], chunk: int = 7, lora=None, lora_slot: int = 0) -> torch.Tensor:
+    """Logits at every prompt position, prefilled in chunks so later chunks read earlier ones from the cache;
+    with `lora` (ember.layers.lora.LoraLayers), through the adapter in `lora_slot`."""
+    blocks, runner = _runner(model, config, num_blocks=max(128, -(-len(prompt) // 4)), lora=lora)
     seq = Sequence("ref", prompt, None)
+    seq.lora_slot = lora_slot
     blocks.allocate(seq)
     hidden = []
     while seq.num_computed_tokens < len(seq):

@@ -15,6 +15,7 @@ import psutil
 import torch
 
 from ember.engine.block_manager import BlockManager
+from ember.engine.lora import LoraRegistry, LoraSpec, lora_specs
 from ember.engine.model_runner import ModelRunner, PromptScores
 from ember.engine.outputs import StepOutput, TokenLogprob
 from ember.engine.scheduler import ScheduledChunk, Scheduler
@@ -23,6 +24,7 @@ from ember.engine.speculator import Candidate, Speculator
 from ember.engine.stop import StopChecker
 from ember.errors import InvalidParameter, OutOfResources
 from ember.layers.sampler import Sampler, SamplingState, token_logprobs
+from ember.loader.lora import LoraWeights
 from ember.loader.model import LoadedModel, load_model
 from ember.sampling_params import SamplingParams
 from ember.store.memory import kv_bytes_per_token
@@ -51,6 +53,9 @@ class EngineArgs:
     draft: str | None = None
     spec_ngram: int | None = None
     spec_tokens: int = 4
+    # LoRA adapters loaded at start (docs/lora.md): "name=path", "name=path:scale", a bare path (named after its
+    # file) or LoraSpec objects; requests pick one by name (SamplingParams.lora).
+    lora: list | str | None = None
 
     def __post_init__(self):
         for name in ("block_size", "max_num_seqs", "max_batched_tokens"):
@@ -67,6 +72,7 @@ class EngineArgs:
         if self.threads is not None and (not isinstance(self.threads, int) or isinstance(self.threads, bool)
                                          or self.threads < 1):
             raise InvalidParameter("threads", f"must be a positive integer, got {self.threads!r}")
+        self.lora = lora_specs(self.lora)
 
 
 @dataclass
@@ -138,6 +144,9 @@ class LLMEngine:
             self.speculator = Speculator(self.args.spec_tokens, self.args.spec_ngram, draft, self.loaded,
                                          self.num_blocks, block_size, self.args.max_batched_tokens,
                                          self.args.max_num_seqs)
+        self.lora = LoraRegistry(self.loaded)
+        for spec in self.args.lora:
+            self.add_lora(self.lora.read(spec))
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(config.eos_token_ids)
         self.requests: dict[str, _Request] = {}
         self._grammars = None  # ember.engine.structured.Grammars, built for the first constrained request
@@ -152,6 +161,18 @@ class LLMEngine:
 
     def _load(self, model: str | None) -> LoadedModel:
         return load_named_model(model, self.args)
+
+    def add_lora(self, weights: LoraWeights) -> None:
+        """Register an adapter read by `self.lora.read` (between steps: the engine thread)."""
+        self.lora.add(weights)
+        self.runner.lora = self.lora.layers
+
+    def load_lora(self, spec: LoraSpec) -> None:
+        self.add_lora(self.lora.read(spec))
+
+    def unload_lora(self, name: str) -> None:
+        """Drop an adapter no running or waiting request uses (LoraInUse otherwise, LoraNotFound if unknown)."""
+        self.lora.unload(name)
 
     @property
     def vocab_size(self) -> int:
@@ -182,12 +203,18 @@ class LLMEngine:
         if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab for t in prompt_token_ids):
             raise InvalidParameter("prompt", f"token ids must be integers in [0, {vocab})")
         params.check_vocab(vocab)
+        if params.lora is not None:
+            self.lora.get(params.lora)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
         if request_id in self.requests:
             raise InvalidParameter("request_id", f"{request_id!r} is already running")
         self.validate(prompt_token_ids, params)
         seq = Sequence(request_id, prompt_token_ids, params)
+        if params.lora is not None:
+            adapter = self.lora.get(params.lora)
+            adapter.users.add(request_id)
+            seq.lora_slot, seq.cache_salt = adapter.slot, f"lora:{adapter.uid}".encode()
         room = self.max_model_len - len(prompt_token_ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         generator = None
@@ -336,6 +363,8 @@ class LLMEngine:
 
     def _finish(self, seq: Sequence) -> None:
         self.scheduler.finish(seq)
+        if seq.params is not None and seq.params.lora is not None:
+            self.lora.adapters[seq.params.lora].users.discard(seq.request_id)
         if self.speculator is not None:
             self.speculator.release(seq.request_id)
 

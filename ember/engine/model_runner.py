@@ -12,6 +12,7 @@ from ember.config import ModelConfig
 from ember.engine.scheduler import ScheduledChunk
 from ember.engine.sequence import Sequence
 from ember.layers.attention import AttentionMetadata, PrefillSlice
+from ember.layers.lora import LoraBatch, LoraLayers
 from ember.models.decoder import CausalLM
 
 
@@ -57,6 +58,7 @@ class ModelRunner:
             layer.self_attn.k_cache = self.k_cache[index]
             layer.self_attn.v_cache = self.v_cache[index]
         self._scratch: dict = {}  # the attention layers' gather buffers, reused by every step
+        self.lora: LoraLayers | None = None  # the model's low-rank paths, once an adapter is loaded
 
     def _slots(self, block_table: list[int], start: int, stop: int) -> list[int]:
         """Cache slots of positions start..stop-1, whole blocks at a time."""
@@ -153,6 +155,9 @@ class ModelRunner:
             meta.decode_lens = torch.tensor(lens, device=self.device)
             meta.decode_width = width
             meta.decode_padded = min(lens) != width
+        if self.lora is not None:  # which rows use which adapter, in the order of the rows above
+            row_slots = [chunk.seq.lora_slot for chunk in ordered for _ in range(chunk.num_tokens)]
+            self.lora.batch = LoraBatch.from_rows(row_slots, self.device)
         ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
         sampled = [c for c in ordered if c.samples]
