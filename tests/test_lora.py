@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import statistics
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
 from ember.engine.lora import LoraRegistry, LoraSpec
+from ember.loader.lora import LoraError
 from ember.loader.model import load_model
 from tests.engine_helpers import prefill_logits, teacher_forced_agreement
 from tests.tiny_models import build_tiny_model, copy_tokenizer
@@ -104,3 +106,101 @@ def test_gguf_lora_equals_its_peft_source(testdata):
     bases_apart = (prefill_logits(gguf.model, gguf.config, prompt, lora=gguf_registry.layers)
                    - prefill_logits(hf.model, hf.config, prompt, lora=hf_registry.layers)).abs().max().item()
     assert (got - expected).abs().max().item() <= 2 * bases_apart + 1e-3
+
+
+@pytest.fixture(scope="module")
+def four_adapters(tiny_llama, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("adapters")
+    paths = {}
+    for index in range(4):
+        # Different ranks and target sets: the batch mixes shapes, and some projections have no adapter.
+        targets = ALL_TARGETS if index % 2 == 0 else ["q_proj", "v_proj", "down_proj"]
+        make_peft_adapter(tiny_llama, folder / f"a{index}", seed=10 + index, r=2 + 2 * index, targets=targets)
+        paths[f"a{index}"] = folder / f"a{index}"
+    return paths
+
+
+@pytest.fixture(scope="module")
+def lora_llm(tiny_llama, four_adapters):
+    from ember.llm import LLM
+
+    return LLM(str(tiny_llama), dtype="float32", device="cpu", max_num_seqs=16, max_model_len=128,
+               lora=[f"{name}={path}" for name, path in four_adapters.items()])
+
+
+def test_mixed_batch_equals_each_alone(lora_llm):
+    """16 requests over 4 adapters and the base model, in one batch, give each request's tokens alone."""
+    from ember.sampling_params import SamplingParams
+
+    names = [None, "a0", "a1", "a2", "a3"]
+    generator = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 300, (int(n),), generator=generator).tolist()
+               for n in torch.randint(3, 20, (16,), generator=generator)]
+    params = [SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, lora=names[i % 5],
+                             use_prefix_cache=False) for i in range(16)]
+    together = [out.token_ids for out in lora_llm.generate(prompts, params)]
+    alone = [lora_llm.generate(prompt, p)[0].token_ids for prompt, p in zip(prompts, params, strict=True)]
+    assert together == alone
+    # The adapters matter: the same prompt under each adapter and the base gives different tokens.
+    first = {tuple(lora_llm.generate(prompts[0], SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True),
+                                     lora=name)[0].token_ids) for name in names}
+    assert len(first) == 5
+
+
+def test_prefix_cache_keys_include_the_adapter(lora_llm):
+    from ember.sampling_params import SamplingParams
+
+    prompt = list(range(10, 60))  # several full blocks
+    greedy = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    first = lora_llm.generate(prompt, greedy, lora="a0")[0]
+    again = lora_llm.generate(prompt, greedy, lora="a0")[0]
+    assert again.cached_tokens > 0 and again.token_ids == first.token_ids
+    for other in (None, "a1"):  # cached under a0: not reused by the base model or another adapter
+        out = lora_llm.generate(prompt, greedy, lora=other)[0]
+        assert out.cached_tokens == 0
+        assert out.token_ids == lora_llm.generate(prompt, replace(greedy, use_prefix_cache=False), lora=other)[0].token_ids
+
+
+def test_load_unload_at_run_time(lora_llm, four_adapters):
+    from ember.engine.lora import LoraInUse, LoraNotFound
+    from ember.errors import InvalidParameter
+    from ember.sampling_params import SamplingParams
+
+    engine = lora_llm.engine
+    lora_llm.load_lora("again", str(four_adapters["a3"]), scale=0.5)
+    engine.add_request("busy", [5, 6, 7], SamplingParams(max_tokens=2, lora="again"))
+    with pytest.raises(LoraInUse):  # refused while a request uses it
+        lora_llm.unload_lora("again")
+    while engine.has_work():
+        engine.step()
+    lora_llm.unload_lora("again")
+    with pytest.raises(InvalidParameter, match="unknown LoRA adapter 'again'"):
+        lora_llm.generate([5, 6, 7], SamplingParams(max_tokens=2), lora="again")
+    with pytest.raises(LoraNotFound):
+        lora_llm.unload_lora("again")
+    with pytest.raises(LoraError, match="already loaded"):
+        lora_llm.load_lora("a0", str(four_adapters["a0"]))
+
+
+def test_bad_adapters_are_refused(tmp_path, testdata, four_adapters):
+    """A PEFT adapter for another base, a missing path, a non-adapter file and unsupported options: LoraError."""
+    loaded = load_model(testdata / "gguf" / "tiny-llama-hf", dtype="float32", device="cpu")
+    registry = LoraRegistry(loaded)
+    with pytest.raises(LoraError, match="do not fit the base model"):
+        registry.load(LoraSpec("x", str(four_adapters["a0"])))
+    with pytest.raises(LoraError, match="does not exist"):
+        registry.load(LoraSpec("x", str(tmp_path / "missing")))
+    with pytest.raises(LoraError, match="not a LoRA adapter GGUF"):
+        registry.load(LoraSpec("x", str(testdata / "gguf" / "tiny-llama-Q4_0.gguf")))
+    with pytest.raises(LoraError, match="needs adapter_config.json"):
+        registry.load(LoraSpec("x", str(tmp_path)))
+    bad = tmp_path / "dora"
+    bad.mkdir()
+    config = json.loads((DATA / "peft" / "adapter_config.json").read_text())
+    (bad / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
+    (bad / "adapter_model.safetensors").write_bytes((DATA / "peft" / "adapter_model.safetensors").read_bytes())
+    with pytest.raises(LoraError, match="use_dora"):
+        registry.load(LoraSpec("x", str(bad)))
+    with pytest.raises(LoraError, match="lora_name"):
+        registry.load(LoraSpec("bad name!", str(DATA / "peft")))
+    assert registry.adapters == {}
