@@ -9,7 +9,7 @@ from dataclasses import replace
 from ember.engine.embedding_engine import EmbeddingEngine
 from ember.engine.engine import EngineArgs
 from ember.engine.factory import create_engine
-from ember.engine.lora import LoraSpec
+from ember.engine.lora_spec import LoraSpec
 from ember.engine.outputs import CompletionOutput
 from ember.errors import ChatTemplateError, InvalidParameter
 from ember.sampling_params import SamplingParams

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from ember.engine.lora import LoraRegistry, LoraSpec
-from ember.loader.lora import LoraError
+from ember.engine.lora import LoraRegistry
+from ember.engine.lora_spec import LoraSpec
+from ember.errors import LoraError
 from ember.loader.model import load_model
 from tests.engine_helpers import prefill_logits, teacher_forced_agreement
 from tests.tiny_models import build_tiny_model, copy_tokenizer
@@ -162,8 +163,7 @@ def test_prefix_cache_keys_include_the_adapter(lora_llm):
 
 
 def test_load_unload_at_run_time(lora_llm, four_adapters):
-    from ember.engine.lora import LoraInUse, LoraNotFound
-    from ember.errors import InvalidParameter
+    from ember.errors import InvalidParameter, LoraInUse, LoraNotFound
     from ember.sampling_params import SamplingParams
 
     engine = lora_llm.engine

@@ -6,10 +6,11 @@ import argparse
 
 
 def add_model_options(parser: argparse.ArgumentParser, kv_default: str, *, threads: bool = True,
-                      max_num_seqs: bool = False) -> None:
+                      max_num_seqs: bool = False, lora: str | None = None) -> None:
     """The engine's options; `kv_default` says how the command sizes the KV cache without --kv-memory.
     `threads`: add -t/--threads (`ember bench` has its own, a sweep). `max_num_seqs`: add --max-num-seqs (only
-    the server decodes an open number of sequences: `run` has one, `bench` its -c)."""
+    the server decodes an open number of sequences: `run` has one, `bench` its -c). `lora`: add --lora, with
+    this help text (the commands that use the adapters: `run`, `serve`)."""
     group = parser.add_argument_group("model")
     group.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                        help="weights/activations dtype (auto: float32 on CPU, the checkpoint's on GPU)")
@@ -24,6 +25,9 @@ def add_model_options(parser: argparse.ArgumentParser, kv_default: str, *, threa
     if threads:
         group.add_argument("-t", "--threads", type=int, default=None, metavar="N",
                            help="CPU threads (default: torch's, one per physical core)")
+    if lora is not None:
+        parser.add_argument_group("LoRA adapters (docs/lora.md)").add_argument(
+            "--lora", action="append", default=None, metavar="[NAME=]PATH[:SCALE]", help=lora)
     spec = parser.add_argument_group("speculative decoding (docs/speculative.md)")
     spec.add_argument("--draft", default=None, metavar="MODEL",
                       help="a smaller model with the same vocabulary drafts tokens the model verifies")
@@ -39,8 +43,23 @@ def engine_args(args: argparse.Namespace, **command) -> dict:
         "dtype": args.dtype, "device": args.device, "max_model_len": args.max_model_len,
         "kv_memory": args.kv_memory, "block_size": args.block_size, "max_batched_tokens": args.max_batched_tokens,
         "draft": args.draft, "spec_ngram": args.spec_ngram, "spec_tokens": args.spec_tokens,
+        "lora": getattr(args, "lora", None),
         **command,
     }
+
+
+def existing_adapters(value) -> list:
+    """--lora's specs (ember.engine.lora_spec.LoraSpec), each naming a path that exists (else a one-line error)."""
+    from pathlib import Path
+
+    from ember.engine.lora_spec import lora_specs
+    from ember.errors import InvalidParameter
+
+    specs = lora_specs(value)
+    for spec in specs:
+        if not Path(spec.path).exists():
+            raise InvalidParameter("--lora", f"{spec.path} does not exist (give [NAME=]PATH[:SCALE])")
+    return specs
 
 
 def add_sampling_options(parser: argparse.ArgumentParser) -> None:

@@ -15,7 +15,8 @@ import psutil
 import torch
 
 from ember.engine.block_manager import BlockManager
-from ember.engine.lora import LoraRegistry, LoraSpec, lora_specs
+from ember.engine.lora import LoraRegistry
+from ember.engine.lora_spec import LoraSpec, lora_specs
 from ember.engine.model_runner import ModelRunner, PromptScores
 from ember.engine.outputs import StepOutput, TokenLogprob
 from ember.engine.scheduler import ScheduledChunk, Scheduler

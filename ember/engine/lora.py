@@ -11,62 +11,17 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ember.errors import EmberError, InvalidParameter
+from ember.engine.lora_spec import LoraSpec, check_name
+from ember.errors import InvalidParameter, LoraError, LoraInUse, LoraNotFound
 from ember.layers.lora import LoraLayers, attach_lora
-from ember.loader.lora import LoraError, LoraWeights, read_lora
-from ember.loader.model import LoadedModel
+from ember.loader.lora import LoraWeights, read_lora
+
+if TYPE_CHECKING:
+    from ember.loader.model import LoadedModel
 
 MAX_ADAPTERS = 64
-_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:/@")
-
-
-class LoraNotFound(EmberError):
-    """No adapter of that name is loaded."""
-
-
-class LoraInUse(EmberError):
-    """The adapter still serves running or waiting sequences."""
-
-
-@dataclass
-class LoraSpec:
-    """An adapter to load: `name=path` or `name=path:scale` on the command line."""
-
-    name: str
-    path: str
-    scale: float = 1.0
-
-    @classmethod
-    def parse(cls, text: str) -> LoraSpec:
-        name, sep, rest = text.partition("=")
-        if not sep:  # a bare path: named after its file or folder
-            name, rest = Path(text.rstrip("/")).stem, text
-        path, scale = rest, 1.0
-        head, colon, tail = rest.rpartition(":")
-        if colon and head:
-            try:
-                path, scale = head, float(tail)
-            except ValueError:
-                pass  # a colon in the path itself
-        return cls(name, path, scale)
-
-
-def lora_specs(value) -> list[LoraSpec]:
-    """EngineArgs.lora as a list of LoraSpec: from one spec string, a list of strings or LoraSpecs, or None."""
-    if value is None:
-        return []
-    items = [value] if isinstance(value, (str, LoraSpec)) else value
-    if not isinstance(items, (list, tuple)):
-        raise InvalidParameter("lora", f"expected adapter specs (name=path[:scale]), got {value!r}")
-    specs = []
-    for item in items:
-        if not isinstance(item, (str, LoraSpec)):
-            raise InvalidParameter("lora", f"expected an adapter spec (name=path[:scale]), got {item!r}")
-        specs.append(LoraSpec.parse(item) if isinstance(item, str) else item)
-    if len({s.name for s in specs}) != len(specs):
-        raise InvalidParameter("lora", "two adapters share a name")
-    return specs
 
 
 @dataclass(eq=False)
@@ -79,12 +34,6 @@ class Adapter:
     @property
     def name(self) -> str:
         return self.weights.name
-
-
-def check_name(name) -> str:
-    if not isinstance(name, str) or not 1 <= len(name) <= 128 or not set(name) <= _NAME_CHARS:
-        raise LoraError(f"lora_name must be 1-128 characters of letters, digits and -_.:/@, got {name!r}")
-    return name
 
 
 class LoraRegistry:

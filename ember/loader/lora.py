@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from ember.errors import EmberError
+from ember.errors import LoraError
 from ember.formats.gguf import GGUFFile, has_gguf_magic
 from ember.loader.gguf_names import ember_name, unpermute_rows
 from ember.models.decoder import CausalLM
@@ -29,10 +29,6 @@ TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"
 MAX_RANK = 1024
 _TARGET = re.compile(r"^model\.layers\.\d+\.(self_attn|mlp)\.(" + "|".join(TARGET_MODULES) + ")$")
 _PEFT_KEY = re.compile(r"^base_model\.model\.(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$")
-
-
-class LoraError(EmberError):
-    """An adapter's files are missing, malformed, or do not fit the base model."""
 
 
 @dataclass

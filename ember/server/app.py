@@ -13,7 +13,16 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 
 from ember import __version__
-from ember.server import anthropic_api, errors, llamacpp_api, ollama_api, openai_api, rerank_api, webui
+from ember.server import (
+    anthropic_api,
+    errors,
+    llamacpp_api,
+    lora_api,
+    ollama_api,
+    openai_api,
+    rerank_api,
+    webui,
+)
 from ember.server.errors import DECLARED_TYPE, APIError, error_body
 from ember.server.generation import ClientGone
 from ember.server.state import LEASES, ServerState
@@ -170,6 +179,7 @@ def create_app(state: ServerState) -> FastAPI:
     app.include_router(llamacpp_api.router)
     app.include_router(anthropic_api.router)
     app.include_router(rerank_api.router)
+    app.include_router(lora_api.router)
     app.add_middleware(GuardMiddleware, state=state)
     if state.settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=state.settings.cors_origins, allow_methods=["*"],

@@ -139,6 +139,8 @@ def start_generation(state: ServerState, entry: ModelEntry, prompts: list[list[i
     """Validate and admit a request on a model the request holds (raising the 4xx/503 before any byte is sent)."""
     if params.seed is not None and params.n > 1:
         replace(params, n=1, seed=params.seed + params.n - 1)  # sample i uses seed + i: check the last one fits
+    if entry.lora is not None:
+        params = replace(params, lora=entry.lora)
     for prompt in prompts:
         validate(entry.engine, prompt, params)
     state.admit(entry.engine, len(prompts) * params.n)

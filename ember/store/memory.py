@@ -286,21 +286,31 @@ def overhead_bytes(config: ModelConfig) -> int:
     return RUNTIME_BYTES + ENGINE_BYTES + PREFILL_BATCH * per_token * 4 + tokenizer_bytes(config)
 
 
-def estimate_memory(path: str | Path, context: int, dtype: str = "bfloat16", device: str = "cpu") -> MemoryEstimate:
+def adapters_bytes(adapters, dtype: str) -> int:
+    """LoRA adapters' (PEFT folders, GGUF files) values as the engine holds them: in the activation dtype."""
+    from ember.loader.lora import adapter_nbytes
+
+    return sum(adapter_nbytes(path, DTYPE_BYTES[dtype]) for path in adapters)
+
+
+def estimate_memory(path: str | Path, context: int, dtype: str = "bfloat16", device: str = "cpu",
+                    adapters=()) -> MemoryEstimate:
     """Bytes to run the model at `path` on `device` with activations and `context` tokens of KV cache in
-    `dtype` ("auto": as the engine resolves it on that device)."""
+    `dtype` ("auto": as the engine resolves it on that device), with the LoRA `adapters` (paths) loaded too:
+    they count with the weights."""
     if not isinstance(context, int) or context <= 0:
         raise ModelLoadError(f"context must be a positive integer, not {context!r}")
     shape = _shape(path, dtype, device)
-    return MemoryEstimate(shape.weights_bytes, shape.kv_bytes_per_token * context, overhead_bytes(shape.config),
-                          context)
+    return MemoryEstimate(shape.weights_bytes + adapters_bytes(adapters, shape.dtype),
+                          shape.kv_bytes_per_token * context, overhead_bytes(shape.config), context)
 
 
-def fit_context(path: str | Path, budget_bytes: int, wanted: int, dtype: str = "bfloat16", device: str = "cpu") -> int:
+def fit_context(path: str | Path, budget_bytes: int, wanted: int, dtype: str = "bfloat16", device: str = "cpu",
+                adapters=()) -> int:
     """The largest context ≤ `wanted` that fits in `budget_bytes` on `device`: `wanted` itself when it fits,
     else the largest multiple of 256 that does; EmberError when not even 256 tokens fit."""
     shape = _shape(path, dtype, device)
-    fixed = shape.weights_bytes + overhead_bytes(shape.config)
+    fixed = shape.weights_bytes + adapters_bytes(adapters, shape.dtype) + overhead_bytes(shape.config)
     per_token = shape.kv_bytes_per_token
     if fixed + per_token * wanted <= budget_bytes:
         return wanted
