@@ -15,7 +15,7 @@ Needs a llama.cpp checkout built with its shared library (build/bin/libllama.so)
 
 Names come from llama.cpp's src/llama-vocab.cpp (every `tokenizer_pre == "..."`); a name llama.cpp refuses
 to load is recorded as refused. Results are stored once per distinct result to keep the file small, each
-token spelled as in the vocabulary (byte-level characters: "Ġ" is a space, "Ċ" a newline).
+text's ids on one line, as in llama.cpp's .out files (the test shows the pieces when they differ).
 """
 
 from __future__ import annotations
@@ -119,6 +119,7 @@ def write_vocab(path: Path, tokens: list[str], merges: list[str]) -> None:
 
 def main() -> None:
     llama_cpp = Path(sys.argv[1])
+    real_vocab = llama_cpp / "models" / "ggml-vocab-deepseek-coder.gguf"
     for text in TEXTS:
         assert "__ggml_vocab_test__" not in text
     tokens, merges = synthetic_vocab(TEXTS)
@@ -129,7 +130,7 @@ def main() -> None:
         write_vocab(vocab, tokens, merges)
         texts_file = work / "texts.inp"
         texts_file.write_text("".join(text + SEPARATOR for text in TEXTS), encoding="utf-8")
-        results: list[list[list[str]]] = []
+        results: list[list[str]] = []
         by_pre: dict[str, int | str] = {}
         for name in pre_names(llama_cpp):
             run = subprocess.run([str(tool), str(vocab), name, str(texts_file)], capture_output=True, text=True)
@@ -139,17 +140,21 @@ def main() -> None:
                 by_pre[name] = "refused" if out == ["REFUSED"] else f"aborted (exit {run.returncode})"
                 continue
             assert len(out) == len(TEXTS), (name, len(out))
-            out = [[tokens[int(token_id)] for token_id in line.split()] for line in out]
             if out not in results:
                 results.append(out)
             by_pre[name] = results.index(out)
+        # One real vocabulary too: DeepSeek LLM's pre-tokenizer over DeepSeek Coder's vocabulary (the shared
+        # test data has the latter, not the former), as ids.
+        real = subprocess.run([str(tool), str(real_vocab), "deepseek-llm", str(texts_file)], check=True,
+                              capture_output=True, text=True).stdout.splitlines()
     OUTPUT.write_text(json.dumps({
         "generated_by": "scripts/pretokenizer_vectors.py: llama.cpp's llama_tokenize (no BOS/EOS, no special "
                         "tokens parsed) on the synthetic vocabulary of tests/pretokenizer_vocab.py",
         "texts": TEXTS,
         "results": results,
         "by_pre": by_pre,
-    }, ensure_ascii=False, indent=0) + "\n", encoding="utf-8")
+        "deepseek_llm_on_deepseek_coder_vocab": real,
+    }, indent=1) + "\n", encoding="utf-8")  # ASCII escapes: no editor can normalize the texts
     print(f"{len(by_pre)} names, {len(results)} distinct results -> {OUTPUT}")
 
 
