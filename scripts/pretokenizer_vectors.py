@@ -27,9 +27,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-import gguf
-
-from tests.pretokenizer_vocab import synthetic_vocab
+from tests.pretokenizer_vocab import write_synthetic_gguf
 
 ROOT = Path(__file__).resolve().parent.parent
 OUTPUT = ROOT / "tests" / "data" / "llama_cpp_pretokenizers.json"
@@ -97,37 +95,16 @@ def build_tool(llama_cpp: Path, work: Path) -> Path:
     return tool
 
 
-def write_vocab(path: Path, tokens: list[str], merges: list[str]) -> None:
-    """A vocabulary-only GGUF file llama.cpp loads (it reads an architecture's hyperparameters even then)."""
-    writer = gguf.GGUFWriter(str(path), "qwen2")
-    writer.add_block_count(1)
-    writer.add_context_length(4096)
-    writer.add_embedding_length(64)
-    writer.add_feed_forward_length(128)
-    writer.add_head_count(1)
-    writer.add_head_count_kv(1)
-    writer.add_layer_norm_rms_eps(1e-6)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")  # overridden per run
-    writer.add_token_list(tokens)
-    writer.add_token_types([gguf.TokenType.NORMAL] * len(tokens))
-    writer.add_token_merges(merges)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.close()
-
-
 def main() -> None:
     llama_cpp = Path(sys.argv[1])
     real_vocab = llama_cpp / "models" / "ggml-vocab-deepseek-coder.gguf"
     for text in TEXTS:
         assert "__ggml_vocab_test__" not in text
-    tokens, merges = synthetic_vocab(TEXTS)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         tool = build_tool(llama_cpp, work)
         vocab = work / "vocab.gguf"
-        write_vocab(vocab, tokens, merges)
+        write_synthetic_gguf(vocab, TEXTS, "default")  # the name is overridden per run
         texts_file = work / "texts.inp"
         texts_file.write_text("".join(text + SEPARATOR for text in TEXTS), encoding="utf-8")
         results: list[list[str]] = []
@@ -143,6 +120,8 @@ def main() -> None:
             if out not in results:
                 results.append(out)
             by_pre[name] = results.index(out)
+        unknown = subprocess.run([str(tool), str(vocab), "no-such-pre", str(texts_file)], check=True,
+                                 capture_output=True, text=True).stdout.splitlines()
         # One real vocabulary too: DeepSeek LLM's pre-tokenizer over DeepSeek Coder's vocabulary (the shared
         # test data has the latter, not the former), as ids.
         real = subprocess.run([str(tool), str(real_vocab), "deepseek-llm", str(texts_file)], check=True,
@@ -153,6 +132,7 @@ def main() -> None:
         "texts": TEXTS,
         "results": results,
         "by_pre": by_pre,
+        "no-such-pre": "refused" if unknown == ["REFUSED"] else "loaded",
         "deepseek_llm_on_deepseek_coder_vocab": real,
     }, indent=1) + "\n", encoding="utf-8")  # ASCII escapes: no editor can normalize the texts
     print(f"{len(by_pre)} names, {len(results)} distinct results -> {OUTPUT}")

@@ -62,3 +62,27 @@ def synthetic_metadata(texts: list[str], pre: str) -> dict:
         "tokenizer.ggml.token_type": [1] * len(tokens),
         "tokenizer.ggml.merges": merges,
     }
+
+
+def write_synthetic_gguf(path, texts: list[str], pre: str) -> None:
+    """The synthetic vocabulary as a vocabulary-only GGUF file (llama.cpp reads an architecture's
+    hyperparameters even then, so a tiny qwen2 shape is declared)."""
+    import gguf
+
+    metadata = synthetic_metadata(texts, pre)
+    writer = gguf.GGUFWriter(str(path), "qwen2")
+    writer.add_block_count(1)
+    writer.add_context_length(4096)
+    writer.add_embedding_length(64)
+    writer.add_feed_forward_length(128)
+    writer.add_head_count(1)
+    writer.add_head_count_kv(1)
+    writer.add_layer_norm_rms_eps(1e-6)
+    writer.add_tokenizer_model(metadata["tokenizer.ggml.model"])
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(metadata["tokenizer.ggml.tokens"])
+    writer.add_token_types(metadata["tokenizer.ggml.token_type"])
+    writer.add_token_merges(metadata["tokenizer.ggml.merges"])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()

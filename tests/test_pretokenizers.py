@@ -16,7 +16,8 @@ from tokenizers import Regex
 from ember.errors import TokenizerError
 from ember.tokenizer.gguf_vocab import tokenizer_from_gguf_metadata
 from ember.tokenizer.pre_tokenizers import PRE_TOKENIZERS, PreTokenizer, Refused
-from tests.pretokenizer_vocab import synthetic_metadata
+from tests.pretokenizer_vocab import synthetic_metadata, write_synthetic_gguf
+from tests.test_cli import ember
 from tests.test_gguf_vocab import VOCAB_DIR, llama_cpp_ids, vocab_metadata
 
 DATA = json.loads((Path(__file__).parent / "data" / "llama_cpp_pretokenizers.json").read_text(encoding="utf-8"))
@@ -38,6 +39,7 @@ def synthetic_tokenizer(name: str):
 
 def test_table_holds_every_name_llama_cpp_knows():
     assert sorted(PRE_TOKENIZERS) == sorted(DATA["by_pre"])
+    assert DATA["no-such-pre"] == "refused"  # as ember refuses names outside the table
 
 
 @pytest.mark.parametrize("name", SUPPORTED)
@@ -86,3 +88,15 @@ def test_flags_follow_llama_cpp_when_the_file_is_silent(name, add_bos, bos_id):
     tokenizer = synthetic_tokenizer(name)
     assert tokenizer.add_bos == add_bos
     assert tokenizer.bos_token == (None if bos_id is None else _synthetic["tokenizer.ggml.tokens"][bos_id])
+
+
+def test_cli_loads_deepseek_llm_and_refuses_gemma4_in_one_line(tmp_path):
+    deepseek_llm, gemma4 = tmp_path / "deepseek-llm.gguf", tmp_path / "gemma4.gguf"
+    write_synthetic_gguf(deepseek_llm, TEXTS, "deepseek-llm")
+    write_synthetic_gguf(gemma4, TEXTS, "gemma4")
+    result = ember("tokenize", str(deepseek_llm), TEXTS[0], "--ids")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == [int(token_id) for token_id in DATA["results"][DATA["by_pre"]["deepseek-llm"]][0].split()]
+    result = ember("tokenize", str(gemma4), TEXTS[0])
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "tokenizer.ggml.pre='gemma4'" in result.stderr and len(result.stderr.strip().splitlines()) == 1
