@@ -288,6 +288,8 @@ def overhead_bytes(config: ModelConfig) -> int:
 
 def adapters_bytes(adapters, dtype: str) -> int:
     """LoRA adapters' (PEFT folders, GGUF files) values as the engine holds them: in the activation dtype."""
+    if not adapters:
+        return 0  # without adapters, estimates stay free of torch (the reader below imports it)
     from ember.loader.lora import adapter_nbytes
 
     return sum(adapter_nbytes(path, DTYPE_BYTES[dtype]) for path in adapters)
