@@ -5,7 +5,8 @@
 Writes `--adapters` random PEFT adapters (every projection of every layer, rank `--rank`) for the model's shapes,
 loads them into one engine, and times `--steps` decode steps of `--seqs` sequences: all on the base model, then
 spread over the adapters (seqs / adapters each), interleaved `--rounds` times (the machine is shared: the ratio
-of each round's adjacent runs is reported, and their median). Also times the two ways of batching the low-rank matmuls for one projection (--micro).
+of each round's adjacent runs is reported, and their median). Also times three ways of batching the low-rank
+matmuls for one projection (the first line it prints).
 """
 
 # ruff: noqa: I001  (ember before torch: it sets OMP_WAIT_POLICY for its kernels' thread pool)
