@@ -356,6 +356,7 @@ class ModelPool:
         from ember.store.memory import estimate_memory, fit_context
 
         dtype = str(args.get("dtype", "auto"))
+        kv_cache_dtype = str(args.get("kv_cache_dtype", "auto"))
         try:
             # What the engine will hold depends on where it runs (native CPU kernels keep the file's blocks,
             # GPUs repack) and "auto" dtype on it (float32 on CPU): estimate for the device it will load on.
@@ -364,7 +365,7 @@ class ModelPool:
             wanted = args.get("max_model_len") or min(limit or DEFAULT_MAX_MODEL_LEN, DEFAULT_MAX_MODEL_LEN)
             if limit:
                 wanted = min(wanted, limit)
-            full = await asyncio.to_thread(estimate_memory, resolved.path, int(wanted), dtype, device)
+            full = await asyncio.to_thread(estimate_memory, resolved.path, int(wanted), dtype, device, kv_cache_dtype)
         except (EmberError, OSError, ValueError, KeyError) as err:
             log.warning("cannot estimate the memory %s needs (%s); loading it without a budget check", key, err)
             return None, False
@@ -387,7 +388,7 @@ class ModelPool:
                 if user_kv is None:
                     try:
                         context = await asyncio.to_thread(fit_context, resolved.path, free, int(wanted), dtype,
-                                                            device)
+                                                            device, kv_cache_dtype)
                         fitted = True
                     except EmberError as err:
                         raise no_room(key, need, busy, err, self.max_memory) from None
