@@ -63,8 +63,9 @@ class ModelRunner:
         for index, layer in enumerate(model.model.layers):
             attn = layer.self_attn
             attn.k_cache, attn.v_cache = self.k_cache[index], self.v_cache[index]
-            if quantized:
-                attn.k_scale, attn.v_scale = self.k_scale[index], self.v_scale[index]
+            # None for a float cache: the model may have run on a quantized cache before (another runner).
+            attn.k_scale = self.k_scale[index] if quantized else None
+            attn.v_scale = self.v_scale[index] if quantized else None
         self._scratch: dict = {}  # the attention layers' gather buffers, reused by every step
 
     @property
