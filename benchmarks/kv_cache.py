@@ -9,6 +9,8 @@
     python benchmarks/kv_cache.py memory /work/bench/b1-Q4_K_M.gguf --kv-memory 1G
     # decode tokens/s of 16 sequences over a shared 1K-token prefix, A/B interleaved, medians
     python benchmarks/kv_cache.py speed /work/bench/b1-Q4_K_M.gguf --seqs 16 --context 1024 --repeat 3
+    # the native decode attention kernel alone (one layer of the 1.1B's shapes), float32 vs int8 cache
+    python benchmarks/kv_cache.py kernel --seqs 16 --context 2048
 
 quality: one engine per cache, the prompt scored (prompt_logprobs) in --chunk-token steps; |Δ logprob| of each
 prompt token, over every position and over those past the first chunk (a fresh prompt's first chunk attends its
@@ -152,6 +154,36 @@ def speed(args) -> None:
           f"(int8/auto {int8 / auto:.3f}); load average after: {os.getloadavg()}")
 
 
+def kernel(args) -> None:
+    """The native decode attention alone, float32 vs int8 cache, on the 1.1B model's shapes (32 query heads, 4
+    KV heads of 64): `--seqs` sequences of `--context` tokens on scattered 16-token blocks, interleaved."""
+    from ember.kernels.attention import decode_attention
+    from ember.layers import kv_cache
+
+    heads, kv_heads, head_dim, block = 32, 4, 64, 16
+    per_seq = -(-args.context // block)
+    slots = args.seqs * per_seq * block
+    gen = torch.Generator().manual_seed(0)
+    k, v = torch.randn(slots, kv_heads, head_dim, generator=gen), torch.randn(slots, kv_heads, head_dim, generator=gen)
+    (kq, ks), (vq, vs) = kv_cache.quantize(k), kv_cache.quantize(v)
+    blocks = torch.randperm(args.seqs * per_seq, generator=gen)
+    lens = torch.full((args.seqs,), args.context)
+    q = torch.randn(args.seqs, heads, head_dim, generator=gen)
+    caches = {"auto": (k, v, None, None), "int8": (kq, vq, ks, vs)}
+    times = {cache: [] for cache in CACHES}
+    for rep in range(args.repeat * 20):
+        for cache in CACHES if rep % 2 == 0 else reversed(CACHES):
+            kc, vc, kscale, vscale = caches[cache]
+            started = time.perf_counter()
+            out = decode_attention(q, kc, vc, lens, blocks, 0, block, head_dim**-0.5, None, None, kscale, vscale)
+            times[cache].append(time.perf_counter() - started)
+            assert out is not None, "the native kernels are not available here"
+    auto, int8 = statistics.median(times["auto"]), statistics.median(times["int8"])
+    print(f"decode attention, {args.seqs} x {args.context} tokens, one layer, {torch.get_num_threads()} threads: "
+          f"median auto {auto * 1e3:.3f} ms, int8 {int8 * 1e3:.3f} ms (int8/auto time {int8 / auto:.3f}); "
+          f"load average {os.getloadavg()}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -173,8 +205,12 @@ def main() -> None:
     s.add_argument("--context", type=int, default=1024)
     s.add_argument("--steps", type=int, default=16)
     s.add_argument("--repeat", type=int, default=3)
+    k = sub.add_parser("kernel")
+    k.add_argument("--seqs", type=int, default=16)
+    k.add_argument("--context", type=int, default=2048)
+    k.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
-    {"quality": quality, "memory": memory, "speed": speed}[args.command](args)
+    {"quality": quality, "memory": memory, "speed": speed, "kernel": kernel}[args.command](args)
 
 
 if __name__ == "__main__":

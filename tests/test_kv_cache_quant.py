@@ -1,4 +1,4 @@
-"""--kv-cache-dtype int8 (ember.quant.kv_cache, docs/kv-cache.md): attention over the int8 cache equals float
+"""--kv-cache-dtype int8 (ember.layers.kv_cache, docs/kv-cache.md): attention over the int8 cache equals float
 attention over the dequantized cache (native kernel on both ISA builds, torch path; decode and prefill chunks on
 scattered blocks, GQA); a tiny model's greedy output and teacher-forced log-probabilities stay those of the
 float cache; blocks are freed after aborts; the cache and the estimators are half a 16-bit cache's size."""
@@ -22,9 +22,9 @@ from ember.engine.scheduler import ScheduledChunk
 from ember.errors import InvalidParameter
 from ember.kernels import native
 from ember.kernels.attention import decode_attention
+from ember.layers import kv_cache
 from ember.layers.attention import Attention, attend
 from ember.llm import LLM
-from ember.quant import kv_cache
 from ember.sampling_params import SamplingParams
 from ember.store.memory import (
     KV_CACHE_DTYPES,

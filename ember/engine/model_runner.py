@@ -11,9 +11,9 @@ import torch
 from ember.config import ModelConfig
 from ember.engine.scheduler import ScheduledChunk
 from ember.engine.sequence import Sequence
+from ember.layers import kv_cache
 from ember.layers.attention import AttentionMetadata, PrefillSlice
 from ember.models.decoder import CausalLM
-from ember.quant import kv_cache
 
 
 @dataclass
@@ -48,7 +48,7 @@ class ModelRunner:
     def __init__(self, model: CausalLM, config: ModelConfig, device: torch.device, kv_dtype: torch.dtype,
                  block_size: int, num_blocks: int, kv_cache_dtype: str = "auto"):
         """`kv_dtype`: the activation dtype, the cache's for kv_cache_dtype "auto"; a quantized cache
-        (ember.quant.kv_cache) holds its values and, beside them, one scale per token and KV head."""
+        (ember.layers.kv_cache) holds its values and, beside them, one scale per token and KV head."""
         self.model = model
         self.device = device
         self.block_size = block_size

@@ -2,7 +2,7 @@
  * through the block table (no gather into a contiguous copy).
  *
  * Cache float32 [slots, kv_heads, head_dim], or int8 with a float32 scale per slot and KV head ([slots,
- * kv_heads]: --kv-cache-dtype int8, ember.quant.kv_cache): each int8 row is dequantized once into a small
+ * kv_heads]: --kv-cache-dtype int8, ember.layers.kv_cache): each int8 row is dequantized once into a small
  * buffer as it is read, for the whole query group, so no float copy of the cache is ever made.
  * q and out float32 [D, heads, head_dim]. Each task is one
  * (sequence, KV head): the query heads of its group read every key and value row once. Scores in float32,

@@ -14,7 +14,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     """softmax(q k^T * scale) v for one query token per sequence: q [D, heads, head_dim], caches
     [slots, kv_heads, head_dim], lens [D] context lengths, blocks [D * max_blocks] block ids (or None: one
     sequence whose context is slots start.. start + lens[0]). The caches are float32, or int8 with float32
-    scales k_scale/v_scale [slots, kv_heads] (ember.quant.kv_cache), dequantized as the kernel reads them.
+    scales k_scale/v_scale [slots, kv_heads] (ember.layers.kv_cache), dequantized as the kernel reads them.
     float32 queries on CPU only; None where the kernel does not apply (the caller keeps its torch path)."""
     lib = library()
     cache_dtype = torch.float32 if k_scale is None else torch.int8

@@ -18,10 +18,10 @@ from torch import nn
 
 from ember.config import ModelConfig
 from ember.kernels.attention import decode_attention
+from ember.layers import kv_cache
 from ember.layers.mlp import make_linear
 from ember.layers.norm import RMSNorm
 from ember.layers.rotary import RotaryEmbedding
-from ember.quant import kv_cache
 
 
 @dataclass
@@ -133,7 +133,7 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
         # Set by the model runner: this layer's slice of the paged cache, [num_slots, kv_heads, head_dim], and for
-        # a quantized cache (ember.quant.kv_cache) the scales of its rows, [num_slots, kv_heads]; None otherwise.
+        # a quantized cache (ember.layers.kv_cache) the scales of its rows, [num_slots, kv_heads]; None otherwise.
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
         self.k_scale: torch.Tensor | None = None

@@ -61,7 +61,7 @@ DEVICE_KINDS = ("cpu", "cuda", "mps")
 FLOAT_TYPES = {"F64", "F32", "F16", "BF16"}
 CONTEXT_STEP = 256
 # --kv-cache-dtype: "auto" keeps K/V in the activation dtype; a quantized cache stores (bytes a value, bytes of
-# the scale of each token's KV head): ember.quant.kv_cache.
+# the scale of each token's KV head): ember.layers.kv_cache.
 KV_CACHE_QUANT = {"int8": (1, 4)}
 KV_CACHE_DTYPES = ("auto", *KV_CACHE_QUANT)
 
@@ -279,7 +279,7 @@ def model_config(path: str | Path) -> ModelConfig:
 
 def kv_bytes_per_token(config: ModelConfig, kv_dtype_bytes: int = 2, kv_cache_dtype: str = "auto") -> int:
     """K and V of one token in every layer: `kv_dtype_bytes` a value for an "auto" cache (the activation
-    dtype's), else the quantized cache's value bytes plus one scale per KV head (ember.quant.kv_cache)."""
+    dtype's), else the quantized cache's value bytes plus one scale per KV head (ember.layers.kv_cache)."""
     if kv_cache_dtype == "auto":
         value, scale = kv_dtype_bytes, 0
     else:
