@@ -61,14 +61,19 @@ def _real_text_ids(engine: LLMEngine, length: int) -> list[int]:
 
 
 @contextlib.contextmanager
-def _perturbed_writes(relative: float):
-    """Every K/V written to the cache multiplied by (1 + relative * N(0, 1)): the noise floor of the metric."""
+def _perturbed_writes(floor: str):
+    """Every K/V written to the cache multiplied by (1 + floor * N(0, 1)), or for floor "bf16" rounded to
+    bfloat16 (a bf16 cache, simulated in a float32 one): how far a perturbation moves this model."""
     write = Attention._write
     generator = torch.Generator().manual_seed(2)
 
+    def perturb(x):
+        if floor == "bf16":
+            return x.bfloat16().to(x.dtype)
+        return x * (1 + float(floor) * torch.randn(x.shape, generator=generator))
+
     def noisy(self, k, v, slots):
-        k, v = (x * (1 + relative * torch.randn(x.shape, generator=generator)) for x in (k, v))
-        write(self, k, v, slots)
+        write(self, perturb(k), perturb(v), slots)
 
     Attention._write = noisy
     try:
@@ -80,7 +85,8 @@ def _perturbed_writes(relative: float):
 def quality(args) -> None:
     loaded = _load(args.model)
     logprobs = {}
-    runs = [*CACHES, *([f"auto, K/V x (1 + {args.floor:g} N(0,1))"] if args.floor else [])]
+    perturbed = "auto, K/V rounded to bf16" if args.floor == "bf16" else f"auto, K/V x (1 + {args.floor} N(0,1))"
+    runs = [*CACHES, *([perturbed] if args.floor else [])]
     for cache in runs:
         engine = _engine(loaded, kv_cache_dtype=cache if cache in CACHES else "auto", max_model_len=args.length + 8,
                          max_num_seqs=1, max_batched_tokens=args.chunk, kv_memory=None)
@@ -192,9 +198,9 @@ def main() -> None:
     q.add_argument("--length", type=int, default=2048)
     q.add_argument("--chunk", type=int, default=256, help="prefill tokens per step")
     q.add_argument("--random", action="store_true", help="random token ids instead of the repo's docs")
-    q.add_argument("--floor", type=float, default=0.0, metavar="REL",
-                   help="also score with an auto cache whose K/V carry relative noise REL (e.g. 1e-5): how much "
-                        "any perturbation of the cache moves this model's log-probabilities")
+    q.add_argument("--floor", default=None, metavar="REL|bf16",
+                   help="also score with an auto cache whose K/V carry relative noise REL (e.g. 1e-5), or are "
+                        "rounded to bf16: how much any perturbation of the cache moves this model")
     m = sub.add_parser("memory")
     m.add_argument("model")
     m.add_argument("--kv-memory", type=_size, default=2**30)
