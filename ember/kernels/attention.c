@@ -18,7 +18,7 @@
 
 typedef struct {
     const float *q;
-    const void *k, *v;                /* float32 rows, or int8 rows when k_scale/v_scale are set */
+    const void *k, *v;              /* float32 rows, or int8 rows when k_scale/v_scale are set */
     const float *k_scale, *v_scale; /* [slots, kv_heads] or NULL (a float32 cache) */
     float *out;
     const int64_t *blocks, *lens; /* blocks: [D, max_blocks] or NULL (one sequence from slot `start`) */
@@ -151,7 +151,8 @@ int ember_decode_attention(const float *q, const void *k_cache, const void *v_ca
         block_size < 1)
         return -1;
     if (!k_scale != !v_scale) return -1;
-    attn_job_t j = {.q = q, .k = k_cache, .v = v_cache, .k_scale = k_scale, .v_scale = v_scale, .out = out, .blocks = blocks, .lens = lens,
+    attn_job_t j = {.q = q, .k = k_cache, .v = v_cache, .k_scale = k_scale, .v_scale = v_scale, .out = out,
+                    .blocks = blocks, .lens = lens,
                     .max_blocks = max_blocks, .start = start, .window = window, .heads = heads,
                     .kv_heads = kv_heads, .head_dim = head_dim, .block_size = block_size, .scale = scale,
                     .softcap = softcap};
