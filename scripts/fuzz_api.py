@@ -1,5 +1,5 @@
 """A longer API fuzzing run than CI's: tests/test_api_fuzz.py with more examples per operation and a seed of
-your choice (a new seed explores new inputs; the same seed replays them).
+your choice (a new seed explores new inputs; the same seed replays them), the alias paths included.
 
     python scripts/fuzz_api.py --examples 1000 --seed 7 [-k chat] [pytest options...]
 """
@@ -22,6 +22,7 @@ def main() -> int:
     parser.add_argument("-k", dest="select", default=None, help="only the operations matching this pytest -k")
     args, pytest_args = parser.parse_known_args()
     env = {**os.environ, "EMBER_FUZZ_EXAMPLES": str(args.examples), "EMBER_FUZZ_SEED": str(args.seed),
+           "EMBER_FUZZ_ALIASES": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     command = [sys.executable, "-m", "pytest", "-q", str(ROOT / "tests" / "test_api_fuzz.py"), "-p",
                "no:cacheprovider", *(["-k", args.select] if args.select else []), *pytest_args]

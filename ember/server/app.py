@@ -13,7 +13,16 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 
 from ember import __version__
-from ember.server import anthropic_api, errors, llamacpp_api, ollama_api, openai_api, openapi, rerank_api, webui
+from ember.server import (
+    anthropic_api,
+    errors,
+    llamacpp_api,
+    ollama_api,
+    openai_api,
+    openapi,
+    rerank_api,
+    webui,
+)
 from ember.server.errors import DECLARED_TYPE, APIError, error_body
 from ember.server.generation import ClientGone
 from ember.server.state import LEASES, ServerState
