@@ -6,6 +6,7 @@ longer (EMBER_FUZZ_EXAMPLES, EMBER_FUZZ_SEED). docs/reliability.md#api-fuzzing h
 
 from __future__ import annotations
 
+import json
 import os
 from collections import Counter
 
@@ -20,7 +21,7 @@ from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi import checks
 
-from ember.server.openapi import ROUTES
+from ember.server.openapi import NDJSON, ROUTES, SSE
 from ember.server.protocol import (
     UNSUPPORTED_FIELDS,
     AnthropicRequest,
@@ -70,6 +71,22 @@ def api_schema(fuzz_server):
     return schemathesis.openapi.from_url(f"{fuzz_server.url}/openapi.json")
 
 
+def stream_without_errors(ctx, response, case) -> None:
+    """A 200 stream (SSE or NDJSON) is events of JSON, none of them an error: once its headers are sent, a
+    failure can only show as an error event, which the status checks cannot see."""
+    media = (response.headers.get("content-type") or [""])[0]
+    if response.status_code != 200 or not media.startswith((SSE, NDJSON)):
+        return
+    lines = response.text.splitlines()
+    payloads = [line[6:] for line in lines if line.startswith("data: ")] if media.startswith(SSE) else lines
+    assert payloads, f"an empty stream: {response.text!r}"
+    for payload in payloads:
+        if payload == "[DONE]":
+            continue
+        event = json.loads(payload)
+        assert "error" not in event and event.get("type") != "error", f"an error in the stream: {payload}"
+
+
 def _fuzz_settings(test):
     test = settings(max_examples=EXAMPLES, derandomize=SEED is None, deadline=None, database=None,
                     suppress_health_check=list(HealthCheck), print_blob=True)(test)
@@ -85,15 +102,16 @@ def test_fuzz(api_schema, session, method, path):
     @given(case=cases)
     @_fuzz_settings
     def fuzz(case):
-        response = case.call_and_validate(session=session, checks=[not_a_server_error, *CHECKS],
+        response = case.call_and_validate(session=session, checks=[not_a_server_error, *CHECKS, stream_without_errors],
                                           timeout=REQUEST_TIMEOUT)
-        statuses[response.status_code] += 1
+        streamed = response.headers.get("content-type", [""])[0].startswith((SSE, NDJSON))
+        statuses[f"{response.status_code} stream" if streamed else response.status_code] += 1
 
-    statuses: Counter = Counter()
+    statuses: Counter = Counter()  # status ("200 stream" for a streamed 200) -> examples
     fuzz()
-    print(f"{method.upper()} {path}: {dict(sorted(statuses.items()))}")
+    print(f"{method.upper()} {path}: {dict(sorted(statuses.items(), key=str))}")
     if (method, path) in REACH_SUCCESS:
-        assert statuses[200], f"no example reached a 200: {dict(statuses)}"
+        assert statuses[200] + statuses["200 stream"], f"no example reached a 200: {dict(statuses)}"
 
 
 def test_openapi_document(fuzz_server):
