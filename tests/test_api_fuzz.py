@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -127,6 +128,19 @@ def test_openapi_document(fuzz_server):
               for p, ops in document["paths"].items() if "post" in ops}
     assert errors["/api/chat"].endswith("/OllamaError") and errors["/v1/messages"].endswith("/AnthropicError")
     assert errors["/v1/completions"].endswith("/OpenAIError")
+    assert [p["name"] for p in document["paths"]["/props"]["get"]["parameters"]] == ["model"]  # was undeclared
+
+
+def test_stream_check_sees_errors():
+    """The stream check fails on an error event (OpenAI's and Ollama's shapes) and passes a clean stream."""
+    def reply(media: str, text: str):
+        return SimpleNamespace(status_code=200, headers={"content-type": [media]}, text=text)
+
+    stream_without_errors(None, reply(SSE, 'data: {"choices":[]}\n\ndata: [DONE]\n\n'), None)
+    with pytest.raises(AssertionError, match="an error in the stream"):
+        stream_without_errors(None, reply(SSE, 'data: {"error":{"message":"x"}}\n\ndata: [DONE]\n\n'), None)
+    with pytest.raises(AssertionError, match="an error in the stream"):
+        stream_without_errors(None, reply(NDJSON, '{"response":"a","done":false}\n{"error":"x"}\n'), None)
 
 
 def test_unsupported_fields_are_published():
