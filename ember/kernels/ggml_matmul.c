@@ -582,6 +582,7 @@ INLINE __m512i madd_add512(__m512i acc, __m512i s, __m512i p) {
 INLINE void k4_512_tile(const uint8_t *row, const act_t *a, int64_t b, float *y, int64_t ldy, const int NB,
                         const int HIGH_BITS) {
     const int64_t groups = a->K / 32, block_bytes = HIGH_BITS ? 176 : 144;
+    const int CH = NB <= 2 ? 4 : NB <= 4 ? 2 : 1;
     const __m512i low4 = _mm512_set1_epi8(0x0F), one = _mm512_set1_epi8(1);
     __m512 acc[QUANT_NB];
     for (int j = 0; j < NB; j++) acc[j] = _mm512_setzero_ps();
@@ -595,8 +596,11 @@ INLINE void k4_512_tile(const uint8_t *row, const act_t *a, int64_t b, float *y,
         const uint8_t *qs = blk + (HIGH_BITS ? 48 : 16);
         __m512i qh = _mm512_setzero_si512();
         if (HIGH_BITS) qh = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(blk + 16)));
-        __m512i sumi[QUANT_NB];
-        for (int j = 0; j < NB; j++) sumi[j] = _mm512_setzero_si512();
+        /* CH independent int32 sums per row of x: few rows of x alone are too few chains to hide vpdpwssd's
+         * latency */
+        __m512i sumi[4][QUANT_NB];
+        for (int h = 0; h < CH; h++)
+            for (int j = 0; j < NB; j++) sumi[h][j] = _mm512_setzero_si512();
         for (int c = 0; c < 2; c++) {
             const __m512i bits = _mm512_loadu_si512((const void *)(qs + 64 * c));
             const __m512i lo = _mm512_and_si512(bits, low4), hi = _mm512_and_si512(_mm512_srli_epi16(bits, 4), low4);
@@ -611,17 +615,22 @@ INLINE void k4_512_tile(const uint8_t *row, const act_t *a, int64_t b, float *y,
                 }
             }
             const __m512i s0 = pick16x2(scales, 4 * c, 4 * c + 1), s1 = pick16x2(scales, 4 * c + 2, 4 * c + 3);
+            const int h0 = (2 * c) % CH, h1 = (2 * c + 1) % CH;
             for (int j = 0; j < NB; j++) {
                 const int8_t *xq = a->q + (b + j) * a->K + 256 * sb + 128 * c;
-                sumi[j] = madd_add512(sumi[j], s0, _mm512_maddubs_epi16(w[0], _mm512_loadu_si512((const void *)xq)));
-                sumi[j] = madd_add512(sumi[j], s1,
-                                      _mm512_maddubs_epi16(w[1], _mm512_loadu_si512((const void *)(xq + 64))));
+                sumi[h0][j] = madd_add512(sumi[h0][j], s0,
+                                          _mm512_maddubs_epi16(w[0], _mm512_loadu_si512((const void *)xq)));
+                sumi[h1][j] = madd_add512(sumi[h1][j], s1,
+                                          _mm512_maddubs_epi16(w[1], _mm512_loadu_si512((const void *)(xq + 64))));
             }
         }
         for (int j = 0; j < NB; j++) {
             const int64_t g = (b + j) * groups + 8 * sb;
-            acc[j] = _mm512_fmadd_ps(_mm512_set1_ps(d * a->d[g]), _mm512_cvtepi32_ps(sumi[j]), acc[j]);
-            acc[j] = _mm512_fmadd_ps(mins, _mm512_maskz_loadu_ps(0xFF, a->m + g), acc[j]);
+            __m512i total = sumi[0][j];
+            for (int h = 1; h < CH; h++) total = _mm512_add_epi32(total, sumi[h][j]);
+            /* one dependent add per super-block on acc */
+            acc[j] = _mm512_add_ps(acc[j], _mm512_fmadd_ps(_mm512_set1_ps(d * a->d[g]), _mm512_cvtepi32_ps(total),
+                                                           _mm512_mul_ps(mins, _mm512_maskz_loadu_ps(0xFF, a->m + g))));
         }
     }
     for (int j = 0; j < NB; j++) y[j * ldy] = _mm512_reduce_add_ps(acc[j]);
