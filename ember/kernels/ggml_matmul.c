@@ -368,56 +368,117 @@ INLINE __m256 f16x8(const uint8_t *p, int stride) {
 }
 
 /* The 32-value types, 8 blocks at a time: each block's dot product stays an integer until the 8 sums are
- * gathered into one vector, so the scales (d_w * d_x) and offsets (o_w * m_x) of 8 blocks take one vector op
- * each instead of scalar work per block. OFFSET: 0 none, 1 -C * d (Q4_0: C = 8, Q5_0: 16), 2 an fp16 m field. */
-#define DEFINE_BLOCK32_KERNEL(NAME, BLOCK_BYTES, SIGNED, OFFSET, C, M_AT)                                        \
+ * gathered, so the scales (d_w * d_x) and offsets (o_w * m_x) of 8 blocks take a few vector ops instead of scalar
+ * work per block. blocks8 takes the 8 unpacked blocks q[i] (int8 lanes; signed where SIGNED) of one weight row,
+ * their scales dw and offsets ow (w = dw * q + ow), and adds their products with NB rows of x to acc[j]. */
+#if defined(__AVX512BW__)
+/* 512-bit: two blocks per vector, x read in 64-byte loads; the sums of the four vectors are folded by two
+ * unpack-and-add levels into one vector whose lanes are partial sums of known blocks (block 2k in lanes 4l + k
+ * for l < 2, block 2k + 1 for l >= 2), multiplied by the block scales laid out the same way. acc is summed
+ * over all lanes at the end, so the blocks need no further gathering. */
+typedef __m512 acc8_t;
+INLINE acc8_t acc8_zero(void) { return _mm512_setzero_ps(); }
+INLINE float acc8_sum(acc8_t v) { return _mm512_reduce_add_ps(v); }
+
+INLINE __m512i dot512_u8s8(__m512i a, __m512i b) {
+#if defined(__AVX512VNNI__)
+    return _mm512_dpbusd_epi32(_mm512_setzero_si512(), a, b);
+#else
+    return _mm512_madd_epi16(_mm512_maddubs_epi16(a, b), _mm512_set1_epi16(1));
+#endif
+}
+
+INLINE void blocks8(const __m256i q[8], __m256 dw, __m256 ow, const int SIGNED, const int OFFSET, const act_t *a,
+                    int64_t b, int64_t g0, acc8_t *acc, const int NB) {
+    const int64_t groups = a->K / 32;
+    __m512i wa[4];
+    __mmask64 neg[4];
+    for (int k = 0; k < 4; k++) {
+        const __m512i w = _mm512_inserti64x4(_mm512_castsi256_si512(q[2 * k]), q[2 * k + 1], 1);
+        neg[k] = SIGNED ? _mm512_movepi8_mask(w) : 0;
+        wa[k] = SIGNED ? _mm512_abs_epi8(w) : w;
+    }
+    const __m512i order = _mm512_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6, 1, 3, 5, 7, 1, 3, 5, 7);
+    const __m512 dw16 = _mm512_permutexvar_ps(order, _mm512_castps256_ps512(dw)), ow8 = _mm512_zextps256_ps512(ow);
+    for (int j = 0; j < NB; j++) {
+        const int8_t *xq = a->q + (b + j) * a->K + 32 * g0;
+        __m512i p[4];
+        for (int k = 0; k < 4; k++) {
+            __m512i xv = _mm512_loadu_si512((const void *)(xq + 64 * k));
+            if (SIGNED) xv = _mm512_mask_sub_epi8(xv, neg[k], _mm512_setzero_si512(), xv);
+            p[k] = dot512_u8s8(wa[k], xv);
+        }
+        const __m512i s01 = _mm512_add_epi32(_mm512_unpacklo_epi32(p[0], p[1]), _mm512_unpackhi_epi32(p[0], p[1]));
+        const __m512i s23 = _mm512_add_epi32(_mm512_unpacklo_epi32(p[2], p[3]), _mm512_unpackhi_epi32(p[2], p[3]));
+        const __m512i sums = _mm512_add_epi32(_mm512_unpacklo_epi64(s01, s23), _mm512_unpackhi_epi64(s01, s23));
+        const int64_t at = (b + j) * groups + g0;
+        const __m512 dx16 = _mm512_permutexvar_ps(order, _mm512_castps256_ps512(_mm256_loadu_ps(a->d + at)));
+        acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_mul_ps(dw16, dx16), acc[j]);
+        if (OFFSET) acc[j] = _mm512_fmadd_ps(ow8, _mm512_maskz_loadu_ps(0xFF, a->m + at), acc[j]);
+    }
+}
+#else
+typedef __m256 acc8_t;
+INLINE acc8_t acc8_zero(void) { return _mm256_setzero_ps(); }
+INLINE float acc8_sum(acc8_t v) { return hsum(v); }
+
+INLINE void blocks8(const __m256i q[8], __m256 dw, __m256 ow, const int SIGNED, const int OFFSET, const act_t *a,
+                    int64_t b, int64_t g0, acc8_t *acc, const int NB) {
+    const int64_t groups = a->K / 32;
+    __m256i wa[8];
+    for (int i = 0; i < 8; i++) wa[i] = SIGNED ? _mm256_sign_epi8(q[i], q[i]) : q[i];
+    for (int j = 0; j < NB; j++) {
+        const int8_t *xq = a->q + (b + j) * a->K + 32 * g0;
+        __m256i p[8];
+        for (int i = 0; i < 8; i++) {
+            __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + 32 * i));
+            if (SIGNED) xv = _mm256_sign_epi8(xv, q[i]);
+            p[i] = dot_u8s8(wa[i], xv);
+        }
+        const int64_t at = (b + j) * groups + g0;
+        const __m256 scale = _mm256_mul_ps(dw, _mm256_loadu_ps(a->d + at));
+        acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hsum8x8(p)), scale, acc[j]);
+        if (OFFSET) acc[j] = _mm256_fmadd_ps(ow, _mm256_loadu_ps(a->m + at), acc[j]);
+    }
+}
+#endif
+
+/* OFFSET: 0 none, 1 -C * d (Q4_0: C = 8, Q5_0: 16), 2 an fp16 m field at byte M_AT of the block. */
+#define DEFINE_BLOCK32_KERNEL(NAME, BLOCK_BYTES, SIGNED, OFFSET, C, M_AT)                                         \
     INLINE void NAME##_tile(const uint8_t *row, const act_t *a, int64_t b, float *y, int64_t ldy, const int NB) { \
         const int64_t groups = a->K / 32, g8 = groups / 8 * 8;                                                   \
-        __m256 acc[QUANT_NB];                                                                                    \
+        acc8_t acc[QUANT_NB];                                                                                    \
         float tail[QUANT_NB];                                                                                    \
         for (int j = 0; j < NB; j++) {                                                                           \
-            acc[j] = _mm256_setzero_ps();                                                                        \
+            acc[j] = acc8_zero();                                                                                \
             tail[j] = 0.0f;                                                                                      \
         }                                                                                                        \
         for (int64_t g0 = 0; g0 < g8; g0 += 8) {                                                                 \
             const uint8_t *blk = row + g0 * (BLOCK_BYTES);                                                       \
-            __m256i wq[8], wa[8];                                                                                \
+            __m256i q[8];                                                                                        \
             for (int i = 0; i < 8; i++) {                                                                        \
                 unit_t u;                                                                                        \
                 unit_##NAME(blk + i * (BLOCK_BYTES), 0, &u);                                                     \
-                wq[i] = u.q;                                                                                     \
-                wa[i] = SIGNED ? _mm256_sign_epi8(u.q, u.q) : u.q;                                               \
+                q[i] = u.q;                                                                                      \
             }                                                                                                    \
             const __m256 dw = f16x8(blk, BLOCK_BYTES);                                                           \
             const __m256 ow = OFFSET == 1 ? _mm256_mul_ps(dw, _mm256_set1_ps(-(float)(C)))                       \
                             : OFFSET == 2 ? f16x8(blk + (M_AT), BLOCK_BYTES) : _mm256_setzero_ps();              \
-            for (int j = 0; j < NB; j++) {                                                                       \
-                const int8_t *xq = a->q + (b + j) * a->K + 32 * g0;                                              \
-                __m256i p[8];                                                                                    \
-                for (int i = 0; i < 8; i++) {                                                                    \
-                    __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + 32 * i));                             \
-                    if (SIGNED) xv = _mm256_sign_epi8(xv, wq[i]);                                                \
-                    p[i] = dot_u8s8(wa[i], xv);                                                                  \
-                }                                                                                                \
-                const int64_t at = (b + j) * groups + g0;                                                        \
-                const __m256 dx = _mm256_loadu_ps(a->d + at);                                                    \
-                acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hsum8x8(p)), _mm256_mul_ps(dw, dx), acc[j]);         \
-                if (OFFSET) acc[j] = _mm256_fmadd_ps(ow, _mm256_loadu_ps(a->m + at), acc[j]);                    \
-            }                                                                                                    \
+            blocks8(q, dw, ow, SIGNED, OFFSET, a, b, g0, acc, NB);                                               \
         }                                                                                                        \
         for (int64_t g = g8; g < groups; g++) { /* the last K / 32 % 8 blocks, one at a time */                  \
             unit_t u;                                                                                            \
             unit_##NAME(row + g * (BLOCK_BYTES), 0, &u);                                                         \
             const __m256i wa = SIGNED ? _mm256_sign_epi8(u.q, u.q) : u.q;                                        \
             for (int j = 0; j < NB; j++) {                                                                       \
-                __m256i xv = _mm256_loadu_si256((const __m256i *)(a->q + (b + j) * a->K + 32 * g));              \
+                __m256i xv = _mm256_loadu_si256((const __m256i *)(a->q + (b + j) * a->K + 32 * g));             \
                 if (SIGNED) xv = _mm256_sign_epi8(xv, u.q);                                                      \
                 const int64_t at = (b + j) * groups + g;                                                         \
                 tail[j] += hsum(_mm256_cvtepi32_ps(dot_u8s8(wa, xv))) * u.s * a->d[at];                          \
                 if (OFFSET) tail[j] += u.o * a->m[at];                                                           \
             }                                                                                                    \
         }                                                                                                        \
-        for (int j = 0; j < NB; j++) y[j * ldy] = hsum(acc[j]) + tail[j];                                        \
+        for (int j = 0; j < NB; j++) y[j * ldy] = acc8_sum(acc[j]) + tail[j];                                    \
     }                                                                                                            \
     DEFINE_ROWS(NAME)
 
@@ -629,8 +690,9 @@ INLINE void k4_512_tile(const uint8_t *row, const act_t *a, int64_t b, float *y,
             __m512i total = sumi[0][j];
             for (int h = 1; h < CH; h++) total = _mm512_add_epi32(total, sumi[h][j]);
             /* one dependent add per super-block on acc */
+            const __m512 mins_term = _mm512_mul_ps(mins, _mm512_maskz_loadu_ps(0xFF, a->m + g));
             acc[j] = _mm512_add_ps(acc[j], _mm512_fmadd_ps(_mm512_set1_ps(d * a->d[g]), _mm512_cvtepi32_ps(total),
-                                                           _mm512_mul_ps(mins, _mm512_maskz_loadu_ps(0xFF, a->m + g))));
+                                                           mins_term));
         }
     }
     for (int j = 0; j < NB; j++) y[j * ldy] = _mm512_reduce_add_ps(acc[j]);
