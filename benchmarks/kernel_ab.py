@@ -72,6 +72,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--old", default="main", help="git revision of the baseline kernels")
     p.add_argument("--old-dir", help="a folder with the baseline's C files instead of a git revision")
+    p.add_argument("--new-dir", default=str(native.FOLDER), help="the folder of the new C files")
     p.add_argument("--isa", default=",".join(n for n in ("avx512", "avx2") if native.ISA_REQUIRES[n]
                                              <= native.cpu_flags()))
     p.add_argument("--types", default="Q4_0,Q4_K,Q6_K,Q8_0")
@@ -92,7 +93,7 @@ def main() -> None:
         print(f"{'isa':>6} {'type':>5} {'rows':>4} {'old ms':>8} {'new ms':>8} {'new/old':>7} {'old x1':>6} "
               f"{'new x1':>6} {'min n/o':>7}")
         for isa in args.isa.split(","):
-            libs = {"old": build(old_dir, isa, tmp_dir, "old"), "new": build(native.FOLDER, isa, tmp_dir, "new")}
+            libs = {"old": build(old_dir, isa, tmp_dir, "old"), "new": build(Path(args.new_dir), isa, tmp_dir, "new")}
             for t in types:
                 weights = [random_rows(t, out_f, in_f, seed=i) for i in range(args.matrices)]
                 one_row: dict[str, float] = {}

@@ -75,7 +75,7 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 # Every row count the direct loops specialise (1..8 rows of x per pass, then a second pass) and the tile paths
-# (16+ rows on some types and ISAs, 48+ on others), with a remainder after the tiles' 4 or 8 rows.
+# (from 16 to 64 rows by type and ISA: ggml_matmul.c's gemm_min_b), with a remainder after the tiles' 4 or 8 rows.
 BATCHES = [*range(1, 21), 23, 37, 47, 50, 67]
 
 

@@ -13,12 +13,13 @@
  * -16d, -dmin*m, +m) multiplies the activation's block sum. Signed weights (Q8_0, Q6_K - 32, IQ4 lookups) use
  * |w| and x * sign(w). Three shapes of loop, chosen per type, ISA and batch (gemm_min_b):
  *   - K-quants: one super-block at a time, products summed in int32 with the sub-block scales applied by madd
- *     (Q8_K activations make those scales plain integers), 512-bit vectors on AVX-512;
- *   - 32-value types: 8 blocks at a time, their integer sums gathered into one vector so that scales and
- *     offsets are vector operations;
+ *     (vpdpwssd on AVX-512 VNNI; Q8_K activations make those scales plain integers), 512-bit vectors on AVX-512;
+ *   - 32-value types: 8 blocks at a time, their integer sums gathered into one vector (two blocks per 512-bit
+ *     vector on AVX-512) so that scales and offsets are vector operations;
  *   - many rows of x (prefill, large batches): weight tiles unpacked once into an interleaved int8 layout in L2
  *     and multiplied against 8 (AVX-512) or 4 rows of x at a time (GEMM section below).
- * The direct loops unpack each weight once for up to TILE_B rows of x.
+ * The direct loops unpack each weight block once for up to QUANT_NB (8) rows of x, kept in registers: the cost
+ * per extra row of x is the integer products alone (speculative verification checks K + 1 rows per sequence).
  *
  * bf16/f16 weights: AVX512-BF16 dot products on x rounded to bf16 where the CPU has them (llama.cpp's scheme),
  * else widened to float32 in registers (shift / F16C) and multiplied with FMAs; 16 weight rows stay in L2 while
@@ -33,7 +34,6 @@
 #include <math.h>
 #include <stdlib.h>
 
-#define TILE_B 4
 
 int ember_kernels_abi(void) { return 5; }
 
@@ -625,6 +625,11 @@ INLINE __m512i pick16x2(__m512i v, int a, int b) {
     return _mm512_permutexvar_epi16(idx, v);
 }
 
+INLINE __m512i load2x256(const int8_t *lo, const int8_t *hi) {
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)lo)),
+                              _mm256_loadu_si256((const __m256i *)hi), 1);
+}
+
 /* acc + the int32 sums of pairs of int16 products s * p: one instruction with AVX-512 VNNI (vpdpwssd). */
 INLINE __m512i madd_add512(__m512i acc, __m512i s, __m512i p) {
 #if defined(__AVX512VNNI__)
@@ -643,10 +648,12 @@ INLINE __m512i madd_add512(__m512i acc, __m512i s, __m512i p) {
 INLINE void k4_512_tile(const uint8_t *row, const act_t *a, int64_t b, float *y, int64_t ldy, const int NB,
                         const int HIGH_BITS) {
     const int64_t groups = a->K / 32, block_bytes = HIGH_BITS ? 176 : 144;
-    const int CH = NB <= 2 ? 4 : NB <= 4 ? 2 : 1;
+    /* SHUFFLE: the weights are rearranged to match x (for 3+ rows of x) rather than each row of x assembled from
+     * two 32-byte loads to match the weights (cheaper for 1-2 rows) */
+    const int CH = NB <= 4 ? 2 : 1, SHUFFLE = NB > 2;
     const __m512i low4 = _mm512_set1_epi8(0x0F), one = _mm512_set1_epi8(1);
-    __m512 acc[QUANT_NB];
-    for (int j = 0; j < NB; j++) acc[j] = _mm512_setzero_ps();
+    __m512 acc[QUANT_NB], accm[QUANT_NB];
+    for (int j = 0; j < NB; j++) acc[j] = accm[j] = _mm512_setzero_ps();
     for (int64_t sb = 0; sb < a->K / 256; sb++) {
         const uint8_t *blk = row + sb * block_bytes;
         const __m128i sm = k4_scales_mins(blk + 4);
@@ -659,43 +666,49 @@ INLINE void k4_512_tile(const uint8_t *row, const act_t *a, int64_t b, float *y,
         if (HIGH_BITS) qh = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(blk + 16)));
         /* CH independent int32 sums per row of x: few rows of x alone are too few chains to hide vpdpwssd's
          * latency */
-        __m512i sumi[4][QUANT_NB];
+        __m512i sumi[2][QUANT_NB];
         for (int h = 0; h < CH; h++)
             for (int j = 0; j < NB; j++) sumi[h][j] = _mm512_setzero_si512();
         for (int c = 0; c < 2; c++) {
             const __m512i bits = _mm512_loadu_si512((const void *)(qs + 64 * c));
             const __m512i lo = _mm512_and_si512(bits, low4), hi = _mm512_and_si512(_mm512_srli_epi16(bits, 4), low4);
-            __m512i w[2] = {_mm512_shuffle_i64x2(lo, hi, 0x44), _mm512_shuffle_i64x2(lo, hi, 0xEE)};
+            /* w[v]: sub-blocks (4c + 2v, 4c + 2v + 1) when shuffled, else (4c + v, 4c + v + 2) */
+            __m512i w[2] = {lo, hi};
+            if (SHUFFLE) {
+                w[0] = _mm512_shuffle_i64x2(lo, hi, 0x44);
+                w[1] = _mm512_shuffle_i64x2(lo, hi, 0xEE);
+            }
             for (int v = 0; v < 2; v++) {
+                const int sub0 = SHUFFLE ? 4 * c + 2 * v : 4 * c + v, sub1 = SHUFFLE ? sub0 + 1 : sub0 + 2;
                 if (HIGH_BITS) { /* bit s of qh is the fifth bit of sub-block s */
-                    const int s0 = 4 * c + 2 * v;
-                    const __m512i shift = _mm512_inserti64x4(_mm512_set1_epi16((short)s0),
-                                                             _mm256_set1_epi16((short)(s0 + 1)), 1);
+                    const __m512i shift = _mm512_inserti64x4(_mm512_set1_epi16((short)sub0),
+                                                             _mm256_set1_epi16((short)sub1), 1);
                     w[v] = _mm512_or_si512(w[v], _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi16(qh, shift),
                                                                                     one), 4));
                 }
-            }
-            const __m512i s0 = pick16x2(scales, 4 * c, 4 * c + 1), s1 = pick16x2(scales, 4 * c + 2, 4 * c + 3);
-            const int h0 = (2 * c) % CH, h1 = (2 * c + 1) % CH;
-            for (int j = 0; j < NB; j++) {
-                const int8_t *xq = a->q + (b + j) * a->K + 256 * sb + 128 * c;
-                sumi[h0][j] = madd_add512(sumi[h0][j], s0,
-                                          _mm512_maddubs_epi16(w[0], _mm512_loadu_si512((const void *)xq)));
-                sumi[h1][j] = madd_add512(sumi[h1][j], s1,
-                                          _mm512_maddubs_epi16(w[1], _mm512_loadu_si512((const void *)(xq + 64))));
+                const __m512i scale = pick16x2(scales, sub0, sub1);
+                const int h = (2 * c + v) % CH;
+                for (int j = 0; j < NB; j++) {
+                    const int8_t *xq = a->q + (b + j) * a->K + 256 * sb + 32 * sub0;
+                    const __m512i xv = SHUFFLE ? _mm512_loadu_si512((const void *)xq) : load2x256(xq, xq + 64);
+                    sumi[h][j] = madd_add512(sumi[h][j], scale, _mm512_maddubs_epi16(w[v], xv));
+                }
             }
         }
         for (int j = 0; j < NB; j++) {
             const int64_t g = (b + j) * groups + 8 * sb;
             __m512i total = sumi[0][j];
             for (int h = 1; h < CH; h++) total = _mm512_add_epi32(total, sumi[h][j]);
-            /* one dependent add per super-block on acc */
-            const __m512 mins_term = _mm512_mul_ps(mins, _mm512_maskz_loadu_ps(0xFF, a->m + g));
-            acc[j] = _mm512_add_ps(acc[j], _mm512_fmadd_ps(_mm512_set1_ps(d * a->d[g]), _mm512_cvtepi32_ps(total),
-                                                           mins_term));
+            const __m512 m = _mm512_maskz_loadu_ps(0xFF, a->m + g), dx = _mm512_set1_ps(d * a->d[g]);
+            if (NB <= 4) { /* registers to spare: the mins' term in its own accumulator, two short chains */
+                acc[j] = _mm512_fmadd_ps(dx, _mm512_cvtepi32_ps(total), acc[j]);
+                accm[j] = _mm512_fmadd_ps(mins, m, accm[j]);
+            } else { /* one dependent add per super-block on acc */
+                acc[j] = _mm512_add_ps(acc[j], _mm512_fmadd_ps(dx, _mm512_cvtepi32_ps(total), _mm512_mul_ps(mins, m)));
+            }
         }
     }
-    for (int j = 0; j < NB; j++) y[j * ldy] = _mm512_reduce_add_ps(acc[j]);
+    for (int j = 0; j < NB; j++) y[j * ldy] = _mm512_reduce_add_ps(NB <= 4 ? _mm512_add_ps(acc[j], accm[j]) : acc[j]);
 }
 
 INLINE void q4_k512_tile(const uint8_t *row, const act_t *a, int64_t b, float *y, int64_t ldy, const int NB) {
@@ -805,15 +818,25 @@ typedef __m256 fvec;
 #define FV_FMA(a, b, c) _mm256_fmadd_ps(a, b, c)
 #define FV_STOREU(p, v) _mm256_storeu_ps(p, v)
 #endif
-/* Rows of x from which the tiles beat the direct kernels (which unpack each weight once per TILE_B rows),
- * measured on 5632 x 2048 matrices: the 512-bit Q4_K/Q6_K direct loops win up to ~48 rows; on AVX2, where the
- * tiles' dot product is maddubs + madd, the Q4_K/Q5_K direct loop is as fast as the tiles at any batch. */
+/* Rows of x from which the tiles beat the direct kernels (which unpack each weight block once per 8 rows of x),
+ * measured with benchmarks/kernel_ab.py (direct-only against tiles-only builds, 5632 x 2048 matrices from DRAM,
+ * rows 8..64): on AVX-512 the crossover is ~32 rows for the unsigned 32-value types, ~40 for Q8_0, ~48 for
+ * Q4_K/Q5_K and ~64 for Q6_K; on AVX2, where the tiles' dot product is maddubs + madd, the direct loops win up
+ * to ~56 rows for Q6_K and ~64 for Q4_0, and at any batch for Q4_K/Q5_K. IQ4_XS keeps its earlier 16. */
 static int64_t gemm_min_b(int type) {
+    switch (type) {
 #if defined(__AVX512BW__)
-    return type == T_Q4_K || type == T_Q5_K || type == T_Q6_K ? 48 : 16;
+    case T_Q4_0: case T_Q4_1: case T_Q5_0: case T_Q5_1: return 32;
+    case T_Q8_0: case T_IQ4_NL: return 40;
+    case T_Q4_K: case T_Q5_K: return 48;
+    case T_Q6_K: return 64;
 #else
-    return type == T_Q4_K || type == T_Q5_K ? INT64_MAX : 16;
+    case T_Q4_0: case T_Q4_1: case T_Q5_0: case T_Q5_1: return 64;
+    case T_Q6_K: return 56;
+    case T_Q4_K: case T_Q5_K: return INT64_MAX;
 #endif
+    default: return 16;
+    }
 }
 
 typedef struct {
@@ -993,6 +1016,8 @@ INLINE float bf16_scalar(uint16_t h) {
 
 /* Weight rows per pass over x when x has many rows: 16 rows of a 4096-wide bf16 matrix are 128 KB (L2). */
 #define HALF_ROW_BLOCK 16
+/* Rows of x per pass of the bf16/f16 loops */
+#define TILE_B 4
 
 /* R weight rows by NB rows of x: each 8 weights are widened once and used NB times; KU independent sums per
  * dot product where R * NB alone is too few to hide the FMA latency. */
