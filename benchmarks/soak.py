@@ -222,28 +222,37 @@ async def disconnect_request(client: httpx.AsyncClient, endpoint: str, model: st
 
 
 def garbage_bodies(model: str, max_body: int) -> dict[str, Callable[[str], dict]]:
-    """Malformed requests by name: each gives httpx.request keyword arguments for a path."""
+    """Malformed requests by name: each gives httpx.request keyword arguments for an endpoint. The broken
+    characters go into an otherwise good body of that endpoint, so that they, not a missing field, are what the
+    server must refuse."""
     over = b'{"prompt": "' + b"a" * (max_body + 1) + b'"}'
+    as_json = {"content-type": "application/json"}
 
     async def chunked():  # no Content-Length: the server must stop reading at its limit
         for _ in range(0, len(over), 2**16):
             yield b"a" * 2**16
 
+    def with_text(raw: bytes) -> Callable[[str], dict]:
+        def make(endpoint: str) -> dict:
+            body = good_body(endpoint, model, random.Random(0), 4)
+            text = json.dumps(body).encode()
+            for value in (body.get("prompt"), body.get("input"), *(m["content"] for m in body.get("messages", []))):
+                for piece in value if isinstance(value, list) else [value] if value else []:
+                    text = text.replace(json.dumps(piece).encode(), b'"a ' + raw + b' b"')
+            return {"content": text, "headers": as_json}
+        return make
+
     return {
-        "truncated JSON": lambda path: {"content": b'{"model": "' + model.encode() + b'", "messages": [{"role": '},
-        "not JSON": lambda path: {"content": b"hello, server", "headers": {"content-type": "application/json"}},
-        "JSON array": lambda path: {"json": [1, 2, 3]},
-        "deeply nested JSON": lambda path: {"content": b"[" * 100_000 + b"]" * 100_000,
-                                            "headers": {"content-type": "application/json"}},
-        "wrong types": lambda path: {"json": {"model": 7, "messages": "hi", "prompt": {"a": 1}, "input": 3.5,
-                                              "max_tokens": "ten", "stream": "yes", "options": [1]}},
-        "invalid UTF-8": lambda path: {"content": b'{"model": "' + model.encode() + b'", "prompt": "\xff\xfe\xfa", '
-                                                  b'"input": "\xc3\x28", "messages": [{"role": "user", '
-                                                  b'"content": "\xed\xa0\x80"}]}',
-                                       "headers": {"content-type": "application/json"}},
-        "body over the limit": lambda path: {"content": over, "headers": {"content-type": "application/json"}},
-        "chunked body over the limit": lambda path: {"content": chunked(),
-                                                     "headers": {"content-type": "application/json"}},
+        "truncated JSON": lambda endpoint: {"content": b'{"model": "' + model.encode() + b'", "messages": [{"role": '},
+        "not JSON": lambda endpoint: {"content": b"hello, server", "headers": as_json},
+        "JSON array": lambda endpoint: {"json": [1, 2, 3]},
+        "deeply nested JSON": lambda endpoint: {"content": b"[" * 100_000 + b"]" * 100_000, "headers": as_json},
+        "wrong types": lambda endpoint: {"json": {"model": 7, "messages": "hi", "prompt": {"a": 1}, "input": 3.5,
+                                                  "max_tokens": "ten", "stream": "yes", "options": [1]}},
+        "invalid UTF-8": with_text(b"\xff\xfe\xc3\x28"),
+        "lone UTF-16 surrogate": with_text(b"\\ud800"),
+        "body over the limit": lambda endpoint: {"content": over, "headers": as_json},
+        "chunked body over the limit": lambda endpoint: {"content": chunked(), "headers": as_json},
     }
 
 
@@ -252,7 +261,7 @@ async def garbage_request(client: httpx.AsyncClient, endpoint: str, model: str, 
     name, make = rng.choice(list(garbage_bodies(model, max_body).items()))
     outcome = Outcome("garbage", endpoint, time.monotonic() - began)
     try:
-        response = await client.post(PATHS[endpoint], **make(PATHS[endpoint]))
+        response = await client.post(PATHS[endpoint], **make(endpoint))
     except (httpx.WriteError, httpx.RemoteProtocolError) as err:
         # A body over the limit may still be on its way when the 413 and the close arrive: the client cannot
         # always read the answer, which is the server keeping its limit, not a fault.
