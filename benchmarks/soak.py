@@ -341,7 +341,7 @@ async def worker(url: str, model: str, config: SoakConfig, rng: random.Random, b
                                                        config.max_tokens)
                 else:
                     outcome = await good_request(client, endpoint, model, rng, began, config.max_tokens)
-            except httpx.HTTPError as err:
+            except (httpx.HTTPError, ValueError, KeyError) as err:  # ValueError, KeyError: an unreadable answer
                 outcome = Outcome("error", endpoint, time.monotonic() - began,
                                   problem=f"{endpoint}: {type(err).__name__} {err}")
             outcomes.append(judge(outcome))
