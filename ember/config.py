@@ -16,6 +16,13 @@ MAX_LAYERS = 1024
 MAX_DIM = 1 << 20
 
 
+def layer_count(value: Any) -> int:
+    """A layer count checked before anything is sized by it (per-layer lists, the KV cache)."""
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= MAX_LAYERS:
+        raise ModelLoadError(f"config: num_hidden_layers={value!r} is out of range (1 to {MAX_LAYERS})")
+    return value
+
+
 @dataclass
 class ModelConfig:
     architecture: str  # registry key, e.g. "llama", "qwen2", "gemma2"
@@ -52,8 +59,7 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or not 0 < value <= MAX_DIM:
                 raise ModelLoadError(f"config: {name}={value!r} is not a positive integer ≤ {MAX_DIM}")
-        if not isinstance(self.num_layers, int) or not 0 < self.num_layers <= MAX_LAYERS:
-            raise ModelLoadError(f"config: num_hidden_layers={self.num_layers!r} is out of range")
+        layer_count(self.num_layers)
         if self.num_heads % self.num_kv_heads:
             raise ModelLoadError(
                 f"config: num_attention_heads={self.num_heads} is not a multiple of "
@@ -118,7 +124,7 @@ def config_from_hf(raw: dict[str, Any], architecture: str) -> ModelConfig:
     try:
         num_heads = raw["num_attention_heads"]
         hidden = raw["hidden_size"]
-        num_layers = raw["num_hidden_layers"]
+        num_layers = layer_count(raw["num_hidden_layers"])
         theta, scaling, partial = _rope_settings(raw)
         gemma = architecture == "gemma2"
         head_dim = raw.get("head_dim") or hidden // num_heads
@@ -167,4 +173,11 @@ def read_config_json(model_dir: Path) -> dict[str, Any]:
         raise ModelLoadError(f"{path}: not readable JSON ({err})") from None
     if not isinstance(raw, dict):
         raise ModelLoadError(f"{path}: expected a JSON object")
+    # Every reader dispatches on these two before looking at anything else.
+    architectures = raw.get("architectures")
+    if architectures is not None and (not isinstance(architectures, list)
+                                      or not all(isinstance(a, str) for a in architectures)):
+        raise ModelLoadError(f"{path}: architectures must be a list of names, not {architectures!r:.80}")
+    if raw.get("model_type") is not None and not isinstance(raw["model_type"], str):
+        raise ModelLoadError(f"{path}: model_type must be a name, not {raw['model_type']!r:.80}")
     return raw

@@ -4,7 +4,11 @@ safetensors, config.json and tokenizer.json.
 Every mutant must either load and run one token (a GGUF vocabulary: encode and decode) or be refused with an
 `EmberError` whose message is one line. Anything else is a finding: another exception type, a crash of the
 process (a signal from native code), more than LIMIT_S seconds, or a peak RSS growth above
-2 x the mutated file's size (plus a fixed allowance for the tokenizer and engine, see RSS_SLACK).
+2 x the mutated file's size (plus a fixed allowance for the tokenizer and engine, see RSS_SLACK). A mutant
+over LIMIT_S is slow only if it also takes twice as long as the unmutated file (measured then, in the same
+worker): building a 128k-token vocabulary takes seconds on a busy machine whether mutated or not. Likewise
+a mutant over the RSS limit is an over-allocation only if it also grows RSS twice as much as the unmutated
+file does (a 128k-token vocabulary becomes ~20x its file size in tokenizer structures, mutated or not).
 
 Mutants are made in worker subprocesses, a batch each (one process per mutant would spend its time importing
 torch): the worker resets its peak-RSS counter before each mutant (/proc/self/clear_refs), the parent watches
@@ -24,6 +28,7 @@ import queue
 import random
 import re
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -31,7 +36,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,6 +47,7 @@ RSS_RATIO = 2.0
 # Building a tokenizer and an engine costs memory that does not scale with the file (Python objects for a
 # 32k vocabulary, torch's first matmul workspaces, the KV cache): allowed on top of 2 x the file size.
 RSS_SLACK = 96 * 2**20
+ADDRESS_SPACE_LIMIT = 8 * 2**30  # per worker
 
 
 @dataclass(frozen=True)
@@ -83,7 +89,8 @@ class Layout:
 
 
 _FIELD_SIZES = {"tensor_count": 8, "kv_count": 8, "key_len": 8, "value_type": 4, "string_len": 8, "array_type": 4,
-                "array_len": 8, "name_len": 8, "n_dims": 4, "dim": 8, "ggml_type": 4, "offset": 8}
+                "array_len": 8, "name_len": 8, "n_dims": 4, "dim": 8, "ggml_type": 4, "offset": 8,
+                "scalar4": 4, "scalar8": 8}
 
 
 def gguf_layout(data: bytes) -> Layout:
@@ -98,8 +105,10 @@ def gguf_layout(data: bytes) -> Layout:
     def u64(pos: int) -> int:
         return struct.unpack_from("<Q", data, pos)[0]
 
-    def value(vtype: int, pos: int) -> int:
+    def value(vtype: int, pos: int, top: bool = False) -> int:
         if vtype in _SCALAR_SIZES:
+            if top and _SCALAR_SIZES[vtype] in (4, 8):  # a count, size or id of the model's metadata
+                mark(f"scalar{_SCALAR_SIZES[vtype]}", pos)
             return pos + _SCALAR_SIZES[vtype]
         if vtype == 8:
             mark("string_len", pos)
@@ -124,7 +133,7 @@ def gguf_layout(data: bytes) -> Layout:
         vtype = u32(pos)
         if key == "general.alignment":
             out.alignment_pos = pos + 4
-        pos = value(vtype, pos + 4)
+        pos = value(vtype, pos + 4, top=True)
     out.kv_end = pos
     for _ in range(n_tensors):
         mark("name_len", pos)
@@ -410,18 +419,34 @@ def _stage(source: Source, data: bytes, work: Path) -> tuple[Path, int]:
         source.kind != "safetensors")
 
 
+def _baseline(source: Source) -> dict:
+    """Time and peak RSS growth of loading the unmutated source, for mutants over a limit to be compared with."""
+    Path("/proc/self/clear_refs").write_text("5")
+    before, started = _rss_kib("VmRSS"), time.perf_counter()
+    _load_and_run(source, source.path if source.kind.startswith("gguf") else source.path.parent)
+    return {"seconds": round(time.perf_counter() - started, 3), "rss_grown": (_rss_kib("VmHWM") - before) * 1024}
+
+
 def worker(seed: int, small: bool, work: Path) -> None:
     """Read mutant indices from stdin; for each print {"index", "outcome", "seconds", "rss_ratio", "detail"}."""
     import faulthandler
+    import resource
+
+    # A mutant that makes the loader allocate without bound fails with MemoryError (a finding) instead of
+    # taking the machine down.
+    resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE_LIMIT, ADDRESS_SPACE_LIMIT))
 
     from ember.errors import EmberError
 
     faulthandler.enable()
+    self_test = os.environ.get("EMBER_FUZZ_SELF_TEST") == "1"  # the harness's own test: crash, hang, go on
     # Warm up on an unmutated model, so imports and first-call costs are not charged to the first mutant.
-    _load_and_run(Source("gguf-model", ROOT / "ember" / "assets" / "ember-default-bf16.gguf"),
-                  ROOT / "ember" / "assets" / "ember-default-bf16.gguf")
-    _load_and_run(Source("gguf-vocab", TESTDATA / "vocab" / "ggml-vocab-llama-spm.gguf"),
-                  TESTDATA / "vocab" / "ggml-vocab-llama-spm.gguf")
+    if not self_test:
+        _load_and_run(Source("gguf-model", ROOT / "ember" / "assets" / "ember-default-bf16.gguf"),
+                      ROOT / "ember" / "assets" / "ember-default-bf16.gguf")
+        _load_and_run(Source("gguf-vocab", TESTDATA / "vocab" / "ggml-vocab-llama-spm.gguf"),
+                      TESTDATA / "vocab" / "ggml-vocab-llama-spm.gguf")
+    baselines: dict[Source, dict] = {}  # the unmutated source's cost, measured when a mutant is over a limit
     for line in sys.stdin:
         index = int(line)
         mutant = make_mutant(seed, index, small)
@@ -429,6 +454,10 @@ def worker(seed: int, small: bool, work: Path) -> None:
         Path("/proc/self/clear_refs").write_text("5")  # peak RSS starts again from the current RSS
         before = _rss_kib("VmRSS")
         print(json.dumps({"index": index, "started": True}), flush=True)
+        if self_test and index == 0:
+            os.kill(os.getpid(), signal.SIGSEGV)
+        if self_test and index == 1:
+            time.sleep(3600)
         started = time.perf_counter()
         try:
             detail = _load_and_run(mutant.source, path)
@@ -441,12 +470,16 @@ def worker(seed: int, small: bool, work: Path) -> None:
             outcome, detail = "wrong-exception", f"{type(err).__name__}: {str(err)[:300]}"
         seconds = time.perf_counter() - started
         grown = (_rss_kib("VmHWM") - before) * 1024
+        over_limit = grown > RSS_RATIO * size + RSS_SLACK
+        if (seconds > LIMIT_S or over_limit) and mutant.source not in baselines:
+            baselines[mutant.source] = _baseline(mutant.source)
+        baseline = baselines.get(mutant.source)
         ratio = grown / max(size, 1)
-        if outcome in ("ran", "refused") and grown > RSS_RATIO * size + RSS_SLACK:
+        if outcome in ("ran", "refused") and over_limit and grown > RSS_RATIO * baseline["rss_grown"]:
             outcome = "over-allocation"
         print(json.dumps({"index": index, "outcome": outcome, "seconds": round(seconds, 3),
                           "rss_ratio": round(ratio, 3), "rss_grown": grown, "size": size,
-                          "detail": detail[:400]}), flush=True)
+                          "baseline": baseline, "detail": detail[:400]}), flush=True)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -494,6 +527,7 @@ def run_campaign(count: int, seed: int, *, small: bool = False, workers: int = 2
                  limit_s: float = LIMIT_S, threads: int = 1, log=None) -> list[dict]:
     """Run mutants start..start+count-1 of campaign `seed`; one result dict per mutant, in index order."""
     pending = list(range(start, start + count))
+    hang_after = 2 * limit_s + 5  # a slow mutant is measured and reported as slow; past this it is a hang
     results: dict[int, dict] = {}
     base = Path(tempfile.mkdtemp(prefix="ember-fuzz-"))
     lines: queue.Queue = queue.Queue()
@@ -537,10 +571,13 @@ def run_campaign(count: int, seed: int, *, small: bool = False, workers: int = 2
                         w.give(pending.pop(0) if pending else None)
             now = time.monotonic()
             for slot, w in enumerate(pool):
-                if w.current is not None and now - w.started_at > limit_s + 10 + 120 * w.warming:
+                if w.current is not None and now - w.started_at > hang_after + 120 * w.warming:
                     replace(slot, w, "hang", f"no answer after {now - w.started_at:.0f} s")
         for r in results.values():
-            if r["outcome"] in ("ran", "refused") and r["seconds"] > limit_s:
+            # Slow: over the limit, and over twice the time the unmutated file takes on this machine (a
+            # 128k-token vocabulary takes seconds to build on a busy CPU, mutated or not).
+            if (r["outcome"] in ("ran", "refused") and r["seconds"] > limit_s
+                    and r["seconds"] > 2 * (r.get("baseline") or {}).get("seconds", 0)):
                 r["outcome"] = "slow"
     finally:
         for w in pool:
