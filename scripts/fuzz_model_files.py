@@ -524,10 +524,15 @@ class _Worker:
 
 
 def run_campaign(count: int, seed: int, *, small: bool = False, workers: int = 2, start: int = 0,
-                 limit_s: float = LIMIT_S, threads: int = 1, log=None) -> list[dict]:
-    """Run mutants start..start+count-1 of campaign `seed`; one result dict per mutant, in index order."""
-    pending = list(range(start, start + count))
-    hang_after = 2 * limit_s + 5  # a slow mutant is measured and reported as slow; past this it is a hang
+                 limit_s: float = LIMIT_S, threads: int = 1, log=None, hang_after: float | None = None,
+                 indices: list[int] | None = None) -> list[dict]:
+    """Run mutants start..start+count-1 (or `indices`) of campaign `seed`; one result dict per mutant, in index
+    order. A mutant with no answer after `hang_after` seconds is run again alone with 120 s (a 128k-token
+    vocabulary can take 15 s to build on a machine this busy); a hang is one that runs out of those too."""
+    pending = list(indices if indices is not None else range(start, start + count))
+    count = len(pending)
+    retry = hang_after is None
+    hang_after = hang_after or 2 * limit_s + 5
     results: dict[int, dict] = {}
     base = Path(tempfile.mkdtemp(prefix="ember-fuzz-"))
     lines: queue.Queue = queue.Queue()
@@ -583,6 +588,11 @@ def run_campaign(count: int, seed: int, *, small: bool = False, workers: int = 2
         for w in pool:
             w.kill()
         shutil.rmtree(base, ignore_errors=True)
+    hung = [i for i, r in results.items() if r["outcome"] == "hang"]
+    if retry and hung:
+        for r in run_campaign(0, seed, small=small, workers=1, limit_s=limit_s, threads=threads, log=log,
+                              hang_after=120, indices=hung):
+            results[r["index"]] = r
     return [results[i] for i in sorted(results)]
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,10 +17,11 @@ SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "fuzz_model_files.
 
 
 def _fuzzer():
-    spec = importlib.util.spec_from_file_location("fuzz_model_files", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    if "fuzz_model_files" not in sys.modules:  # dataclasses look their module up there
+        spec = importlib.util.spec_from_file_location("fuzz_model_files", SCRIPT)
+        sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[spec.name])
+    return sys.modules["fuzz_model_files"]
 
 
 def test_mutants_load_and_run_or_are_refused_cleanly(testdata):
@@ -38,7 +40,7 @@ def test_fuzzer_reports_a_crash_and_a_hang(monkeypatch):
     next mutants still run in a fresh worker."""
     fuzz = _fuzzer()
     monkeypatch.setenv("EMBER_FUZZ_SELF_TEST", "1")
-    results = fuzz.run_campaign(3, seed=0, small=True, workers=1, limit_s=1.0)
+    results = fuzz.run_campaign(3, seed=0, small=True, workers=1, limit_s=1.0, hang_after=3)
     assert [r["outcome"] for r in results[:2]] == ["crash", "hang"], results
     assert "Fatal Python error: Segmentation fault" in results[0]["detail"]
     assert results[2]["outcome"] in ("ran", "refused"), results
