@@ -65,3 +65,55 @@ def test_config_json_wrong_types_are_load_errors(tmp_path, testdata, changes, me
 
     with pytest.raises(ModelLoadError, match=message):
         load_model(_checkpoint(tmp_path, testdata, **changes))
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"num_hidden_layers": 2**31}, r"config: num_hidden_layers=2147483648 is out of range \(1 to 1024\)"),
+    ({"num_hidden_layers": -1}, r"num_hidden_layers=-1 is out of range"),
+    ({"num_hidden_layers": True}, r"num_hidden_layers=True is out of range"),
+])
+def test_layer_count_is_checked_before_per_layer_lists_are_made(tmp_path, testdata, changes, message):
+    """num_hidden_layers = 2**31 used to build a list of 2**31 sliding windows (16 GB) before the range check."""
+    from ember.loader.model import load_model
+
+    with pytest.raises(ModelLoadError, match=message):
+        load_model(_checkpoint(tmp_path, testdata, **changes))
+
+
+def _patched(tmp_path: Path, source: Path, marker: bytes, skip: int, value: bytes) -> Path:
+    """A copy of a GGUF with `value` written `skip` bytes after the length-prefixed string `marker`."""
+    data = bytearray(source.read_bytes())
+    at = data.index(len(marker).to_bytes(8, "little") + marker) + 8 + len(marker) + skip
+    data[at:at + len(value)] = value
+    out = tmp_path / "patched.gguf"
+    out.write_bytes(data)
+    return out
+
+
+DEFAULT = Path(__file__).resolve().parent.parent / "ember" / "assets" / "ember-default-bf16.gguf"
+
+
+@pytest.mark.parametrize("key, value, message", [
+    # (uint32 values: 4 bytes of value type, then the value)
+    (b"llama.block_count", 2**31, r"num_hidden_layers=2147483648 is out of range"),
+    (b"llama.attention.head_count", 0, r"ember-default-bf16.gguf: malformed model metadata \(ZeroDivisionError"),
+])
+def test_gguf_metadata_values_are_checked(tmp_path, key, value, message):
+    from ember.loader.model import load_model
+
+    path = _patched(tmp_path, DEFAULT, key, 4, value.to_bytes(4, "little"))
+    path = path.rename(tmp_path / DEFAULT.name)
+    with pytest.raises(ModelLoadError, match=message):
+        load_model(path)
+
+
+def test_gguf_tensor_shape_that_disagrees_with_the_metadata(tmp_path, testdata):
+    """A quantized matrix declaring half its rows used to reach QuantLinear and fail with a ValueError."""
+    from ember.loader.model import load_model
+
+    # blk.2.ffn_up.weight: n_dims (4 bytes), ne[0] = 256 (8 bytes), then ne[1] = 768 rows -> 384
+    path = _patched(tmp_path, testdata / "gguf" / "tiny-llama-Q4_0.gguf", b"blk.2.ffn_up.weight", 12,
+                    (384).to_bytes(8, "little"))
+    with pytest.raises(ModelLoadError, match=r"patched.gguf: tensor 'blk.2.ffn_up.weight' of shape \(384, 256\) "
+                                             r"does not match the metadata's \(768, 256\)"):
+        load_model(path)
