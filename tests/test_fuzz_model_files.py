@@ -117,3 +117,11 @@ def test_gguf_tensor_shape_that_disagrees_with_the_metadata(tmp_path, testdata):
     with pytest.raises(ModelLoadError, match=r"patched.gguf: tensor 'blk.2.ffn_up.weight' of shape \(384, 256\) "
                                              r"does not match the metadata's \(768, 256\)"):
         load_model(path)
+
+
+def test_load_errors_name_the_model(tmp_path, testdata):
+    """An error raised where the file is not known (the config check) gets the model's folder name in front."""
+    from ember.loader.model import load_model
+
+    with pytest.raises(ModelLoadError, match=r"^model: config: intermediate_size=-5 is not a positive integer"):
+        load_model(_checkpoint(tmp_path, testdata, intermediate_size=-5))
