@@ -6,6 +6,7 @@ Everything the shared layers need is a plain field here, so model code never loo
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,10 @@ def layer_count(value: Any) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= MAX_LAYERS:
         raise ModelLoadError(f"config: num_hidden_layers={value!r} is out of range (1 to {MAX_LAYERS})")
     return value
+
+
+def _positive_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf
 
 
 @dataclass
@@ -60,6 +65,14 @@ class ModelConfig:
             if not isinstance(value, int) or not 0 < value <= MAX_DIM:
                 raise ModelLoadError(f"config: {name}={value!r} is not a positive integer ≤ {MAX_DIM}")
         layer_count(self.num_layers)
+        if not _positive_number(self.rope_theta):
+            raise ModelLoadError(f"config: rope_theta={self.rope_theta!r} is not a positive number")
+        if not _positive_number(self.partial_rotary_factor) or self.partial_rotary_factor > 1:
+            raise ModelLoadError(f"config: partial_rotary_factor={self.partial_rotary_factor!r} is not in (0, 1]")
+        if (not isinstance(self.max_position_embeddings, int) or isinstance(self.max_position_embeddings, bool)
+                or self.max_position_embeddings < 1):
+            raise ModelLoadError(f"config: max_position_embeddings={self.max_position_embeddings!r} is not a "
+                                 "positive integer")
         if self.num_heads % self.num_kv_heads:
             raise ModelLoadError(
                 f"config: num_attention_heads={self.num_heads} is not a multiple of "

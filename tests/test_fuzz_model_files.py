@@ -125,3 +125,38 @@ def test_load_errors_name_the_model(tmp_path, testdata):
 
     with pytest.raises(ModelLoadError, match=r"^model: config: intermediate_size=-5 is not a positive integer"):
         load_model(_checkpoint(tmp_path, testdata, intermediate_size=-5))
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"rope_parameters": {"rope_theta": -1.0, "rope_type": "yarn"}}, r"config: rope_theta=-1.0 is not a positive"),
+    ({"rope_parameters": {"rope_theta": 1e4, "rope_type": "yarn", "original_max_position_embeddings": 0}},
+     r"config: unusable model settings \(ZeroDivisionError"),
+    ({"partial_rotary_factor": 3e9}, r"partial_rotary_factor=3000000000.0 is not in \(0, 1\]"),
+    ({"max_position_embeddings": -1}, r"max_position_embeddings=-1 is not a positive integer"),
+])
+def test_rope_settings_are_checked(tmp_path, testdata, changes, message):
+    """A negative rope theta with yarn scaling raised `ValueError: math domain error`; a rotary dimension of
+    2**32 heads' worth tried to allocate 16 GB."""
+    from ember.loader.model import load_model
+
+    with pytest.raises(ModelLoadError, match=message):
+        load_model(_checkpoint(tmp_path, testdata, **changes))
+
+
+def test_gguf_rotary_dimension_count_is_checked(tmp_path):
+    from ember.loader.model import load_model
+
+    path = _patched(tmp_path, DEFAULT, b"llama.rope.dimension_count", 4, (2**32 - 1).to_bytes(4, "little"))
+    with pytest.raises(ModelLoadError, match=r"partial_rotary_factor=134217727.96875 is not in \(0, 1\]"):
+        load_model(path)
+
+
+def test_gguf_qk_rows_that_do_not_split_into_heads(tmp_path, testdata):
+    """63 rows of blk.0.attn_k.weight (2 KV heads) made the row unpermutation fail with a RuntimeError."""
+    from ember.loader.model import load_model
+
+    path = _patched(tmp_path, testdata / "gguf" / "tiny-llama-Q4_0.gguf", b"blk.0.attn_k.weight", 12,
+                    (63).to_bytes(8, "little"))
+    with pytest.raises(ModelLoadError, match=r"patched.gguf: tensor 'blk.0.attn_k.weight': 63 rows do not split "
+                                             r"into 2 heads of two rotary halves"):
+        load_model(path)

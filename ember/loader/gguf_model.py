@@ -21,7 +21,7 @@ from ember.kernels import matmul as kernels
 from ember.loader.device import resolve_dtype
 from ember.loader.gguf_config import config_from_gguf
 from ember.loader.gguf_names import ROPE_TENSORS, ember_name, encoder_name, unpermute_rows
-from ember.loader.weights import Progress, finish_loading, set_weight
+from ember.loader.weights import Progress, build_model, finish_loading, set_weight
 from ember.models.decoder import CausalLM
 from ember.models.registry import encoder_class_for, model_class_for
 from ember.quant.embedding import QuantEmbedding
@@ -60,7 +60,7 @@ def load_gguf_model(path: Path, dtype, device: torch.device, progress: Progress 
     cls, _ = model_class_for(None, config.architecture)
     # Activations: float32 on CPU (auto), float16 on GPUs unless asked otherwise.
     dtype = resolve_dtype(dtype, device, "float16")
-    model = cls(config)
+    model = build_model(cls, config)
     params = dict(model.named_parameters())
     permute_qk = config.architecture == "llama"
     for gguf_name, info in gguf.tensors.items():
@@ -76,7 +76,8 @@ def load_gguf_model(path: Path, dtype, device: torch.device, progress: Progress 
             # vectors, and matrices stored unquantized (F32/F16/BF16 files): plain weights in `dtype`
             tensor = _float_tensor(gguf, gguf_name, dtype)
             if permute_qk and name.endswith(("q_proj.weight", "k_proj.weight")):
-                tensor = unpermute_rows(tensor, config.num_heads if "q_proj" in name else config.num_kv_heads)
+                tensor = unpermute_rows(tensor, config.num_heads if "q_proj" in name else config.num_kv_heads,
+                                        gguf_name)
             if name.endswith("norm.weight") and config.norm_weight_offset:
                 tensor = tensor - config.norm_weight_offset
             for target, piece in model.split_checkpoint_tensor(name, tensor):
@@ -86,7 +87,7 @@ def load_gguf_model(path: Path, dtype, device: torch.device, progress: Progress 
         rows = _rows(gguf, gguf_name)
         if permute_qk and name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = config.num_heads if "q_proj" in name else config.num_kv_heads
-            rows = unpermute_rows(rows, heads)
+            rows = unpermute_rows(rows, heads, gguf_name)
         # Fused matrices (Phi-3) split along rows, which works on quantized rows too.
         for target, piece in model.split_checkpoint_tensor(name, rows):
             module_name = target.removesuffix(".weight")
@@ -116,7 +117,7 @@ def load_gguf_encoder(gguf: GGUFFile, dtype, device: torch.device, progress: Pro
     with _metadata_errors(gguf.path):
         config = encoder_config_from_gguf(gguf.metadata, {name: tuple(t.shape) for name, t in gguf.tensors.items()})
     dtype = resolve_dtype(dtype, device, "float16")
-    model = encoder_class_for(config.architecture)(config)
+    model = build_model(encoder_class_for(config.architecture), config)
     params = dict(model.named_parameters())
     total, done = sum(info.nbytes for info in gguf.tensors.values()), 0
     for gguf_name, info in gguf.tensors.items():
