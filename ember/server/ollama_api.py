@@ -24,9 +24,10 @@ from ember.server.constraints import ollama_constraint, with_constraint
 from ember.server.errors import APIError, bad_request, not_supported
 from ember.server.generation import Choice, Generation, collect, drive, start_generation
 from ember.server.keep_alive import parse_keep_alive
+from ember.server.offload import off_loop
 from ember.server.ollama_options import check_options, num_ctx, ollama_params
 from ember.server.openai_api import available_models, embed_all, encoder_embeddings
-from ember.server.prompting import chat_prompt_ids, plain_messages
+from ember.server.prompting import chat_prompt_ids, encode_prompt, plain_messages
 from ember.server.protocol import (
     OllamaChatRequest,
     OllamaEmbeddingsRequest,
@@ -134,10 +135,12 @@ async def generate(body: OllamaGenerateRequest, request: Request):
         raise not_supported("suffix (fill-in-the-middle)", param="suffix")
     engine = entry.engine
     if body.raw or engine.chat_template is None:
-        prompt = engine.tokenizer.encode(body.prompt or "", add_special_tokens=not body.context)
+        prompt = await off_loop(request, lambda: encode_prompt(engine, body.prompt or "",
+                                                               add_special_tokens=not body.context))
     else:
         messages = ([{"role": "system", "content": body.system}] if body.system else [])
-        prompt = chat_prompt_ids(engine, [*messages, {"role": "user", "content": body.prompt or ""}])
+        prompt = await off_loop(request, lambda: chat_prompt_ids(
+            engine, [*messages, {"role": "user", "content": body.prompt or ""}]))
     prompt = list(body.context or []) + prompt
     generation = start_generation(state, entry, [prompt], await request_params(entry, options, body), "ollama")
     return await _run(request, generation, body.stream, lambda choice: {"response": choice.text},
@@ -160,9 +163,10 @@ async def chat(body: OllamaChatRequest, request: Request):
     if not body.messages:
         return {"model": entry.name, "created_at": now(), "message": {"role": "assistant", "content": ""},
                 "done": True, "done_reason": "load", **_load_durations(request)}
-    plan = plan_chat(entry.engine, plain_messages(_with_call_ids(body.messages)), body.tools,
-                     template_kwargs={"reasoning_effort": body.think} if isinstance(body.think, str) else None,
-                     think=None if body.think is None else bool(body.think))
+    plan = await off_loop(request, lambda: plan_chat(
+        entry.engine, plain_messages(_with_call_ids(body.messages)), body.tools,
+        template_kwargs={"reasoning_effort": body.think} if isinstance(body.think, str) else None,
+        think=None if body.think is None else bool(body.think)))
     generation = start_generation(state, entry, [plan.prompt], await request_params(entry, options, body, plan),
                                   "ollama")
     parser, parsed = plan.parser(), ParsedMessage()
@@ -475,11 +479,12 @@ async def embed(body: OllamaEmbedRequest, request: Request):
     else:
         if body.dimensions is not None:
             raise not_supported("dimensions with a chat model", param="dimensions")
-        tokenizer = entry.engine.tokenizer
-        inputs = [tokenizer.encode(t) for t in texts]
+        engine = entry.engine
         if body.truncate:
-            limit = entry.engine.max_model_len - 1
-            inputs = [ids[:limit] for ids in inputs]
+            limit = engine.max_model_len - 1
+            inputs = await off_loop(request, lambda: [engine.tokenizer.encode(t)[:limit] for t in texts])
+        else:
+            inputs = await off_loop(request, lambda: [encode_prompt(engine, t, param="input") for t in texts])
         vectors = await embed_all(state, entry, inputs) if inputs else []
         count = sum(len(i) for i in inputs)
     return {"model": entry.name, "embeddings": [_normalized(v) for v in vectors],
@@ -496,7 +501,8 @@ async def embeddings(body: OllamaEmbeddingsRequest, request: Request):
         return {"embedding": []}
     if entry.engine.is_encoder:
         return {"embedding": (await encoder_embeddings(state, entry, body.prompt, None))[0][0]}
-    vector = (await embed_all(state, entry, [entry.engine.tokenizer.encode(body.prompt)]))[0]
+    ids = await off_loop(request, lambda: encode_prompt(entry.engine, body.prompt))
+    vector = (await embed_all(state, entry, [ids]))[0]
     return {"embedding": vector}
 
 
