@@ -81,7 +81,7 @@ async def messages(body: AnthropicRequest, request: Request):
     kwargs = {name: getattr(body, name) for name in ("temperature", "top_p", "top_k")
               if getattr(body, name) is not None}
     params = SamplingParams(max_tokens=body.max_tokens, stop=body.stop_sequences or [], **kwargs)
-    generation = start_generation(state, entry, [prompt], params, "msg")
+    generation = start_generation(request, entry, [prompt], params, "msg")
     message = {"id": f"msg_{uuid.uuid4().hex}", "type": "message", "role": "assistant", "model": entry.name}
     if body.stream:
         return streaming(_events(generation, message, len(prompt)))

@@ -134,6 +134,7 @@ class GuardMiddleware:
             if not started:
                 await _send_error(scope, send, errors.from_exception(exc))
         finally:
+            self.state.release_admitted(scope)
             await self.state.release_all(leases)
 
 

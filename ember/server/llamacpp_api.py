@@ -211,7 +211,7 @@ async def completion(body: LlamaCompletionRequest, request: Request):
     entry = await state.use_model(request, body.model)
     prompt = await off_loop(request, lambda: _prompt_ids(entry.engine, body.prompt))
     params = await with_constraint(entry.engine, _params(entry.engine, body), llamacpp_constraint(body))
-    generation = start_generation(state, entry, [prompt], params, "cmpl")
+    generation = start_generation(request, entry, [prompt], params, "cmpl")
     if body.stream:
         return streaming(_stream(generation, body, prompt))
     return _final(generation, body, prompt, (await collect(request, generation))[0])

@@ -247,7 +247,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     check_stream_options(body)
     params = await request_params(entry.engine, body, body.max_completion_tokens or body.max_tokens,
                                   (body.top_logprobs or 0) if body.logprobs else None, plan)
-    generation = start_generation(state, entry, [plan.prompt], params, "chatcmpl")
+    generation = start_generation(request, entry, [plan.prompt], params, "chatcmpl")
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": entry.name,
             "system_fingerprint": None}
     if body.stream:
@@ -358,7 +358,7 @@ async def completions(body: CompletionRequest, request: Request):
     if body.echo and body.logprobs is not None:
         # What lm-evaluation-harness scores: the prompt's own tokens, each given those before it.
         params = replace(params, prompt_logprobs=body.logprobs)
-    generation = start_generation(state, entry, prompts, params, "cmpl")
+    generation = start_generation(request, entry, prompts, params, "cmpl")
     echoes = await off_loop(request, lambda: [entry.engine.tokenizer.decode(p) if body.echo else "" for p in prompts])
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": entry.name,
             "system_fingerprint": None}
@@ -527,7 +527,7 @@ async def responses(body: ResponsesRequest, request: Request):
     kwargs = {k: getattr(body, k) for k in ("temperature", "top_p", "seed") if getattr(body, k) is not None}
     params = plan.sampling(SamplingParams(max_tokens=body.max_output_tokens, **kwargs))
     params = await with_constraint(entry.engine, params, plan.constrain(constraint))
-    generation = start_generation(state, entry, [plan.prompt], params, "resp")
+    generation = start_generation(request, entry, [plan.prompt], params, "resp")
     rid, created = f"resp_{uuid.uuid4().hex}", int(time.time())
 
     def finish(choice: Choice, items: OutputItems) -> tuple[str, list]:
