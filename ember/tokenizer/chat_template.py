@@ -25,7 +25,7 @@ from ember.tokenizer.template_limits import (
     MAX_VALUE_CHARS,
     bounded_filters,
     check_binop,
-    check_call,
+    checked_call,
     checked_concat,
     json_indented,
 )
@@ -116,7 +116,7 @@ class _LimitedEnvironment(ImmutableSandboxedEnvironment):
 
     def call(self, context, obj, *args, **kwargs):
         self._check_time()
-        check_call(obj, args, kwargs)
+        args = checked_call(obj, args, kwargs)
         return super().call(context, obj, *args, **kwargs)
 
     def getattr(self, obj, attribute):

@@ -13,6 +13,7 @@ from functools import wraps
 from typing import Any
 
 from jinja2 import filters as jinja_filters
+from jinja2.utils import pass_eval_context
 
 from ember.errors import ChatTemplateError
 
@@ -46,7 +47,7 @@ def _expanded(text: str, tabsize: Any = 8) -> int:
 
 
 def _joined(separator: str, items: Any = ()) -> int:
-    items = list(items) if isinstance(items, (list, tuple)) else []  # other iterables are checked when rendered
+    """For a list or tuple (check_call and the join filter turn other iterables into lists first)."""
     return sum(len(str(i)) for i in items) + max(len(items) - 1, 0) * len(separator)
 
 
@@ -82,16 +83,20 @@ STR_METHOD_SIZES: dict[str, Callable[..., int]] = {
 }
 
 
-def check_call(obj: Any, args: tuple, kwargs: dict) -> None:
-    """Before a template calls `obj`: a str method from STR_METHOD_SIZES must not build too large a string."""
+def checked_call(obj: Any, args: tuple, kwargs: dict) -> tuple:
+    """Before a template calls `obj`: a str method from STR_METHOD_SIZES must not build too large a string.
+    Returns the arguments to call it with: str.join's iterable as a list, walked once to size it."""
     obj = getattr(obj, "__wrapped__", obj)  # the sandbox hands str.format out wrapped (its own safe formatter)
     owner, name = getattr(obj, "__self__", None), getattr(obj, "__name__", None)
     if isinstance(owner, str) and name in STR_METHOD_SIZES:
+        if name == "join" and len(args) == 1 and not isinstance(args[0], (list, tuple, str)):
+            args = (list(args[0]),)  # a range (the sandbox caps its length) or a generator
         try:
             size = STR_METHOD_SIZES[name](owner, *args, **kwargs)
         except TypeError:
-            return  # wrong arguments: the call itself raises the error
+            return args  # wrong arguments: the call itself raises the error
         check_size(size)
+    return args
 
 
 # --- operators ----------------------------------------------------------------------------------------------
@@ -156,10 +161,12 @@ def _indented(s: Any, width: Any = 4, *_: Any, **__: Any) -> int:
     return len(text) + (text.count("\n") + 1) * _width(width)
 
 
-def _filter_joined(value: Any, d: Any = "", attribute: Any = None) -> int | None:
-    if not isinstance(value, (list, tuple)) or attribute is not None:
-        return None  # a generator or attribute join is bounded by what it walks over, and by the output cap
-    return _joined(_text(d), value)
+@pass_eval_context
+def _join(eval_ctx: Any, value: Any, d: Any = "", attribute: Any = None) -> str:
+    """Jinja's join, sized first: an item's attribute is no longer than the item's text."""
+    items = value if isinstance(value, (list, tuple)) else list(value)  # ranges are capped by the sandbox
+    check_size(_joined(_text(d), items))
+    return jinja_filters.do_join(eval_ctx, items, d, attribute)
 
 
 def _wrapped(s: Any, width: Any = 79, break_long_words: Any = True, wrapstring: Any = None, *_: Any,
@@ -211,7 +218,7 @@ def bounded_filters() -> dict[str, Callable]:
     return {
         "center": _bounded(jinja_filters.do_center, lambda value, width=80: _padded(_text(value), width)),
         "indent": _bounded(jinja_filters.do_indent, _indented),
-        "join": _bounded(jinja_filters.do_join, _filter_joined),
+        "join": _join,
         "replace": _bounded(jinja_filters.do_replace, lambda s, old, new, count=None: _replaced(
             _text(s), old, new, -1 if count is None else count)),
         "wordwrap": _bounded(jinja_filters.do_wordwrap, _wrapped),

@@ -14,7 +14,7 @@ from ember.tokenizer.length_bound import max_chars_per_token
 
 # Above this many characters (or ids), encode/decode go through `tokenizers`' batch calls, which release the
 # GIL (the single calls hold it): a server tokenizing a long text in a worker thread keeps serving meanwhile.
-GIL_FREE_ABOVE = 16_384
+GIL_FREE_ABOVE = 8192
 
 # (prefix, suffix, middle) token names: Qwen2.5-Coder, StarCoder, SantaCoder, DeepSeek-Coder, CodeLlama.
 FIM_TOKEN_NAMES = (
