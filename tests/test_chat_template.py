@@ -272,6 +272,7 @@ def test_raise_exception_message():
     "{{ [1]|slice(10**9)|list|length }}",
     "{{ messages|tojson(indent=10**9) }}",
     "{{ ([[0] * 1000000] * 100)|sum(start=[])|length }}",
+    "{{ lipsum(10**9) }}",
 ])
 def test_huge_values_fail_fast_without_allocating(source):
     tracemalloc.start()

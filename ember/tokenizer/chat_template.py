@@ -24,6 +24,7 @@ from ember.errors import ChatTemplateError
 from ember.tokenizer.template_limits import (
     MAX_VALUE_CHARS,
     bounded_filters,
+    bounded_lipsum,
     check_binop,
     checked_call,
     checked_concat,
@@ -153,7 +154,7 @@ def _compile(source: str) -> tuple[_LimitedEnvironment, jinja2.Template]:
     env.filters[_LOOP_FILTER] = env._timed_iter
     env.filters[_CONCAT_FILTER] = checked_concat
     env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now, dict=_TemplateDict(),
-                       namespace=_Namespace)
+                       namespace=_Namespace, lipsum=bounded_lipsum)
     try:
         return env, env.from_string(source)
     except jinja2.TemplateSyntaxError as err:

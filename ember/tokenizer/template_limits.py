@@ -6,6 +6,7 @@ through these checks."""
 
 from __future__ import annotations
 
+import inspect
 import re
 import string
 from collections.abc import Callable
@@ -13,7 +14,7 @@ from functools import wraps
 from typing import Any
 
 from jinja2 import filters as jinja_filters
-from jinja2.utils import pass_eval_context
+from jinja2.utils import generate_lorem_ipsum, pass_eval_context
 
 from ember.errors import ChatTemplateError
 
@@ -211,6 +212,16 @@ def _depth(value: Any) -> int:
             deepest = max(deepest, depth)
             pending.extend((child, depth + 1) for child in item)
     return deepest
+
+
+def bounded_lipsum(*args: Any, **kwargs: Any) -> str:
+    """Jinja's `lipsum` global, sized first: n paragraphs of at most max(min, max) words, each under 16
+    characters with its punctuation and space."""
+    bound = inspect.signature(generate_lorem_ipsum).bind(*args, **kwargs)
+    bound.apply_defaults()
+    given = bound.arguments
+    check_size(_width(given["n"]) * max(_width(given["min"]), _width(given["max"])) * 16)
+    return generate_lorem_ipsum(*bound.args, **bound.kwargs)
 
 
 def bounded_filters() -> dict[str, Callable]:
