@@ -13,7 +13,16 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 
 from ember import __version__
-from ember.server import anthropic_api, errors, llamacpp_api, ollama_api, openai_api, rerank_api, webui
+from ember.server import (
+    anthropic_api,
+    errors,
+    llamacpp_api,
+    ollama_api,
+    openai_api,
+    openapi,
+    rerank_api,
+    webui,
+)
 from ember.server.errors import DECLARED_TYPE, APIError, error_body
 from ember.server.generation import ClientGone
 from ember.server.lone_surrogates import lone_surrogate_error
@@ -161,10 +170,10 @@ def create_app(state: ServerState) -> FastAPI:
         finally:
             await state.shutdown()
 
-    app = FastAPI(title="ember", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
-                  openapi_url=None)
+    app = FastAPI(title="ember", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.ember = state
     errors.install(app)
+    openapi.install(app)  # GET /openapi.json
 
     @app.exception_handler(ClientGone)
     async def _gone(request, exc):

@@ -242,9 +242,9 @@ def _stream(generation: Generation, body: LlamaCompletionRequest, prompt: list[i
 
 
 # --- /props and /slots --------------------------------------------------------------------------------------
-async def _get_engine(request: Request) -> AsyncEngine:
+async def _get_engine(request: Request, model: str | None) -> AsyncEngine:
     """The engine of ?model= (llama.cpp's router mode names it so), else the default model's."""
-    entry = await get_state(request).use_model(request, request.query_params.get("model"))
+    entry = await get_state(request).use_model(request, model)
     return entry.engine
 
 
@@ -268,8 +268,8 @@ def _defaults() -> SamplingParams:
 
 
 @router.get("/props")
-async def props(request: Request):
-    engine = await _get_engine(request)
+async def props(request: Request, model: str | None = None):
+    engine = await _get_engine(request, model)
     template = engine.chat_template
     return {"default_generation_settings": _slot(0, engine.max_model_len, _defaults(), None),
             "total_slots": engine.engine.args.max_num_seqs, "model_path": str(engine.engine.loaded.path),
@@ -278,10 +278,10 @@ async def props(request: Request):
 
 
 @router.get("/slots")
-async def slots(request: Request, fail_on_no_slot: int = 0):
+async def slots(request: Request, fail_on_no_slot: int = 0, model: str | None = None):
     """One entry per sequence the engine can run at once: the running ones (oldest first: ids are positions,
     not stable names), then the idle ones with the default settings."""
-    engine = await _get_engine(request)
+    engine = await _get_engine(request, model)
     running = await engine.running_sequences()
     total = engine.engine.args.max_num_seqs
     if fail_on_no_slot and len(running) >= total:

@@ -22,38 +22,39 @@ def lone_surrogate_error(body: bytes) -> APIError | None:
         value = json.loads(body)
     except (ValueError, RecursionError):
         return None
-    path = _first_bad_text(value)
-    if path is None:
+    found = _first_bad_text(value)
+    if found is None:
         return None  # only well-formed pairs (or an escaped backslash before "ud8..")
-    where = path or "the request body"
-    return bad_request(f"{where}: contains a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff escape), "
-                       "which is not valid Unicode text", param=path or None, code="invalid_unicode")
+    path, surrogate = found
+    return bad_request(f"{path or 'the request body'}: holds a lone UTF-16 surrogate U+{surrogate:04X}, which is not "
+                       "a character (JSON \\uD800-\\uDFFF escapes come in pairs)", param=path or None,
+                       code="invalid_unicode")
 
 
-def _first_bad_text(value) -> str | None:
-    """The dotted path of the first string (key or value) that is not valid Unicode, walked without recursion
-    (json.loads accepts nesting deeper than Python's recursion limit)."""
+def _first_bad_text(value) -> tuple[str, int] | None:
+    """The dotted path of the first string (key or value) holding a lone surrogate, and that surrogate; walked
+    without recursion (json.loads accepts nesting deeper than Python's recursion limit)."""
     pending = [(value, "")]
     while pending:
         item, path = pending.pop()
         if isinstance(item, str):
-            if not _is_valid(item):
-                return path
+            if (surrogate := _lone_surrogate(item)) is not None:
+                return path, surrogate
         elif isinstance(item, dict):
             for key, child in reversed(item.items()):
                 name = key.encode("utf-8", "backslashreplace").decode()  # the path itself must be valid text
                 child_path = f"{path}.{name}" if path else name
-                if not _is_valid(key):
-                    return child_path
+                if (surrogate := _lone_surrogate(key)) is not None:
+                    return child_path, surrogate
                 pending.append((child, child_path))
         elif isinstance(item, list):
             pending.extend((child, f"{path}.{i}" if path else str(i)) for i, child in reversed(list(enumerate(item))))
     return None
 
 
-def _is_valid(text: str) -> bool:
+def _lone_surrogate(text: str) -> int | None:
     try:
         text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
+    except UnicodeEncodeError as err:
+        return ord(text[err.start])
+    return None

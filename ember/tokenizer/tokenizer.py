@@ -27,6 +27,19 @@ FIM_TOKEN_NAMES = (
 )
 
 
+def _check_characters(text: str) -> None:
+    """JSON may escape half a UTF-16 surrogate pair ("\\ud800"), which Python decodes to a str no tokenizer
+    can encode (it is no character): refused by name rather than failing inside `tokenizers`."""
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise TokenizerError(f"the text holds a lone UTF-16 surrogate U+{ord(text[err.start]):04X} at character "
+                             f"{err.start}, which is not a character (JSON \\uD800-\\uDFFF escapes come in "
+                             "pairs)") from None
+
+
 class Tokenizer:
     """Encodes and decodes text. BOS/EOS are added here (not by a post-processor) so every source —
     tokenizer.json or a GGUF vocabulary — follows the same rules."""
@@ -58,6 +71,7 @@ class Tokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`; special-token text inside it becomes those tokens (as in transformers)."""
+        _check_characters(text)
         if len(text) > GIL_FREE_ABOVE:
             ids = self.hf.encode_batch([text], add_special_tokens=False)[0].ids
         else:
