@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import json
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from tokenizers import Tokenizer as HFTokenizer
 
 from ember.errors import TokenizerError
+from ember.tokenizer.length_bound import max_chars_per_token
+
+# Above this many characters (or ids), encode/decode go through `tokenizers`' batch calls, which release the
+# GIL (the single calls hold it): a server tokenizing a long text in a worker thread keeps serving meanwhile.
+GIL_FREE_ABOVE = 8192
 
 # (prefix, suffix, middle) token names: Qwen2.5-Coder, StarCoder, SantaCoder, DeepSeek-Coder, CodeLlama.
 FIM_TOKEN_NAMES = (
@@ -66,7 +72,10 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`; special-token text inside it becomes those tokens (as in transformers)."""
         _check_characters(text)
-        ids = self.hf.encode(text, add_special_tokens=False).ids
+        if len(text) > GIL_FREE_ABOVE:
+            ids = self.hf.encode_batch([text], add_special_tokens=False)[0].ids
+        else:
+            ids = self.hf.encode(text, add_special_tokens=False).ids
         if add_special_tokens:
             if self.add_bos:
                 ids = [self.bos_token_id, *ids]
@@ -75,7 +84,19 @@ class Tokenizer:
         return ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        if len(ids) > GIL_FREE_ABOVE:
+            return self.hf.decode_batch([ids], skip_special_tokens=skip_special_tokens)[0]
         return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    @cached_property
+    def max_chars_per_token(self) -> int | None:
+        """The most characters one token covers (ember.tokenizer.length_bound); None: no sound bound."""
+        return max_chars_per_token(self.hf)
+
+    def min_tokens(self, text: str) -> int:
+        """A lower bound on len(encode(text, add_special_tokens=False)), from the text's length alone."""
+        per_token = self.max_chars_per_token
+        return -(-len(text) // per_token) if per_token else 0
 
     def id_to_piece(self, token_id: int) -> str:
         return self.hf.id_to_token(token_id) or ""
