@@ -164,6 +164,11 @@ class ModelPool:
         return self._models.get(name) or (self._models.get(name.removesuffix(":latest"))
                                           if name.endswith(":latest") else None)
 
+    def serves(self, name: str) -> bool:
+        """Whether `name` is the model `ember serve` was started with (the default of requests naming none)."""
+        served = set(self._registered) | self.pinned | ({self.default_name} if self.default_name else set())
+        return bool({name, name.removesuffix(":latest")} & served)
+
     def registered(self) -> list[ResolvedModel]:
         """Models known by name without the resolver (the `ember serve` model) that are not loaded now."""
         return [r for n, r in self._registered.items() if r is not None and n not in self._models]

@@ -6,7 +6,8 @@ splits text the way llama.cpp does for the same file:
 - `llama`: SentencePiece BPE. Pieces merge by the score of the piece they form, spaces are `▁`, a
   `▁` is prepended to every stretch of text (at the start and after each special token), and
   characters outside the vocabulary fall back to `<0xXX>` byte tokens.
-- `gpt2`: byte-level BPE from `merges`, after the pre-tokenizer split named by `tokenizer.ggml.pre`.
+- `gpt2`: byte-level BPE from `merges`, after the pre-tokenizer split named by `tokenizer.ggml.pre`
+  (the regexes of `ember.tokenizer.pre_tokenizers`).
 - `bert`: WordPiece over lowercased, accent-stripped words; GGUF marks word-initial pieces with `▁`
   where BERT marks continuations with `##`.
 
@@ -26,6 +27,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers.models import BPE, WordPiece
 
 from ember.errors import TokenizerError
+from ember.tokenizer.pre_tokenizers import pre_tokenizer
 from ember.tokenizer.tokenizer import Tokenizer
 
 SPM_SPACE = "\u2581"  # "▁", SentencePiece's visible space
@@ -41,103 +43,6 @@ class TokenType(IntEnum):
     UNUSED = 5
     BYTE = 6
 
-
-# Pre-tokenizer regexes of the byte-level BPE families. Each family's text is split by each of its
-# regexes in turn, every match and every stretch between matches becoming its own piece.
-_GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
-_LLAMA3 = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_QWEN2 = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_QWEN35 = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*"
-    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_GPT4O = (
-    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
-    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
-    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_TEKKEN = (
-    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
-    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
-    r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_SEED_CODER = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1}| ?[^\s\p{L}\p{N}\r\n]+"
-    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_CJK_RUNS = r"[一-龥ࠀ-一가-퟿]+"
-_DEEPSEEK_LLM_LETTERS = (
-    r"\s?[A-Za-zµÀ-ÖØ-öø-ƺƼ-ƿǄ-ʓʕ-ʯͰ-ͳͶͷͻ-ͽͿΆΈ-ΊΌΎ-ΡΣ-ϵϷ-ҁҊ-ԯԱ-ՖႠ-ჅᎠ-Ᏽᏸ-ᏽᲐ-ᲺᲽ-Ჿᴀ-ᴫᵫ-ᵷᵹ-ᶚḀ-ἕἘ-Ἕἠ-ὅὈ-Ὅὐ-ὗὙὛὝὟ-ώᾀ-ᾴᾶ-ᾼιῂ-ῄῆ-ῌῐ-ΐ"
-    r"ῖ-Ίῠ-Ῥῲ-ῴῶ-ῼℂℇℊ-ℓℕℙ-ℝℤΩℨK-ℭℯ-ℴℹℼ-ℿⅅ-ⅉⅎↃↄⰀ-ⱻⱾ-ⳤⳫ-ⳮⳲⳳꙀ-ꙭꚀ-ꚛꜢ-ꝯꝱ-ꞇꞋ-ꞎꭰ-ꮿﬀ-ﬆﬓ-ﬗＡ-Ｚａ-ｚ𐐀-𐑏𐒰-𐓓𐓘-𐓻𐲀-𐲲𐳀-𐳲𑢠-𑣟𞤀-𞥃]+"
-)
-_BLOOM = r" ?[^(\s|.,!?…。，、।۔،)]+"
-
-_SPLITS_BY_FAMILY: dict[str, tuple[str, ...]] = {
-    "gpt-2": (_GPT2,),
-    "llama3": (_LLAMA3,),
-    "qwen2": (_QWEN2,),
-    "qwen35": (_QWEN35,),
-    "gpt-4o": (_GPT4O,),
-    "tekken": (_TEKKEN,),
-    "seed-coder": (_SEED_CODER,),
-    # StarCoder-style vocabularies put every digit in its own piece.
-    "starcoder": (r"\p{N}", _GPT2),
-    # Falcon keeps runs of punctuation together and cuts digit runs into threes.
-    "falcon": (r"[\p{P}\$\+<=>\^~\|`]+", _GPT2, r"[0-9][0-9][0-9]"),
-    "deepseek-coder": (r"[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", _CJK_RUNS, r"\p{N}"),
-    "deepseek-llm": (r"[\r\n]", _DEEPSEEK_LLM_LETTERS, r"\s?[!-/:-~！-／：-～‘-‟　-。]+", r"\s+$", _CJK_RUNS, r"\p{N}+"),
-    "deepseek-v3": (
-        r"\p{N}{1,3}",
-        r"[一-龥぀-ゟ゠-ヿ]+",
-        r"[!\"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+"
-        r"| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
-    ),
-    "bloom": (_BLOOM,),
-    "viking": (_BLOOM, r"\p{N}"),
-    # What llama.cpp applies when a file names no pre-tokenizer.
-    "default": (r"[\p{P}\$\+<=>\^~\|]+", _GPT2, r"\p{N}+", r"[0-9][0-9][0-9]"),
-}
-
-# `tokenizer.ggml.pre` values (as written by llama.cpp's convert_hf_to_gguf.py) -> family above.
-_FAMILY_BY_PRE: dict[str, str] = {
-    **dict.fromkeys(
-        ("gpt-2", "phi-2", "mpt", "olmo", "jais", "jina-es", "jina-de", "jina-v1-en", "jina-v2-es",
-         "jina-v2-de", "jina-v2-code", "roberta-bpe", "gigachat", "exaone4", "a.x-4.0", "mellum",
-         "modern-bert"),
-        "gpt-2",
-    ),
-    **dict.fromkeys(
-        ("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2", "dbrx",
-         "smaug-bpe", "chatglm-bpe", "glm4"),
-        "llama3",
-    ),
-    **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "stablelm2", "megrez", "kormo"), "qwen2"),
-    "qwen35": "qwen35",
-    **dict.fromkeys(("gpt-4o", "llama4", "minimax-m2"), "gpt-4o"),
-    "tekken": "tekken",
-    "seed-coder": "seed-coder",
-    **dict.fromkeys(
-        ("starcoder", "refact", "command-r", "smollm", "codeshell", "exaone", "minerva-7b"), "starcoder"
-    ),
-    "falcon": "falcon",
-    "deepseek-coder": "deepseek-coder",
-    "deepseek-llm": "deepseek-llm",
-    "deepseek-v3": "deepseek-v3",
-    **dict.fromkeys(("bloom", "poro-chat", "gpt3-finnish"), "bloom"),
-    "viking": "viking",
-    "default": "default",
-}
-
-# Families whose tokenizers look a whole pre-token up before merging (HF `ignore_merges`).
-_IGNORE_MERGES_FAMILIES = {"llama3", "tekken"}
-# Byte-level BPE pre-tokenizer names for which llama.cpp adds BOS when the file does not say.
-_ADD_BOS_PRES = {"llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2", "tekken"}
 
 # Texts of tokens that end a turn although the file does not name them EOS (llama.cpp's list).
 _END_OF_TURN_TEXTS = {
@@ -261,10 +166,8 @@ def _merges_by_score(tokens: list[str], scores: Sequence[float], vocab: dict[str
 
 
 def _byte_level_bpe(metadata: dict, tokens: list[str]) -> tuple[HFTokenizer, _SpecialTokens]:
-    pre = metadata.get(_PREFIX + "pre") or "default"
-    family = _FAMILY_BY_PRE.get(pre)
-    if family is None:
-        raise TokenizerError(f"unsupported GGUF pre-tokenizer {pre!r} (tokenizer.ggml.pre)")
+    # llama.cpp warns and falls back on its default pre-tokenizer when the file names none.
+    pre = pre_tokenizer(metadata.get(_PREFIX + "pre") or "default")
     merges = metadata.get(_PREFIX + "merges")
     if not merges:
         raise TokenizerError("the GGUF 'gpt2' tokenizer has no tokenizer.ggml.merges")
@@ -277,13 +180,14 @@ def _byte_level_bpe(metadata: dict, tokens: list[str]) -> tuple[HFTokenizer, _Sp
         # HF refuses merges outside the vocabulary; llama.cpp never produces them either.
         if cut > 0 and left in vocab and right in vocab and left + right in vocab:
             pairs.append((left, right))
-    hf = HFTokenizer(BPE(vocab, pairs, ignore_merges=family in _IGNORE_MERGES_FAMILIES))
-    splits = [pre_tokenizers.Split(Regex(pattern), behavior="isolated") for pattern in _SPLITS_BY_FAMILY[family]]
+    hf = HFTokenizer(BPE(vocab, pairs, ignore_merges=pre.ignore_merges))
+    splits = [pre_tokenizers.Split(Regex(pattern), behavior="isolated") for pattern in pre.splits]
     hf.pre_tokenizer = pre_tokenizers.Sequence(
         [*splits, pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)]
     )
     hf.decoder = decoders.ByteLevel()
-    return hf, _special_tokens(metadata, len(tokens), bos_id=11, eos_id=11, add_bos=pre in _ADD_BOS_PRES)
+    return hf, _special_tokens(metadata, len(tokens), bos_id=11 if pre.default_bos else None, eos_id=11,
+                               add_bos=pre.add_bos)
 
 
 def _wordpiece(metadata: dict, tokens: list[str], types: list[int]) -> tuple[HFTokenizer, _SpecialTokens]:
