@@ -6,6 +6,7 @@ Everything the shared layers need is a plain field here, so model code never loo
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,17 @@ from ember.errors import ModelLoadError
 
 MAX_LAYERS = 1024
 MAX_DIM = 1 << 20
+
+
+def layer_count(value: Any) -> int:
+    """A layer count checked before anything is sized by it (per-layer lists, the KV cache)."""
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= MAX_LAYERS:
+        raise ModelLoadError(f"config: num_hidden_layers={value!r} is out of range (1 to {MAX_LAYERS})")
+    return value
+
+
+def _positive_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf
 
 
 @dataclass
@@ -52,8 +64,15 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or not 0 < value <= MAX_DIM:
                 raise ModelLoadError(f"config: {name}={value!r} is not a positive integer ≤ {MAX_DIM}")
-        if not isinstance(self.num_layers, int) or not 0 < self.num_layers <= MAX_LAYERS:
-            raise ModelLoadError(f"config: num_hidden_layers={self.num_layers!r} is out of range")
+        layer_count(self.num_layers)
+        if not _positive_number(self.rope_theta):
+            raise ModelLoadError(f"config: rope_theta={self.rope_theta!r} is not a positive number")
+        if not _positive_number(self.partial_rotary_factor) or self.partial_rotary_factor > 1:
+            raise ModelLoadError(f"config: partial_rotary_factor={self.partial_rotary_factor!r} is not in (0, 1]")
+        if (not isinstance(self.max_position_embeddings, int) or isinstance(self.max_position_embeddings, bool)
+                or self.max_position_embeddings < 1):
+            raise ModelLoadError(f"config: max_position_embeddings={self.max_position_embeddings!r} is not a "
+                                 "positive integer")
         if self.num_heads % self.num_kv_heads:
             raise ModelLoadError(
                 f"config: num_attention_heads={self.num_heads} is not a multiple of "
@@ -118,7 +137,7 @@ def config_from_hf(raw: dict[str, Any], architecture: str) -> ModelConfig:
     try:
         num_heads = raw["num_attention_heads"]
         hidden = raw["hidden_size"]
-        num_layers = raw["num_hidden_layers"]
+        num_layers = layer_count(raw["num_hidden_layers"])
         theta, scaling, partial = _rope_settings(raw)
         gemma = architecture == "gemma2"
         head_dim = raw.get("head_dim") or hidden // num_heads
@@ -167,4 +186,11 @@ def read_config_json(model_dir: Path) -> dict[str, Any]:
         raise ModelLoadError(f"{path}: not readable JSON ({err})") from None
     if not isinstance(raw, dict):
         raise ModelLoadError(f"{path}: expected a JSON object")
+    # Every reader dispatches on these two before looking at anything else.
+    architectures = raw.get("architectures")
+    if architectures is not None and (not isinstance(architectures, list)
+                                      or not all(isinstance(a, str) for a in architectures)):
+        raise ModelLoadError(f"{path}: architectures must be a list of names, not {architectures!r:.80}")
+    if raw.get("model_type") is not None and not isinstance(raw["model_type"], str):
+        raise ModelLoadError(f"{path}: model_type must be a name, not {raw['model_type']!r:.80}")
     return raw

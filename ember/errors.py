@@ -13,6 +13,10 @@ class GGUFError(ModelLoadError):
     """A GGUF file is malformed, hostile or uses something ember does not support."""
 
 
+class ProtectedModel(EmberError):
+    """A name that belongs to a model ember ships or serves: it cannot be copied onto or removed."""
+
+
 class TokenizerError(EmberError):
     """A tokenizer could not be built or used."""
 

@@ -90,16 +90,17 @@ def start_server(model_dir: Path | None, *extra: str, api_key: str | None = None
     process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            log.seek(0)
-            raise RuntimeError(f"ember serve exited with {process.returncode}: {log.read()}")
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return ServerProcess(url, process, model_dir, api_key, home / "serve.log")
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
+    with httpx.Client(timeout=1) as client:  # one client: each new one loads the CA bundle (0.1 s of CPU or more)
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                log.seek(0)
+                raise RuntimeError(f"ember serve exited with {process.returncode}: {log.read()}")
+            try:
+                if client.get(f"{url}/health").status_code == 200:
+                    return ServerProcess(url, process, model_dir, api_key, home / "serve.log")
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
     process.kill()
     raise RuntimeError(f"ember serve did not become healthy within {timeout} s")
 

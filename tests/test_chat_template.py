@@ -247,6 +247,32 @@ def test_raise_exception_message():
     "{{ [0] * 10**9 }}",
     "{{ 2 ** 100000000 }}",
     "{% for i in range(100000) %}{{ 'a' * 1000 }}{% endfor %}",
+    # one filter, method or operator building a huge string or list (issue #18)
+    "{{ 'ab'|center(10**9) }}",
+    "{{ 'a'|indent(10**9) }}",
+    "{{ ('\n' * 100000)|indent('x' * 1000) }}",
+    "{{ range(10**9)|join }}",
+    "{% set s = 'x' * 1000000 %}{{ [s, s, s, s, s]|join }}",
+    "{{ range(5000)|join('x' * 1000) }}",
+    "{{ ('x' * 1000).join(range(5000)|map('string')) }}",
+    "{% set s = 'x' * 1000000 %}{{ 'aaaaaa'|replace('a', s) }}",
+    "{{ '%*s'|format(10**9, 'a') }}",
+    "{{ '%999999999d' % 1 }}",
+    "{{ '%.999999999f' % 1 }}",
+    "{{ '{:>999999999}'.format(1) }}",
+    "{{ '{:>{w}}'.format(1, w=10**9) }}",
+    "{{ 'x'.center(10**9) }}",
+    "{{ 'x'.ljust(10**9) }}",
+    "{{ '0'.zfill(10**9) }}",
+    "{{ '\t'.expandtabs(10**9) }}",
+    "{% set s = 'x' * 1000000 %}{{ s ~ s ~ s ~ s ~ s }}",
+    "{% set s = 'x' * 1000000 %}{{ s + s + s + s + s }}",
+    "{% set ns = namespace(s='ab') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}",
+    "{{ [1]|batch(10**9, 0)|list|length }}",
+    "{{ [1]|slice(10**9)|list|length }}",
+    "{{ messages|tojson(indent=10**9) }}",
+    "{{ ([[0] * 1000000] * 100)|sum(start=[])|length }}",
+    "{{ lipsum(10**9) }}",
 ])
 def test_huge_values_fail_fast_without_allocating(source):
     tracemalloc.start()
@@ -259,6 +285,24 @@ def test_huge_values_fail_fast_without_allocating(source):
         tracemalloc.stop()
     assert time.monotonic() - start < 3.0
     assert peak < 64 * 2**20
+
+
+SIZED_OPERATIONS = (
+    "{{ 'ab'|center(7) }}|{{ 'a\nb\n\nc'|indent(2, true, true) }}|{{ 'a\nb'|indent('> ') }}|{{ [1, 2]|join(', ') }}|"
+    "{{ 'aXbX'|replace('X', '--', 1) }}|{{ 'a b c d'|wordwrap(3) }}|{{ '%-4s|%3d|%.2f' % ('a', 7, 2.5) }}|"
+    "{{ '%s=%s'|format('k', 'v') }}|{{ '{:>5}|{:{w}}|{}'.format('r', 'n', 'x', w=3) }}|{{ 'x'.ljust(3) ~ '|' }}"
+    "{{ '7'.zfill(3) }}|{{ 'a\tb'.expandtabs(4) }}|{{ [1, 2, 3]|batch(2, 0)|list }}|{{ [1, 2, 3]|slice(2)|list }}|"
+    "{{ [[1], [2]]|sum(start=[]) }}|{{ 'a' + 'b' }}|{{ [1] + [2] }}|{{ 'x' ~ 1 ~ none }}|{{ '-'.join(['a', 'b']) }}|"
+    "{{ 'ab'.replace('b', 'cd') }}|{{ 'a'.center(5, '*') }}|{{ 2 ** 10 }}|{{ 'ab' * 3 }}"
+)
+
+
+def test_sized_operations_render_as_jinja_does():
+    """The size-checked filters, methods and operators give what Jinja's own sandbox gives (the oracle)."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    expected = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(SIZED_OPERATIONS)
+    assert _render(SIZED_OPERATIONS) == expected.render(messages=[{"role": "user", "content": "hi"}])
 
 
 @pytest.mark.parametrize("source", ["", "   ", "{% if %}", "{% for x in y %}", "{{ 1 + }}"])

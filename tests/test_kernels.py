@@ -74,18 +74,29 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     return ((y.double() - ref).norm() / ref.norm()).item()
 
 
+# Every row count the direct loops specialise (1..8 rows of x per pass, then a second pass) and the tile paths
+# (from 16 to 64 rows by type and ISA: ggml_matmul.c's gemm_min_b), with a remainder after the tiles' 4 or 8 rows.
+BATCHES = [*range(1, 21), 23, 37, 47, 50, 67]
+
+
 @needs_native
 @pytest.mark.parametrize("t", QUANT_TYPES + HALF_TYPES, ids=lambda t: t.name)
-@pytest.mark.parametrize("batch", [1, 3, 4, 9, 37, 50])  # 16+ and 48+ rows: the tile paths
-def test_matmul_matches_reference(isa, t, batch):
-    out_f, in_f = 40, 512
-    rows, w = weight(t, out_f, in_f, seed=int(t) * 7 + batch)
-    x = torch.randn(batch, in_f) * torch.linspace(0.1, 3.0, in_f)  # uneven magnitudes, as hidden states have
-    y = kernels.NativeMatmul([(rows, t)], in_f)(x)
-    assert y.dtype == torch.float32 and y.shape == (batch, out_f)
-    assert rel_err(y, llamacpp_activations(x, t) @ w.T) < 2e-6
-    # and, looser, against the unquantized activations: int8 rounding is all that separates them
-    assert rel_err(y, x.double() @ w.T) < 2e-2
+def test_matmul_matches_reference(isa, t):
+    """One weight against x of every row count in BATCHES; each count's product is checked on its own. The
+    32-value types get 25 blocks per row: the loops take 8 at a time, then the last one alone."""
+    out_f, in_f = 40, 512 if BLOCK_SIZES[t][0] == 256 else 800
+    rows, w = weight(t, out_f, in_f, seed=int(t) * 7)
+    layer = kernels.NativeMatmul([(rows, t)], in_f)
+    for batch in BATCHES:
+        x = torch.randn(batch, in_f) * torch.linspace(0.1, 3.0, in_f)  # uneven magnitudes, as hidden states have
+        y = layer(x)
+        assert y.dtype == torch.float32 and y.shape == (batch, out_f)
+        assert rel_err(y, llamacpp_activations(x, t) @ w.T) < 2e-6, batch
+        # and, looser, against the unquantized activations: int8 rounding is all that separates them
+        assert rel_err(y, x.double() @ w.T) < 2e-2, batch
+        # each row on its own: a row that came out wrong only in some position of a pass would show here
+        row_err = (y.double() - llamacpp_activations(x, t) @ w.T).norm(dim=1) / (x.double() @ w.T).norm(dim=1)
+        assert row_err.max().item() < 2e-6, batch
 
 
 @needs_native

@@ -49,7 +49,7 @@ def expected_ids(tokenizer: Tokenizer, prefix: str, suffix: str) -> list[int]:
 def test_fim_prompt_order(fim_model):
     tokenizer = Tokenizer.from_dir(fim_model)
     assert tokenizer.fim_token_ids == (32000, 32001, 32002)
-    ids = fim_prompt_ids(SimpleNamespace(tokenizer=tokenizer), PREFIX, SUFFIX)
+    ids = fim_prompt_ids(SimpleNamespace(tokenizer=tokenizer, max_model_len=4096), PREFIX, SUFFIX)
     assert ids == expected_ids(tokenizer, PREFIX, SUFFIX)
     assert ids[:2] == [1, 32000] and ids[-1] == 32002 and ids.count(32001) == 1
 

@@ -70,6 +70,10 @@ def test_keep_alive_parsing():
     assert parse_keep_alive("5m") == 300 and parse_keep_alive("1h30m") == 5400 and parse_keep_alive("30s") == 30
     assert parse_keep_alive(0) == 0 and parse_keep_alive("0") == 0 and parse_keep_alive(12.5) == 12.5
     assert parse_keep_alive(-1) is None and parse_keep_alive("-5m") is None
+    # Past a century is forever: 1e308 s (or JSON's Infinity) used to be kept as is, and /api/ps then failed
+    # with a 500 (no date that far) for as long as the model stayed loaded.
+    assert parse_keep_alive("99999999999999h") is None and parse_keep_alive(1e308) is None
+    assert parse_keep_alive(float("inf")) is None and parse_keep_alive("8760h") == 365 * 86400
     for bad in ("soon", "5x", "m5", True):
         with pytest.raises(Exception, match="keep_alive"):
             parse_keep_alive(bad)

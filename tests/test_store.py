@@ -375,6 +375,19 @@ def test_cli_ls_show_cp_rm(home, capsys, gguf_q4, hf_dir, tmp_path):
     assert code == 1 and "invalid model name" in err and err.count("\n") == 1
 
 
+def test_cli_cp_rm_refuse_reserved_names(home, capsys, gguf_q4):
+    """The built-in and packaged models' names can be neither copied onto nor removed (one-line errors)."""
+    store = ModelStore()
+    store.register("tiny:q4_0", {"tiny-llama-Q4_0.gguf": gguf_q4})
+    for argv in (["cp", "tiny:q4_0", "ember-default"], ["cp", "tiny:q4_0", "ember-default:latest"],
+                 ["cp", "tiny:q4_0", "all-minilm"], ["cp", "tiny:q4_0", "sentence-transformers/all-MiniLM-L6-v2"],
+                 ["rm", "ember-default"], ["rm", "all-minilm:l6-v2"]):
+        code, _, err = cli(capsys, *argv)
+        assert code == 1 and err.startswith("error: ") and err.count("\n") == 1, (argv, err)
+        assert "cannot be copied onto" in err or "cannot be removed" in err, err
+    assert [m.name for m in store.list()] == ["tiny:q4_0"]
+
+
 def test_cli_show_template_and_license(home, capsys, hf_dir, tmp_path):
     folder = tmp_path / "withtemplate"
     shutil.copytree(hf_dir, folder)

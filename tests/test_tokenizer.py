@@ -203,3 +203,14 @@ def test_load_errors(tmp_path):
     (good / "tokenizer_config.json").write_text("[1, 2]")
     with pytest.raises(TokenizerError):
         ember.load_tokenizer(good)
+
+
+def test_lone_surrogate_is_refused_by_name(tokenizer_dirs):
+    """JSON's "\\ud800" decodes to a str that `tokenizers` cannot take (a TypeError, then a 500 on every text
+    endpoint, found by benchmarks/soak.py): a TokenizerError (400) naming it; a surrogate pair is a character."""
+    ours, _, _ = _pair(tokenizer_dirs, "tiny-llama")
+    with pytest.raises(TokenizerError, match=r"lone UTF-16 surrogate U\+D800 at character 2"):
+        ours.encode("a " + "\ud800" + " b")
+    with pytest.raises(TokenizerError, match=r"U\+DFFF at character 0"):
+        ours.encode("\udfff")
+    assert ours.encode("😀 é") == ours.encode(json.loads('"\\ud83d\\ude00 \\u00e9"'))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from ember.store.memory import KV_CACHE_DTYPES
+
 
 def add_model_options(parser: argparse.ArgumentParser, kv_default: str, *, threads: bool = True,
                       max_num_seqs: bool = False, lora: str | None = None) -> None:
@@ -18,6 +20,9 @@ def add_model_options(parser: argparse.ArgumentParser, kv_default: str, *, threa
     group.add_argument("--max-model-len", type=int, default=None, help="context length (default: model's, ≤ 8192)")
     group.add_argument("--kv-memory", type=_size, default=None,
                        help=f"KV cache size, e.g. 2G or 512M (default: {kv_default})")
+    group.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPES),
+                       help="KV cache storage: auto (the activation dtype) or int8 (per-token-per-head scales: half "
+                            "a 16-bit cache; docs/kv-cache.md)")
     group.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
     if max_num_seqs:
         group.add_argument("--max-num-seqs", type=int, default=32, help="sequences decoded together")
@@ -41,7 +46,7 @@ def engine_args(args: argparse.Namespace, **command) -> dict:
     decides itself (max_num_seqs, threads, ...)."""
     return {
         "dtype": args.dtype, "device": args.device, "max_model_len": args.max_model_len,
-        "kv_memory": args.kv_memory, "block_size": args.block_size, "max_batched_tokens": args.max_batched_tokens,
+        "kv_memory": args.kv_memory, "kv_cache_dtype": args.kv_cache_dtype, "block_size": args.block_size, "max_batched_tokens": args.max_batched_tokens,
         "draft": args.draft, "spec_ngram": args.spec_ngram, "spec_tokens": args.spec_tokens,
         "lora": getattr(args, "lora", None),
         **command,

@@ -14,11 +14,12 @@ def add_parser(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ember.errors import ModelLoadError
-    from ember.store.names import parse_ref
+    from ember.store.names import parse_ref, refuse_reserved
     from ember.store.store import ModelStore
 
     store = ModelStore()
     for name in args.names:
+        refuse_reserved(name, "removed")
         ref = parse_ref(name, allow_paths=False)
         if ref.kind != "store":
             raise ModelLoadError(f"{name!r} is not in ember's store; remove it with the tool that made it")

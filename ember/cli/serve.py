@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import os
 import signal
+import socket
 import sys
 
 from ember.cli.options import _size, add_model_options, engine_args, existing_adapters
@@ -89,6 +91,34 @@ class _Server:
         return Server(config)
 
 
+def listen(host: str, port: int, backlog: int = 2048) -> list[socket.socket]:
+    """Listening sockets on every address of `host` (as asyncio's create_server would open), taken before
+    any model loads: a port already in use fails at once, as one line, instead of after the load with
+    uvicorn's logged error."""
+    from ember.errors import EmberError
+
+    sockets: list[socket.socket] = []
+    try:
+        addresses = dict.fromkeys(info[:3] + (info[4],) for info in socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE))
+        for family, kind, proto, address in addresses:
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # its IPv4 twin has a socket of its own
+            sock.bind(address)
+            sock.listen(backlog)  # now: binding alone would not keep a second server off the port
+    except OSError as err:
+        for sock in sockets:
+            sock.close()
+        reason = err.strerror or str(err)
+        hint = " (another server, an `ember serve` perhaps, holds it: stop it or choose another --port)" \
+            if err.errno == errno.EADDRINUSE else ""
+        raise EmberError(f"cannot listen on {host}:{port}: {reason.lower()}{hint}") from None
+    return sockets
+
+
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -128,6 +158,7 @@ def run(args: argparse.Namespace) -> int:
         from ember.cluster.launch import serve_replicas
 
         return serve_replicas(args, settings, pool_options, args.max_num_seqs)
+    sockets = listen(args.host, args.port)
     pool = ModelPool(**pool_options, preload=True)
     server = None
 
@@ -161,7 +192,7 @@ def run(args: argparse.Namespace) -> int:
                             timeout_graceful_shutdown=args.shutdown_grace + 5, access_log=False,
                             timeout_keep_alive=5)
     server = _Server(config, state)
-    server.run()
+    server.run(sockets=sockets)
     if state.load_error is not None:
         raise state.load_error
     if not server.started:

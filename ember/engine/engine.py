@@ -28,7 +28,7 @@ from ember.layers.sampler import Sampler, SamplingState, token_logprobs
 from ember.loader.lora import LoraWeights
 from ember.loader.model import LoadedModel, load_model
 from ember.sampling_params import SamplingParams
-from ember.store.memory import kv_bytes_per_token
+from ember.store.memory import KV_CACHE_DTYPES, kv_bytes_per_token
 from ember.store.resolve import resolve
 from ember.tokenizer.detokenizer import IncrementalDetokenizer
 
@@ -45,6 +45,9 @@ class EngineArgs:
     max_model_len: int | None = None  # default: the model's context, capped at 8192 unless asked
     # Bytes for the KV cache; default: max_num_seqs full contexts, within a share of the free memory.
     kv_memory: int | None = None
+    # "auto": K/V cached in the activation dtype; "int8": int8 values and a scale per token and KV head
+    # (docs/kv-cache.md), half the bytes of a 16-bit cache, so kv_memory holds twice the tokens.
+    kv_cache_dtype: str = "auto"
     block_size: int = 16
     max_num_seqs: int = 32
     max_batched_tokens: int = 512
@@ -62,6 +65,9 @@ class EngineArgs:
         for name in ("block_size", "max_num_seqs", "max_batched_tokens"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise InvalidParameter(name, "must be a positive integer")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise InvalidParameter("kv_cache_dtype", f"must be one of {', '.join(KV_CACHE_DTYPES)}, "
+                                                     f"got {self.kv_cache_dtype!r}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise InvalidParameter("max_model_len", "must be at least 2")
         if self.spec_ngram is not None and (not isinstance(self.spec_ngram, int) or self.spec_ngram < 1):
@@ -118,7 +124,7 @@ class LLMEngine:
         limit = config.max_position_embeddings
         self.max_model_len = min(self.args.max_model_len or min(limit, DEFAULT_MAX_MODEL_LEN), limit)
         block_size = self.args.block_size
-        per_token = kv_bytes_per_token(config, self.loaded.dtype.itemsize)
+        per_token = kv_bytes_per_token(config, self.loaded.dtype.itemsize, self.args.kv_cache_dtype)
         if self.args.kv_memory is not None:
             num_blocks = self.args.kv_memory // per_token // block_size
         else:
@@ -135,7 +141,8 @@ class LLMEngine:
         self.block_manager = BlockManager(self.num_blocks, block_size, salt=self.model_name)
         self.scheduler = Scheduler(self.block_manager, self.args.max_num_seqs, self.args.max_batched_tokens)
         self.clock = time.perf_counter  # times steps for the scheduler's budget; tests substitute a fake
-        self.runner = ModelRunner(self.loaded.model, config, self.device, self.loaded.dtype, block_size, self.num_blocks)
+        self.runner = ModelRunner(self.loaded.model, config, self.device, self.loaded.dtype, block_size, self.num_blocks,
+                                  self.args.kv_cache_dtype)
         self.sampler = Sampler()
         self.speculator: Speculator | None = None
         if self.args.draft is not None or self.args.spec_ngram is not None:

@@ -13,12 +13,13 @@
  * -16d, -dmin*m, +m) multiplies the activation's block sum. Signed weights (Q8_0, Q6_K - 32, IQ4 lookups) use
  * |w| and x * sign(w). Three shapes of loop, chosen per type, ISA and batch (gemm_min_b):
  *   - K-quants: one super-block at a time, products summed in int32 with the sub-block scales applied by madd
- *     (Q8_K activations make those scales plain integers), 512-bit vectors on AVX-512;
- *   - 32-value types: 8 blocks at a time, their integer sums gathered into one vector so that scales and
- *     offsets are vector operations;
+ *     (vpdpwssd on AVX-512 VNNI; Q8_K activations make those scales plain integers), 512-bit vectors on AVX-512;
+ *   - 32-value types: 8 blocks at a time, their integer sums gathered into one vector (two blocks per 512-bit
+ *     vector on AVX-512) so that scales and offsets are vector operations;
  *   - many rows of x (prefill, large batches): weight tiles unpacked once into an interleaved int8 layout in L2
  *     and multiplied against 8 (AVX-512) or 4 rows of x at a time (GEMM section below).
- * The direct loops unpack each weight once for up to TILE_B rows of x.
+ * The direct loops unpack each weight block once for up to QUANT_NB (8) rows of x, kept in registers: the cost
+ * per extra row of x is the integer products alone (speculative verification checks K + 1 rows per sequence).
  *
  * bf16/f16 weights: AVX512-BF16 dot products on x rounded to bf16 where the CPU has them (llama.cpp's scheme),
  * else widened to float32 in registers (shift / F16C) and multiplied with FMAs; 16 weight rows stay in L2 while
@@ -33,9 +34,8 @@
 #include <math.h>
 #include <stdlib.h>
 
-#define TILE_B 4
 
-int ember_kernels_abi(void) { return 5; }
+int ember_kernels_abi(void) { return 6; }
 
 /* What the build uses for integer dot products: 2 = AVX-512 VNNI, 1 = AVX-VNNI, 0 = AVX2 maddubs. */
 int ember_kernels_isa(void) {
@@ -287,16 +287,25 @@ static void quantize_row_0(const float *x, int64_t K, int8_t *q, float *d, float
 
 /* ----------------------------------------------------------------------- quantized tiles and row ranges */
 
-/* The rows r0..r1 of a weight against every row of x, TILE_B rows of x at a time (NAME##_tile below). */
-#define DEFINE_ROWS(NAME)                                                                                         \
+/* Rows of x each weight block is unpacked for in the direct loops: the unpacked block stays in registers while
+ * up to QUANT_NB rows of x pass. 8 keeps a sum per row of x in registers on AVX2 too (16 vector registers). */
+#define QUANT_NB 8
+
+/* The rows r0..r1 of a weight against every row of x, QUANT_NB rows of x at a time (NAME##_tile below; its
+ * last argument, the number of rows, is a constant in each case so that each count gets its own loop). */
+#define DEFINE_ROWS(NAME)                                                                                        \
     __attribute__((unused)) static void NAME##_rows(const uint8_t *w, int64_t row_bytes, int64_t r0, int64_t r1, \
                                                     const act_t *a, int64_t B, float *y, int64_t ldy) {          \
-        for (int64_t b = 0; b < B; b += TILE_B) {                                                                \
-            const int64_t nb = B - b < TILE_B ? B - b : TILE_B;                                                  \
+        for (int64_t b = 0; b < B; b += QUANT_NB) {                                                              \
+            const int64_t nb = B - b < QUANT_NB ? B - b : QUANT_NB;                                              \
             for (int64_t r = r0; r < r1; r++) {                                                                  \
                 const uint8_t *row = w + r * row_bytes;                                                          \
                 float *out = y + b * ldy + r;                                                                    \
                 switch (nb) {                                                                                    \
+                case 8: NAME##_tile(row, a, b, out, ldy, 8); break;                                              \
+                case 7: NAME##_tile(row, a, b, out, ldy, 7); break;                                              \
+                case 6: NAME##_tile(row, a, b, out, ldy, 6); break;                                              \
+                case 5: NAME##_tile(row, a, b, out, ldy, 5); break;                                              \
                 case 4: NAME##_tile(row, a, b, out, ldy, 4); break;                                              \
                 case 3: NAME##_tile(row, a, b, out, ldy, 3); break;                                              \
                 case 2: NAME##_tile(row, a, b, out, ldy, 2); break;                                              \
@@ -311,8 +320,8 @@ static void quantize_row_0(const float *x, int64_t K, int8_t *q, float *d, float
 #define DEFINE_QUANT_KERNEL(NAME, BLOCK_BYTES, UNITS, SIGNED, OFFSET)                                            \
     INLINE void NAME##_tile(const uint8_t *row, const act_t *a, int64_t b, float *y, int64_t ldy, const int NB) { \
         const int64_t groups = a->K / 32, nblocks = groups / (UNITS);                                            \
-        __m256 acc[TILE_B];                                                                                      \
-        float off[TILE_B];                                                                                       \
+        __m256 acc[QUANT_NB];                                                                                    \
+        float off[QUANT_NB];                                                                                     \
         for (int j = 0; j < NB; j++) {                                                                           \
             acc[j] = _mm256_setzero_ps();                                                                        \
             off[j] = 0.0f;                                                                                       \
@@ -325,7 +334,7 @@ static void quantize_row_0(const float *x, int64_t K, int8_t *q, float *d, float
                 const int64_t g = ib * (UNITS) + u;                                                              \
                 const __m256i wq = SIGNED ? _mm256_sign_epi8(w.q, w.q) : w.q;                                    \
                 for (int j = 0; j < NB; j++) {                                                                   \
-                    __m256i xq = _mm256_loadu_si256((const __m256i *)(a->q + (b + j) * a->K + 32 * g));         \
+                    __m256i xq = _mm256_loadu_si256((const __m256i *)(a->q + (b + j) * a->K + 32 * g));          \
                     if (SIGNED) xq = _mm256_sign_epi8(xq, w.q);                                                  \
                     const __m256 p = _mm256_cvtepi32_ps(dot_u8s8(wq, xq));                                       \
                     const float dx = a->d[(b + j) * groups + g];                                                 \
@@ -359,42 +368,103 @@ INLINE __m256 f16x8(const uint8_t *p, int stride) {
 }
 
 /* The 32-value types, 8 blocks at a time: each block's dot product stays an integer until the 8 sums are
- * gathered into one vector, so the scales (d_w * d_x) and offsets (o_w * m_x) of 8 blocks take one vector op
- * each instead of scalar work per block. OFFSET: 0 none, 1 -C * d (Q4_0: C = 8, Q5_0: 16), 2 an fp16 m field. */
+ * gathered, so the scales (d_w * d_x) and offsets (o_w * m_x) of 8 blocks take a few vector ops instead of scalar
+ * work per block. blocks8 takes the 8 unpacked blocks q[i] (int8 lanes; signed where SIGNED) of one weight row,
+ * their scales dw and offsets ow (w = dw * q + ow), and adds their products with NB rows of x to acc[j]. */
+#if defined(__AVX512BW__)
+/* 512-bit: two blocks per vector, x read in 64-byte loads; the sums of the four vectors are folded by two
+ * unpack-and-add levels into one vector whose lanes are partial sums of known blocks (block 2k in lanes 4l + k
+ * for l < 2, block 2k + 1 for l >= 2), multiplied by the block scales laid out the same way. acc is summed
+ * over all lanes at the end, so the blocks need no further gathering. */
+typedef __m512 acc8_t;
+INLINE acc8_t acc8_zero(void) { return _mm512_setzero_ps(); }
+INLINE float acc8_sum(acc8_t v) { return _mm512_reduce_add_ps(v); }
+
+INLINE __m512i dot512_u8s8(__m512i a, __m512i b) {
+#if defined(__AVX512VNNI__)
+    return _mm512_dpbusd_epi32(_mm512_setzero_si512(), a, b);
+#else
+    return _mm512_madd_epi16(_mm512_maddubs_epi16(a, b), _mm512_set1_epi16(1));
+#endif
+}
+
+INLINE void blocks8(const __m256i q[8], __m256 dw, __m256 ow, const int SIGNED, const int OFFSET, const act_t *a,
+                    int64_t b, int64_t g0, acc8_t *acc, const int NB) {
+    const int64_t groups = a->K / 32;
+    __m512i wa[4];
+    __mmask64 neg[4];
+    for (int k = 0; k < 4; k++) {
+        const __m512i w = _mm512_inserti64x4(_mm512_castsi256_si512(q[2 * k]), q[2 * k + 1], 1);
+        neg[k] = SIGNED ? _mm512_movepi8_mask(w) : 0;
+        wa[k] = SIGNED ? _mm512_abs_epi8(w) : w;
+    }
+    const __m512i order = _mm512_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6, 1, 3, 5, 7, 1, 3, 5, 7);
+    const __m512 dw16 = _mm512_permutexvar_ps(order, _mm512_castps256_ps512(dw)), ow8 = _mm512_zextps256_ps512(ow);
+    for (int j = 0; j < NB; j++) {
+        const int8_t *xq = a->q + (b + j) * a->K + 32 * g0;
+        __m512i p[4];
+        for (int k = 0; k < 4; k++) {
+            __m512i xv = _mm512_loadu_si512((const void *)(xq + 64 * k));
+            if (SIGNED) xv = _mm512_mask_sub_epi8(xv, neg[k], _mm512_setzero_si512(), xv);
+            p[k] = dot512_u8s8(wa[k], xv);
+        }
+        const __m512i s01 = _mm512_add_epi32(_mm512_unpacklo_epi32(p[0], p[1]), _mm512_unpackhi_epi32(p[0], p[1]));
+        const __m512i s23 = _mm512_add_epi32(_mm512_unpacklo_epi32(p[2], p[3]), _mm512_unpackhi_epi32(p[2], p[3]));
+        const __m512i sums = _mm512_add_epi32(_mm512_unpacklo_epi64(s01, s23), _mm512_unpackhi_epi64(s01, s23));
+        const int64_t at = (b + j) * groups + g0;
+        const __m512 dx16 = _mm512_permutexvar_ps(order, _mm512_castps256_ps512(_mm256_loadu_ps(a->d + at)));
+        acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_mul_ps(dw16, dx16), acc[j]);
+        if (OFFSET) acc[j] = _mm512_fmadd_ps(ow8, _mm512_maskz_loadu_ps(0xFF, a->m + at), acc[j]);
+    }
+}
+#else
+typedef __m256 acc8_t;
+INLINE acc8_t acc8_zero(void) { return _mm256_setzero_ps(); }
+INLINE float acc8_sum(acc8_t v) { return hsum(v); }
+
+INLINE void blocks8(const __m256i q[8], __m256 dw, __m256 ow, const int SIGNED, const int OFFSET, const act_t *a,
+                    int64_t b, int64_t g0, acc8_t *acc, const int NB) {
+    const int64_t groups = a->K / 32;
+    __m256i wa[8];
+    for (int i = 0; i < 8; i++) wa[i] = SIGNED ? _mm256_sign_epi8(q[i], q[i]) : q[i];
+    for (int j = 0; j < NB; j++) {
+        const int8_t *xq = a->q + (b + j) * a->K + 32 * g0;
+        __m256i p[8];
+        for (int i = 0; i < 8; i++) {
+            __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + 32 * i));
+            if (SIGNED) xv = _mm256_sign_epi8(xv, q[i]);
+            p[i] = dot_u8s8(wa[i], xv);
+        }
+        const int64_t at = (b + j) * groups + g0;
+        const __m256 scale = _mm256_mul_ps(dw, _mm256_loadu_ps(a->d + at));
+        acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hsum8x8(p)), scale, acc[j]);
+        if (OFFSET) acc[j] = _mm256_fmadd_ps(ow, _mm256_loadu_ps(a->m + at), acc[j]);
+    }
+}
+#endif
+
+/* OFFSET: 0 none, 1 -C * d (Q4_0: C = 8, Q5_0: 16), 2 an fp16 m field at byte M_AT of the block. */
 #define DEFINE_BLOCK32_KERNEL(NAME, BLOCK_BYTES, SIGNED, OFFSET, C, M_AT)                                         \
     INLINE void NAME##_tile(const uint8_t *row, const act_t *a, int64_t b, float *y, int64_t ldy, const int NB) { \
         const int64_t groups = a->K / 32, g8 = groups / 8 * 8;                                                   \
-        __m256 acc[TILE_B];                                                                                      \
-        float tail[TILE_B];                                                                                      \
+        acc8_t acc[QUANT_NB];                                                                                    \
+        float tail[QUANT_NB];                                                                                    \
         for (int j = 0; j < NB; j++) {                                                                           \
-            acc[j] = _mm256_setzero_ps();                                                                        \
+            acc[j] = acc8_zero();                                                                                \
             tail[j] = 0.0f;                                                                                      \
         }                                                                                                        \
         for (int64_t g0 = 0; g0 < g8; g0 += 8) {                                                                 \
             const uint8_t *blk = row + g0 * (BLOCK_BYTES);                                                       \
-            __m256i wq[8], wa[8];                                                                                \
+            __m256i q[8];                                                                                        \
             for (int i = 0; i < 8; i++) {                                                                        \
                 unit_t u;                                                                                        \
                 unit_##NAME(blk + i * (BLOCK_BYTES), 0, &u);                                                     \
-                wq[i] = u.q;                                                                                     \
-                wa[i] = SIGNED ? _mm256_sign_epi8(u.q, u.q) : u.q;                                               \
+                q[i] = u.q;                                                                                      \
             }                                                                                                    \
             const __m256 dw = f16x8(blk, BLOCK_BYTES);                                                           \
             const __m256 ow = OFFSET == 1 ? _mm256_mul_ps(dw, _mm256_set1_ps(-(float)(C)))                       \
                             : OFFSET == 2 ? f16x8(blk + (M_AT), BLOCK_BYTES) : _mm256_setzero_ps();              \
-            for (int j = 0; j < NB; j++) {                                                                       \
-                const int8_t *xq = a->q + (b + j) * a->K + 32 * g0;                                              \
-                __m256i p[8];                                                                                    \
-                for (int i = 0; i < 8; i++) {                                                                    \
-                    __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + 32 * i));                             \
-                    if (SIGNED) xv = _mm256_sign_epi8(xv, wq[i]);                                                \
-                    p[i] = dot_u8s8(wa[i], xv);                                                                  \
-                }                                                                                                \
-                const int64_t at = (b + j) * groups + g0;                                                        \
-                const __m256 dx = _mm256_loadu_ps(a->d + at);                                                    \
-                acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hsum8x8(p)), _mm256_mul_ps(dw, dx), acc[j]);         \
-                if (OFFSET) acc[j] = _mm256_fmadd_ps(ow, _mm256_loadu_ps(a->m + at), acc[j]);                    \
-            }                                                                                                    \
+            blocks8(q, dw, ow, SIGNED, OFFSET, a, b, g0, acc, NB);                                               \
         }                                                                                                        \
         for (int64_t g = g8; g < groups; g++) { /* the last K / 32 % 8 blocks, one at a time */                  \
             unit_t u;                                                                                            \
@@ -408,7 +478,7 @@ INLINE __m256 f16x8(const uint8_t *p, int stride) {
                 if (OFFSET) tail[j] += u.o * a->m[at];                                                           \
             }                                                                                                    \
         }                                                                                                        \
-        for (int j = 0; j < NB; j++) y[j * ldy] = hsum(acc[j]) + tail[j];                                        \
+        for (int j = 0; j < NB; j++) y[j * ldy] = acc8_sum(acc[j]) + tail[j];                                    \
     }                                                                                                            \
     DEFINE_ROWS(NAME)
 
@@ -428,7 +498,7 @@ DEFINE_BLOCK32_KERNEL(iq4_nl, 18,   1,     0,     0,  0)
 
 /* int16 lane i of each 128-bit half -> every lane of that half: shuffle masks, one per lane */
 static const int8_t broadcast16[8][32] __attribute__((aligned(32))) = {
-#define B16(i) {2 * i, 2 * i + 1, 2 * i, 2 * i + 1, 2 * i, 2 * i + 1, 2 * i, 2 * i + 1, 2 * i, 2 * i + 1, 2 * i,    \
+#define B16(i) {2 * i, 2 * i + 1, 2 * i, 2 * i + 1, 2 * i, 2 * i + 1, 2 * i, 2 * i + 1, 2 * i, 2 * i + 1, 2 * i, \
                  2 * i + 1, 2 * i, 2 * i + 1, 2 * i, 2 * i + 1, 2 * i, 2 * i + 1, 2 * i, 2 * i + 1, 2 * i, 2 * i + 1,  \
                  2 * i, 2 * i + 1, 2 * i, 2 * i + 1, 2 * i, 2 * i + 1, 2 * i, 2 * i + 1, 2 * i, 2 * i + 1}
     B16(0), B16(1), B16(2), B16(3), B16(4), B16(5), B16(6), B16(7)
@@ -453,25 +523,25 @@ INLINE __m128i k4_scales_mins(const uint8_t *p) {
 }
 
 /* Q4_K and Q5_K (HIGH_BITS): w = d * sc_j * q - dmin * m_j for sub-block j of 32 values. */
-#define DEFINE_K4_KERNEL(NAME, BLOCK_BYTES, HIGH_BITS)                                                            \
+#define DEFINE_K4_KERNEL(NAME, BLOCK_BYTES, HIGH_BITS)                                                           \
     INLINE void NAME##_tile(const uint8_t *row, const act_t *a, int64_t b, float *y, int64_t ldy, const int NB) { \
         const int64_t groups = a->K / 32;                                                                        \
         const __m256i low4 = _mm256_set1_epi8(0x0F);                                                             \
-        __m256 acc[TILE_B], accm[TILE_B];                                                                        \
-        for (int j = 0; j < NB; j++) acc[j] = accm[j] = _mm256_setzero_ps();                                     \
+        __m256 acc[QUANT_NB]; /* the sub-block sums and the mins' term together */                               \
+        for (int j = 0; j < NB; j++) acc[j] = _mm256_setzero_ps();                                               \
         for (int64_t sb = 0; sb < a->K / 256; sb++) {                                                            \
             const uint8_t *blk = row + sb * (BLOCK_BYTES);                                                       \
             const __m128i sm = k4_scales_mins(blk + 4);                                                          \
-            const __m256i scales = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(sm));                         \
+            const __m256i scales = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(sm));                           \
             const __m256 mins = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(sm, 8))),   \
                                               _mm256_set1_ps(-f16(blk + 2)));                                    \
             const float d = f16(blk);                                                                            \
             const uint8_t *qs = blk + (HIGH_BITS ? 48 : 16);                                                     \
             const __m256i qh = HIGH_BITS ? _mm256_loadu_si256((const __m256i *)(blk + 16)) : _mm256_setzero_si256(); \
-            __m256i sumi[TILE_B];                                                                                \
+            __m256i sumi[QUANT_NB];                                                                              \
             for (int j = 0; j < NB; j++) sumi[j] = _mm256_setzero_si256();                                       \
             for (int c = 0; c < 4; c++) {                                                                        \
-                const __m256i bits = _mm256_loadu_si256((const __m256i *)(qs + 32 * c));                        \
+                const __m256i bits = _mm256_loadu_si256((const __m256i *)(qs + 32 * c));                         \
                 __m256i lo = _mm256_and_si256(bits, low4), hi = _mm256_and_si256(_mm256_srli_epi16(bits, 4), low4); \
                 if (HIGH_BITS) {                                                                                 \
                     const __m256i one = _mm256_set1_epi8(1);                                                     \
@@ -492,10 +562,10 @@ INLINE __m128i k4_scales_mins(const uint8_t *p) {
             for (int j = 0; j < NB; j++) {                                                                       \
                 const int64_t g = (b + j) * groups + 8 * sb;                                                     \
                 acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(d * a->d[g]), _mm256_cvtepi32_ps(sumi[j]), acc[j]);      \
-                accm[j] = _mm256_fmadd_ps(mins, _mm256_loadu_ps(a->m + g), accm[j]);                             \
+                acc[j] = _mm256_fmadd_ps(mins, _mm256_loadu_ps(a->m + g), acc[j]);                               \
             }                                                                                                    \
         }                                                                                                        \
-        for (int j = 0; j < NB; j++) y[j * ldy] = hsum(_mm256_add_ps(acc[j], accm[j]));                          \
+        for (int j = 0; j < NB; j++) y[j * ldy] = hsum(acc[j]);                                                  \
     }                                                                                                            \
     DEFINE_ROWS(NAME)
 
@@ -508,12 +578,12 @@ DEFINE_K4_KERNEL(q5_k, 176, 1)
 INLINE void q6_k_tile(const uint8_t *row, const act_t *a, int64_t b, float *y, int64_t ldy, const int NB) {
     const int64_t groups = a->K / 32;
     const __m256i low4 = _mm256_set1_epi8(0x0F), three = _mm256_set1_epi8(3), k32 = _mm256_set1_epi8(32);
-    __m256 acc[TILE_B];
+    __m256 acc[QUANT_NB];
     for (int j = 0; j < NB; j++) acc[j] = _mm256_setzero_ps();
     for (int64_t sb = 0; sb < a->K / 256; sb++) {
         const uint8_t *blk = row + sb * 210;
         const float d = f16(blk + 208);
-        __m256i sumi[TILE_B];
+        __m256i sumi[QUANT_NB];
         for (int j = 0; j < NB; j++) sumi[j] = _mm256_setzero_si256();
         for (int half = 0; half < 2; half++) {
             /* lanes: [sc 8h .. 8h+7] in both 128-bit halves; unit k uses lane 2k below, 2k+1 above */
@@ -549,58 +619,106 @@ DEFINE_ROWS(q6_k)
 /* The same K-quant sums with 512-bit vectors: half the instructions per weight, which is what bounds a
  * matrix-vector product here (the 256-bit loops run out of issue slots before memory bandwidth). */
 
-INLINE __m512i load2x256(const int8_t *lo, const int8_t *hi) {
-    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)lo)),
-                              _mm256_loadu_si256((const __m256i *)hi), 1);
-}
-
 /* 16-bit lanes [a x16 | b x16] of the 8 int16 in `v` (a, b: lane indexes) */
 INLINE __m512i pick16x2(__m512i v, int a, int b) {
     const __m512i idx = _mm512_inserti64x4(_mm512_set1_epi16((short)a), _mm256_set1_epi16((short)b), 1);
     return _mm512_permutexvar_epi16(idx, v);
 }
 
-/* Q4_K: 64 bytes of qs are chunks c and c+1; their low nibbles are sub-blocks 2c and 2c+2 (x[64c..+31] and
- * x[64c+64..+95]), their high nibbles 2c+1 and 2c+3. */
-INLINE void q4_k512_tile(const uint8_t *row, const act_t *a, int64_t b, float *y, int64_t ldy, const int NB) {
-    const int64_t groups = a->K / 32;
-    const __m512i low4 = _mm512_set1_epi8(0x0F);
-    __m512 acc[TILE_B];
-    __m256 accm[TILE_B];
-    for (int j = 0; j < NB; j++) {
-        acc[j] = _mm512_setzero_ps();
-        accm[j] = _mm256_setzero_ps();
-    }
+INLINE __m512i load2x256(const int8_t *lo, const int8_t *hi) {
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)lo)),
+                              _mm256_loadu_si256((const __m256i *)hi), 1);
+}
+
+/* acc + the int32 sums of pairs of int16 products s * p: one instruction with AVX-512 VNNI (vpdpwssd). */
+INLINE __m512i madd_add512(__m512i acc, __m512i s, __m512i p) {
+#if defined(__AVX512VNNI__)
+    return _mm512_dpwssd_epi32(acc, s, p);
+#else
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(s, p));
+#endif
+}
+
+/* Q4_K and Q5_K (HIGH_BITS): 64 bytes of qs are chunks 2c and 2c+1, whose low nibbles are sub-blocks 4c and
+ * 4c+2, their high nibbles 4c+1 and 4c+3. Two 128-bit-lane shuffles of the unpacked weights (done once for all
+ * rows of x) put sub-blocks 4c, 4c+1 in one vector and 4c+2, 4c+3 in the other, so that each row of x is read
+ * as two plain 64-byte loads; per 64 values and row of x the work is then one maddubs and one vpdpwssd (which
+ * applies the sub-block scales and sums in int32). The mins' term (-dmin * m_j * sum of x over sub-block j)
+ * is added in the same float32 accumulator, in its lower 8 lanes. */
+INLINE void k4_512_tile(const uint8_t *row, const act_t *a, int64_t b, float *y, int64_t ldy, const int NB,
+                        const int HIGH_BITS) {
+    const int64_t groups = a->K / 32, block_bytes = HIGH_BITS ? 176 : 144;
+    /* SHUFFLE: the weights are rearranged to match x (for 3+ rows of x) rather than each row of x assembled from
+     * two 32-byte loads to match the weights (cheaper for 1-2 rows) */
+    const int CH = NB <= 4 ? 2 : 1, SHUFFLE = NB > 2;
+    const __m512i low4 = _mm512_set1_epi8(0x0F), one = _mm512_set1_epi8(1);
+    __m512 acc[QUANT_NB], accm[QUANT_NB];
+    for (int j = 0; j < NB; j++) acc[j] = accm[j] = _mm512_setzero_ps();
     for (int64_t sb = 0; sb < a->K / 256; sb++) {
-        const uint8_t *blk = row + sb * 144;
+        const uint8_t *blk = row + sb * block_bytes;
         const __m128i sm = k4_scales_mins(blk + 4);
         const __m512i scales = _mm512_broadcast_i32x4(_mm_cvtepu8_epi16(sm));
-        const __m256 mins = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(sm, 8))),
-                                          _mm256_set1_ps(-f16(blk + 2)));
+        const __m512 mins = _mm512_zextps256_ps512(_mm256_mul_ps(
+            _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(sm, 8))), _mm256_set1_ps(-f16(blk + 2))));
         const float d = f16(blk);
-        __m512i sumi[TILE_B];
-        for (int j = 0; j < NB; j++) sumi[j] = _mm512_setzero_si512();
-        for (int cc = 0; cc < 2; cc++) {
-            const __m512i bits = _mm512_loadu_si512((const void *)(blk + 16 + 64 * cc));
+        const uint8_t *qs = blk + (HIGH_BITS ? 48 : 16);
+        __m512i qh = _mm512_setzero_si512();
+        if (HIGH_BITS) qh = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(blk + 16)));
+        /* CH independent int32 sums per row of x: few rows of x alone are too few chains to hide vpdpwssd's
+         * latency */
+        __m512i sumi[2][QUANT_NB];
+        for (int h = 0; h < CH; h++)
+            for (int j = 0; j < NB; j++) sumi[h][j] = _mm512_setzero_si512();
+        for (int c = 0; c < 2; c++) {
+            const __m512i bits = _mm512_loadu_si512((const void *)(qs + 64 * c));
             const __m512i lo = _mm512_and_si512(bits, low4), hi = _mm512_and_si512(_mm512_srli_epi16(bits, 4), low4);
-            const __m512i sl = pick16x2(scales, 4 * cc, 4 * cc + 2), sh = pick16x2(scales, 4 * cc + 1, 4 * cc + 3);
-            for (int j = 0; j < NB; j++) {
-                const int8_t *xq = a->q + (b + j) * a->K + 256 * sb + 128 * cc;
-                const __m512i pl = _mm512_maddubs_epi16(lo, load2x256(xq, xq + 64));
-                const __m512i ph = _mm512_maddubs_epi16(hi, load2x256(xq + 32, xq + 96));
-                sumi[j] = _mm512_add_epi32(sumi[j], _mm512_add_epi32(_mm512_madd_epi16(sl, pl),
-                                                                     _mm512_madd_epi16(sh, ph)));
+            /* w[v]: sub-blocks (4c + 2v, 4c + 2v + 1) when shuffled, else (4c + v, 4c + v + 2) */
+            __m512i w[2] = {lo, hi};
+            if (SHUFFLE) {
+                w[0] = _mm512_shuffle_i64x2(lo, hi, 0x44);
+                w[1] = _mm512_shuffle_i64x2(lo, hi, 0xEE);
+            }
+            for (int v = 0; v < 2; v++) {
+                const int sub0 = SHUFFLE ? 4 * c + 2 * v : 4 * c + v, sub1 = SHUFFLE ? sub0 + 1 : sub0 + 2;
+                if (HIGH_BITS) { /* bit s of qh is the fifth bit of sub-block s */
+                    const __m512i shift = _mm512_inserti64x4(_mm512_set1_epi16((short)sub0),
+                                                             _mm256_set1_epi16((short)sub1), 1);
+                    w[v] = _mm512_or_si512(w[v], _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi16(qh, shift),
+                                                                                    one), 4));
+                }
+                const __m512i scale = pick16x2(scales, sub0, sub1);
+                const int h = (2 * c + v) % CH;
+                for (int j = 0; j < NB; j++) {
+                    const int8_t *xq = a->q + (b + j) * a->K + 256 * sb + 32 * sub0;
+                    const __m512i xv = SHUFFLE ? _mm512_loadu_si512((const void *)xq) : load2x256(xq, xq + 64);
+                    sumi[h][j] = madd_add512(sumi[h][j], scale, _mm512_maddubs_epi16(w[v], xv));
+                }
             }
         }
         for (int j = 0; j < NB; j++) {
             const int64_t g = (b + j) * groups + 8 * sb;
-            acc[j] = _mm512_fmadd_ps(_mm512_set1_ps(d * a->d[g]), _mm512_cvtepi32_ps(sumi[j]), acc[j]);
-            accm[j] = _mm256_fmadd_ps(mins, _mm256_loadu_ps(a->m + g), accm[j]);
+            __m512i total = sumi[0][j];
+            for (int h = 1; h < CH; h++) total = _mm512_add_epi32(total, sumi[h][j]);
+            const __m512 m = _mm512_maskz_loadu_ps(0xFF, a->m + g), dx = _mm512_set1_ps(d * a->d[g]);
+            if (NB <= 4) { /* registers to spare: the mins' term in its own accumulator, two short chains */
+                acc[j] = _mm512_fmadd_ps(dx, _mm512_cvtepi32_ps(total), acc[j]);
+                accm[j] = _mm512_fmadd_ps(mins, m, accm[j]);
+            } else { /* one dependent add per super-block on acc */
+                acc[j] = _mm512_add_ps(acc[j], _mm512_fmadd_ps(dx, _mm512_cvtepi32_ps(total), _mm512_mul_ps(mins, m)));
+            }
         }
     }
-    for (int j = 0; j < NB; j++) y[j * ldy] = _mm512_reduce_add_ps(acc[j]) + hsum(accm[j]);
+    for (int j = 0; j < NB; j++) y[j * ldy] = _mm512_reduce_add_ps(NB <= 4 ? _mm512_add_ps(acc[j], accm[j]) : acc[j]);
+}
+
+INLINE void q4_k512_tile(const uint8_t *row, const act_t *a, int64_t b, float *y, int64_t ldy, const int NB) {
+    k4_512_tile(row, a, b, y, ldy, NB, 0);
+}
+INLINE void q5_k512_tile(const uint8_t *row, const act_t *a, int64_t b, float *y, int64_t ldy, const int NB) {
+    k4_512_tile(row, a, b, y, ldy, NB, 1);
 }
 DEFINE_ROWS(q4_k512)
+DEFINE_ROWS(q5_k512)
 
 /* Q6_K: in each half of 128 values, 64 bytes of ql hold units 0-1 (low nibbles, values 0..63) and units 2-3
  * (high nibbles, values 64..127); qh bits 2k..2k+1 belong to unit k. Signed q - 32: |w| and x negated where
@@ -614,12 +732,12 @@ INLINE void q6_k512_tile(const uint8_t *row, const act_t *a, int64_t b, float *y
     const __m512i pick_lo = _mm512_set_epi64(0x0003000300030003LL, 0x0003000300030003LL, 0x0002000200020002LL,
                                              0x0002000200020002LL, 0x0001000100010001LL, 0x0001000100010001LL, 0, 0);
     const __m512i pick_hi = _mm512_add_epi16(pick_lo, _mm512_set1_epi16(4));
-    __m512 acc[TILE_B];
+    __m512 acc[QUANT_NB];
     for (int j = 0; j < NB; j++) acc[j] = _mm512_setzero_ps();
     for (int64_t sb = 0; sb < a->K / 256; sb++) {
         const uint8_t *blk = row + sb * 210;
         const float d = f16(blk + 208);
-        __m512i sumi[TILE_B];
+        __m512i sumi[QUANT_NB];
         for (int j = 0; j < NB; j++) sumi[j] = _mm512_setzero_si512();
         for (int half = 0; half < 2; half++) {
             const __m512i sc = _mm512_castsi128_si512(
@@ -641,7 +759,7 @@ INLINE void q6_k512_tile(const uint8_t *row, const act_t *a, int64_t b, float *y
                     const __m512i xq = _mm512_loadu_si512(
                         (const void *)(a->q + (b + j) * a->K + 256 * sb + 128 * half + 64 * v));
                     const __m512i xs = _mm512_mask_sub_epi8(xq, neg, _mm512_setzero_si512(), xq);
-                    sumi[j] = _mm512_add_epi32(sumi[j], _mm512_madd_epi16(scale[v], _mm512_maddubs_epi16(wabs, xs)));
+                    sumi[j] = madd_add512(sumi[j], scale[v], _mm512_maddubs_epi16(wabs, xs));
                 }
             }
         }
@@ -700,15 +818,25 @@ typedef __m256 fvec;
 #define FV_FMA(a, b, c) _mm256_fmadd_ps(a, b, c)
 #define FV_STOREU(p, v) _mm256_storeu_ps(p, v)
 #endif
-/* Rows of x from which the tiles beat the direct kernels (which unpack each weight once per TILE_B rows),
- * measured on 5632 x 2048 matrices: the 512-bit Q4_K/Q6_K direct loops win up to ~48 rows; on AVX2, where the
- * tiles' dot product is maddubs + madd, the Q4_K/Q5_K direct loop is as fast as the tiles at any batch. */
+/* Rows of x from which the tiles beat the direct kernels (which unpack each weight block once per 8 rows of x),
+ * measured with benchmarks/kernel_ab.py (direct-only against tiles-only builds, 5632 x 2048 matrices from DRAM,
+ * rows 8..64): on AVX-512 the crossover is ~32 rows for the unsigned 32-value types, ~40 for Q8_0, ~48 for
+ * Q4_K/Q5_K and ~64 for Q6_K; on AVX2, where the tiles' dot product is maddubs + madd, the direct loops win up
+ * to ~56 rows for Q6_K and ~64 for Q4_0, and at any batch for Q4_K/Q5_K. IQ4_XS keeps its earlier 16. */
 static int64_t gemm_min_b(int type) {
+    switch (type) {
 #if defined(__AVX512BW__)
-    return type == T_Q4_K || type == T_Q5_K || type == T_Q6_K ? 48 : 16;
+    case T_Q4_0: case T_Q4_1: case T_Q5_0: case T_Q5_1: return 32;
+    case T_Q8_0: case T_IQ4_NL: return 40;
+    case T_Q4_K: case T_Q5_K: return 48;
+    case T_Q6_K: return 64;
 #else
-    return type == T_Q4_K || type == T_Q5_K ? INT64_MAX : 16;
+    case T_Q4_0: case T_Q4_1: case T_Q5_0: case T_Q5_1: return 64;
+    case T_Q6_K: return 56;
+    case T_Q4_K: case T_Q5_K: return INT64_MAX;
 #endif
+    default: return 16;
+    }
 }
 
 typedef struct {
@@ -851,7 +979,7 @@ static int gemm_rows(int type, const uint8_t *w, int64_t row_bytes, int64_t r0, 
         float *out = y + b * ldy + r0;
         /* G, OFF and NB as constants: each combination its own loop */
 #define MICRO(G_, OFF_, NB_) gemm_micro(t, nblk, G_, OFF_, xb, K, xd, xm, groups, out, ldy, nrows, NB_)
-#define MICRO_ROWS(G_, OFF_)                                                                                      \
+#define MICRO_ROWS(G_, OFF_)                                                                                     \
     if (nb == GEMM_NB) MICRO(G_, OFF_, GEMM_NB);                                                                 \
     else                                                                                                         \
         for (int64_t j = 0; j < nb; j++)                                                                         \
@@ -888,11 +1016,13 @@ INLINE float bf16_scalar(uint16_t h) {
 
 /* Weight rows per pass over x when x has many rows: 16 rows of a 4096-wide bf16 matrix are 128 KB (L2). */
 #define HALF_ROW_BLOCK 16
+/* Rows of x per pass of the bf16/f16 loops */
+#define TILE_B 4
 
 /* R weight rows by NB rows of x: each 8 weights are widened once and used NB times; KU independent sums per
  * dot product where R * NB alone is too few to hide the FMA latency. */
-#define DEFINE_HALF_KERNEL(NAME, WIDEN, SCALAR)                                                                   \
-    INLINE void NAME##_tile(const uint16_t *w, int64_t K, const float *x, int64_t ldx, float *y, int64_t ldy,   \
+#define DEFINE_HALF_KERNEL(NAME, WIDEN, SCALAR)                                                                  \
+    INLINE void NAME##_tile(const uint16_t *w, int64_t K, const float *x, int64_t ldx, float *y, int64_t ldy,    \
                             const int R, const int NB) {                                                         \
         const int KU = R * NB >= 8 ? 1 : 2;                                                                      \
         __m256 acc[2][4][TILE_B];                                                                                \
@@ -916,11 +1046,11 @@ INLINE float bf16_scalar(uint16_t h) {
                 y[j * ldy + r] = s;                                                                              \
             }                                                                                                    \
     }                                                                                                            \
-    static void NAME##_rows(const uint8_t *wbytes, int64_t r0_, int64_t r1_, const float *x, int64_t K,         \
+    static void NAME##_rows(const uint8_t *wbytes, int64_t r0_, int64_t r1_, const float *x, int64_t K,          \
                             int64_t B, float *y, int64_t ldy) {                                                  \
         const uint16_t *w = (const uint16_t *)wbytes;                                                            \
         for (int64_t r0 = r0_; r0 < r1_; r0 += HALF_ROW_BLOCK)                                                   \
-        for (int64_t b = 0, r1 = r0 + HALF_ROW_BLOCK < r1_ ? r0 + HALF_ROW_BLOCK : r1_; b < B; b += TILE_B) {   \
+        for (int64_t b = 0, r1 = r0 + HALF_ROW_BLOCK < r1_ ? r0 + HALF_ROW_BLOCK : r1_; b < B; b += TILE_B) {    \
             const int64_t nb = B - b < TILE_B ? B - b : TILE_B;                                                  \
             const float *xb = x + b * K;                                                                         \
             int64_t r = r0;                                                                                      \
@@ -929,7 +1059,7 @@ INLINE float bf16_scalar(uint16_t h) {
             for (int64_t j = 0; j < nb; j++) {                                                                   \
                 int64_t rr = r;                                                                                  \
                 for (; rr + 4 <= r1; rr += 4)                                                                    \
-                    NAME##_tile(w + rr * K, K, xb + j * K, K, y + (b + j) * ldy + rr, ldy, 4, 1);               \
+                    NAME##_tile(w + rr * K, K, xb + j * K, K, y + (b + j) * ldy + rr, ldy, 4, 1);                \
                 for (; rr < r1; rr++) NAME##_tile(w + rr * K, K, xb + j * K, K, y + (b + j) * ldy + rr, ldy, 1, 1); \
             }                                                                                                    \
         }                                                                                                        \
@@ -1021,11 +1151,12 @@ static quant_rows_fn quant_kernel(int type) {
 #if defined(__AVX512BW__)
     case T_Q4_K: return q4_k512_rows;
     case T_Q6_K: return q6_k512_rows;
+    case T_Q5_K: return q5_k512_rows;
 #else
     case T_Q4_K: return q4_k_rows;
     case T_Q6_K: return q6_k_rows;
-#endif
     case T_Q5_K: return q5_k_rows;
+#endif
     default: return NULL;
     }
 }

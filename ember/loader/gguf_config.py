@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ember.config import ModelConfig
+from ember.config import ModelConfig, layer_count
 from ember.errors import GGUFError
 
 SUPPORTED_GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "phi3", "gemma2")
@@ -26,7 +26,7 @@ def config_from_gguf(metadata: dict[str, Any], tensor_shapes: dict[str, tuple[in
 
     hidden = int(key("embedding_length", required=True))
     num_heads = int(key("attention.head_count", required=True))
-    num_layers = int(key("block_count", required=True))
+    num_layers = layer_count(key("block_count", required=True))
     num_kv = key("attention.head_count_kv", num_heads)
     if isinstance(num_kv, list):  # per-layer counts; ember needs one value
         if len(set(num_kv)) != 1:

@@ -7,6 +7,7 @@ and small vectors (norms, biases) are read as float tensors.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -20,11 +21,11 @@ from ember.kernels import matmul as kernels
 from ember.loader.device import resolve_dtype
 from ember.loader.gguf_config import config_from_gguf
 from ember.loader.gguf_names import ROPE_TENSORS, ember_name, encoder_name, unpermute_rows
-from ember.loader.weights import Progress, finish_loading, set_weight
+from ember.loader.weights import Progress, build_model, finish_loading, set_weight
 from ember.models.decoder import CausalLM
 from ember.models.registry import encoder_class_for, model_class_for
 from ember.quant.embedding import QuantEmbedding
-from ember.quant.ggml import FLOAT_TYPES, GGMLType, dequantize
+from ember.quant.ggml import FLOAT_TYPES, GGMLType, dequantize, row_bytes
 from ember.quant.linear import QuantLinear
 
 _TORCH_FLOATS = {GGMLType.F32: torch.float32, GGMLType.F16: torch.float16, GGMLType.BF16: torch.bfloat16}
@@ -53,12 +54,13 @@ def load_gguf_model(path: Path, dtype, device: torch.device, progress: Progress 
     total = sum(info.nbytes for info in gguf.tensors.values())
     done = 0
     shapes = {name: tuple(t.shape) for name, t in gguf.tensors.items()}
-    rope = {name: _float_tensor(gguf, name).tolist() for name in ROPE_TENSORS if name in gguf.tensors}
-    config = config_from_gguf(gguf.metadata, shapes, rope)
+    with _metadata_errors(path):
+        rope = {name: _float_tensor(gguf, name).tolist() for name in ROPE_TENSORS if name in gguf.tensors}
+        config = config_from_gguf(gguf.metadata, shapes, rope)
     cls, _ = model_class_for(None, config.architecture)
     # Activations: float32 on CPU (auto), float16 on GPUs unless asked otherwise.
     dtype = resolve_dtype(dtype, device, "float16")
-    model = cls(config)
+    model = build_model(cls, config)
     params = dict(model.named_parameters())
     permute_qk = config.architecture == "llama"
     for gguf_name, info in gguf.tensors.items():
@@ -74,7 +76,8 @@ def load_gguf_model(path: Path, dtype, device: torch.device, progress: Progress 
             # vectors, and matrices stored unquantized (F32/F16/BF16 files): plain weights in `dtype`
             tensor = _float_tensor(gguf, gguf_name, dtype)
             if permute_qk and name.endswith(("q_proj.weight", "k_proj.weight")):
-                tensor = unpermute_rows(tensor, config.num_heads if "q_proj" in name else config.num_kv_heads)
+                tensor = unpermute_rows(tensor, config.num_heads if "q_proj" in name else config.num_kv_heads,
+                                        gguf_name)
             if name.endswith("norm.weight") and config.norm_weight_offset:
                 tensor = tensor - config.norm_weight_offset
             for target, piece in model.split_checkpoint_tensor(name, tensor):
@@ -84,12 +87,15 @@ def load_gguf_model(path: Path, dtype, device: torch.device, progress: Progress 
         rows = _rows(gguf, gguf_name)
         if permute_qk and name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = config.num_heads if "q_proj" in name else config.num_kv_heads
-            rows = unpermute_rows(rows, heads)
+            rows = unpermute_rows(rows, heads, gguf_name)
         # Fused matrices (Phi-3) split along rows, which works on quantized rows too.
         for target, piece in model.split_checkpoint_tensor(name, rows):
             module_name = target.removesuffix(".weight")
             _check(target, params)
             expected = tuple(params[target].shape)
+            if piece.shape[0] != expected[0] or row_bytes(info.ggml_type, expected[-1]) != piece.shape[-1]:
+                raise GGUFError(f"{path.name}: tensor {gguf_name!r} of shape {info.shape} does not match the "
+                                f"metadata's {expected}")
             if target == "model.embed_tokens.weight":
                 module = QuantEmbedding(piece, info.ggml_type, expected, dtype, device)
             else:
@@ -108,9 +114,10 @@ def load_gguf_model(path: Path, dtype, device: torch.device, progress: Progress 
 def load_gguf_encoder(gguf: GGUFFile, dtype, device: torch.device, progress: Progress | None = None):
     """A bert / nomic-bert GGUF: every tensor dequantized to `dtype` (encoders are small; their matrices run
     as plain torch matmuls over the padded batch)."""
-    config = encoder_config_from_gguf(gguf.metadata, {name: tuple(t.shape) for name, t in gguf.tensors.items()})
+    with _metadata_errors(gguf.path):
+        config = encoder_config_from_gguf(gguf.metadata, {name: tuple(t.shape) for name, t in gguf.tensors.items()})
     dtype = resolve_dtype(dtype, device, "float16")
-    model = encoder_class_for(config.architecture)(config)
+    model = build_model(encoder_class_for(config.architecture), config)
     params = dict(model.named_parameters())
     total, done = sum(info.nbytes for info in gguf.tensors.values()), 0
     for gguf_name, info in gguf.tensors.items():
@@ -132,6 +139,15 @@ def load_gguf_encoder(gguf: GGUFFile, dtype, device: torch.device, progress: Pro
     finish_loading(model, device)
     model.fuse_projections()
     return model, config, dtype
+
+
+@contextlib.contextmanager
+def _metadata_errors(path: Path):
+    """Metadata of the wrong type (a string where a count belongs) or value (0 heads) is a GGUFError."""
+    try:
+        yield
+    except (TypeError, ValueError, ZeroDivisionError, OverflowError) as err:
+        raise GGUFError(f"{path.name}: malformed model metadata ({type(err).__name__}: {err})") from None
 
 
 def _kept_as_file(info, device: torch.device) -> bool:

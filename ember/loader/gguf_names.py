@@ -9,6 +9,8 @@ import re
 
 import torch
 
+from ember.errors import GGUFError
+
 # per-layer GGUF suffix -> ember suffix (under model.layers.N.)
 _LAYER_NAMES = {
     "attn_norm": "input_layernorm",
@@ -73,12 +75,15 @@ def encoder_name(gguf_name: str) -> str | None:
     return None if target is None else f"{target}.{kind}"
 
 
-def unpermute_rows(rows: torch.Tensor, num_heads: int) -> torch.Tensor:
+def unpermute_rows(rows: torch.Tensor, num_heads: int, name: str) -> torch.Tensor:
     """Undo the row order llama.cpp's converter gives Llama's q/k weights.
 
     The converter interleaves each head's two rotary halves (row i of the first half next to row i of the
     second) for its interleaved rope; ember's rotary is rotate-half like transformers, so put them back.
     Works on any per-row data (float rows or rows of quantized blocks).
     """
+    if rows.shape[0] % (2 * num_heads):
+        raise GGUFError(f"tensor {name!r}: {rows.shape[0]} rows do not split into {num_heads} heads of two "
+                        "rotary halves")
     head_rows = rows.shape[0] // num_heads
     return rows.reshape(num_heads, head_rows // 2, 2, *rows.shape[1:]).transpose(1, 2).reshape(rows.shape)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +11,7 @@ import torch
 
 from ember.config import ModelConfig
 from ember.encoder_config import EncoderConfig
+from ember.errors import ModelLoadError, TokenizerError
 from ember.formats.detect import path_format
 from ember.loader.device import resolve_device
 from ember.loader.weights import Progress
@@ -37,6 +39,18 @@ class LoadedModel:
         return isinstance(self.config, EncoderConfig)
 
 
+@contextlib.contextmanager
+def _naming_the_file(path: Path):
+    """Load errors raised where the file is not known ("config: hidden_size=...", "tensor type IQ1_S is not
+    supported") get the model's file or folder name in front, so a user can tell which model is bad."""
+    try:
+        yield
+    except (ModelLoadError, TokenizerError) as err:
+        if path.name in str(err):
+            raise
+        raise type(err)(f"{path.name}: {err}") from None
+
+
 def load_model(path: str | Path, dtype="auto", device="auto", *, name: str | None = None,
                progress: Progress | None = None) -> LoadedModel:
     """Load a GGUF file or a safetensors checkpoint folder; a model's name is resolved to its files before
@@ -46,15 +60,16 @@ def load_model(path: str | Path, dtype="auto", device="auto", *, name: str | Non
     path = Path(path)
     model_format = path_format(path)
     target = resolve_device(device)
-    if model_format == "gguf":
-        from ember.loader.gguf_model import load_gguf_model
+    with _naming_the_file(path):
+        if model_format == "gguf":
+            from ember.loader.gguf_model import load_gguf_model
 
-        net, config, dtype = load_gguf_model(path, dtype, target, progress)
-    else:
-        from ember.loader.safetensors import load_safetensors_model
+            net, config, dtype = load_gguf_model(path, dtype, target, progress)
+        else:
+            from ember.loader.safetensors import load_safetensors_model
 
-        net, config, dtype = load_safetensors_model(path, dtype, target, progress)
-    tokenizer = load_tokenizer(path)
+            net, config, dtype = load_safetensors_model(path, dtype, target, progress)
+        tokenizer = load_tokenizer(path)
     template = encoder_tokenizer = None
     if isinstance(config, EncoderConfig):
         if path.is_dir():

@@ -21,7 +21,7 @@ from ember.errors import ModelLoadError
 from ember.formats.ggml_types import GGMLType
 from ember.kernels import matmul
 from ember.loader.device import resolve_dtype
-from ember.loader.weights import Progress, finish_loading, set_weight
+from ember.loader.weights import Progress, build_model, finish_loading, set_weight
 from ember.models.decoder import CausalLM
 from ember.models.registry import encoder_class_for, model_class_for
 from ember.quant.linear import QuantLinear
@@ -100,7 +100,7 @@ def load_safetensors_model(model_dir: Path, dtype, device: torch.device, progres
     cls, arch = model_class_for(raw.get("architectures"), raw.get("model_type"))
     config = config_from_hf(raw, arch)
     dtype = resolve_dtype(dtype, device, config.torch_dtype)
-    model = cls(config)
+    model = build_model(cls, config)
     params = dict(model.named_parameters())
     for path, key, checkpoint_tensor in _checkpoint_tensors(model_dir, progress):
         for name, tensor in model.split_checkpoint_tensor(key, checkpoint_tensor):
@@ -122,7 +122,7 @@ def load_safetensors_encoder(model_dir: Path, raw: dict, dtype, device: torch.de
     """A BERT-family encoder (embedding model or cross-encoder): small, so its weights stay plain tensors."""
     config = encoder_config_from_hf(raw, model_dir)
     dtype = resolve_dtype(dtype, device, config.torch_dtype)
-    model = encoder_class_for(config.architecture)(config)
+    model = build_model(encoder_class_for(config.architecture), config)
     params = dict(model.named_parameters())
     for path, key, checkpoint_tensor in _checkpoint_tensors(model_dir, progress):
         for name, tensor in model.checkpoint_names(key, checkpoint_tensor):

@@ -9,6 +9,16 @@ from torch import nn
 
 from ember.errors import ModelLoadError
 
+
+def build_model(cls: Callable[..., nn.Module], config) -> nn.Module:
+    """The model a config describes (weights on the meta device). Settings that pass the config's range checks
+    can still be unusable together (yarn scaling of a negative rope theta, a zero factor): a ModelLoadError."""
+    try:
+        return cls(config)
+    except (ValueError, ArithmeticError, TypeError, KeyError) as err:
+        raise ModelLoadError(f"config: unusable model settings ({type(err).__name__}: {err})") from None
+
+
 # Called while weights load with (bytes read so far, bytes in all): the CLI draws a progress bar from it.
 Progress = Callable[[int, int], None]
 

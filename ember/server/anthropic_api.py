@@ -18,8 +18,9 @@ from ember.engine.outputs import StepOutput
 from ember.sampling_params import SamplingParams
 from ember.server.errors import anthropic_error, bad_request, not_supported
 from ember.server.generation import Choice, Generation, collect, drive, start_generation
+from ember.server.offload import off_loop
 from ember.server.openai_api import get_state, sse, streaming
-from ember.server.prompting import chat_prompt_ids, render_chat
+from ember.server.prompting import chat_prompt_ids, encode_chat, render_chat
 from ember.server.protocol import AnthropicCountRequest, AnthropicRequest
 
 router = APIRouter()
@@ -53,8 +54,7 @@ def prompt_ids(engine: AsyncEngine, body: AnthropicCountRequest) -> list[int]:
     if messages[-1]["role"] != "assistant":
         return chat_prompt_ids(engine, messages)
     prefill = messages.pop()["content"]
-    text = render_chat(engine, messages) + prefill
-    return engine.tokenizer.encode(text, add_special_tokens=engine.chat_template is None)
+    return encode_chat(engine, render_chat(engine, messages) + prefill)
 
 
 def _stop(choice: Choice) -> tuple[str, str | None]:
@@ -70,18 +70,18 @@ def _stop(choice: Choice) -> tuple[str, str | None]:
 @router.post("/v1/messages/count_tokens")
 async def count_tokens(body: AnthropicCountRequest, request: Request):
     entry = await get_state(request).use_model(request, body.model)
-    return {"input_tokens": len(prompt_ids(entry.engine, body))}
+    return {"input_tokens": len(await off_loop(request, lambda: prompt_ids(entry.engine, body)))}
 
 
 @router.post("/v1/messages")
 async def messages(body: AnthropicRequest, request: Request):
     state = get_state(request)
     entry = await state.use_model(request, body.model)
-    prompt = prompt_ids(entry.engine, body)
+    prompt = await off_loop(request, lambda: prompt_ids(entry.engine, body))
     kwargs = {name: getattr(body, name) for name in ("temperature", "top_p", "top_k")
               if getattr(body, name) is not None}
     params = SamplingParams(max_tokens=body.max_tokens, stop=body.stop_sequences or [], **kwargs)
-    generation = start_generation(state, entry, [prompt], params, "msg")
+    generation = start_generation(request, entry, [prompt], params, "msg")
     message = {"id": f"msg_{uuid.uuid4().hex}", "type": "message", "role": "assistant", "model": entry.name}
     if body.stream:
         return streaming(_events(generation, message, len(prompt)))

@@ -20,11 +20,14 @@ from ember.server import (
     lora_api,
     ollama_api,
     openai_api,
+    openapi,
     rerank_api,
     webui,
 )
 from ember.server.errors import DECLARED_TYPE, APIError, error_body
 from ember.server.generation import ClientGone
+from ember.server.lone_surrogates import lone_surrogate_error
+from ember.server.offload import BODY_BYTES
 from ember.server.state import LEASES, ServerState
 
 log = logging.getLogger("ember.server")
@@ -106,6 +109,10 @@ class GuardMiddleware:
             if not message.get("more_body", False):
                 break
         body = b"".join(chunks)
+        bad_text = lone_surrogate_error(body)
+        if bad_text is not None:
+            return await _send_error(scope, send, bad_text)
+        scope[BODY_BYTES] = len(body)
         replayed = False
         if not str(scope.get("path", "")).startswith("/v1/"):
             _read_as_json(scope, headers.get("content-type"))
@@ -137,6 +144,7 @@ class GuardMiddleware:
             if not started:
                 await _send_error(scope, send, errors.from_exception(exc))
         finally:
+            self.state.release_admitted(scope)
             await self.state.release_all(leases)
 
 
@@ -163,10 +171,10 @@ def create_app(state: ServerState) -> FastAPI:
         finally:
             await state.shutdown()
 
-    app = FastAPI(title="ember", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
-                  openapi_url=None)
+    app = FastAPI(title="ember", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.ember = state
     errors.install(app)
+    openapi.install(app)  # GET /openapi.json
 
     @app.exception_handler(ClientGone)
     async def _gone(request, exc):

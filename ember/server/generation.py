@@ -134,16 +134,17 @@ def validate(engine: AsyncEngine, prompt: list[int], params: SamplingParams) -> 
     check(prompt, params)
 
 
-def start_generation(state: ServerState, entry: ModelEntry, prompts: list[list[int]], params: SamplingParams,
+def start_generation(request: Request, entry: ModelEntry, prompts: list[list[int]], params: SamplingParams,
                      prefix: str) -> Generation:
-    """Validate and admit a request on a model the request holds (raising the 4xx/503 before any byte is sent)."""
+    """Validate and admit a request on a model it holds (raising the 4xx/503 before any byte is sent)."""
+    state: ServerState = request.app.state.ember
     if params.seed is not None and params.n > 1:
         replace(params, n=1, seed=params.seed + params.n - 1)  # sample i uses seed + i: check the last one fits
     if entry.lora is not None:
         params = replace(params, lora=entry.lora)
     for prompt in prompts:
         validate(entry.engine, prompt, params)
-    state.admit(entry.engine, len(prompts) * params.n)
+    state.admit(request.scope, entry.engine, len(prompts) * params.n)
     return Generation(state, entry.name, entry.engine, prompts, params, prefix)
 
 

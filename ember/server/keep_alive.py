@@ -8,13 +8,14 @@ from typing import Any
 from ember.server.errors import bad_request
 
 DEFAULT_KEEP_ALIVE = 300.0
+FOREVER = 100 * 365 * 86400.0  # longer than this is forever: a date past year 9999 cannot even be shown
 _UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 _DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
 
 
 def parse_keep_alive(value: Any, default: float | None = DEFAULT_KEEP_ALIVE) -> float | None:
     """Seconds to keep a model loaded after its last request; None: forever. Accepts numbers (seconds) and
-    Go-style durations ("5m", "1h30m", "-1"); None or "" gives `default`."""
+    Go-style durations ("5m", "1h30m", "-1"); None or "" gives `default`; negative or over a century: forever."""
     if value is None or value == "":
         return default
     if isinstance(value, bool):
@@ -35,4 +36,4 @@ def parse_keep_alive(value: Any, default: float | None = DEFAULT_KEEP_ALIVE) -> 
             seconds = sign * sum(float(n) * _UNITS[u] for n, u in parts)
     if seconds != seconds:  # NaN
         raise bad_request("keep_alive: not a number", param="keep_alive")
-    return None if seconds < 0 else seconds
+    return None if seconds < 0 or seconds > FOREVER else seconds

@@ -3,6 +3,7 @@ detokenize, apply-template and Prometheus metrics."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import AsyncIterator
 
@@ -17,8 +18,9 @@ from ember.server.constraints import llamacpp_constraint, with_constraint
 from ember.server.errors import APIError, bad_request, not_supported
 from ember.server.generation import Choice, Generation, collect, drive, start_generation
 from ember.server.metrics import CONTENT_TYPE
+from ember.server.offload import off_loop
 from ember.server.openai_api import sse, streaming, token_entry
-from ember.server.prompting import plain_messages, render_chat
+from ember.server.prompting import encode_prompt, plain_messages, render_chat
 from ember.server.protocol import (
     ApplyTemplateRequest,
     DetokenizeRequest,
@@ -55,10 +57,15 @@ async def health(request: Request):
 @router.post("/tokenize")
 async def tokenize(body: TokenizeRequest, request: Request):
     tokenizer = (await _engine(request, body)).tokenizer
-    ids = tokenizer.encode(body.content, add_special_tokens=body.add_special)
-    if body.with_pieces:
-        return {"tokens": [{"id": i, "piece": tokenizer.decode([i], skip_special_tokens=False)} for i in ids]}
-    return {"tokens": ids}
+
+    def tokens() -> Response:
+        ids = tokenizer.encode(body.content, add_special_tokens=body.add_special)
+        if body.with_pieces:
+            ids = [{"id": i, "piece": tokenizer.decode([i], skip_special_tokens=False)} for i in ids]
+        # Encoded here, not by FastAPI on the event loop (its encoder walks a list of a million ids for seconds).
+        return Response(json.dumps({"tokens": ids}), media_type="application/json")
+
+    return await off_loop(request, tokens)
 
 
 @router.post("/detokenize")
@@ -68,14 +75,15 @@ async def detokenize(body: DetokenizeRequest, request: Request):
     bad = [t for t in body.tokens if t >= vocab]
     if bad:
         raise bad_request(f"tokens: id {bad[0]} is outside the vocabulary [0, {vocab})", param="tokens")
-    return {"content": engine.tokenizer.decode(body.tokens, skip_special_tokens=False)}
+    return {"content": await off_loop(request, lambda: engine.tokenizer.decode(body.tokens,
+                                                                               skip_special_tokens=False))}
 
 
 @router.post("/apply-template")
 async def apply_template(body: ApplyTemplateRequest, request: Request):
     engine = await _engine(request, body)
-    return {"prompt": render_chat(engine, plain_messages(body.messages), body.tools,
-                                  template_kwargs=body.chat_template_kwargs)}
+    return {"prompt": await off_loop(request, lambda: render_chat(engine, plain_messages(body.messages), body.tools,
+                                                                 template_kwargs=body.chat_template_kwargs))}
 
 
 @router.get("/metrics")
@@ -86,14 +94,13 @@ async def metrics(request: Request):
 # --- /completion --------------------------------------------------------------------------------------------
 def _prompt_ids(engine: AsyncEngine, prompt: str | list) -> list[int]:
     """A string, token ids, or token ids mixed with strings; a BOS is added when the prompt starts with text."""
-    tokenizer = engine.tokenizer
     if isinstance(prompt, str):
-        return tokenizer.encode(prompt)
+        return encode_prompt(engine, prompt)
     if len(prompt) > 1 and all(isinstance(p, str) for p in prompt):
         raise not_supported("several prompts in one request", param="prompt")
     ids: list[int] = []
     for index, piece in enumerate(prompt):
-        ids += tokenizer.encode(piece, add_special_tokens=index == 0) if isinstance(piece, str) else [piece]
+        ids += encode_prompt(engine, piece, add_special_tokens=index == 0) if isinstance(piece, str) else [piece]
     return ids
 
 
@@ -204,9 +211,9 @@ def _final(generation: Generation, body: LlamaCompletionRequest, prompt: list[in
 async def completion(body: LlamaCompletionRequest, request: Request):
     state = get_state(request)
     entry = await state.use_model(request, body.model)
-    prompt = _prompt_ids(entry.engine, body.prompt)
+    prompt = await off_loop(request, lambda: _prompt_ids(entry.engine, body.prompt))
     params = await with_constraint(entry.engine, _params(entry.engine, body), llamacpp_constraint(body))
-    generation = start_generation(state, entry, [prompt], params, "cmpl")
+    generation = start_generation(request, entry, [prompt], params, "cmpl")
     if body.stream:
         return streaming(_stream(generation, body, prompt))
     return _final(generation, body, prompt, (await collect(request, generation))[0])
@@ -235,9 +242,9 @@ def _stream(generation: Generation, body: LlamaCompletionRequest, prompt: list[i
 
 
 # --- /props and /slots --------------------------------------------------------------------------------------
-async def _get_engine(request: Request) -> AsyncEngine:
+async def _get_engine(request: Request, model: str | None) -> AsyncEngine:
     """The engine of ?model= (llama.cpp's router mode names it so), else the default model's."""
-    entry = await get_state(request).use_model(request, request.query_params.get("model"))
+    entry = await get_state(request).use_model(request, model)
     return entry.engine
 
 
@@ -261,8 +268,8 @@ def _defaults() -> SamplingParams:
 
 
 @router.get("/props")
-async def props(request: Request):
-    engine = await _get_engine(request)
+async def props(request: Request, model: str | None = None):
+    engine = await _get_engine(request, model)
     template = engine.chat_template
     return {"default_generation_settings": _slot(0, engine.max_model_len, _defaults(), None),
             "total_slots": engine.engine.args.max_num_seqs, "model_path": str(engine.engine.loaded.path),
@@ -271,10 +278,10 @@ async def props(request: Request):
 
 
 @router.get("/slots")
-async def slots(request: Request, fail_on_no_slot: int = 0):
+async def slots(request: Request, fail_on_no_slot: int = 0, model: str | None = None):
     """One entry per sequence the engine can run at once: the running ones (oldest first: ids are positions,
     not stable names), then the idle ones with the default settings."""
-    engine = await _get_engine(request)
+    engine = await _get_engine(request, model)
     running = await engine.running_sequences()
     total = engine.engine.args.max_num_seqs
     if fail_on_no_slot and len(running) >= total:

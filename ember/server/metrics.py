@@ -3,9 +3,11 @@ token counters read from `engine.stats()` at scrape time."""
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Histogram, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from ember.engine.speculator import acceptance
@@ -64,10 +66,26 @@ class _EngineCollector:
             yield from (drafted, accepted, rate, length)
 
 
+class _RuntimeCollector:
+    """What a leak would grow, for soak tests (benchmarks/soak.py): the event loop's live tasks and the
+    process's Python threads."""
+
+    def collect(self):
+        try:
+            tasks = len(asyncio.all_tasks())
+        except RuntimeError:  # scraped off the event loop: there is no loop to count
+            tasks = None
+        if tasks is not None:
+            yield GaugeMetricFamily("ember_asyncio_tasks", "Live tasks on the server's event loop", value=tasks)
+        yield GaugeMetricFamily("ember_threads", "Live Python threads", value=threading.active_count())
+
+
 class Metrics:
     def __init__(self, models: ModelRegistry):
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_EngineCollector(models))
+        self.registry.register(_RuntimeCollector())
+        ProcessCollector(registry=self.registry)  # process_resident_memory_bytes, process_open_fds, ...
         self.ttft = Histogram("ember_time_to_first_token_seconds", "Time from request to its first token",
                               ["model"], buckets=_TTFT_BUCKETS, registry=self.registry)
         self.itl = Histogram("ember_inter_token_latency_seconds", "Time between a request's streamed tokens",

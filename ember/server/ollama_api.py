@@ -16,7 +16,7 @@ from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 
 from ember import __version__
 from ember.engine.outputs import StepOutput
-from ember.errors import EmberError
+from ember.errors import EmberError, ProtectedModel
 from ember.sampling_params import SamplingParams
 from ember.server.chat_output import ParsedMessage, arguments_object, parse_whole
 from ember.server.chat_plan import ChatPlan, plan_chat
@@ -24,9 +24,10 @@ from ember.server.constraints import ollama_constraint, with_constraint
 from ember.server.errors import APIError, bad_request, not_supported
 from ember.server.generation import Choice, Generation, collect, drive, start_generation
 from ember.server.keep_alive import parse_keep_alive
+from ember.server.offload import off_loop
 from ember.server.ollama_options import check_options, num_ctx, ollama_params
 from ember.server.openai_api import available_models, embed_all, encoder_embeddings
-from ember.server.prompting import chat_prompt_ids, plain_messages
+from ember.server.prompting import chat_prompt_ids, encode_prompt, plain_messages
 from ember.server.protocol import (
     OllamaChatRequest,
     OllamaEmbeddingsRequest,
@@ -38,6 +39,7 @@ from ember.server.protocol import (
 from ember.server.state import LOAD_SECONDS, ModelEntry, ServerState
 from ember.store.info import format_params
 from ember.store.model_info import ModelInfo, describe_model, gguf_metadata_verbose
+from ember.store.names import refuse_reserved
 
 router = APIRouter()
 log = logging.getLogger("ember.server")
@@ -134,12 +136,14 @@ async def generate(body: OllamaGenerateRequest, request: Request):
         raise not_supported("suffix (fill-in-the-middle)", param="suffix")
     engine = entry.engine
     if body.raw or engine.chat_template is None:
-        prompt = engine.tokenizer.encode(body.prompt or "", add_special_tokens=not body.context)
+        prompt = await off_loop(request, lambda: encode_prompt(engine, body.prompt or "",
+                                                               add_special_tokens=not body.context))
     else:
         messages = ([{"role": "system", "content": body.system}] if body.system else [])
-        prompt = chat_prompt_ids(engine, [*messages, {"role": "user", "content": body.prompt or ""}])
+        prompt = await off_loop(request, lambda: chat_prompt_ids(
+            engine, [*messages, {"role": "user", "content": body.prompt or ""}]))
     prompt = list(body.context or []) + prompt
-    generation = start_generation(state, entry, [prompt], await request_params(entry, options, body), "ollama")
+    generation = start_generation(request, entry, [prompt], await request_params(entry, options, body), "ollama")
     return await _run(request, generation, body.stream, lambda choice: {"response": choice.text},
                       lambda text, _: [{"response": text}] if text else [],
                       lambda choice: {"context": prompt + choice.token_ids})
@@ -160,10 +164,11 @@ async def chat(body: OllamaChatRequest, request: Request):
     if not body.messages:
         return {"model": entry.name, "created_at": now(), "message": {"role": "assistant", "content": ""},
                 "done": True, "done_reason": "load", **_load_durations(request)}
-    plan = plan_chat(entry.engine, plain_messages(_with_call_ids(body.messages)), body.tools,
-                     template_kwargs={"reasoning_effort": body.think} if isinstance(body.think, str) else None,
-                     think=None if body.think is None else bool(body.think))
-    generation = start_generation(state, entry, [plan.prompt], await request_params(entry, options, body, plan),
+    plan = await off_loop(request, lambda: plan_chat(
+        entry.engine, plain_messages(_with_call_ids(body.messages)), body.tools,
+        template_kwargs={"reasoning_effort": body.think} if isinstance(body.think, str) else None,
+        think=None if body.think is None else bool(body.think)))
+    generation = start_generation(request, entry, [plan.prompt], await request_params(entry, options, body, plan),
                                   "ollama")
     parser, parsed = plan.parser(), ParsedMessage()
 
@@ -373,6 +378,8 @@ class CopyRequest(_Body):
 def _store_error(err: BaseException) -> APIError:
     if isinstance(err, APIError):
         return err
+    if isinstance(err, ProtectedModel):
+        return APIError(403, str(err), code="protected_model")
     message = str(err)
     missing = any(w in message for w in ("not found", "is not in the store", "does not exist"))
     return APIError(404 if missing else 400, message, code="store_error")
@@ -389,6 +396,7 @@ async def pull(body: PullRequest, request: Request):
         raise bad_request(str(err), param="model") from None
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
+    failure: list[BaseException] = []  # what ended the pull, for the status of a non-streamed answer
 
     def report(event: dict) -> None:
         loop.call_soon_threadsafe(events.put_nowait, event)
@@ -414,6 +422,7 @@ async def pull(body: PullRequest, request: Request):
         try:
             manifest = task.result()
         except Exception as err:
+            failure.append(err)
             yield {"error": str(err) if isinstance(err, EmberError) else f"pull failed: {err}"}
             return
         yield {"status": "success", "model": manifest.name, "total": manifest.size}
@@ -423,8 +432,11 @@ async def pull(body: PullRequest, request: Request):
     last: dict = {}
     async for item in items():
         last = item
-    if "error" in last:
-        raise APIError(500, last["error"], code="pull_failed")
+    if failure:
+        # ember's own errors name what the request got wrong (not a Hugging Face repo id, no such repo or
+        # quantization): 400; anything else failed on the server's side. A stream reports either as Ollama
+        # does, in its last line.
+        raise APIError(400 if isinstance(failure[0], EmberError) else 500, last["error"], code="pull_failed")
     return last
 
 
@@ -435,6 +447,10 @@ async def delete(body: DeleteRequest, request: Request):
 
     pool = get_state(request).pool
     try:
+        refuse_reserved(name, "removed")  # before anything is unloaded
+        if pool.serves(name):
+            raise ProtectedModel(f"{name!r} is the model this server was started with: it cannot be removed "
+                                 "while it is served")
         store = ModelStore()
         stored = await asyncio.to_thread(store.get, name)
         if pool.loaded(stored.name) is not None:
@@ -449,7 +465,11 @@ async def delete(body: DeleteRequest, request: Request):
 async def copy(body: CopyRequest, request: Request):
     from ember.store.store import ModelStore
 
+    pool = get_state(request).pool
     try:
+        if pool.serves(body.destination) or pool.loaded(body.destination) is not None:
+            raise ProtectedModel(f"{body.destination!r} is a model this server has loaded: copying onto it would "
+                                 "change what the name serves; choose another name")
         store = ModelStore()
         await asyncio.to_thread(store.copy, body.source, body.destination)
     except EmberError as err:
@@ -475,11 +495,12 @@ async def embed(body: OllamaEmbedRequest, request: Request):
     else:
         if body.dimensions is not None:
             raise not_supported("dimensions with a chat model", param="dimensions")
-        tokenizer = entry.engine.tokenizer
-        inputs = [tokenizer.encode(t) for t in texts]
+        engine = entry.engine
         if body.truncate:
-            limit = entry.engine.max_model_len - 1
-            inputs = [ids[:limit] for ids in inputs]
+            limit = engine.max_model_len - 1
+            inputs = await off_loop(request, lambda: [engine.tokenizer.encode(t)[:limit] for t in texts])
+        else:
+            inputs = await off_loop(request, lambda: [encode_prompt(engine, t, param="input") for t in texts])
         vectors = await embed_all(state, entry, inputs) if inputs else []
         count = sum(len(i) for i in inputs)
     return {"model": entry.name, "embeddings": [_normalized(v) for v in vectors],
@@ -496,7 +517,8 @@ async def embeddings(body: OllamaEmbeddingsRequest, request: Request):
         return {"embedding": []}
     if entry.engine.is_encoder:
         return {"embedding": (await encoder_embeddings(state, entry, body.prompt, None))[0][0]}
-    vector = (await embed_all(state, entry, [entry.engine.tokenizer.encode(body.prompt)]))[0]
+    ids = await off_loop(request, lambda: encode_prompt(entry.engine, body.prompt))
+    vector = (await embed_all(state, entry, [ids]))[0]
     return {"embedding": vector}
 
 

@@ -24,6 +24,7 @@ from ember.server.constraints import openai_constraint, responses_constraint, wi
 from ember.server.errors import APIError, bad_request, from_exception, not_supported
 from ember.server.generation import Choice, Generation, collect, drive, start_generation, validate
 from ember.server.lora_api import lora_cards
+from ember.server.offload import off_loop
 from ember.server.prompting import (
     fim_prompt_ids,
     plain_messages,
@@ -244,12 +245,13 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     if body.top_logprobs is not None and not body.logprobs:
         raise bad_request("top_logprobs: requires logprobs to be true", param="top_logprobs")
     entry = await state.use_model(request, body.model)
-    plan = plan_chat(entry.engine, plain_messages(body.messages), body.tools, body.tool_choice,
-                     body.parallel_tool_calls, body.chat_template_kwargs, body.add_generation_prompt)
+    plan = await off_loop(request, lambda: plan_chat(
+        entry.engine, plain_messages(body.messages), body.tools, body.tool_choice, body.parallel_tool_calls,
+        body.chat_template_kwargs, body.add_generation_prompt))
     check_stream_options(body)
     params = await request_params(entry.engine, body, body.max_completion_tokens or body.max_tokens,
                                   (body.top_logprobs or 0) if body.logprobs else None, plan)
-    generation = start_generation(state, entry, [plan.prompt], params, "chatcmpl")
+    generation = start_generation(request, entry, [plan.prompt], params, "chatcmpl")
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": entry.name,
             "system_fingerprint": None}
     if body.stream:
@@ -354,14 +356,14 @@ async def completions(body: CompletionRequest, request: Request):
     if body.max_tokens == 0 and not body.echo:
         raise bad_request("max_tokens: 0 is only accepted with echo (to score the prompt)", param="max_tokens")
     entry = await state.use_model(request, body.model)
-    prompts = _completion_prompts(entry.engine, body)
+    prompts = await off_loop(request, lambda: _completion_prompts(entry.engine, body))
     params = await request_params(entry.engine, body, 16 if body.max_tokens is None else body.max_tokens,
                                   body.logprobs)
     if body.echo and body.logprobs is not None:
         # What lm-evaluation-harness scores: the prompt's own tokens, each given those before it.
         params = replace(params, prompt_logprobs=body.logprobs)
-    generation = start_generation(state, entry, prompts, params, "cmpl")
-    echoes = [entry.engine.tokenizer.decode(p) if body.echo else "" for p in prompts]
+    generation = start_generation(request, entry, prompts, params, "cmpl")
+    echoes = await off_loop(request, lambda: [entry.engine.tokenizer.decode(p) if body.echo else "" for p in prompts])
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": entry.name,
             "system_fingerprint": None}
     if body.stream:
@@ -433,7 +435,7 @@ async def embeddings(body: EmbeddingRequest, request: Request):
     else:
         if body.dimensions is not None:
             raise not_supported("dimensions (shortened embeddings) with a chat model", param="dimensions")
-        inputs = prompt_ids_list(entry.engine, body.input, "input")
+        inputs = await off_loop(request, lambda: prompt_ids_list(entry.engine, body.input, "input"))
         vectors = await embed_all(state, entry, inputs)
         tokens = sum(len(ids) for ids in inputs)
     data = []
@@ -527,11 +529,12 @@ async def responses(body: ResponsesRequest, request: Request):
     conversation = _conversation(state, body)
     instructions = [{"role": "system", "content": body.instructions}] if body.instructions else []
     entry = await state.use_model(request, body.model)
-    plan = plan_chat(entry.engine, instructions + conversation, tools, body.tool_choice, body.parallel_tool_calls)
+    plan = await off_loop(request, lambda: plan_chat(entry.engine, instructions + conversation, tools,
+                                                     body.tool_choice, body.parallel_tool_calls))
     kwargs = {k: getattr(body, k) for k in ("temperature", "top_p", "seed") if getattr(body, k) is not None}
     params = plan.sampling(SamplingParams(max_tokens=body.max_output_tokens, **kwargs))
     params = await with_constraint(entry.engine, params, plan.constrain(constraint))
-    generation = start_generation(state, entry, [plan.prompt], params, "resp")
+    generation = start_generation(request, entry, [plan.prompt], params, "resp")
     rid, created = f"resp_{uuid.uuid4().hex}", int(time.time())
 
     def finish(choice: Choice, items: OutputItems) -> tuple[str, list]:

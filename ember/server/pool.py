@@ -170,6 +170,11 @@ class ModelPool:
         return self._models.get(name) or (self._models.get(name.removesuffix(":latest"))
                                           if name.endswith(":latest") else None)
 
+    def serves(self, name: str) -> bool:
+        """Whether `name` is the model `ember serve` was started with (the default of requests naming none)."""
+        served = set(self._registered) | self.pinned | ({self.default_name} if self.default_name else set())
+        return bool({name, name.removesuffix(":latest")} & served)
+
     def registered(self) -> list[ResolvedModel]:
         """Models known by name without the resolver (the `ember serve` model) that are not loaded now."""
         return [r for n, r in self._registered.items() if r is not None and n not in self._models]
@@ -364,6 +369,7 @@ class ModelPool:
         from ember.store.memory import estimate_memory, fit_context
 
         dtype = str(args.get("dtype", "auto"))
+        kv_cache_dtype = str(args.get("kv_cache_dtype", "auto"))
         try:
             # What the engine will hold depends on where it runs (native CPU kernels keep the file's blocks,
             # GPUs repack) and "auto" dtype on it (float32 on CPU): estimate for the device it will load on.
@@ -373,7 +379,8 @@ class ModelPool:
             if limit:
                 wanted = min(wanted, limit)
             adapters = [spec.path for spec in args.get("lora", ())]
-            full = await asyncio.to_thread(estimate_memory, resolved.path, int(wanted), dtype, device, adapters)
+            full = await asyncio.to_thread(estimate_memory, resolved.path, int(wanted), dtype, device, kv_cache_dtype,
+                                           adapters)
         except (EmberError, OSError, ValueError, KeyError) as err:
             log.warning("cannot estimate the memory %s needs (%s); loading it without a budget check", key, err)
             return None, False
@@ -396,7 +403,7 @@ class ModelPool:
                 if user_kv is None:
                     try:
                         context = await asyncio.to_thread(fit_context, resolved.path, free, int(wanted), dtype,
-                                                            device, adapters)
+                                                            device, kv_cache_dtype, adapters)
                         fitted = True
                     except EmberError as err:
                         raise no_room(key, need, busy, err, self.max_memory) from None

@@ -83,9 +83,22 @@ def render_chat(engine: AsyncEngine, messages: list[dict], tools: list[dict] | N
     return template.render(messages, tools=tools, add_generation_prompt=add_generation_prompt, **template_kwargs)
 
 
+def encode_prompt(engine: AsyncEngine, text: str, add_special_tokens: bool = True, param: str = "prompt") -> list[int]:
+    """A prompt's token ids; a text whose length alone proves it cannot fit the context is refused before any of
+    it is tokenized (the tokenizer's sound bound, ember.tokenizer.length_bound), so a multi-megabyte body costs
+    no tokenizing. Shorter texts are left to the engine's exact check (ember.server.generation.validate)."""
+    tokenizer, context = engine.tokenizer, engine.max_model_len
+    if len(text) >= context:  # a shorter text cannot be proven too long: every token covers at least 1 character
+        least = tokenizer.min_tokens(text)
+        if least >= context:
+            raise bad_request(f"{param}: the text has {len(text)} characters, so at least {least} tokens, more than "
+                              f"the context of {context} allows", param=param, code="context_length_exceeded")
+    return tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+
 def encode_chat(engine: AsyncEngine, text: str) -> list[int]:
     # A template writes its own BOS; only the template-less transcript needs the tokenizer's.
-    return engine.tokenizer.encode(text, add_special_tokens=engine.chat_template is None)
+    return encode_prompt(engine, text, add_special_tokens=engine.chat_template is None, param="messages")
 
 
 def chat_prompt_ids(engine: AsyncEngine, messages: list[dict], tools: list[dict] | None = None,
@@ -95,13 +108,12 @@ def chat_prompt_ids(engine: AsyncEngine, messages: list[dict], tools: list[dict]
 
 def prompt_ids_list(engine: AsyncEngine, prompt: Any, param: str = "prompt") -> list[list[int]]:
     """A string, a list of strings, a list of token ids or a list of token-id lists, as token-id lists."""
-    tokenizer = engine.tokenizer
     if isinstance(prompt, str):
-        return [tokenizer.encode(prompt)]
+        return [encode_prompt(engine, prompt, param=param)]
     if not prompt:
         raise bad_request(f"{param}: must not be empty", param=param)
     if isinstance(prompt[0], str):
-        return [tokenizer.encode(p) for p in prompt]
+        return [encode_prompt(engine, p, param=param) for p in prompt]
     if isinstance(prompt[0], int):
         return [list(prompt)]
     return [list(p) for p in prompt]
@@ -123,5 +135,5 @@ def fim_prompt_ids(engine: AsyncEngine, prefix: str, suffix: str, param: str = "
         raise bad_request(f"{param}: this model's vocabulary has no fill-in-the-middle tokens", param=param)
     pre, suf, mid = tokenizer.fim_token_ids
     bos = [tokenizer.bos_token_id] if tokenizer.add_bos else []
-    return [*bos, pre, *tokenizer.encode(prefix, add_special_tokens=False), suf,
-            *tokenizer.encode(suffix, add_special_tokens=False), mid]
+    return [*bos, pre, *encode_prompt(engine, prefix, add_special_tokens=False), suf,
+            *encode_prompt(engine, suffix, add_special_tokens=False, param=param), mid]

@@ -81,6 +81,19 @@ class _Body(BaseModel):
                     raise PydanticCustomError("unsupported_field", "{field} is not supported", {"field": name})
         return data
 
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core_schema, handler) -> dict:
+        """The published schema (ember.server.openapi) lists the unsupported fields with the values accepted."""
+        schema = handler.resolve_ref_schema(handler(core_schema))
+        for name, harmless in cls.unsupported.items():
+            accepted: list = []
+            for value in (*harmless, None):
+                if all(value != a or isinstance(value, bool) != isinstance(a, bool) for a in accepted):
+                    accepted.append(value)
+            schema.setdefault("properties", {})[name] = {
+                "enum": accepted, "description": "not supported by ember: any other value is answered 400"}
+        return schema
+
 
 class SamplingFields(_Body):
     """Sampling fields shared by the OpenAI endpoints (vLLM's extensions included)."""

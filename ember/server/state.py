@@ -24,10 +24,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ember.server")
 
-__all__ = ["LEASES", "LOAD_SECONDS", "ModelEntry", "ModelPool", "ServerState", "Settings"]
+__all__ = ["ADMITTED", "LEASES", "LOAD_SECONDS", "ModelEntry", "ModelPool", "ServerState", "Settings"]
 
 LEASES = "ember.leases"  # ASGI scope key: the models a request holds, released when its response has ended
 LOAD_SECONDS = "ember.load_seconds"  # ASGI scope key: how long the request waited for its model (Ollama's load_duration)
+ADMITTED = "ember.admitted"  # ASGI scope key: the sequences a request was admitted with, given back when it has ended
 
 
 @dataclass
@@ -59,7 +60,8 @@ class ServerState:
         self.started = time.time()
         self.load_seconds = 0.0
         self.shutting_down = False
-        self.inflight: dict[str, AsyncEngine] = {}
+        self.inflight: dict[str, AsyncEngine] = {}  # engine request id -> engine, for aborting them
+        self.admitted = 0  # sequences admitted whose requests have not ended (what --max-queue bounds)
         self._ids = itertools.count()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._abort_timer: asyncio.TimerHandle | None = None
@@ -69,14 +71,24 @@ class ServerState:
         return f"{prefix}-{next(self._ids)}{time.time_ns() % 10**9:09d}"
 
     # --- admission and tracking of engine requests --------------------------------------------------------
-    def admit(self, engine: AsyncEngine, count: int) -> None:
-        """Refuse `count` more sequences when the engine's slots plus the queue are taken."""
+    def admit(self, scope: dict, engine: AsyncEngine, count: int) -> None:
+        """Reserve `count` sequences for the request of ASGI `scope`, or refuse them (503) when the engine's
+        slots plus the queue are taken. Check and reservation happen with no await between them, so requests
+        arriving together cannot all pass the check before any of them counts; GuardMiddleware gives the
+        reservation back when the request ends, whichever way (done, error, disconnect, cancellation)."""
         if self.shutting_down:
             raise APIError(503, "the server is shutting down", code="shutting_down", headers={"Retry-After": "5"})
+        if LEASES not in scope:
+            raise RuntimeError("admit needs the GuardMiddleware (create_app installs it)")
         slots = getattr(getattr(engine, "engine", None), "args", None)
         capacity = (slots.max_num_seqs if slots is not None else 0) + self.settings.max_queue
-        if len(self.inflight) + count > capacity:
+        if self.admitted + count > capacity:
             raise queue_full()
+        self.admitted += count
+        scope[ADMITTED] = scope.get(ADMITTED, 0) + count
+
+    def release_admitted(self, scope: dict) -> None:
+        self.admitted -= scope.pop(ADMITTED, 0)
 
     def track(self, request_id: str, engine: AsyncEngine) -> None:
         self.inflight[request_id] = engine

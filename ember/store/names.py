@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ember.errors import ModelLoadError
+from ember.errors import ModelLoadError, ProtectedModel
 
 STORE_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}(:[a-zA-Z0-9._-]{1,64})?$")
 STORE_TAG = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
@@ -138,6 +138,29 @@ def _parse_discovered(ref: str) -> ModelRef:
 
 # What names the bundled model: nothing, or the name it is listed under.
 DEFAULT_NAMES = ("", "ember-default", "ember-default:latest")
+
+
+def reserved_reason(name: str) -> str | None:
+    """Why `name` can neither be given to a stored model nor removed from the store: it names the model built
+    into ember or one shipped in a Python package (a stored copy under that name would shadow it, or never be
+    reachable). None for any other name."""
+    from ember.store.packaged import PACKAGED_MODELS
+
+    key = name.strip().lower()
+    tagged = key if ":" in key.rsplit("/", 1)[-1] else f"{key}:latest"
+    if key in DEFAULT_NAMES or tagged in DEFAULT_NAMES:
+        return f"{name!r} is the model built into ember"
+    package = PACKAGED_MODELS.get(key) or PACKAGED_MODELS.get(tagged)
+    if package is not None:
+        return f"{name!r} is the model shipped in the {package[1]} package"
+    return None
+
+
+def refuse_reserved(name: str, action: str) -> None:
+    """ProtectedModel when `name` is reserved (see reserved_reason); `action`: "removed", "copied onto"."""
+    reason = reserved_reason(name)
+    if reason is not None:
+        raise ProtectedModel(f"{reason}: it cannot be {action}")
 
 
 def parse_ref(ref: str | os.PathLike | None, *, allow_paths: bool = False, allow_digest: bool = False) -> ModelRef:

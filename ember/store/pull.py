@@ -2,21 +2,27 @@
 
 GGUF repos: the file whose name holds the quantization tag (Q4_K_M first when none is given); repos without
 GGUF files: the transformers checkpoint (config, tokenizer, safetensors). Files come through
-`huggingface_hub.hf_hub_download` (its cache, resumable downloads, its progress bars), are checked against the
+`huggingface_hub.hf_hub_download` (its cache, its lock per file, its progress bars), are checked against the
 repo's LFS SHA-256 and sizes, then added to the store; the manifest is written last, so a failed or
-interrupted pull registers nothing and leaves no partial blobs behind.
+interrupted pull registers nothing and leaves no partial blobs behind. A pull that cannot fit on the disk is
+refused before it downloads; one killed mid-download starts that file again on the next pull
+(docs/reliability.md).
 """
 
 from __future__ import annotations
 
 import contextlib
 import fnmatch
+import glob
 import logging
 import os
 import re
+import shutil
 import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from ember.errors import ModelLoadError
 from ember.store.info import quant_from_filename
@@ -157,10 +163,14 @@ def pull(ref: str, store: ModelStore | None = None, *, name: str | None = None, 
     say(f"pulling {repo}{'@' + commit[:12] if commit else ''}: {len(wanted)} file(s), {total / 1e6:.1f} MB "
         f"→ {store_name}")
 
+    _check_free_space(repo, commit or revision, wanted, store)
+
     added: list[str] = []
     infos: dict[str, BlobInfo] = {}
     try:
-        with _progress_bars(progress):
+        with _progress_bars(progress), warnings.catch_warnings():
+            # checked above, in one line; huggingface_hub would add a two-line warning of its own
+            warnings.filterwarnings("ignore", message="Not enough free disk space")
             for remote in wanted:
                 pulling = {"status": f"pulling {remote.sha256[:12] if remote.sha256 else remote.name}",
                            **({"digest": f"sha256:{remote.sha256}"} if remote.sha256 else {}),
@@ -170,12 +180,17 @@ def pull(ref: str, store: ModelStore | None = None, *, name: str | None = None, 
                     local = huggingface_hub.hf_hub_download(repo, remote.name, revision=commit or revision)
                 except Exception as err:
                     raise ModelLoadError(f"download of {repo}/{remote.name} failed: {_short(err)}") from None
+                _drop_abandoned_downloads(local)
                 tell({**pulling, "completed": remote.size if remote.size is not None else os.path.getsize(local)})
                 tell({"status": "verifying sha256 digest" if remote.sha256 else "verifying size",
                       **({"digest": pulling["digest"]} if remote.sha256 else {})})
                 local_name = remote.name.rsplit("/", 1)[-1]
-                info = store.add_file(local_name, local, expected_sha256=remote.sha256, expected_size=remote.size,
-                                      link=True)
+                try:
+                    info = store.add_file(local_name, local, expected_sha256=remote.sha256,
+                                          expected_size=remote.size, link=True)
+                except OSError as err:  # a full disk, most likely: say where, in one line
+                    raise ModelLoadError(f"cannot store {local_name} in {store.root}: "
+                                         f"{err.strerror or _short(err)}") from None
                 added.append(info.digest)
                 infos[local_name] = info
         source = {"type": "huggingface", "repo": repo, "revision": commit, "format": fmt}
@@ -189,6 +204,56 @@ def pull(ref: str, store: ModelStore | None = None, *, name: str | None = None, 
         raise
     say(f"pulled {store_name} ({manifest.size / 1e6:.1f} MB)")
     return manifest
+
+
+def _check_free_space(repo: str, revision: str | None, wanted: list[RemoteFile], store: ModelStore) -> None:
+    """Refuse before downloading when the files cannot fit: in the Hugging Face cache, and in the store too
+    when it is on another file system (then files are copied, not hard-linked)."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    missing = sum(f.size or 0 for f in wanted
+                  if not isinstance(huggingface_hub.try_to_load_from_cache(repo, f.name, revision=revision), str))
+    cache = _existing_parent(Path(constants.HF_HUB_CACHE))
+    places = [cache]
+    store_dir = _existing_parent(store.root)
+    if store_dir.stat().st_dev != cache.stat().st_dev:
+        places.append(store_dir)
+    for place in places:
+        free = shutil.disk_usage(place).free
+        if missing > free:
+            raise ModelLoadError(f"not enough disk space to pull {repo}: {missing / 1e6:.1f} MB needed in {place}, "
+                                 f"{free / 1e6:.1f} MB free")
+
+
+def _existing_parent(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _drop_abandoned_downloads(local: str) -> None:
+    """Delete the partial downloads of this file that killed pulls left in the Hugging Face cache.
+
+    huggingface_hub (1.x) downloads into `<blob>.<random>.incomplete` and deletes it when the download fails,
+    but a process killed with SIGKILL leaves it, one more per kill. Now that the blob is complete, such files
+    are abandoned unless another process is downloading this blob right now, and that one holds
+    huggingface_hub's lock for the blob: only with that lock free are they deleted.
+    """
+    from filelock import FileLock, Timeout
+
+    blob = Path(local).resolve()
+    leftovers = list(blob.parent.glob(f"{glob.escape(blob.name)}.*.incomplete"))
+    if not leftovers:
+        return
+    repo_folder = blob.parent.parent  # <cache>/models--org--name/blobs/<etag>
+    lock = repo_folder.parent / ".locks" / repo_folder.name / f"{blob.name}.lock"
+    try:
+        with FileLock(lock, timeout=0):
+            for leftover in leftovers:
+                leftover.unlink(missing_ok=True)
+    except (Timeout, OSError):
+        pass  # in use, or not ours to delete: the next pull tries again
 
 
 @contextlib.contextmanager

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from ember.errors import ModelLoadError
-from ember.store.names import ModelRef, parse_store_name
+from ember.store.names import ModelRef, parse_store_name, refuse_reserved
 
 log = logging.getLogger(__name__)
 
@@ -400,6 +400,7 @@ class ModelStore:
 
     def remove(self, name: str) -> Manifest:
         """Delete a model's manifest, its view, and the blobs no other manifest uses."""
+        refuse_reserved(name, "removed")
         ref = self._ref(name)
         manifest = self.get(ref)
         with self._lock():
@@ -413,6 +414,7 @@ class ModelStore:
 
     def copy(self, src: str, dst: str) -> Manifest:
         """Register `dst` as another name for `src` (same blobs, nothing copied)."""
+        refuse_reserved(dst, "copied onto")
         source = self.get(src)
         dst_ref = self._ref(dst)
         if self.exists(dst_ref.store_name):

@@ -1,8 +1,8 @@
 """Chat templates rendered like transformers' `apply_chat_template`, in a sandbox with limits.
 
 Templates come from model files, so they are untrusted code: Jinja's immutable sandbox blocks attribute
-tricks, and a deadline, an output cap and guarded `*`/`**` keep a hostile template from hanging or
-exhausting a server. The environment (filters, globals, trim/lstrip, loop controls, `{% generation %}`)
+tricks, and a deadline, an output cap and size checks on every operation that can build a value larger than
+its operands (ember.tokenizer.template_limits) keep a hostile template from hanging or exhausting a server. The environment (filters, globals, trim/lstrip, loop controls, `{% generation %}`)
 matches transformers so the rendered strings are identical.
 """
 
@@ -21,12 +21,21 @@ from jinja2 import nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from ember.errors import ChatTemplateError
+from ember.tokenizer.template_limits import (
+    MAX_VALUE_CHARS,
+    bounded_filters,
+    bounded_lipsum,
+    check_binop,
+    checked_call,
+    checked_concat,
+    json_indented,
+)
 
 RENDER_SECONDS = 5.0
-MAX_OUTPUT_CHARS = 4_000_000
-MAX_REPEAT = 1_000_000  # largest string/list a template may build with `*`
+MAX_OUTPUT_CHARS = MAX_VALUE_CHARS  # the rendered prompt, like any value a template builds
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 _LOOP_FILTER = "ember_timed_iter"
+_CONCAT_FILTER = "ember_concat"
 
 
 class _GenerationTag(jinja2.ext.Extension):
@@ -72,9 +81,9 @@ class _TemplateDict:
 
 
 class _LimitedEnvironment(ImmutableSandboxedEnvironment):
-    """The sandbox plus a per-render deadline checked on every call, and bounded repetition."""
+    """The sandbox plus a per-render deadline checked on every call, and bounded sizes."""
 
-    intercepted_binops = frozenset({"*", "**"})
+    intercepted_binops = frozenset({"*", "**", "+", "%"})  # intercepted ones are also never constant-folded
     _render_state = threading.local()  # compiled templates are shared, so each thread keeps its own deadline
 
     @property
@@ -95,6 +104,10 @@ class _LimitedEnvironment(ImmutableSandboxedEnvironment):
         tree = super()._parse(source, name, filename)
         for loop in tree.find_all(nodes.For):
             loop.iter = nodes.Filter(loop.iter, _LOOP_FILTER, [], [], None, None, lineno=loop.iter.lineno)
+        # `a ~ b` compiles to a plain join no hook sees: it becomes one part, joined by a filter that checks sizes.
+        for concat in list(tree.find_all(nodes.Concat)):
+            parts = nodes.List(concat.nodes, lineno=concat.lineno)
+            concat.nodes = [nodes.Filter(parts, _CONCAT_FILTER, [], [], None, None, lineno=concat.lineno)]
         return tree
 
     def _timed_iter(self, iterable):
@@ -104,6 +117,7 @@ class _LimitedEnvironment(ImmutableSandboxedEnvironment):
 
     def call(self, context, obj, *args, **kwargs):
         self._check_time()
+        args = checked_call(obj, args, kwargs)
         return super().call(context, obj, *args, **kwargs)
 
     def getattr(self, obj, attribute):
@@ -112,12 +126,7 @@ class _LimitedEnvironment(ImmutableSandboxedEnvironment):
 
     def call_binop(self, context, operator, left, right):
         self._check_time()
-        if operator == "*":
-            for seq, count in ((left, right), (right, left)):
-                if isinstance(seq, (str, list, tuple)) and isinstance(count, int) and len(seq) * count > MAX_REPEAT:
-                    raise ChatTemplateError("chat template builds a value that is too large")
-        if operator == "**" and isinstance(right, (int, float)) and abs(right) > 1024:
-            raise ChatTemplateError("chat template computes a power that is too large")
+        check_binop(operator, left, right)
         return super().call_binop(context, operator, left, right)
 
 
@@ -127,6 +136,8 @@ def _raise_exception(message):
 
 def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
     # transformers overrides Jinja's tojson, which would HTML-escape characters.
+    if indent:
+        json_indented(value, len(json.dumps(value, ensure_ascii=ensure_ascii)), indent)
     return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
@@ -138,10 +149,12 @@ def _strftime_now(fmt):
 def _compile(source: str) -> tuple[_LimitedEnvironment, jinja2.Template]:
     env = _LimitedEnvironment(trim_blocks=True, lstrip_blocks=True,
                               extensions=[_GenerationTag, jinja2.ext.loopcontrols])
+    env.filters.update(bounded_filters())
     env.filters["tojson"] = _tojson
     env.filters[_LOOP_FILTER] = env._timed_iter
+    env.filters[_CONCAT_FILTER] = checked_concat
     env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now, dict=_TemplateDict(),
-                       namespace=_Namespace)
+                       namespace=_Namespace, lipsum=bounded_lipsum)
     try:
         return env, env.from_string(source)
     except jinja2.TemplateSyntaxError as err:
@@ -211,6 +224,8 @@ class ChatTemplate:
         except (TypeError, ValueError, KeyError, IndexError, AttributeError, ZeroDivisionError, RecursionError,
                 OverflowError) as err:
             raise ChatTemplateError(f"chat template failed: {type(err).__name__}: {err}") from None
+        except MemoryError:  # a last resort: the size checks refuse what they can predict before it allocates
+            raise ChatTemplateError("chat template ran out of memory") from None
         finally:
             self._env.deadline = float("inf")
         return "".join(pieces)

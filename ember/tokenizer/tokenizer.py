@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import json
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from tokenizers import Tokenizer as HFTokenizer
 
 from ember.errors import TokenizerError
+from ember.tokenizer.length_bound import max_chars_per_token
+
+# Above this many characters (or ids), encode/decode go through `tokenizers`' batch calls, which release the
+# GIL (the single calls hold it): a server tokenizing a long text in a worker thread keeps serving meanwhile.
+GIL_FREE_ABOVE = 8192
 
 # (prefix, suffix, middle) token names: Qwen2.5-Coder, StarCoder, SantaCoder, DeepSeek-Coder, CodeLlama.
 FIM_TOKEN_NAMES = (
@@ -19,6 +25,19 @@ FIM_TOKEN_NAMES = (
     ("▁<PRE>", "▁<SUF>", "▁<MID>"),
     ("<PRE>", "<SUF>", "<MID>"),
 )
+
+
+def _check_characters(text: str) -> None:
+    """JSON may escape half a UTF-16 surrogate pair ("\\ud800"), which Python decodes to a str no tokenizer
+    can encode (it is no character): refused by name rather than failing inside `tokenizers`."""
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise TokenizerError(f"the text holds a lone UTF-16 surrogate U+{ord(text[err.start]):04X} at character "
+                             f"{err.start}, which is not a character (JSON \\uD800-\\uDFFF escapes come in "
+                             "pairs)") from None
 
 
 class Tokenizer:
@@ -52,7 +71,11 @@ class Tokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`; special-token text inside it becomes those tokens (as in transformers)."""
-        ids = self.hf.encode(text, add_special_tokens=False).ids
+        _check_characters(text)
+        if len(text) > GIL_FREE_ABOVE:
+            ids = self.hf.encode_batch([text], add_special_tokens=False)[0].ids
+        else:
+            ids = self.hf.encode(text, add_special_tokens=False).ids
         if add_special_tokens:
             if self.add_bos:
                 ids = [self.bos_token_id, *ids]
@@ -61,7 +84,19 @@ class Tokenizer:
         return ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        if len(ids) > GIL_FREE_ABOVE:
+            return self.hf.decode_batch([ids], skip_special_tokens=skip_special_tokens)[0]
         return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    @cached_property
+    def max_chars_per_token(self) -> int | None:
+        """The most characters one token covers (ember.tokenizer.length_bound); None: no sound bound."""
+        return max_chars_per_token(self.hf)
+
+    def min_tokens(self, text: str) -> int:
+        """A lower bound on len(encode(text, add_special_tokens=False)), from the text's length alone."""
+        per_token = self.max_chars_per_token
+        return -(-len(text) // per_token) if per_token else 0
 
     def id_to_piece(self, token_id: int) -> str:
         return self.hf.id_to_token(token_id) or ""

@@ -1,0 +1,60 @@
+"""Lone UTF-16 surrogates in JSON bodies. JSON may escape one (`"\\ud800"`) and Python decodes it into a str
+that is not valid Unicode: no tokenizer, template or encoder can take it. Every body is checked once, where
+the server reads it (ember.server.app), so each endpoint answers 400 in its API's error shape."""
+
+from __future__ import annotations
+
+import json
+import re
+
+from ember.server.errors import APIError, bad_request
+
+# A `\uD800`..`\uDFFF` escape: without one, a body cannot hold a surrogate (raw ones are invalid UTF-8).
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abcdefABCDEF]")
+
+
+def lone_surrogate_error(body: bytes) -> APIError | None:
+    """400 naming the first field whose text holds a lone surrogate; None for any other body (a body that is
+    not JSON is left to the route, which reports it)."""
+    if not _SURROGATE_ESCAPE.search(body):
+        return None
+    try:
+        value = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    found = _first_bad_text(value)
+    if found is None:
+        return None  # only well-formed pairs (or an escaped backslash before "ud8..")
+    path, surrogate = found
+    return bad_request(f"{path or 'the request body'}: holds a lone UTF-16 surrogate U+{surrogate:04X}, which is not "
+                       "a character (JSON \\uD800-\\uDFFF escapes come in pairs)", param=path or None,
+                       code="invalid_unicode")
+
+
+def _first_bad_text(value) -> tuple[str, int] | None:
+    """The dotted path of the first string (key or value) holding a lone surrogate, and that surrogate; walked
+    without recursion (json.loads accepts nesting deeper than Python's recursion limit)."""
+    pending = [(value, "")]
+    while pending:
+        item, path = pending.pop()
+        if isinstance(item, str):
+            if (surrogate := _lone_surrogate(item)) is not None:
+                return path, surrogate
+        elif isinstance(item, dict):
+            for key, child in reversed(item.items()):
+                name = key.encode("utf-8", "backslashreplace").decode()  # the path itself must be valid text
+                child_path = f"{path}.{name}" if path else name
+                if (surrogate := _lone_surrogate(key)) is not None:
+                    return child_path, surrogate
+                pending.append((child, child_path))
+        elif isinstance(item, list):
+            pending.extend((child, f"{path}.{i}" if path else str(i)) for i, child in reversed(list(enumerate(item))))
+    return None
+
+
+def _lone_surrogate(text: str) -> int | None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        return ord(text[err.start])
+    return None
