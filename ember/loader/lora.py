@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from ember.errors import LoraError
+from ember.errors import GGUFError, LoraError
 from ember.formats.gguf import GGUFFile, has_gguf_magic
 from ember.loader.gguf_names import ember_name, unpermute_rows
 from ember.models.decoder import CausalLM
@@ -70,7 +70,10 @@ def read_lora(name: str, path: str | Path, model: CausalLM, dtype: torch.dtype, 
     if path.is_dir():
         (pairs_raw, factor), fmt = _read_peft(path), "peft"
     elif path.is_file() and has_gguf_magic(path):
-        (pairs_raw, factor), fmt = _read_gguf(path, model), "gguf"
+        try:
+            (pairs_raw, factor), fmt = _read_gguf(path, model), "gguf"
+        except GGUFError as err:  # a malformed file is the adapter's fault: the request's 400, not a 500
+            raise LoraError(f"adapter {name!r}: {err}") from None
     else:
         raise LoraError(f"adapter {name!r}: {path} is neither a PEFT adapter folder nor a GGUF LoRA file")
     modules = dict(model.named_modules())
@@ -169,6 +172,7 @@ def _read_gguf(path: Path, model: CausalLM):
             raise LoraError(f"{path.name}: {module} has {''.join(ab)} without its partner")
         a, b = ab["lora_a"], ab["lora_b"]
         if config.architecture == "llama" and module.endswith(("q_proj", "k_proj")):
-            b = unpermute_rows(b, config.num_heads if module.endswith("q_proj") else config.num_kv_heads)
+            b = unpermute_rows(b, config.num_heads if module.endswith("q_proj") else config.num_kv_heads,
+                               f"{path.name}: {module}.lora_b")
         pairs[module] = (a, b)
     return pairs, (lambda r: alpha / r) if alpha else (lambda r: 1.0)
