@@ -10,6 +10,10 @@ splits text the way llama.cpp does for the same file:
   (the regexes of `ember.tokenizer.pre_tokenizers`).
 - `bert`: WordPiece over lowercased, accent-stripped words; GGUF marks word-initial pieces with `▁`
   where BERT marks continuations with `##`.
+- `t5`: SentencePiece unigram (T5, XLM-R: multilingual-e5, bge-m3, bge-reranker-v2-m3, nomic-embed-text-v2):
+  the text is normalized by SentencePiece's precompiled charsmap (`tokenizer.ggml.precompiled_charsmap`,
+  NFKC plus its own mappings), its spaces become `▁` (runs merged and the ends trimmed when
+  `remove_extra_whitespaces` is set), and the highest-scoring segmentation into pieces is taken.
 
 Control and unknown tokens become special added tokens, user-defined tokens plain added tokens: as
 in llama.cpp, user-defined tokens are always split out of the text, special ones only when special
@@ -24,7 +28,7 @@ from enum import IntEnum
 
 from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers.models import BPE, WordPiece
+from tokenizers.models import BPE, Unigram, WordPiece
 
 from ember.errors import TokenizerError
 from ember.tokenizer.pre_tokenizers import pre_tokenizer
@@ -71,8 +75,10 @@ def tokenizer_from_gguf_metadata(metadata: dict) -> Tokenizer:
         hf, specials = _byte_level_bpe(metadata, tokens)
     elif model == "bert":
         hf, specials = _wordpiece(metadata, tokens, types)
+    elif model == "t5":
+        hf, specials = _unigram(metadata, tokens, types)
     else:
-        raise TokenizerError(f"unsupported GGUF tokenizer model {model!r} (supported: llama, gpt2, bert)")
+        raise TokenizerError(f"unsupported GGUF tokenizer model {model!r} (supported: llama, gpt2, bert, t5)")
     _add_special_tokens(hf, tokens, types)
     if specials.add_bos and specials.bos_id is None:
         raise TokenizerError("the GGUF tokenizer asks for a BOS token but names none")
@@ -218,6 +224,73 @@ def _wordpiece(metadata: dict, tokens: list[str], types: list[int]) -> tuple[HFT
         add_eos=bool(metadata.get(_PREFIX + "add_sep_token", True)),
     )
     return hf, specials
+
+
+def _unigram(metadata: dict, tokens: list[str], types: list[int]) -> tuple[HFTokenizer, _SpecialTokens]:
+    scores = metadata.get(_PREFIX + "scores")
+    if scores is None or len(scores) < len(tokens):
+        raise TokenizerError("the GGUF 't5' tokenizer needs one tokenizer.ggml.scores entry per token")
+    # llama.cpp's defaults for 't5' files: no BOS, EOS 1, unknown 2, padding 0; EOS added, BOS not.
+    unk_id = _token_id(metadata, "unknown_token_id", len(tokens), 2)
+    if unk_id is None:
+        raise TokenizerError("the GGUF 't5' tokenizer names no unknown token")
+    # llama.cpp's unigram has no byte fallback: a character no piece covers is the unknown token.
+    hf = HFTokenizer(Unigram(_unigram_pieces(tokens, scores, types), unk_id=unk_id, byte_fallback=False))
+    steps = []
+    charsmap = _precompiled_charsmap(metadata)
+    if charsmap is not None:
+        steps.append(normalizers.Precompiled(charsmap))
+    # llama.cpp's normalization after the charsmap (only " " counts as a space there, hence no \s):
+    if metadata.get(_PREFIX + "remove_extra_whitespaces", False):
+        # every run of spaces becomes one "▁" before the next word; leading and trailing runs vanish
+        steps += [normalizers.Replace(Regex(r"\A +| +\z"), ""), normalizers.Replace(Regex(" {2,}"), " "),
+                  normalizers.Prepend(SPM_SPACE)]
+    elif metadata.get(_PREFIX + "add_space_prefix", False):
+        # one "▁" before the first word; a text of spaces only gets none
+        steps += [normalizers.Replace(Regex(r"\A (?= *\z)"), ""), normalizers.Prepend(SPM_SPACE)]
+    hf.normalizer = normalizers.Sequence([*steps, normalizers.Replace(" ", SPM_SPACE)])
+    decode_steps = [decoders.Replace(SPM_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+    if metadata.get(_PREFIX + "remove_extra_whitespaces", False) or metadata.get(_PREFIX + "add_space_prefix"):
+        decode_steps.append(decoders.Strip(" ", 1, 0))
+    hf.decoder = decoders.Sequence(decode_steps)
+    specials = _special_tokens(metadata, len(tokens), bos_id=None, eos_id=1, add_bos=False, add_eos=True, pad_id=0)
+    return hf, specials
+
+
+def _unigram_pieces(tokens: list[str], scores: Sequence[float], types: list[int]) -> list[tuple[str, float]]:
+    """(piece, score) pairs scored as llama.cpp scores them.
+
+    llama.cpp scores user-defined pieces 0 and an unknown character min(normal scores) - 10; `tokenizers`
+    takes the minimum over every piece, so pieces scored lower than all normal ones (the -10000 of the
+    `[PAD…]` fillers converters append) are raised to that minimum to keep the unknown score the same.
+    """
+    normal = [float(score) for score, token_type in zip(scores, types, strict=False) if token_type == TokenType.NORMAL]
+    floor = min(normal, default=0.0)
+    return [(text, 0.0 if token_type == TokenType.USER_DEFINED else max(float(score), floor))
+            for text, score, token_type in zip(tokens, scores, types, strict=False)]
+
+
+def _precompiled_charsmap(metadata: dict) -> bytes | None:
+    """SentencePiece's normalization table: a little-endian u32 size, that many bytes of double-array trie,
+    then the NUL-terminated replacement strings (refused as llama.cpp refuses it when malformed)."""
+    values = metadata.get(_PREFIX + "precompiled_charsmap")
+    if values is None:
+        return None
+    if isinstance(values, (bytes, bytearray)):
+        charsmap = bytes(values)
+    elif isinstance(values, list) and all(isinstance(v, int) and -128 <= v < 256 for v in values):
+        charsmap = bytes(v & 0xFF for v in values)  # an int8 array is accepted as well
+    else:
+        raise TokenizerError("tokenizer.ggml.precompiled_charsmap must be an array of bytes")
+    if len(charsmap) < 4:
+        raise TokenizerError("tokenizer.ggml.precompiled_charsmap is too short to hold its size header")
+    trie_size = int.from_bytes(charsmap[:4], "little")
+    if trie_size % 4 or trie_size + 4 >= len(charsmap):
+        raise TokenizerError(f"tokenizer.ggml.precompiled_charsmap: its trie size {trie_size} does not fit the "
+                             f"{len(charsmap)} bytes given")
+    if charsmap[-1] != 0:
+        raise TokenizerError("tokenizer.ggml.precompiled_charsmap: its replacement strings are not NUL-terminated")
+    return charsmap
 
 
 def _add_special_tokens(hf: HFTokenizer, tokens: list[str], types: list[int]) -> None:
