@@ -61,6 +61,10 @@ TEXTS = [
     "1 12 123 1234 12345 3.14159 1,000,000 $100 2024-01-02",
     "a\u00a0b\u3000c\u2028d\u0085e \u200bf\u200dg \x01\x7f",
     "<s> and </s> and <mask> and <unk> and <pad>",
+    # decomposed text and combining marks after mapped characters (where `tokenizers`' Precompiled differs)
+    "ひらか\u3099な カ\u3099 e\u0301\u0301 Ａ\u0301 ǅ\u0308 x\u0308\u0301 ﬂ\u0301",
+    "Cafe\u0301 re\u0301sume\u0301 A\u030a ﷺ 文\u0670 \u1112\u1161\u11ab",
+    "বাংলা ভাষা தமிழ் மொழி हिन्दी",
     "query: how much protein should a female eat",
     "passage: As a general guideline, the CDC's average requirement of protein for women ages 19 to 70 is 46 "
     "grams per day.",

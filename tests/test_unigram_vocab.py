@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from ember.errors import TokenizerError
 from ember.llm import LLM
+from ember.tokenizer.charsmap import CharsMap
 from ember.tokenizer.gguf_vocab import tokenizer_from_gguf_metadata
 from ember.tokenizer.tokenizer import load_tokenizer
 from tests.test_gguf_vocab import llama_cpp_ids, read_metadata
@@ -64,18 +65,40 @@ def _metadata() -> dict:
     return read_metadata(VOCAB)
 
 
-@pytest.mark.parametrize(("charsmap", "message"), [
-    ([1, 2], "too short"),
-    ([255, 255, 0, 0, 1, 2, 3, 0], "trie size 65535 does not fit"),
-    ([4, 0, 0, 0, 1, 2, 3, 4], "trie size 4 does not fit"),  # nothing left for the replacement strings
-    ([4, 0, 0, 0, 1, 2, 3, 4, 97], "not NUL-terminated"),
-    (["a", "b"], "array of bytes"),
-    ("abc", "array of bytes"),
+def _charsmap() -> bytes:
+    return bytes(_metadata()["tokenizer.ggml.precompiled_charsmap"])
+
+
+def _trie_size() -> int:
+    return int.from_bytes(_charsmap()[:4], "little")
+
+
+@pytest.mark.parametrize(("mutate", "message"), [
+    (lambda table: table[:2], "too short"),
+    (lambda table: (1 << 30).to_bytes(4, "little") + table[4:], "trie size 1073741824 does not fit"),
+    (lambda table: table[:4 + _trie_size()], "trie size .* does not fit"),  # no replacement strings
+    (lambda table: table[:-1] + b"a", "has no end"),  # the last replacement string unterminated
+    (lambda table: table[:4 + _trie_size() + 10], "outside the table"),  # most replacements cut off
+    (lambda table: table[:4] + b"\xff\xff\xff\x7f" + table[8:], "outside the array"),  # the root's BASE
+    (lambda table: list(table[:8]) + ["a"], "array of bytes"),
+    (lambda table: "abc", "array of bytes"),
 ])
-def test_malformed_charsmap_is_refused(charsmap, message):
-    metadata = {**_metadata(), "tokenizer.ggml.precompiled_charsmap": charsmap}
+def test_malformed_charsmap_is_refused(mutate, message):
+    metadata = {**_metadata(), "tokenizer.ggml.precompiled_charsmap": mutate(_charsmap())}
     with pytest.raises(TokenizerError, match=message):
         tokenizer_from_gguf_metadata(metadata)
+
+
+def test_charsmap_as_int8_array_and_fast_path_equal_the_scan():
+    """llama.cpp accepts the table as int8 too; texts without combining marks skip the key-by-key scan, which
+    must give the same result on them."""
+    signed = [byte - 256 if byte > 127 else byte for byte in _charsmap()]
+    tokenizer = tokenizer_from_gguf_metadata({**_metadata(), "tokenizer.ggml.precompiled_charsmap": signed})
+    charsmap = CharsMap(_charsmap())
+    for text, _, special in CASES:
+        assert tokenizer.encode(text) == _ids(special)
+        if not charsmap._needs_scan.search(text):
+            assert charsmap.normalize(text) == charsmap._scan(text.encode()).decode()
 
 
 def test_missing_scores_and_unknown_token_are_refused():

@@ -4,6 +4,7 @@ included) by `tokenizers`' longest-first truncation, the one transformers applie
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,10 +23,12 @@ class EncoderInput:
 
 
 class EncoderTokenizer:
-    def __init__(self, hf: HFTokenizer, max_length: int, lowercase: bool = False):
+    def __init__(self, hf: HFTokenizer, max_length: int, lowercase: bool = False,
+                 normalize: Callable[[str], str] | None = None):
         self.hf = hf
         self.max_length = max_length
         self.lowercase = lowercase
+        self.normalize = normalize  # the GGUF Tokenizer's own, applied before `tokenizers`
         hf.no_padding()  # tokenizer.json files often carry a fixed padding of their own
         hf.enable_truncation(max_length, strategy="longest_first")
 
@@ -54,10 +57,12 @@ class EncoderTokenizer:
         hf.post_processor = processors.TemplateProcessing(
             single=f"{cls_token} $A {sep_token}", pair=pair,
             special_tokens=[(cls_token, tokenizer.bos_token_id), (sep_token, tokenizer.eos_token_id)])
-        return cls(hf, max_length)
+        return cls(hf, max_length, normalize=tokenizer.normalize)
 
     def _text(self, text: str) -> str:
         text = text.strip()  # as sentence-transformers does
+        if self.normalize is not None:
+            text = self.normalize(text)
         return text.lower() if self.lowercase else text
 
     def encode(self, texts: list[str]) -> list[EncoderInput]:

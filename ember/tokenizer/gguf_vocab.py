@@ -12,7 +12,7 @@ splits text the way llama.cpp does for the same file:
   where BERT marks continuations with `##`.
 - `t5`: SentencePiece unigram (T5, XLM-R: multilingual-e5, bge-m3, bge-reranker-v2-m3, nomic-embed-text-v2):
   the text is normalized by SentencePiece's precompiled charsmap (`tokenizer.ggml.precompiled_charsmap`,
-  NFKC plus its own mappings), its spaces become `▁` (runs merged and the ends trimmed when
+  NFKC plus its own mappings; ember.tokenizer.charsmap, run before `tokenizers`), its spaces become `▁` (runs merged and the ends trimmed when
   `remove_extra_whitespaces` is set), and the highest-scoring segmentation into pieces is taken.
 
 Control and unknown tokens become special added tokens, user-defined tokens plain added tokens: as
@@ -22,7 +22,7 @@ tokens are parsed (`tokenizers`' `encode_special_tokens=False`, its default).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -31,6 +31,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers.models import BPE, Unigram, WordPiece
 
 from ember.errors import TokenizerError
+from ember.tokenizer.charsmap import CharsMap
 from ember.tokenizer.pre_tokenizers import pre_tokenizer
 from ember.tokenizer.tokenizer import Tokenizer
 
@@ -68,6 +69,7 @@ def tokenizer_from_gguf_metadata(metadata: dict) -> Tokenizer:
     # llama.cpp refuses empty token texts too; it renames them so every id keeps a text.
     tokens = [text or f"[EMPTY_{i}]" for i, text in enumerate(tokens)]
     types = _token_types(metadata, len(tokens))
+    normalize = None
 
     if model == "llama":
         hf, specials = _sentencepiece_bpe(metadata, tokens)
@@ -77,6 +79,7 @@ def tokenizer_from_gguf_metadata(metadata: dict) -> Tokenizer:
         hf, specials = _wordpiece(metadata, tokens, types)
     elif model == "t5":
         hf, specials = _unigram(metadata, tokens, types)
+        normalize = _charsmap_normalizer(metadata)
     else:
         raise TokenizerError(f"unsupported GGUF tokenizer model {model!r} (supported: llama, gpt2, bert, t5)")
     _add_special_tokens(hf, tokens, types)
@@ -95,6 +98,7 @@ def tokenizer_from_gguf_metadata(metadata: dict) -> Tokenizer:
         chat_template=template if isinstance(template, str) else None,
         pad_token_id=specials.pad_id,
         fim_token_ids=_fim_ids(metadata, len(tokens)),
+        normalize=normalize,
     )
 
 
@@ -237,9 +241,6 @@ def _unigram(metadata: dict, tokens: list[str], types: list[int]) -> tuple[HFTok
     # llama.cpp's unigram has no byte fallback: a character no piece covers is the unknown token.
     hf = HFTokenizer(Unigram(_unigram_pieces(tokens, scores, types), unk_id=unk_id, byte_fallback=False))
     steps = []
-    charsmap = _precompiled_charsmap(metadata)
-    if charsmap is not None:
-        steps.append(normalizers.Precompiled(charsmap))
     # llama.cpp's normalization after the charsmap (only " " counts as a space there, hence no \s):
     if metadata.get(_PREFIX + "remove_extra_whitespaces", False):
         # every run of spaces becomes one "▁" before the next word; leading and trailing runs vanish
@@ -257,6 +258,18 @@ def _unigram(metadata: dict, tokens: list[str], types: list[int]) -> tuple[HFTok
     return hf, specials
 
 
+def _charsmap_normalizer(metadata: dict) -> Callable[[str], str] | None:
+    """The vocabulary's SentencePiece charsmap as a normalization run before `tokenizers` (see charsmap.py)."""
+    values = metadata.get(_PREFIX + "precompiled_charsmap")
+    if values is None:
+        return None
+    if isinstance(values, (bytes, bytearray)):
+        return CharsMap(bytes(values)).normalize
+    if isinstance(values, list) and all(isinstance(v, int) and -128 <= v < 256 for v in values):
+        return CharsMap(bytes(v & 0xFF for v in values)).normalize  # an int8 array is accepted as well
+    raise TokenizerError("tokenizer.ggml.precompiled_charsmap must be an array of bytes")
+
+
 def _unigram_pieces(tokens: list[str], scores: Sequence[float], types: list[int]) -> list[tuple[str, float]]:
     """(piece, score) pairs scored as llama.cpp scores them.
 
@@ -268,29 +281,6 @@ def _unigram_pieces(tokens: list[str], scores: Sequence[float], types: list[int]
     floor = min(normal, default=0.0)
     return [(text, 0.0 if token_type == TokenType.USER_DEFINED else max(float(score), floor))
             for text, score, token_type in zip(tokens, scores, types, strict=False)]
-
-
-def _precompiled_charsmap(metadata: dict) -> bytes | None:
-    """SentencePiece's normalization table: a little-endian u32 size, that many bytes of double-array trie,
-    then the NUL-terminated replacement strings (refused as llama.cpp refuses it when malformed)."""
-    values = metadata.get(_PREFIX + "precompiled_charsmap")
-    if values is None:
-        return None
-    if isinstance(values, (bytes, bytearray)):
-        charsmap = bytes(values)
-    elif isinstance(values, list) and all(isinstance(v, int) and -128 <= v < 256 for v in values):
-        charsmap = bytes(v & 0xFF for v in values)  # an int8 array is accepted as well
-    else:
-        raise TokenizerError("tokenizer.ggml.precompiled_charsmap must be an array of bytes")
-    if len(charsmap) < 4:
-        raise TokenizerError("tokenizer.ggml.precompiled_charsmap is too short to hold its size header")
-    trie_size = int.from_bytes(charsmap[:4], "little")
-    if trie_size % 4 or trie_size + 4 >= len(charsmap):
-        raise TokenizerError(f"tokenizer.ggml.precompiled_charsmap: its trie size {trie_size} does not fit the "
-                             f"{len(charsmap)} bytes given")
-    if charsmap[-1] != 0:
-        raise TokenizerError("tokenizer.ggml.precompiled_charsmap: its replacement strings are not NUL-terminated")
-    return charsmap
 
 
 def _add_special_tokens(hf: HFTokenizer, tokens: list[str], types: list[int]) -> None:
