@@ -35,3 +35,15 @@ class InvalidParameter(EmberError, ValueError):
 
 class OutOfResources(EmberError):
     """The KV cache or queue cannot take the request."""
+
+
+class LoraError(EmberError):
+    """A LoRA adapter's files are missing, malformed, or do not fit the base model (or its name is taken)."""
+
+
+class LoraNotFound(EmberError):
+    """No LoRA adapter of that name is loaded."""
+
+
+class LoraInUse(EmberError):
+    """The LoRA adapter still serves running or waiting requests."""

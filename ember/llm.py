@@ -9,6 +9,7 @@ from dataclasses import replace
 from ember.engine.embedding_engine import EmbeddingEngine
 from ember.engine.engine import EngineArgs
 from ember.engine.factory import create_engine
+from ember.engine.lora_spec import LoraSpec
 from ember.engine.outputs import CompletionOutput
 from ember.errors import ChatTemplateError, InvalidParameter
 from ember.sampling_params import SamplingParams
@@ -36,18 +37,27 @@ class LLM:
         raise InvalidParameter("prompt", "expected a string or a list of token ids")
 
     def generate(
-        self, prompts: Prompt | Seq[Prompt], params: SamplingParams | None = None, use_tqdm: bool = False
+        self, prompts: Prompt | Seq[Prompt], params: SamplingParams | Seq[SamplingParams] | None = None,
+        use_tqdm: bool = False, lora: str | None = None,
     ) -> list[CompletionOutput]:
-        """One output per prompt and per sample (`params.n`), in prompt order; `use_tqdm`: a progress bar of the
-        finished sequences on stderr."""
-        params = params or SamplingParams()
+        """One output per prompt and per sample (`params.n`), in prompt order; `params`: one for all prompts or
+        one per prompt; `lora`: a loaded adapter's name for every prompt (else each params' own `lora`);
+        `use_tqdm`: a progress bar of the finished sequences on stderr."""
         single = isinstance(prompts, str) or (
             isinstance(prompts, list) and bool(prompts) and isinstance(prompts[0], int)
         )
         prompt_list = [prompts] if single else list(prompts)
+        if params is None or isinstance(params, SamplingParams):
+            params_list = [params or SamplingParams()] * len(prompt_list)
+        else:
+            params_list = list(params)
+            if len(params_list) != len(prompt_list):
+                raise InvalidParameter("params", f"{len(params_list)} SamplingParams for {len(prompt_list)} prompts")
+        if lora is not None:
+            params_list = [replace(p, lora=lora) for p in params_list]
         order: list[str] = []
         prompt_ids: dict[str, list[int]] = {}
-        for prompt in prompt_list:
+        for prompt, params in zip(prompt_list, params_list, strict=True):
             ids = self.encode(prompt)
             for sample in range(params.n):
                 seed = None if params.seed is None else params.seed + sample
@@ -85,6 +95,13 @@ class LLM:
                     done.cached_tokens = out.cached_tokens
                     pending.discard(out.request_id)
                     bar.update(1)
+
+    def load_lora(self, name: str, path: str, scale: float = 1.0) -> None:
+        """Load a LoRA adapter (a PEFT folder or a GGUF LoRA file) that requests then name (docs/lora.md)."""
+        self.engine.load_lora(LoraSpec(name, str(path), scale))
+
+    def unload_lora(self, name: str) -> None:
+        self.engine.unload_lora(name)
 
     def render_chat(self, messages: list[dict], tools: list[dict] | None = None, **template_kwargs) -> str:
         if self.chat_template is None:

@@ -165,6 +165,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     structured: StructuredOutput | None = None  # constrained decoding (ember.engine.structured)
     speculative: bool = True  # False: never draft tokens for this request (when the engine speculates)
+    lora: str | None = None  # the name of a loaded LoRA adapter to generate with (docs/lora.md); None: the base
 
     def __post_init__(self):
         self.n = _int("n", self.n, 1, MAX_N)
@@ -196,6 +197,8 @@ class SamplingParams:
         self.include_stop_str_in_output = _bool("include_stop_str_in_output", self.include_stop_str_in_output)
         self.speculative = _bool("speculative", self.speculative)
         self.use_prefix_cache = _bool("use_prefix_cache", self.use_prefix_cache)
+        if self.lora is not None and not isinstance(self.lora, str):
+            raise InvalidParameter("lora", f"must be an adapter name, got {self.lora!r}")
         if self.structured is not None and not isinstance(self.structured, StructuredOutput):
             raise InvalidParameter("structured", f"must be a StructuredOutput, got {type(self.structured).__name__}")
 

@@ -4,10 +4,9 @@ import json
 import statistics
 
 import pytest
-import torch
 
 from ember.loader.model import load_model
-from tests.engine_helpers import greedy_tokens, prefill_logits
+from tests.engine_helpers import greedy_tokens, teacher_forced_agreement
 
 GGUF_FILES = ["tiny-llama-bf16.gguf", "tiny-llama-Q8_0.gguf", "tiny-llama-Q6_K.gguf", "tiny-llama-Q4_K_M.gguf",
               "tiny-llama-Q4_0.gguf"]
@@ -21,20 +20,7 @@ def refs(testdata):
 @pytest.mark.parametrize("name", GGUF_FILES)
 def test_teacher_forced_agreement(name, refs, testdata):
     loaded = load_model(testdata / "gguf" / name, dtype="float32", device="cpu")
-    top1_hits = top1_total = 0
-    deltas = []
-    for case in refs[name]:
-        ids = case["prompt_ids"] + case["output_ids"]
-        logprobs = torch.log_softmax(prefill_logits(loaded.model, loaded.config, ids), dim=-1)
-        first = len(case["prompt_ids"]) - 1
-        for step, top in enumerate(case["top_logprobs"]):
-            ours = logprobs[first + step]
-            margin = top[0][1] - top[1][1]
-            if margin > 0.2:
-                top1_total += 1
-                top1_hits += int(ours.argmax()) == top[0][0]
-            deltas += [abs(ours[token].item() - logprob) for token, logprob in top]
-    deltas.sort()
+    top1_hits, top1_total, deltas = teacher_forced_agreement(loaded.model, loaded.config, refs[name])
     median, p95 = statistics.median(deltas), deltas[int(0.95 * (len(deltas) - 1))]
     assert top1_total > 20, "too few confident steps to judge"
     assert top1_hits / top1_total >= 0.98, (top1_hits, top1_total)

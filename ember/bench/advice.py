@@ -74,6 +74,7 @@ class Option:
     decode_tokens_per_s: float | None = None  # upper bound from bandwidth
     sequences: int = 0  # full-context sequences the memory left holds
     from_file: bool = False  # weights are the file's real tensor bytes, not an estimate
+    kv_cache_dtype: str = "auto"  # ember's --kv-cache-dtype the KV bytes are planned for
 
     @property
     def total_bytes(self) -> int:
@@ -167,7 +168,8 @@ def engine_advice(use: str, option: Option, budget: Budget, hw: Hardware, model:
         if option.placement == "gpu" else "cpu"
     gguf = model_file or f"{model}-{option.quant}.gguf"
     ember_serve = (f"ember serve {gguf} --device {device} --max-model-len {context} "
-                   f"--max-num-seqs {seqs} --kv-memory {kv_gb}G")
+                   f"--max-num-seqs {seqs} --kv-memory {kv_gb}G"
+                   + (f" --kv-cache-dtype {option.kv_cache_dtype}" if option.kv_cache_dtype != "auto" else ""))
     llama_server = f"llama-server -m {gguf} -c {context * seqs} -np {seqs}"
     ember_reason = ("ember serves OpenAI and Ollama clients from one process with continuous batching, "
                     "a paged KV cache and prefix caching, on anything PyTorch runs on")

@@ -4,7 +4,7 @@ weights  = parameters × effective bits per weight ÷ 8; for a real model's own 
            ember.store.memory.estimate_memory's figure (what ember holds after loading that file on the device
            it would run on: the file's bytes with the native CPU kernels, int4/int8 repacks on a GPU)
 KV cache = 2 (K, V) × layers × KV heads × head dim × context × 2 bytes (an f16 cache, one sequence, as
-           llama.cpp and GPUs keep it), the formula of ember.store.memory.kv_bytes_per_token (ember's own
+           llama.cpp and GPUs keep it; with --kv-cache-dtype int8, 1 byte a value + a 4-byte scale per head), the formula of ember.store.memory.kv_bytes_per_token (ember's own
            "auto" cache on CPU is float32: estimate_memory(..., "auto", "cpu") counts 4 bytes)
 overhead = runtime + activations of one 512-token prefill batch (fp32) + the tokenizer (per vocabulary entry),
            which estimate_memory also adds
@@ -28,19 +28,22 @@ DTYPE_NAMES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}  # as GGU
 KV_BYTES_PER_ELEMENT = 2
 
 
-def kv_cache_bytes(config: ModelConfig, context: int) -> int:
-    return kv_bytes_per_token(config, KV_BYTES_PER_ELEMENT) * context
+def kv_cache_bytes(config: ModelConfig, context: int, kv_cache_dtype: str = "auto") -> int:
+    """A 16-bit cache ("auto"), or a quantized one (--kv-cache-dtype int8: values and per-head scales)."""
+    return kv_bytes_per_token(config, KV_BYTES_PER_ELEMENT, kv_cache_dtype) * context
 
 
 def weights_bytes(config: ModelConfig, quant: str) -> int:
     return int(parameter_count(config) * BITS_PER_WEIGHT[quant] / 8)
 
 
-def option(config: ModelConfig, quant: str, context: int, own: tuple[str, int] | None = None) -> Option:
+def option(config: ModelConfig, quant: str, context: int, own: tuple[str, int] | None = None,
+           kv_cache_dtype: str = "auto") -> Option:
     """An unplaced Option; `own` = (quantization, weight bytes) of an actual file replaces the estimate."""
     from_file = own is not None and own[0] == quant
     weights = own[1] if from_file else weights_bytes(config, quant)
-    return Option(quant, weights, kv_cache_bytes(config, context), overhead_bytes(config), from_file=from_file)
+    return Option(quant, weights, kv_cache_bytes(config, context, kv_cache_dtype), overhead_bytes(config),
+                  from_file=from_file, kv_cache_dtype=kv_cache_dtype)
 
 
 def gguf_quant(path: Path) -> str:

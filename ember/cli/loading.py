@@ -44,7 +44,6 @@ def load_engine(model: str | None, options: dict):
     from ember.engine.engine import EngineArgs, LLMEngine
     from ember.loader.model import load_model
     from ember.store.info import format_size
-    from ember.store.memory import kv_bytes_per_token
     from ember.store.resolve import resolve
 
     args = EngineArgs(**options)
@@ -62,11 +61,12 @@ def load_engine(model: str | None, options: dict):
     engine = LLMEngine(model, args, loaded=loaded)
     seconds = time.perf_counter() - started
     weights = sum(t.nbytes for t in loaded.model.parameters()) + sum(t.nbytes for t in loaded.model.buffers())
-    kv = engine.num_blocks * args.block_size * kv_bytes_per_token(loaded.config, loaded.dtype.itemsize)
+    kv = engine.runner.kv_cache_bytes
     memory = (f"RSS +{format_size(max(process.memory_info().rss - rss_before, 0))}"
               if engine.device.type == "cpu" else f"GPU {format_size(torch.cuda.memory_allocated(engine.device))}"
               if engine.device.type == "cuda" else None)
-    parts = [f"weights {format_size(weights)}", f"KV cache {format_size(kv)} ({engine.max_model_len} tokens)", memory]
+    parts = [f"weights {format_size(weights)}", f"KV cache {format_size(kv)} ({engine.max_model_len} tokens"
+             + (f", {args.kv_cache_dtype})" if args.kv_cache_dtype != "auto" else ")"), memory]
     _say(f"loaded {resolved.name} in {seconds:.1f} s on {engine.device} ({str(loaded.dtype).removeprefix('torch.')}): "
          + ", ".join(p for p in parts if p))
     return engine

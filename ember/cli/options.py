@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 
+from ember.store.memory import KV_CACHE_DTYPES
+
 
 def add_model_options(parser: argparse.ArgumentParser, kv_default: str, *, threads: bool = True,
-                      max_num_seqs: bool = False) -> None:
+                      max_num_seqs: bool = False, lora: str | None = None) -> None:
     """The engine's options; `kv_default` says how the command sizes the KV cache without --kv-memory.
     `threads`: add -t/--threads (`ember bench` has its own, a sweep). `max_num_seqs`: add --max-num-seqs (only
-    the server decodes an open number of sequences: `run` has one, `bench` its -c)."""
+    the server decodes an open number of sequences: `run` has one, `bench` its -c). `lora`: add --lora, with
+    this help text (the commands that use the adapters: `run`, `serve`)."""
     group = parser.add_argument_group("model")
     group.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                        help="weights/activations dtype (auto: float32 on CPU, the checkpoint's on GPU)")
@@ -17,6 +20,9 @@ def add_model_options(parser: argparse.ArgumentParser, kv_default: str, *, threa
     group.add_argument("--max-model-len", type=int, default=None, help="context length (default: model's, ≤ 8192)")
     group.add_argument("--kv-memory", type=_size, default=None,
                        help=f"KV cache size, e.g. 2G or 512M (default: {kv_default})")
+    group.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPES),
+                       help="KV cache storage: auto (the activation dtype) or int8 (per-token-per-head scales: half "
+                            "a 16-bit cache; docs/kv-cache.md)")
     group.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
     if max_num_seqs:
         group.add_argument("--max-num-seqs", type=int, default=32, help="sequences decoded together")
@@ -24,6 +30,9 @@ def add_model_options(parser: argparse.ArgumentParser, kv_default: str, *, threa
     if threads:
         group.add_argument("-t", "--threads", type=int, default=None, metavar="N",
                            help="CPU threads (default: torch's, one per physical core)")
+    if lora is not None:
+        parser.add_argument_group("LoRA adapters (docs/lora.md)").add_argument(
+            "--lora", action="append", default=None, metavar="[NAME=]PATH[:SCALE]", help=lora)
     spec = parser.add_argument_group("speculative decoding (docs/speculative.md)")
     spec.add_argument("--draft", default=None, metavar="MODEL",
                       help="a smaller model with the same vocabulary drafts tokens the model verifies")
@@ -37,10 +46,25 @@ def engine_args(args: argparse.Namespace, **command) -> dict:
     decides itself (max_num_seqs, threads, ...)."""
     return {
         "dtype": args.dtype, "device": args.device, "max_model_len": args.max_model_len,
-        "kv_memory": args.kv_memory, "block_size": args.block_size, "max_batched_tokens": args.max_batched_tokens,
+        "kv_memory": args.kv_memory, "kv_cache_dtype": args.kv_cache_dtype, "block_size": args.block_size, "max_batched_tokens": args.max_batched_tokens,
         "draft": args.draft, "spec_ngram": args.spec_ngram, "spec_tokens": args.spec_tokens,
+        "lora": getattr(args, "lora", None),
         **command,
     }
+
+
+def existing_adapters(value) -> list:
+    """--lora's specs (ember.engine.lora_spec.LoraSpec), each naming a path that exists (else a one-line error)."""
+    from pathlib import Path
+
+    from ember.engine.lora_spec import lora_specs
+    from ember.errors import InvalidParameter
+
+    specs = lora_specs(value)
+    for spec in specs:
+        if not Path(spec.path).exists():
+            raise InvalidParameter("--lora", f"{spec.path} does not exist (give [NAME=]PATH[:SCALE])")
+    return specs
 
 
 def add_sampling_options(parser: argparse.ArgumentParser) -> None:

@@ -7,6 +7,7 @@ import argparse
 import json
 
 from ember.errors import EmberError
+from ember.store.memory import KV_CACHE_DTYPES
 
 
 class RecommendUsageError(EmberError):
@@ -24,6 +25,8 @@ def add_parser(sub) -> None:
     parser.add_argument("--params", help="model size instead of a file, e.g. 8b, 70b, mini")
     parser.add_argument("--family", help="llama, qwen2.5, mistral, gemma2, phi3 (with --params)")
     parser.add_argument("--context", type=int, default=8192, help="context length to plan the KV cache for")
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPES),
+                        help="plan the KV cache as ember stores it: auto (16-bit) or int8 (half of that)")
     parser.add_argument("--use", choices=["dev", "api", "throughput", "container"], default="dev",
                         help="dev: one user; api: an endpoint for a few; throughput: many/batch; container")
     parser.add_argument("--no-probe", action="store_true", help="take bandwidth from a table, don't measure")
@@ -76,7 +79,8 @@ def _smaller_models(args: argparse.Namespace, budget, context: int) -> list[str]
     for size, (name, config) in sizes:
         if shapes.parameter_count(config) >= shapes.parameter_count(wanted):
             continue
-        option = advice.place(estimates.option(config, advice.LOWEST_GOOD_QUANT, context), budget)
+        option = advice.place(estimates.option(config, advice.LOWEST_GOOD_QUANT, context,
+                                               kv_cache_dtype=args.kv_cache_dtype), budget)
         if option.placement:
             return [f"{name} at {option.quant} fits ({option.total_bytes / 1e9:.1f} GB, "
                     f"{advice.PLACE_NAMES[option.placement]}, decode ≲ {option.decode_tokens_per_s:.0f} tokens/s): "
@@ -96,7 +100,8 @@ def run(args: argparse.Namespace) -> int:
     bandwidth = _bandwidths(hw, probe=not args.no_probe)
     budget = advice.budget_for(hw, bandwidth["gpu"][0], bandwidth["ram"][0])
     quants = advice.QUANTS + ([own_quant[0]] if own_quant and own_quant[0] not in advice.QUANTS else [])
-    options = [advice.place(estimates.option(config, quant, context, own_quant), budget) for quant in quants]
+    options = [advice.place(estimates.option(config, quant, context, own_quant, args.kv_cache_dtype), budget)
+               for quant in quants]
     chosen, reasons = advice.choose(options, args.use)
     notes = []
     if context < args.context:

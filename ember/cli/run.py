@@ -7,7 +7,13 @@ import gc
 import itertools
 import sys
 
-from ember.cli.options import add_model_options, add_sampling_options, engine_args, sampling_kwargs
+from ember.cli.options import (
+    add_model_options,
+    add_sampling_options,
+    engine_args,
+    existing_adapters,
+    sampling_kwargs,
+)
 
 
 def add_parser(sub) -> None:
@@ -20,7 +26,8 @@ def add_parser(sub) -> None:
     parser.add_argument("--raw", action="store_true", help="send the prompt as-is, without the chat template")
     parser.add_argument("--format", default=None, metavar="FORMAT",
                         help='constrain every reply: "json" (a JSON object) or a JSON schema (inline, or a .json file)')
-    add_model_options(parser, "one sequence of the full context")
+    add_model_options(parser, "one sequence of the full context",
+                      lora="a LoRA adapter to chat with (a PEFT folder or a GGUF LoRA file; docs/lora.md)")
     add_sampling_options(parser)
 
 
@@ -127,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
     from ember.cli.loading import load_engine
     from ember.cli.repl import interactive
     from ember.engine.engine import EngineArgs
+    from ember.errors import InvalidParameter
     from ember.sampling_params import SamplingParams
 
     options = sampling_kwargs(args)
@@ -138,6 +146,11 @@ def run(args: argparse.Namespace) -> int:
     # One stream: its KV cache holds one full context, not the batching default of max_num_seqs of them.
     engine_options = engine_args(args, max_num_seqs=1, threads=args.threads)
     EngineArgs(**engine_options)
+    adapters = existing_adapters(engine_options["lora"])
+    if len(adapters) > 1:
+        raise InvalidParameter("--lora", "ember run chats with one adapter")
+    if adapters:
+        options["lora"] = adapters[0].name
     engine = load_engine(args.model, engine_options)
     if structured is not None:
         engine.grammars.compile(structured, "--format")  # a bad schema fails here, before any prompt

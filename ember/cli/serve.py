@@ -10,7 +10,7 @@ import signal
 import socket
 import sys
 
-from ember.cli.options import _size, add_model_options, engine_args
+from ember.cli.options import _size, add_model_options, engine_args, existing_adapters
 
 
 def add_parser(sub) -> None:
@@ -41,10 +41,15 @@ def add_parser(sub) -> None:
     parser.add_argument("--shutdown-grace", type=float, default=5.0,
                         help="seconds in-flight requests may finish after SIGTERM before they are aborted "
                              "(default: %(default)s)")
+    parser.add_argument("--runtime-lora", action="store_true",
+                        help="allow POST /v1/load_lora_adapter and /v1/unload_lora_adapter (they read paths on "
+                             "this machine)")
     parser.add_argument("--no-webui", dest="webui", action="store_false",
                         help="do not serve the browser chat page at /")
     add_model_options(parser, "a full context, then up to --max-num-seqs 2K-token conversations, "
-                              "within --max-memory", max_num_seqs=True)
+                              "within --max-memory", max_num_seqs=True,
+                      lora="a LoRA adapter of the model (a PEFT folder or a GGUF LoRA file), repeatable; requests "
+                           "select it with model=NAME (docs/lora.md)")
     scale = parser.add_argument_group("scale-out on Ray Serve (pip install 'ember[ray]'; see docs/scale-out.md)")
     scale.add_argument("--replicas", type=int, default=None, metavar="N",
                        help="serve N replicas of the model behind one prefix-aware router")
@@ -134,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
         host=args.host, port=args.port, api_key=args.api_key,
         cors_origins=[o.strip() for o in args.cors_origins.split(",") if o.strip()],
         max_body_bytes=args.max_body, max_queue=args.max_queue, shutdown_grace=args.shutdown_grace,
-        webui=args.webui)
+        webui=args.webui, runtime_lora=args.runtime_lora)
     if args.max_memory is not None and args.max_memory <= 0:
         raise InvalidParameter("--max-memory", f"must be positive, got {args.max_memory}")
     try:
@@ -146,8 +151,9 @@ def run(args: argparse.Namespace) -> int:
               "the server (set --api-key or $EMBER_API_KEY)", file=sys.stderr, flush=True)
     options = engine_args(args, max_num_seqs=args.max_num_seqs, threads=args.threads)
     EngineArgs(**options)  # a bad value fails here, before a model loads and the server starts
+    lora = existing_adapters(options.pop("lora"))  # the served model's alone, not every model the pool loads
     pool_options = {"engine_args": options, "max_memory": args.max_memory, "default_model": args.model,
-                    "allow_paths_for_default": True, "keep_alive": keep_alive}
+                    "allow_paths_for_default": True, "keep_alive": keep_alive, "lora": lora}
     if args.replicas is not None or args.min_replicas is not None or args.max_replicas is not None:
         from ember.cluster.launch import serve_replicas
 

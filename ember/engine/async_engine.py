@@ -16,6 +16,7 @@ from typing import Any
 
 from ember.engine.engine import EngineArgs, LLMEngine
 from ember.engine.factory import create_engine
+from ember.engine.lora_spec import LoraSpec
 from ember.engine.outputs import StepOutput
 from ember.errors import EmberError
 from ember.sampling_params import SamplingParams, StructuredOutput
@@ -120,6 +121,14 @@ class AsyncEngine:
             self._embeds.append((prepare, dimensions, future))
         self._wake.set()
         return await asyncio.wrap_future(future)
+
+    async def load_lora(self, spec: LoraSpec) -> None:
+        """Read an adapter's files in a worker thread, then register it on the engine thread between steps."""
+        weights = await asyncio.to_thread(self.engine.lora.read, spec)
+        await self._run_on_engine(lambda: self.engine.add_lora(weights))
+
+    async def unload_lora(self, name: str) -> None:
+        await self._run_on_engine(lambda: self.engine.unload_lora(name))
 
     async def running_sequences(self) -> list[dict]:
         return await self._run_on_engine(self.engine.running_sequences)

@@ -1,7 +1,7 @@
 """The paged KV cache's bookkeeping: fixed-size blocks, reference counts and the prefix cache.
 
-A full block is identified by a hash chained over every token before it (and a salt naming the model),
-so two sequences sharing a prefix share its blocks. Freed blocks keep their hash and sit in an LRU list;
+A full block is identified by a hash chained over every token before it (and a salt naming the model and
+the sequence's LoRA adapter), so two sequences sharing a prefix under the same weights share its blocks. Freed blocks keep their hash and sit in an LRU list;
 a later request with the same prefix revives them, and allocation takes the least recently freed first.
 """
 
@@ -48,8 +48,11 @@ class BlockManager:
     def _chain_hash(self, parent: bytes, tokens: list[int]) -> bytes:
         return hashlib.blake2b(parent + b"".join(t.to_bytes(4, "little") for t in tokens), digest_size=16).digest()
 
+    def _salt(self, seq: Sequence) -> bytes:
+        return self.salt + seq.cache_salt
+
     def _prefix_hashes(self, seq: Sequence) -> list[bytes]:
-        hashes, parent = [], self.salt
+        hashes, parent = [], self._salt(seq)
         for start in range(0, len(seq) - self.block_size + 1, self.block_size):
             parent = self._chain_hash(parent, seq.token_ids[start : start + self.block_size])
             hashes.append(parent)
@@ -119,7 +122,8 @@ class BlockManager:
         full = min(seq.num_computed_tokens, len(seq)) // self.block_size
         if full <= seq.num_hashed_blocks:
             return
-        parent = self.blocks[seq.block_table[seq.num_hashed_blocks - 1]].hash if seq.num_hashed_blocks else self.salt
+        parent = (self.blocks[seq.block_table[seq.num_hashed_blocks - 1]].hash if seq.num_hashed_blocks
+                  else self._salt(seq))
         for index in range(seq.num_hashed_blocks, full):
             start = index * self.block_size
             parent = self._chain_hash(parent, seq.token_ids[start : start + self.block_size])

@@ -15,6 +15,8 @@ import psutil
 import torch
 
 from ember.engine.block_manager import BlockManager
+from ember.engine.lora import LoraRegistry
+from ember.engine.lora_spec import LoraSpec, lora_specs
 from ember.engine.model_runner import ModelRunner, PromptScores
 from ember.engine.outputs import StepOutput, TokenLogprob
 from ember.engine.scheduler import ScheduledChunk, Scheduler
@@ -23,9 +25,10 @@ from ember.engine.speculator import Candidate, Speculator
 from ember.engine.stop import StopChecker
 from ember.errors import InvalidParameter, OutOfResources
 from ember.layers.sampler import Sampler, SamplingState, token_logprobs
+from ember.loader.lora import LoraWeights
 from ember.loader.model import LoadedModel, load_model
 from ember.sampling_params import SamplingParams
-from ember.store.memory import kv_bytes_per_token
+from ember.store.memory import KV_CACHE_DTYPES, kv_bytes_per_token
 from ember.store.resolve import resolve
 from ember.tokenizer.detokenizer import IncrementalDetokenizer
 
@@ -42,6 +45,9 @@ class EngineArgs:
     max_model_len: int | None = None  # default: the model's context, capped at 8192 unless asked
     # Bytes for the KV cache; default: max_num_seqs full contexts, within a share of the free memory.
     kv_memory: int | None = None
+    # "auto": K/V cached in the activation dtype; "int8": int8 values and a scale per token and KV head
+    # (docs/kv-cache.md), half the bytes of a 16-bit cache, so kv_memory holds twice the tokens.
+    kv_cache_dtype: str = "auto"
     block_size: int = 16
     max_num_seqs: int = 32
     max_batched_tokens: int = 512
@@ -51,11 +57,17 @@ class EngineArgs:
     draft: str | None = None
     spec_ngram: int | None = None
     spec_tokens: int = 4
+    # LoRA adapters loaded at start (docs/lora.md): "name=path", "name=path:scale", a bare path (named after its
+    # file) or LoraSpec objects; requests pick one by name (SamplingParams.lora).
+    lora: list | str | None = None
 
     def __post_init__(self):
         for name in ("block_size", "max_num_seqs", "max_batched_tokens"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise InvalidParameter(name, "must be a positive integer")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise InvalidParameter("kv_cache_dtype", f"must be one of {', '.join(KV_CACHE_DTYPES)}, "
+                                                     f"got {self.kv_cache_dtype!r}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise InvalidParameter("max_model_len", "must be at least 2")
         if self.spec_ngram is not None and (not isinstance(self.spec_ngram, int) or self.spec_ngram < 1):
@@ -67,6 +79,7 @@ class EngineArgs:
         if self.threads is not None and (not isinstance(self.threads, int) or isinstance(self.threads, bool)
                                          or self.threads < 1):
             raise InvalidParameter("threads", f"must be a positive integer, got {self.threads!r}")
+        self.lora = lora_specs(self.lora)
 
 
 @dataclass
@@ -111,7 +124,7 @@ class LLMEngine:
         limit = config.max_position_embeddings
         self.max_model_len = min(self.args.max_model_len or min(limit, DEFAULT_MAX_MODEL_LEN), limit)
         block_size = self.args.block_size
-        per_token = kv_bytes_per_token(config, self.loaded.dtype.itemsize)
+        per_token = kv_bytes_per_token(config, self.loaded.dtype.itemsize, self.args.kv_cache_dtype)
         if self.args.kv_memory is not None:
             num_blocks = self.args.kv_memory // per_token // block_size
         else:
@@ -128,7 +141,8 @@ class LLMEngine:
         self.block_manager = BlockManager(self.num_blocks, block_size, salt=self.model_name)
         self.scheduler = Scheduler(self.block_manager, self.args.max_num_seqs, self.args.max_batched_tokens)
         self.clock = time.perf_counter  # times steps for the scheduler's budget; tests substitute a fake
-        self.runner = ModelRunner(self.loaded.model, config, self.device, self.loaded.dtype, block_size, self.num_blocks)
+        self.runner = ModelRunner(self.loaded.model, config, self.device, self.loaded.dtype, block_size, self.num_blocks,
+                                  self.args.kv_cache_dtype)
         self.sampler = Sampler()
         self.speculator: Speculator | None = None
         if self.args.draft is not None or self.args.spec_ngram is not None:
@@ -138,6 +152,9 @@ class LLMEngine:
             self.speculator = Speculator(self.args.spec_tokens, self.args.spec_ngram, draft, self.loaded,
                                          self.num_blocks, block_size, self.args.max_batched_tokens,
                                          self.args.max_num_seqs)
+        self.lora = LoraRegistry(self.loaded)
+        for spec in self.args.lora:
+            self.add_lora(self.lora.read(spec))
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(config.eos_token_ids)
         self.requests: dict[str, _Request] = {}
         self._grammars = None  # ember.engine.structured.Grammars, built for the first constrained request
@@ -152,6 +169,18 @@ class LLMEngine:
 
     def _load(self, model: str | None) -> LoadedModel:
         return load_named_model(model, self.args)
+
+    def add_lora(self, weights: LoraWeights) -> None:
+        """Register an adapter read by `self.lora.read` (between steps: the engine thread)."""
+        self.lora.add(weights)
+        self.runner.lora = self.lora.layers
+
+    def load_lora(self, spec: LoraSpec) -> None:
+        self.add_lora(self.lora.read(spec))
+
+    def unload_lora(self, name: str) -> None:
+        """Drop an adapter no running or waiting request uses (LoraInUse otherwise, LoraNotFound if unknown)."""
+        self.lora.unload(name)
 
     @property
     def vocab_size(self) -> int:
@@ -182,12 +211,18 @@ class LLMEngine:
         if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab for t in prompt_token_ids):
             raise InvalidParameter("prompt", f"token ids must be integers in [0, {vocab})")
         params.check_vocab(vocab)
+        if params.lora is not None:
+            self.lora.get(params.lora)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
         if request_id in self.requests:
             raise InvalidParameter("request_id", f"{request_id!r} is already running")
         self.validate(prompt_token_ids, params)
         seq = Sequence(request_id, prompt_token_ids, params)
+        if params.lora is not None:
+            adapter = self.lora.get(params.lora)
+            adapter.users.add(request_id)
+            seq.lora_slot, seq.cache_salt = adapter.slot, f"lora:{adapter.uid}".encode()
         room = self.max_model_len - len(prompt_token_ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         generator = None
@@ -336,6 +371,8 @@ class LLMEngine:
 
     def _finish(self, seq: Sequence) -> None:
         self.scheduler.finish(seq)
+        if seq.params is not None and seq.params.lora is not None:
+            self.lora.adapters[seq.params.lora].users.discard(seq.request_id)
         if self.speculator is not None:
             self.speculator.release(seq.request_id)
 

@@ -11,7 +11,9 @@ import torch
 from ember.config import ModelConfig
 from ember.engine.scheduler import ScheduledChunk
 from ember.engine.sequence import Sequence
+from ember.layers import kv_cache
 from ember.layers.attention import AttentionMetadata, PrefillSlice
+from ember.layers.lora import LoraBatch, LoraLayers
 from ember.models.decoder import CausalLM
 
 
@@ -45,18 +47,34 @@ def _zeroed_cache(shape: tuple[int, ...], dtype: torch.dtype, device: torch.devi
 
 class ModelRunner:
     def __init__(self, model: CausalLM, config: ModelConfig, device: torch.device, kv_dtype: torch.dtype,
-                 block_size: int, num_blocks: int):
+                 block_size: int, num_blocks: int, kv_cache_dtype: str = "auto"):
+        """`kv_dtype`: the activation dtype, the cache's for kv_cache_dtype "auto"; a quantized cache
+        (ember.layers.kv_cache) holds its values and, beside them, one scale per token and KV head."""
         self.model = model
         self.device = device
         self.block_size = block_size
         slots = num_blocks * block_size
         shape = (config.num_layers, slots, config.num_kv_heads, config.head_dim)
-        self.k_cache = _zeroed_cache(shape, kv_dtype, device)
-        self.v_cache = _zeroed_cache(shape, kv_dtype, device)
+        quantized = kv_cache_dtype != "auto"
+        storage = kv_cache.CACHE_DTYPES[kv_cache_dtype] if quantized else kv_dtype
+        self.k_cache = _zeroed_cache(shape, storage, device)
+        self.v_cache = _zeroed_cache(shape, storage, device)
+        self.k_scale = _zeroed_cache(shape[:3], kv_cache.SCALE_DTYPE, device) if quantized else None
+        self.v_scale = _zeroed_cache(shape[:3], kv_cache.SCALE_DTYPE, device) if quantized else None
         for index, layer in enumerate(model.model.layers):
-            layer.self_attn.k_cache = self.k_cache[index]
-            layer.self_attn.v_cache = self.v_cache[index]
+            attn = layer.self_attn
+            attn.k_cache, attn.v_cache = self.k_cache[index], self.v_cache[index]
+            # None for a float cache: the model may have run on a quantized cache before (another runner).
+            attn.k_scale = self.k_scale[index] if quantized else None
+            attn.v_scale = self.v_scale[index] if quantized else None
         self._scratch: dict = {}  # the attention layers' gather buffers, reused by every step
+        self.lora: LoraLayers | None = None  # the model's low-rank paths, once an adapter is loaded
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        """Bytes of the allocated cache: K and V values, and their scales when quantized."""
+        tensors = (self.k_cache, self.v_cache, self.k_scale, self.v_scale)
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def _slots(self, block_table: list[int], start: int, stop: int) -> list[int]:
         """Cache slots of positions start..stop-1, whole blocks at a time."""
@@ -153,6 +171,9 @@ class ModelRunner:
             meta.decode_lens = torch.tensor(lens, device=self.device)
             meta.decode_width = width
             meta.decode_padded = min(lens) != width
+        if self.lora is not None:  # which rows use which adapter, in the order of the rows above
+            row_slots = [chunk.seq.lora_slot for chunk in ordered for _ in range(chunk.num_tokens)]
+            self.lora.batch = LoraBatch.from_rows(row_slots, self.device)
         ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
         sampled = [c for c in ordered if c.samples]

@@ -31,6 +31,8 @@ class Sequence:
         self.num_hashed_blocks = 0  # leading full blocks registered in the prefix cache
         self.num_cached_tokens = 0  # prompt tokens served from the prefix cache at admission
         self.finish_reason: str | None = None
+        self.lora_slot = 0  # the LoRA adapter's slot in the model's low-rank paths (ember.layers.lora); 0: none
+        self.cache_salt = b""  # keeps its prefix-cache keys apart from other adapters' (the adapter's id)
 
     def __len__(self) -> int:
         return len(self.token_ids)

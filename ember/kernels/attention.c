@@ -1,7 +1,10 @@
 /* Decode attention over the paged KV cache: one query token per sequence against its context, read in place
  * through the block table (no gather into a contiguous copy).
  *
- * Cache float32 [slots, kv_heads, head_dim]; q and out float32 [D, heads, head_dim]. Each task is one
+ * Cache float32 [slots, kv_heads, head_dim], or int8 with a float32 scale per slot and KV head ([slots,
+ * kv_heads]: --kv-cache-dtype int8, ember.layers.kv_cache): each int8 row is dequantized once into a small
+ * buffer as it is read, for the whole query group, so no float copy of the cache is ever made.
+ * q and out float32 [D, heads, head_dim]. Each task is one
  * (sequence, KV head): the query heads of its group read every key and value row once. Scores in float32,
  * softmax with the maximum subtracted; a sliding window keeps the last `window` keys and tanh soft-capping
  * applies before the softmax, as the torch path (ember.layers.attention.attend) does.
@@ -14,7 +17,9 @@
 #define MAX_GROUP_DIM 8192 /* query heads per KV head x head_dim held in registers' spill buffer */
 
 typedef struct {
-    const float *q, *k, *v;
+    const float *q;
+    const void *k, *v;              /* float32 rows, or int8 rows when k_scale/v_scale are set */
+    const float *k_scale, *v_scale; /* [slots, kv_heads] or NULL (a float32 cache) */
     float *out;
     const int64_t *blocks, *lens; /* blocks: [D, max_blocks] or NULL (one sequence from slot `start`) */
     int64_t max_blocks, start, window;
@@ -57,6 +62,20 @@ INLINE int64_t slot_of(const attn_job_t *j, int64_t d, int64_t t) {
     return j->blocks[d * j->max_blocks + t / j->block_size] * j->block_size + t % j->block_size;
 }
 
+/* Row `slot` of KV head kvh: the float32 cache row itself, or the int8 row times its scale, written to buf. */
+INLINE const float *cache_row(const void *cache, const float *scales, int64_t slot, int kvh, int kv_heads, int hd,
+                              float *buf) {
+    const int64_t at = slot * kv_heads + kvh;
+    if (!scales) return (const float *)cache + at * hd;
+    const int8_t *q = (const int8_t *)cache + at * hd;
+    const __m256 s = _mm256_set1_ps(scales[at]);
+    for (int i = 0; i < hd; i += 8) {
+        const __m256i w = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(q + i)));
+        _mm256_store_ps(buf + i, _mm256_mul_ps(_mm256_cvtepi32_ps(w), s));
+    }
+    return buf;
+}
+
 static __thread float *scores_buf;
 static __thread int64_t scores_cap;
 
@@ -78,9 +97,9 @@ static void attn_task(void *ctx, int64_t task) {
     }
     float *scores = scores_buf; /* [group][n] */
     const float *q = j->q + (d * j->heads + (int64_t)kvh * group) * hd;
-    const int64_t row = (int64_t)j->kv_heads * hd;
+    float row[MAX_GROUP_DIM] __attribute__((aligned(32))); /* one dequantized int8 row (head_dim values) */
     for (int64_t t = lo; t < len; t++) {
-        const float *kp = j->k + slot_of(j, d, t) * row + (int64_t)kvh * hd;
+        const float *kp = cache_row(j->k, j->k_scale, slot_of(j, d, t), kvh, j->kv_heads, hd, row);
         for (int g = 0; g < group; g++) {
             float s = dot(q + (int64_t)g * hd, kp, hd) * j->scale;
             if (j->softcap > 0.0f) s = j->softcap * tanhf(s / j->softcap);
@@ -109,7 +128,7 @@ static void attn_task(void *ctx, int64_t task) {
     float acc[MAX_GROUP_DIM] __attribute__((aligned(32)));
     memset(acc, 0, sizeof(float) * (size_t)(group * hd));
     for (int64_t t = lo; t < len; t++) {
-        const float *vp = j->v + slot_of(j, d, t) * row + (int64_t)kvh * hd;
+        const float *vp = cache_row(j->v, j->v_scale, slot_of(j, d, t), kvh, j->kv_heads, hd, row);
         for (int g = 0; g < group; g++) {
             const __m256 p = _mm256_set1_ps(scores[g * n + (t - lo)]);
             float *a = acc + g * hd;
@@ -122,15 +141,18 @@ static void attn_task(void *ctx, int64_t task) {
 }
 
 /* out[D, heads, head_dim] = attention of q[D, heads, head_dim] over each sequence's first lens[d] cached
- * tokens. Returns 0, or -1 when the shapes are outside what this kernel takes (the caller keeps torch's). */
-int ember_decode_attention(const float *q, const float *k_cache, const float *v_cache, float *out, int64_t D,
-                           int heads, int kv_heads, int head_dim, const int64_t *blocks, int64_t max_blocks,
-                           int64_t start, const int64_t *lens, int block_size, float scale, float softcap,
-                           int64_t window, int nthreads) {
+ * tokens; k_scale/v_scale NULL for a float32 cache, else the scales of an int8 one. Returns 0, or -1 when the
+ * shapes are outside what this kernel takes (the caller keeps torch's). */
+int ember_decode_attention(const float *q, const void *k_cache, const void *v_cache, const float *k_scale,
+                           const float *v_scale, float *out, int64_t D, int heads, int kv_heads, int head_dim,
+                           const int64_t *blocks, int64_t max_blocks, int64_t start, const int64_t *lens,
+                           int block_size, float scale, float softcap, int64_t window, int nthreads) {
     if (D < 1 || kv_heads < 1 || heads % kv_heads || head_dim % 8 || heads / kv_heads * head_dim > MAX_GROUP_DIM ||
         block_size < 1)
         return -1;
-    attn_job_t j = {.q = q, .k = k_cache, .v = v_cache, .out = out, .blocks = blocks, .lens = lens,
+    if (!k_scale != !v_scale) return -1;
+    attn_job_t j = {.q = q, .k = k_cache, .v = v_cache, .k_scale = k_scale, .v_scale = v_scale, .out = out,
+                    .blocks = blocks, .lens = lens,
                     .max_blocks = max_blocks, .start = start, .window = window, .heads = heads,
                     .kv_heads = kv_heads, .head_dim = head_dim, .block_size = block_size, .scale = scale,
                     .softcap = softcap};

@@ -35,7 +35,7 @@
 #include <stdlib.h>
 
 
-int ember_kernels_abi(void) { return 5; }
+int ember_kernels_abi(void) { return 6; }
 
 /* What the build uses for integer dot products: 2 = AVX-512 VNNI, 1 = AVX-VNNI, 0 = AVX2 maddubs. */
 int ember_kernels_isa(void) {

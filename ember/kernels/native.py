@@ -41,7 +41,7 @@ NATIVE_TYPES = frozenset({
     GGMLType.F16, GGMLType.BF16, GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q8_0,
     GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K, GGMLType.IQ4_NL, GGMLType.IQ4_XS,
 })
-ABI = 5
+ABI = 6
 BASE_FLAGS = ("-O3", "-shared", "-fPIC", "-std=gnu11", "-pthread", f"-I{FOLDER}")
 ISA_FLAGS = {
     "avx2": ("-mavx2", "-mfma", "-mf16c", "-mtune=native"),
@@ -153,7 +153,7 @@ def _bind(path: Path) -> ctypes.CDLL:
                                  ctypes.c_int]
     lib.ember_matmul.restype = ctypes.c_int
     f32, i32 = ctypes.c_float, ctypes.c_int
-    lib.ember_decode_attention.argtypes = [p, p, p, p, i64, i32, i32, i32, p, i64, i64, p, i32, f32, f32, i64, i32]
+    lib.ember_decode_attention.argtypes = [p, p, p, p, p, p, i64, i32, i32, i32, p, i64, i64, p, i32, f32, f32, i64, i32]
     lib.ember_decode_attention.restype = ctypes.c_int
     return lib
 

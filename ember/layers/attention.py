@@ -18,6 +18,7 @@ from torch import nn
 
 from ember.config import ModelConfig
 from ember.kernels.attention import decode_attention
+from ember.layers import kv_cache
 from ember.layers.mlp import make_linear
 from ember.layers.norm import RMSNorm
 from ember.layers.rotary import RotaryEmbedding
@@ -131,9 +132,12 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, config.norm_weight_offset)
         else:
             self.q_norm = self.k_norm = None
-        # Set by the model runner: this layer's slice of the paged cache, [num_slots, kv_heads, head_dim].
+        # Set by the model runner: this layer's slice of the paged cache, [num_slots, kv_heads, head_dim], and for
+        # a quantized cache (ember.layers.kv_cache) the scales of its rows, [num_slots, kv_heads]; None otherwise.
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
+        self.k_scale: torch.Tensor | None = None
+        self.v_scale: torch.Tensor | None = None
 
     def forward(self, x, cos, sin, rotary: RotaryEmbedding, meta: AttentionMetadata) -> torch.Tensor:
         tokens = x.shape[0]
@@ -144,8 +148,7 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rotary.apply(q, cos, sin), rotary.apply(k, cos, sin)
-        self.k_cache.index_copy_(0, meta.slot_mapping, k.to(self.k_cache.dtype))
-        self.v_cache.index_copy_(0, meta.slot_mapping, v.to(self.v_cache.dtype))
+        self._write(k, v, meta.slot_mapping)
 
         if meta.num_decode == tokens:  # a decode-only step: no prefill rows to interleave
             out = self._decode(q, meta)
@@ -158,18 +161,28 @@ class Attention(nn.Module):
             out[span] = self._prefill(q[span], k[span], v[span], piece, index, meta)
         return self.o_proj(out.view(tokens, self.num_heads * self.head_dim))
 
+    def _write(self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+        """Store the new tokens' K/V in their cache slots, quantized per token and KV head when the cache is."""
+        for new, cache, scales in ((k, self.k_cache, self.k_scale), (v, self.v_cache, self.v_scale)):
+            if scales is None:
+                cache.index_copy_(0, slots, new.to(cache.dtype))
+            else:
+                values, scale = kv_cache.quantize(new)
+                cache.index_copy_(0, slots, values)
+                scales.index_copy_(0, slots, scale)
+
     def _decode(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        out = decode_attention(q, self.k_cache, self.v_cache, meta.decode_lens, meta.decode_blocks, meta.decode_start,
+                               meta.block_size, self.scale, self.softcap, self.window, self.k_scale, self.v_scale)
+        if out is not None:  # the native kernel reads the cache in place (CPU, float32), dequantizing as it reads
+            return out
         # Fold each KV head's query group into the query-length axis: [D, kv_heads, group, head_dim],
         # so keys are read once per KV head instead of being repeated for every query head.
-        out = decode_attention(q, self.k_cache, self.v_cache, meta.decode_lens, meta.decode_blocks, meta.decode_start,
-                               meta.block_size, self.scale, self.softcap, self.window)
-        if out is not None:  # the native kernel reads the cache in place (CPU, float32)
-            return out
         batch, group = q.shape[0], self.num_heads // self.num_kv_heads
         qg = q.view(batch, self.num_kv_heads, group, self.head_dim)
         blocks, start, width = meta.decode_blocks, meta.decode_start, meta.decode_width
-        keys = self._read(self.k_cache, "k", blocks, start, batch, width, meta).transpose(1, 2).to(q.dtype)
-        values = self._read(self.v_cache, "v", blocks, start, batch, width, meta).transpose(1, 2).to(q.dtype)
+        keys = self._context("k", blocks, start, batch, width, meta, q.dtype).transpose(1, 2)
+        values = self._context("v", blocks, start, batch, width, meta, q.dtype).transpose(1, 2)
         out = attend(qg, keys, values, meta.decode_mask(self.window), self.scale, self.softcap)
         return out.reshape(batch, self.num_heads, self.head_dim)
 
@@ -179,8 +192,8 @@ class Attention(nn.Module):
             mask = None if self.window is None else meta.prefill_mask(index, self.window, q.device)
         else:
             blocks, start, width = piece.context_blocks, piece.context_start, piece.context_len
-            keys = self._read(self.k_cache, "k", blocks, start, 1, width, meta)[0].to(q.dtype)
-            values = self._read(self.v_cache, "v", blocks, start, 1, width, meta)[0].to(q.dtype)
+            keys = self._context("k", blocks, start, 1, width, meta, q.dtype)[0]
+            values = self._context("v", blocks, start, 1, width, meta, q.dtype)[0]
             mask = meta.prefill_mask(index, self.window, q.device)
         out = attend(
             q.transpose(0, 1)[None], keys.transpose(0, 1)[None], values.transpose(0, 1)[None],
@@ -188,12 +201,23 @@ class Attention(nn.Module):
         )
         return out[0].transpose(0, 1)
 
-    def _read(self, cache, name: str, blocks, start: int, batch: int, width: int, meta: AttentionMetadata):
-        """[batch, width, kv_heads, head_dim] contexts: a slice of the cache from slot `start` (batch 1) when
+    def _context(self, name: str, blocks, start: int, batch: int, width: int, meta: AttentionMetadata, dtype):
+        """[batch, width, kv_heads, head_dim] keys (name "k") or values ("v") in `dtype`: read as they are
+        cached, and for a quantized cache dequantized with the scales read the same way."""
+        cache, scales = (self.k_cache, self.k_scale) if name == "k" else (self.v_cache, self.v_scale)
+        values = self._read(cache, name, blocks, start, batch, width, meta)
+        if scales is None:
+            return values.to(dtype)
+        return kv_cache.dequantize(values, self._read(scales, name + "_scale", blocks, start, batch, width, meta),
+                                   dtype)
+
+    @staticmethod
+    def _read(cache, name: str, blocks, start: int, batch: int, width: int, meta: AttentionMetadata):
+        """[batch, width, *cache.shape[1:]] contexts: a slice of the cache from slot `start` (batch 1) when
         `blocks` is None, else one index_select of whole blocks (block-sized memcpys) into a reused buffer,
         trimmed to `width` keys (a view: the keys past a context's end are masked as before)."""
         if blocks is None:
             return cache[start : start + width].unsqueeze(0)
         rows = cache.view(-1, meta.block_size * math.prod(cache.shape[1:]))  # [num_blocks, one block]
         out = torch.index_select(rows, 0, blocks, out=meta.gather_buffer(name, blocks.shape[0], rows))
-        return out.view(batch, -1, self.num_kv_heads, self.head_dim)[:, :width]
+        return out.view(batch, -1, *cache.shape[1:])[:, :width]

@@ -17,6 +17,7 @@ from ember.server import (
     anthropic_api,
     errors,
     llamacpp_api,
+    lora_api,
     ollama_api,
     openai_api,
     openapi,
@@ -186,6 +187,7 @@ def create_app(state: ServerState) -> FastAPI:
     app.include_router(llamacpp_api.router)
     app.include_router(anthropic_api.router)
     app.include_router(rerank_api.router)
+    app.include_router(lora_api.router)
     app.add_middleware(GuardMiddleware, state=state)
     if state.settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=state.settings.cors_origins, allow_methods=["*"],

@@ -8,7 +8,16 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from ember.errors import ChatTemplateError, EmberError, InvalidParameter, OutOfResources, TokenizerError
+from ember.errors import (
+    ChatTemplateError,
+    EmberError,
+    InvalidParameter,
+    LoraError,
+    LoraInUse,
+    LoraNotFound,
+    OutOfResources,
+    TokenizerError,
+)
 
 DECLARED_TYPE = "ember.declared_content_type"  # ASGI scope key: the Content-Type a JSON-read body came with
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
@@ -88,6 +97,12 @@ def from_exception(exc: BaseException) -> APIError:
         return bad_request(str(exc), param="messages", code="chat_template_error")
     if isinstance(exc, TokenizerError):
         return bad_request(str(exc), code="tokenizer_error")
+    if isinstance(exc, LoraError):
+        return bad_request(str(exc), param="lora_path", code="invalid_lora")
+    if isinstance(exc, LoraNotFound):
+        return APIError(404, str(exc), param="lora_name", code="lora_not_found")
+    if isinstance(exc, LoraInUse):
+        return APIError(409, str(exc), param="lora_name", code="lora_in_use")
     if isinstance(exc, OutOfResources):
         return APIError(503, str(exc), code="out_of_resources", headers={"Retry-After": "1"})
     if isinstance(exc, EmberError):

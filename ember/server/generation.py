@@ -140,6 +140,8 @@ def start_generation(request: Request, entry: ModelEntry, prompts: list[list[int
     state: ServerState = request.app.state.ember
     if params.seed is not None and params.n > 1:
         replace(params, n=1, seed=params.seed + params.n - 1)  # sample i uses seed + i: check the last one fits
+    if entry.lora is not None:
+        params = replace(params, lora=entry.lora)
     for prompt in prompts:
         validate(entry.engine, prompt, params)
     state.admit(request.scope, entry.engine, len(prompts) * params.n)

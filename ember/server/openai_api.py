@@ -23,6 +23,7 @@ from ember.server.chat_plan import ChatPlan, plan_chat
 from ember.server.constraints import openai_constraint, responses_constraint, with_constraint
 from ember.server.errors import APIError, bad_request, from_exception, not_supported
 from ember.server.generation import Choice, Generation, collect, drive, start_generation, validate
+from ember.server.lora_api import lora_cards
 from ember.server.offload import off_loop
 from ember.server.prompting import (
     fim_prompt_ids,
@@ -213,8 +214,8 @@ async def list_models(request: Request):
     state = get_state(request)
     loaded = state.pool.list()
     names = {e.name for e in loaded}
-    cards = [model_card(e) for e in loaded]
-    cards += [available_card(m) for m in await available_models(state) if m.name not in names]
+    cards = [model_card(e) for e in loaded] + lora_cards(state)
+    cards += [available_card(m) for m in await available_models(state) if m.name not in names | set(state.pool.lora)]
     return {"object": "list", "data": cards}
 
 
@@ -224,6 +225,9 @@ async def get_model(model_id: str, request: Request):
     entry = state.pool.loaded(model_id)
     if entry is not None:
         return model_card(entry)
+    for card in lora_cards(state):
+        if card["id"] == model_id:
+            return card
     name, _ = await state.pool.lookup(model_id)  # 400/404 for malformed or unknown names
     entry = state.pool.loaded(name)
     if entry is not None:
@@ -413,6 +417,9 @@ def _completion_stream(generation: Generation, head: dict, options: StreamOption
 async def embed_all(state: ServerState, entry: ModelEntry, inputs: list[list[int]]) -> list[list[float]]:
     if state.shutting_down:
         raise APIError(503, "the server is shutting down", code="shutting_down")
+    if entry.lora is not None:
+        raise bad_request(f"model: {entry.name} is a LoRA adapter: embeddings come from its base model "
+                          f"{entry.engine.model_name}", param="model")
     probe = SamplingParams(max_tokens=1)
     for ids in inputs:
         validate(entry.engine, ids, probe)

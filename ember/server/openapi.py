@@ -47,7 +47,8 @@ ERROR_SCHEMAS = {
                            error=_obj(("type", "message"), type=STRING, message=STRING)),
 }
 _WHY = {400: "invalid request (body, field, Host header)", 401: "invalid or missing API key",
-        404: "unknown model, file or endpoint", 413: "request body over the server's --max-body limit",
+        403: "forbidden: a protected model name, or run-time LoRA loading is off (--runtime-lora)",
+        404: "unknown model, adapter, file or endpoint", 409: "the LoRA adapter is in use by running requests", 413: "request body over the server's --max-body limit",
         503: "busy (queue full), loading, out of memory or shutting down; Retry-After says when to retry"}
 
 
@@ -135,8 +136,8 @@ ROUTES: dict[tuple[str, str], tuple[dict | None, tuple[str, ...], tuple[int, ...
     ("post", "/api/show"): (_obj(("modelfile", "details", "model_info"), modelfile=STRING, details=ANY_OBJECT,
                                  model_info=ANY_OBJECT, capabilities=_array(STRING)), (JSON,), MODEL + WITH_BODY),
     ("post", "/api/pull"): (_obj(("status",), status=STRING), (JSON, NDJSON), (404, 500) + WITH_BODY),
-    ("delete", "/api/delete"): (None, (), (404,) + WITH_BODY),
-    ("post", "/api/copy"): (None, (), (404,) + WITH_BODY),
+    ("delete", "/api/delete"): (None, (), (403, 404) + WITH_BODY),
+    ("post", "/api/copy"): (None, (), (403, 404) + WITH_BODY),
     ("post", "/api/embed"): (_obj(("model", "embeddings"), model=STRING, embeddings=_array(VECTOR),
                                   prompt_eval_count=COUNT), (JSON,), MODEL + WITH_BODY),
     ("post", "/api/embeddings"): (_obj(("embedding",), embedding=VECTOR), (JSON,), MODEL + WITH_BODY),
@@ -152,6 +153,8 @@ ROUTES: dict[tuple[str, str], tuple[dict | None, tuple[str, ...], tuple[int, ...
     ("get", "/props"): (_obj(("default_generation_settings", "total_slots"), default_generation_settings=SLOT,
                              total_slots=COUNT, chat_template=STRING), (JSON,), MODEL),
     ("get", "/slots"): (_array(SLOT), (JSON,), MODEL),
+    ("post", "/v1/load_lora_adapter"): (STRING, ("text/plain",), (403,) + MODEL + WITH_BODY),
+    ("post", "/v1/unload_lora_adapter"): (STRING, ("text/plain",), (403, 404, 409) + WITH_BODY),
 }
 OPEN_ROUTES = {"/health", "/", "/ui/{name}"}  # answered without the API key (ember.server.app)
 

@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ember.engine.lora_spec import LoraSpec, lora_specs
 from ember.errors import EmberError, ModelLoadError
 from ember.server.errors import APIError, bad_request, model_not_found
 from ember.server.keep_alive import DEFAULT_KEEP_ALIVE, parse_keep_alive
@@ -59,6 +60,8 @@ class ModelEntry:
     info: ModelInfo | None = None  # what the model is (ember.store.model_info), with its measured load time
     requested_context: int | None = None  # the context a request asked for (Ollama's num_ctx); None: the default
     idle: asyncio.Event = field(default_factory=asyncio.Event)  # set while no request holds it
+    # Set on a request's view of the base model's entry when the request names one of its LoRA adapters.
+    lora: str | None = None
 
     @property
     def busy(self) -> bool:
@@ -79,7 +82,7 @@ class ModelPool:
                  default_model: str | None = None, allow_paths_for_default: bool = True, *,
                  keep_alive: float | None = DEFAULT_KEEP_ALIVE, preload: bool | None = None,
                  default_loader: Callable[[], AsyncEngine] | None = None,
-                 loader: Callable[[ResolvedModel, dict], AsyncEngine] | None = None):
+                 loader: Callable[[ResolvedModel, dict], AsyncEngine] | None = None, lora: list | None = None):
         self.engine_args = {k: v for k, v in (engine_args or {}).items() if v is not None}
         self.max_memory = max_memory if max_memory is not None else default_max_memory(
             self.engine_args.get("device", "auto"))
@@ -100,6 +103,9 @@ class ModelPool:
         self._reserved: dict[str, int] = {}
         self._registered: dict[str, ResolvedModel | None] = {}  # names the resolver does not know (CLI paths)
         self.pinned: set[str] = set()  # the `ember serve` model: stays loaded until `ember stop` or evicted idle
+        # The default model's LoRA adapters by name (--lora, and those loaded at run time): requests name them as
+        # models; a reload of the default model loads them again.
+        self.lora: dict[str, LoraSpec] = {spec.name: spec for spec in lora_specs(lora)}
         self._plan_lock: asyncio.Lock | None = None
         self._reaper: asyncio.Task | None = None
 
@@ -328,6 +334,8 @@ class ModelPool:
         args = dict(self.engine_args)
         if context is not None:
             args["max_model_len"] = context
+        if key == self.default_name and self.lora:
+            args["lora"] = list(self.lora.values())
         if resolved is None:  # the default model built by a callable: no estimate up front
             engine = await asyncio.to_thread(self._default_loader)
             size, fitted = None, False
@@ -361,6 +369,7 @@ class ModelPool:
         from ember.store.memory import estimate_memory, fit_context
 
         dtype = str(args.get("dtype", "auto"))
+        kv_cache_dtype = str(args.get("kv_cache_dtype", "auto"))
         try:
             # What the engine will hold depends on where it runs (native CPU kernels keep the file's blocks,
             # GPUs repack) and "auto" dtype on it (float32 on CPU): estimate for the device it will load on.
@@ -369,7 +378,9 @@ class ModelPool:
             wanted = args.get("max_model_len") or min(limit or DEFAULT_MAX_MODEL_LEN, DEFAULT_MAX_MODEL_LEN)
             if limit:
                 wanted = min(wanted, limit)
-            full = await asyncio.to_thread(estimate_memory, resolved.path, int(wanted), dtype, device)
+            adapters = [spec.path for spec in args.get("lora", ())]
+            full = await asyncio.to_thread(estimate_memory, resolved.path, int(wanted), dtype, device, kv_cache_dtype,
+                                           adapters)
         except (EmberError, OSError, ValueError, KeyError) as err:
             log.warning("cannot estimate the memory %s needs (%s); loading it without a budget check", key, err)
             return None, False
@@ -392,7 +403,7 @@ class ModelPool:
                 if user_kv is None:
                     try:
                         context = await asyncio.to_thread(fit_context, resolved.path, free, int(wanted), dtype,
-                                                            device)
+                                                            device, kv_cache_dtype, adapters)
                         fitted = True
                     except EmberError as err:
                         raise no_room(key, need, busy, err, self.max_memory) from None

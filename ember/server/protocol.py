@@ -361,3 +361,17 @@ ResponseFormat.model_rebuild()
 SamplingFields.model_rebuild()
 ChatCompletionRequest.model_rebuild()
 CompletionRequest.model_rebuild()
+
+
+class LoadLoraRequest(BaseModel):
+    """vLLM's POST /v1/load_lora_adapter body, plus ember's `scale`."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    lora_name: Annotated[str, Field(min_length=1, max_length=128)]
+    lora_path: Annotated[str, Field(min_length=1, max_length=4096)]
+    scale: Annotated[float, Field(allow_inf_nan=False, ge=-100.0, le=100.0)] = 1.0
+
+
+class UnloadLoraRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    lora_name: Annotated[str, Field(min_length=1, max_length=128)]

@@ -4,6 +4,7 @@ flight (for the queue limit and for graceful shutdown)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import time
@@ -40,6 +41,7 @@ class Settings:
     max_queue: int = 256
     shutdown_grace: float = 5.0
     webui: bool = True  # the browser chat page at / (ember.server.webui)
+    runtime_lora: bool = False  # POST /v1/load_lora_adapter and /v1/unload_lora_adapter (they read server paths)
 
 
 class ServerState:
@@ -104,10 +106,12 @@ class ServerState:
         if leases is None:
             raise RuntimeError("use_model needs the GuardMiddleware (create_app installs it)")
         began = time.monotonic()
-        entry = await self.pool.acquire(name, keep_alive, context)
+        adapter = isinstance(name, str) and name in self.pool.lora
+        entry = await self.pool.acquire(self.pool.default_name if adapter else name, keep_alive, context)
         request.scope[LOAD_SECONDS] = request.scope.get(LOAD_SECONDS, 0.0) + time.monotonic() - began
         leases.append(entry)
-        return entry
+        # A LoRA adapter's name: the base model, seen under the adapter's name (the lease stays the entry's own).
+        return dataclasses.replace(entry, name=name, lora=name) if adapter else entry
 
     async def release_all(self, leases: list[ModelEntry]) -> None:
         while leases:

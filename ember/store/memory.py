@@ -27,7 +27,9 @@ weights  = what ember holds after loading the file on that device (ember.loader.
            can reclaim, but RSS shows them).
            Safetensors: each floating tensor's elements × the bytes of the dtype it will be loaded in
            (integer/quantized tensors keep their own size).
-KV cache = 2 (K, V) × layers × KV heads × head dim × context × bytes of the activation dtype (the cache's)
+KV cache = 2 (K, V) × layers × KV heads × head dim × context × bytes of the activation dtype (the cache's);
+           with --kv-cache-dtype int8, 2 × layers × KV heads × (head dim × 1 + 4) × context (int8 values and a
+           float32 scale per token and KV head)
 overhead = overhead_bytes: RUNTIME_BYTES (allocator pools, kernel workspaces, the
            framework) + ENGINE_BYTES (one loaded engine's own objects) + fp32 activations of one 512-token
            prefill batch + the tokenizer (~297 bytes a vocabulary entry); the model pool budgets with these too
@@ -58,6 +60,10 @@ GGUF_CHECKPOINT_DTYPE = "float16"  # what ember.loader.gguf_model resolves "auto
 DEVICE_KINDS = ("cpu", "cuda", "mps")
 FLOAT_TYPES = {"F64", "F32", "F16", "BF16"}
 CONTEXT_STEP = 256
+# --kv-cache-dtype: "auto" keeps K/V in the activation dtype; a quantized cache stores (bytes a value, bytes of
+# the scale of each token's KV head): ember.layers.kv_cache.
+KV_CACHE_QUANT = {"int8": (1, 4)}
+KV_CACHE_DTYPES = ("auto", *KV_CACHE_QUANT)
 
 PREFILL_BATCH = 512
 RUNTIME_BYTES = 256 * 2**20  # allocator pools, kernels' workspaces, the framework itself
@@ -90,9 +96,8 @@ class _Shape:
     dtype: str  # the resolved activation (and KV cache) dtype
     encoder: bool = False  # embeddings / reranking: every weight a float tensor, no KV cache
 
-    @property
-    def kv_bytes_per_token(self) -> int:
-        return 0 if self.encoder else kv_bytes_per_token(self.config, DTYPE_BYTES[self.dtype])
+    def kv_bytes_per_token(self, kv_cache_dtype: str = "auto") -> int:
+        return 0 if self.encoder else kv_bytes_per_token(self.config, DTYPE_BYTES[self.dtype], kv_cache_dtype)
 
 
 def device_kind(device) -> str:
@@ -272,8 +277,14 @@ def model_config(path: str | Path) -> ModelConfig:
     return shape.config
 
 
-def kv_bytes_per_token(config: ModelConfig, kv_dtype_bytes: int = 2) -> int:
-    return 2 * config.num_layers * config.num_kv_heads * config.head_dim * kv_dtype_bytes
+def kv_bytes_per_token(config: ModelConfig, kv_dtype_bytes: int = 2, kv_cache_dtype: str = "auto") -> int:
+    """K and V of one token in every layer: `kv_dtype_bytes` a value for an "auto" cache (the activation
+    dtype's), else the quantized cache's value bytes plus one scale per KV head (ember.layers.kv_cache)."""
+    if kv_cache_dtype == "auto":
+        value, scale = kv_dtype_bytes, 0
+    else:
+        value, scale = KV_CACHE_QUANT[kv_cache_dtype]
+    return 2 * config.num_layers * config.num_kv_heads * (config.head_dim * value + scale)
 
 
 def tokenizer_bytes(config: ModelConfig) -> int:
@@ -286,22 +297,34 @@ def overhead_bytes(config: ModelConfig) -> int:
     return RUNTIME_BYTES + ENGINE_BYTES + PREFILL_BATCH * per_token * 4 + tokenizer_bytes(config)
 
 
-def estimate_memory(path: str | Path, context: int, dtype: str = "bfloat16", device: str = "cpu") -> MemoryEstimate:
+def adapters_bytes(adapters, dtype: str) -> int:
+    """LoRA adapters' (PEFT folders, GGUF files) values as the engine holds them: in the activation dtype."""
+    if not adapters:
+        return 0  # without adapters, estimates stay free of torch (the reader below imports it)
+    from ember.loader.lora import adapter_nbytes
+
+    return sum(adapter_nbytes(path, DTYPE_BYTES[dtype]) for path in adapters)
+
+
+def estimate_memory(path: str | Path, context: int, dtype: str = "bfloat16", device: str = "cpu",
+                    kv_cache_dtype: str = "auto", adapters=()) -> MemoryEstimate:
     """Bytes to run the model at `path` on `device` with activations and `context` tokens of KV cache in
-    `dtype` ("auto": as the engine resolves it on that device)."""
+    `dtype` ("auto": as the engine resolves it on that device), the cache quantized as `kv_cache_dtype` asks,
+    with the LoRA `adapters` (paths) loaded too: they count with the weights."""
     if not isinstance(context, int) or context <= 0:
         raise ModelLoadError(f"context must be a positive integer, not {context!r}")
     shape = _shape(path, dtype, device)
-    return MemoryEstimate(shape.weights_bytes, shape.kv_bytes_per_token * context, overhead_bytes(shape.config),
-                          context)
+    return MemoryEstimate(shape.weights_bytes + adapters_bytes(adapters, shape.dtype),
+                          shape.kv_bytes_per_token(kv_cache_dtype) * context, overhead_bytes(shape.config), context)
 
 
-def fit_context(path: str | Path, budget_bytes: int, wanted: int, dtype: str = "bfloat16", device: str = "cpu") -> int:
+def fit_context(path: str | Path, budget_bytes: int, wanted: int, dtype: str = "bfloat16", device: str = "cpu",
+                kv_cache_dtype: str = "auto", adapters=()) -> int:
     """The largest context ≤ `wanted` that fits in `budget_bytes` on `device`: `wanted` itself when it fits,
     else the largest multiple of 256 that does; EmberError when not even 256 tokens fit."""
     shape = _shape(path, dtype, device)
-    fixed = shape.weights_bytes + overhead_bytes(shape.config)
-    per_token = shape.kv_bytes_per_token
+    fixed = shape.weights_bytes + adapters_bytes(adapters, shape.dtype) + overhead_bytes(shape.config)
+    per_token = shape.kv_bytes_per_token(kv_cache_dtype)
     if fixed + per_token * wanted <= budget_bytes:
         return wanted
     fits = (budget_bytes - fixed) // per_token if budget_bytes > fixed else 0
