@@ -1,8 +1,10 @@
 // Token ids llama.cpp gives each text, with `tokenizer.ggml.pre` overridden.
-// Usage: llama_tokenize_vectors VOCAB.gguf PRE TEXTS
+// Usage: llama_tokenize_vectors VOCAB.gguf PRE TEXTS [special]
 // TEXTS holds the texts separated by lines "__ggml_vocab_test__" (as llama.cpp's .inp files); one line
 // of ids per text is written to stdout (no BOS/EOS, special-token text tokenized as plain text, as in
-// llama.cpp's own test-tokenizer-0). Built and run by scripts/pretokenizer_vectors.py.
+// llama.cpp's own test-tokenizer-0; with "special", BOS/EOS added and special-token text parsed, as
+// llama.cpp's server tokenizes). Built and run by scripts/pretokenizer_vectors.py and
+// scripts/unigram_vectors.py.
 #include "llama.h"
 
 #include <cstdio>
@@ -15,8 +17,8 @@
 static void quiet(enum ggml_log_level, const char *, void *) {}
 
 int main(int argc, char ** argv) {
-    if (argc != 4) {
-        fprintf(stderr, "usage: %s VOCAB.gguf PRE TEXTS\n", argv[0]);
+    if (argc != 4 && !(argc == 5 && strcmp(argv[4], "special") == 0)) {
+        fprintf(stderr, "usage: %s VOCAB.gguf PRE TEXTS [special]\n", argv[0]);
         return 2;
     }
     llama_log_set(quiet, nullptr);
@@ -36,6 +38,7 @@ int main(int argc, char ** argv) {
         return 0;
     }
     const llama_vocab * vocab = llama_model_get_vocab(model);
+    const bool special = argc == 5;
 
     std::ifstream in(argv[3], std::ios::binary);
     std::stringstream buffer;
@@ -46,7 +49,7 @@ int main(int argc, char ** argv) {
     for (size_t end; (end = all.find(separator, start)) != std::string::npos; start = end + separator.size()) {
         const std::string text = all.substr(start, end - start);
         std::vector<llama_token> ids(text.size() + 8);
-        const int n = llama_tokenize(vocab, text.data(), (int) text.size(), ids.data(), (int) ids.size(), false, false);
+        const int n = llama_tokenize(vocab, text.data(), (int) text.size(), ids.data(), (int) ids.size(), special, special);
         for (int i = 0; i < n; i++) {
             printf(i ? " %d" : "%d", ids[i]);
         }

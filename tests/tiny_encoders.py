@@ -176,9 +176,10 @@ def nomic_reference(directory: Path, input_ids: torch.Tensor, mask: torch.Tensor
     return x
 
 
-def write_gguf(directory: Path, out: Path) -> Path:
+def write_gguf(directory: Path, out: Path, vocab: Path | None = None) -> Path:
     """The checkpoint as llama.cpp's converter writes it (F32): its metadata keys, its tensor names (gguf's own
-    name map), the WordPiece vocabulary in phantom-space form, RoBERTa's position table trimmed past pad+1."""
+    name map), the WordPiece vocabulary in phantom-space form, RoBERTa's position table trimmed past pad+1.
+    vocab: a vocabulary-only GGUF whose `tokenizer.ggml.*` keys replace the WordPiece vocabulary."""
     import gguf
     from safetensors.torch import load_file
 
@@ -203,17 +204,10 @@ def write_gguf(directory: Path, out: Path) -> Path:
     if nomic:
         writer.add_rope_freq_base(config["rotary_emb_base"])
     writer.add_pooling_type(gguf.PoolingType.MEAN)
-    tokenizer = json.loads((directory / "tokenizer.json").read_text())
-    vocab = sorted(tokenizer["model"]["vocab"].items(), key=lambda item: item[1])
-    tokens = [text for text, _ in vocab] + [f"[PAD{i}]" for i in range(len(vocab), config["vocab_size"])]
-    control = {t["content"] for t in tokenizer["added_tokens"] if t["special"]}
-    types = [gguf.TokenType.CONTROL if t in control else gguf.TokenType.NORMAL for t in tokens]
-    writer.add_tokenizer_model("bert")
-    writer.add_token_list([t if t in control else t[2:] if t.startswith("##") else "\u2581" + t for t in tokens])
-    writer.add_token_types(types)
-    writer.add_token_type_count(config.get("type_vocab_size", 1))
-    for key, token in (("bos", "[CLS]"), ("eos", "[SEP]"), ("unk", "[UNK]"), ("sep", "[SEP]"), ("pad", "[PAD]")):
-        getattr(writer, f"add_{key}_token_id")(tokens.index(token))
+    if vocab is None:
+        _add_wordpiece_vocab(writer, directory, config)
+    else:
+        _copy_tokenizer_keys(writer, vocab)
     names = gguf.get_tensor_name_map(arch, layers)
     for hf_name, tensor in load_file(str(directory / "model.safetensors")).items():
         if hf_name.endswith("position_ids"):
@@ -226,6 +220,34 @@ def write_gguf(directory: Path, out: Path) -> Path:
     writer.write_tensors_to_file()
     writer.close()
     return out
+
+
+def _add_wordpiece_vocab(writer, directory: Path, config: dict) -> None:
+    import gguf
+
+    tokenizer = json.loads((directory / "tokenizer.json").read_text())
+    vocab = sorted(tokenizer["model"]["vocab"].items(), key=lambda item: item[1])
+    tokens = [text for text, _ in vocab] + [f"[PAD{i}]" for i in range(len(vocab), config["vocab_size"])]
+    control = {t["content"] for t in tokenizer["added_tokens"] if t["special"]}
+    types = [gguf.TokenType.CONTROL if t in control else gguf.TokenType.NORMAL for t in tokens]
+    writer.add_tokenizer_model("bert")
+    writer.add_token_list([t if t in control else t[2:] if t.startswith("##") else "\u2581" + t for t in tokens])
+    writer.add_token_types(types)
+    writer.add_token_type_count(config.get("type_vocab_size", 1))
+    for key, token in (("bos", "[CLS]"), ("eos", "[SEP]"), ("unk", "[UNK]"), ("sep", "[SEP]"), ("pad", "[PAD]")):
+        getattr(writer, f"add_{key}_token_id")(tokens.index(token))
+
+
+def _copy_tokenizer_keys(writer, vocab: Path) -> None:
+    import gguf
+
+    for key, field in gguf.GGUFReader(vocab).fields.items():
+        if key.startswith("tokenizer."):
+            value_type = field.types[0]
+            if value_type == gguf.GGUFValueType.ARRAY:
+                writer.add_key_value(key, field.contents(), value_type, sub_type=field.types[-1])
+            else:
+                writer.add_key_value(key, field.contents(), value_type)
 
 
 def convert_with_llamacpp(directory: Path, out: Path) -> Path | None:

@@ -10,6 +10,10 @@ splits text the way llama.cpp does for the same file:
   (the regexes of `ember.tokenizer.pre_tokenizers`).
 - `bert`: WordPiece over lowercased, accent-stripped words; GGUF marks word-initial pieces with `▁`
   where BERT marks continuations with `##`.
+- `t5`: SentencePiece unigram (T5, XLM-R: multilingual-e5, bge-m3, bge-reranker-v2-m3, nomic-embed-text-v2):
+  the text is normalized by SentencePiece's precompiled charsmap (`tokenizer.ggml.precompiled_charsmap`,
+  NFKC plus its own mappings; ember.tokenizer.charsmap, run before `tokenizers`), its spaces become `▁` (runs merged and the ends trimmed when
+  `remove_extra_whitespaces` is set), and the highest-scoring segmentation into pieces is taken.
 
 Control and unknown tokens become special added tokens, user-defined tokens plain added tokens: as
 in llama.cpp, user-defined tokens are always split out of the text, special ones only when special
@@ -18,15 +22,16 @@ tokens are parsed (`tokenizers`' `encode_special_tokens=False`, its default).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 
 from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers.models import BPE, WordPiece
+from tokenizers.models import BPE, Unigram, WordPiece
 
 from ember.errors import TokenizerError
+from ember.tokenizer.charsmap import CharsMap
 from ember.tokenizer.pre_tokenizers import pre_tokenizer
 from ember.tokenizer.tokenizer import Tokenizer
 
@@ -64,6 +69,7 @@ def tokenizer_from_gguf_metadata(metadata: dict) -> Tokenizer:
     # llama.cpp refuses empty token texts too; it renames them so every id keeps a text.
     tokens = [text or f"[EMPTY_{i}]" for i, text in enumerate(tokens)]
     types = _token_types(metadata, len(tokens))
+    normalize = None
 
     if model == "llama":
         hf, specials = _sentencepiece_bpe(metadata, tokens)
@@ -71,8 +77,11 @@ def tokenizer_from_gguf_metadata(metadata: dict) -> Tokenizer:
         hf, specials = _byte_level_bpe(metadata, tokens)
     elif model == "bert":
         hf, specials = _wordpiece(metadata, tokens, types)
+    elif model == "t5":
+        hf, specials = _unigram(metadata, tokens, types)
+        normalize = _charsmap_normalizer(metadata)
     else:
-        raise TokenizerError(f"unsupported GGUF tokenizer model {model!r} (supported: llama, gpt2, bert)")
+        raise TokenizerError(f"unsupported GGUF tokenizer model {model!r} (supported: llama, gpt2, bert, t5)")
     _add_special_tokens(hf, tokens, types)
     if specials.add_bos and specials.bos_id is None:
         raise TokenizerError("the GGUF tokenizer asks for a BOS token but names none")
@@ -89,6 +98,7 @@ def tokenizer_from_gguf_metadata(metadata: dict) -> Tokenizer:
         chat_template=template if isinstance(template, str) else None,
         pad_token_id=specials.pad_id,
         fim_token_ids=_fim_ids(metadata, len(tokens)),
+        normalize=normalize,
     )
 
 
@@ -218,6 +228,59 @@ def _wordpiece(metadata: dict, tokens: list[str], types: list[int]) -> tuple[HFT
         add_eos=bool(metadata.get(_PREFIX + "add_sep_token", True)),
     )
     return hf, specials
+
+
+def _unigram(metadata: dict, tokens: list[str], types: list[int]) -> tuple[HFTokenizer, _SpecialTokens]:
+    scores = metadata.get(_PREFIX + "scores")
+    if scores is None or len(scores) < len(tokens):
+        raise TokenizerError("the GGUF 't5' tokenizer needs one tokenizer.ggml.scores entry per token")
+    # llama.cpp's defaults for 't5' files: no BOS, EOS 1, unknown 2, padding 0; EOS added, BOS not.
+    unk_id = _token_id(metadata, "unknown_token_id", len(tokens), 2)
+    if unk_id is None:
+        raise TokenizerError("the GGUF 't5' tokenizer names no unknown token")
+    # llama.cpp's unigram has no byte fallback: a character no piece covers is the unknown token.
+    hf = HFTokenizer(Unigram(_unigram_pieces(tokens, scores, types), unk_id=unk_id, byte_fallback=False))
+    steps = []
+    # llama.cpp's normalization after the charsmap (only " " counts as a space there, hence no \s):
+    if metadata.get(_PREFIX + "remove_extra_whitespaces", False):
+        # every run of spaces becomes one "▁" before the next word; leading and trailing runs vanish
+        steps += [normalizers.Replace(Regex(r"\A +| +\z"), ""), normalizers.Replace(Regex(" {2,}"), " "),
+                  normalizers.Prepend(SPM_SPACE)]
+    elif metadata.get(_PREFIX + "add_space_prefix", False):
+        # one "▁" before the first word; a text of spaces only gets none
+        steps += [normalizers.Replace(Regex(r"\A (?= *\z)"), ""), normalizers.Prepend(SPM_SPACE)]
+    hf.normalizer = normalizers.Sequence([*steps, normalizers.Replace(" ", SPM_SPACE)])
+    decode_steps = [decoders.Replace(SPM_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+    if metadata.get(_PREFIX + "remove_extra_whitespaces", False) or metadata.get(_PREFIX + "add_space_prefix"):
+        decode_steps.append(decoders.Strip(" ", 1, 0))
+    hf.decoder = decoders.Sequence(decode_steps)
+    specials = _special_tokens(metadata, len(tokens), bos_id=None, eos_id=1, add_bos=False, add_eos=True, pad_id=0)
+    return hf, specials
+
+
+def _charsmap_normalizer(metadata: dict) -> Callable[[str], str] | None:
+    """The vocabulary's SentencePiece charsmap as a normalization run before `tokenizers` (see charsmap.py)."""
+    values = metadata.get(_PREFIX + "precompiled_charsmap")
+    if values is None:
+        return None
+    if isinstance(values, (bytes, bytearray)):
+        return CharsMap(bytes(values)).normalize
+    if isinstance(values, list) and all(isinstance(v, int) and -128 <= v < 256 for v in values):
+        return CharsMap(bytes(v & 0xFF for v in values)).normalize  # an int8 array is accepted as well
+    raise TokenizerError("tokenizer.ggml.precompiled_charsmap must be an array of bytes")
+
+
+def _unigram_pieces(tokens: list[str], scores: Sequence[float], types: list[int]) -> list[tuple[str, float]]:
+    """(piece, score) pairs scored as llama.cpp scores them.
+
+    llama.cpp scores user-defined pieces 0 and an unknown character min(normal scores) - 10; `tokenizers`
+    takes the minimum over every piece, so pieces scored lower than all normal ones (the -10000 of the
+    `[PAD…]` fillers converters append) are raised to that minimum to keep the unknown score the same.
+    """
+    normal = [float(score) for score, token_type in zip(scores, types, strict=False) if token_type == TokenType.NORMAL]
+    floor = min(normal, default=0.0)
+    return [(text, 0.0 if token_type == TokenType.USER_DEFINED else max(float(score), floor))
+            for text, score, token_type in zip(tokens, scores, types, strict=False)]
 
 
 def _add_special_tokens(hf: HFTokenizer, tokens: list[str], types: list[int]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -46,8 +47,11 @@ class Tokenizer:
 
     def __init__(self, hf: HFTokenizer, *, bos_token: str | None, eos_token: str | None, eos_token_ids: set[int],
                  add_bos: bool, add_eos: bool = False, chat_template: str | None = None,
-                 pad_token_id: int | None = None, fim_token_ids: tuple[int, int, int] | None = None):
+                 pad_token_id: int | None = None, fim_token_ids: tuple[int, int, int] | None = None,
+                 normalize: Callable[[str], str] | None = None):
         self.hf = hf
+        # A text normalization `tokenizers` cannot express, applied before it (a SentencePiece charsmap).
+        self.normalize = normalize
         self.bos_token = bos_token
         self.eos_token = eos_token
         self.bos_token_id = hf.token_to_id(bos_token) if bos_token else None
@@ -72,6 +76,8 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`; special-token text inside it becomes those tokens (as in transformers)."""
         _check_characters(text)
+        if self.normalize is not None:
+            text = self.normalize(text)
         if len(text) > GIL_FREE_ABOVE:
             ids = self.hf.encode_batch([text], add_special_tokens=False)[0].ids
         else:
