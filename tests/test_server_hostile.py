@@ -72,6 +72,19 @@ def test_surrogate_pairs_and_escaped_backslashes_still_work(server):
     assert r.json()["content"].strip() == "\U0001F600 \\ud800"
 
 
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/api/chat", "/v1/messages", "/tokenize"])
+def test_invalid_utf8_is_400_naming_the_byte(server, path):
+    """A body that is not UTF-8 got FastAPI's "There was an error parsing the body"; now the byte and offset."""
+    body = b'{"messages": [{"role": "user", "content": "caf\xe9 \xff"}], "content": "x"}'
+    r = httpx.post(f"{server.url}{path}", content=body, headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    message = error if isinstance(error, str) else error["message"]
+    assert "not valid UTF-8: byte 0xE9 at offset 46" in message, message
+    if path.startswith("/v1/chat"):
+        assert error["code"] == "invalid_utf8"
+
+
 def test_multi_megabyte_texts_do_not_stall_the_server(server):
     """/health keeps answering while a 3 MB text is tokenized and a 3 MB chat is refused (before this fix, each
     held the event loop for seconds); the chat is refused by the length bound, without tokenizing it."""

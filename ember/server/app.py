@@ -24,9 +24,9 @@ from ember.server import (
     rerank_api,
     webui,
 )
+from ember.server.body_text import body_text_error
 from ember.server.errors import DECLARED_TYPE, APIError, error_body
 from ember.server.generation import ClientGone
-from ember.server.lone_surrogates import lone_surrogate_error
 from ember.server.offload import BODY_BYTES
 from ember.server.state import LEASES, ServerState
 
@@ -109,7 +109,7 @@ class GuardMiddleware:
             if not message.get("more_body", False):
                 break
         body = b"".join(chunks)
-        bad_text = lone_surrogate_error(body)
+        bad_text = body_text_error(body)
         if bad_text is not None:
             return await _send_error(scope, send, bad_text)
         scope[BODY_BYTES] = len(body)

@@ -1,6 +1,7 @@
-"""Lone UTF-16 surrogates in JSON bodies. JSON may escape one (`"\\ud800"`) and Python decodes it into a str
-that is not valid Unicode: no tokenizer, template or encoder can take it. Every body is checked once, where
-the server reads it (ember.server.app), so each endpoint answers 400 in its API's error shape."""
+"""Text a JSON body cannot carry: bytes that are not UTF-8 (RFC 8259: JSON between systems is UTF-8), and lone
+UTF-16 surrogates, which JSON may escape (`"\\ud800"`) and Python decodes into a str that is not valid Unicode: no
+tokenizer, template or encoder can take it. Every body is checked once, where the server reads it
+(ember.server.app), so each endpoint answers 400 in its API's error shape, naming the byte or the field."""
 
 from __future__ import annotations
 
@@ -11,6 +12,23 @@ from ember.server.errors import APIError, bad_request
 
 # A `\uD800`..`\uDFFF` escape: without one, a body cannot hold a surrogate (raw ones are invalid UTF-8).
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abcdefABCDEF]")
+
+
+def body_text_error(body: bytes) -> APIError | None:
+    """400 for a body that is not UTF-8 or holds a lone surrogate; None otherwise."""
+    return invalid_utf8_error(body) or lone_surrogate_error(body)
+
+
+def invalid_utf8_error(body: bytes) -> APIError | None:
+    """400 naming the first byte that is not UTF-8 (else the route's JSON reader answers a vague message)."""
+    if body.isascii():
+        return None
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return bad_request(f"the request body is not valid UTF-8: byte 0x{body[err.start]:02X} at offset {err.start} "
+                           f"({err.reason}); JSON must be sent as UTF-8", code="invalid_utf8")
+    return None
 
 
 def lone_surrogate_error(body: bytes) -> APIError | None:
