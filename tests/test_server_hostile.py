@@ -85,6 +85,16 @@ def test_invalid_utf8_is_400_naming_the_byte(server, path):
         assert error["code"] == "invalid_utf8"
 
 
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/api/chat"])
+def test_empty_role_is_400_naming_the_field(server, path):
+    """An empty role was accepted and rendered as a nameless turn."""
+    r = httpx.post(f"{server.url}{path}", json={"messages": [{"role": "", "content": "hi"}], "stream": False},
+                   timeout=30)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert "messages.0.role" in (error if isinstance(error, str) else error["message"] + str(error["param"]))
+
+
 def test_multi_megabyte_texts_do_not_stall_the_server(server):
     """/health keeps answering while a 3 MB text is tokenized and a 3 MB chat is refused (before this fix, each
     held the event loop for seconds); the chat is refused by the length bound, without tokenizing it."""

@@ -19,6 +19,8 @@ Stop = str | Annotated[list[str], Field(max_length=MAX_STOP_STRINGS)] | None
 MaxTokens = Annotated[int, Field(ge=1, le=MAX_TOKENS_LIMIT)] | None
 Seed = Annotated[int, Field(ge=0, lt=SEED_LIMIT)] | None
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)] | None
+# A chat role: templates branch on it (custom ones too, e.g. Llama 3.1's "ipython"), so any name but an empty one
+Role = Annotated[str, Field(min_length=1, max_length=64)]
 # A prompt: text, token ids, a list of texts, or a list of token-id lists.
 PromptInput = (str | Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)] | TokenIds
                | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)])
@@ -144,7 +146,7 @@ class ResponseFormat(_Body):
 
 
 class ChatMessage(_Body):
-    role: str
+    role: Role
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
@@ -234,7 +236,7 @@ class ResponsesRequest(_Body):
 
 # --- Ollama -------------------------------------------------------------------------------------------------
 class OllamaMessage(_Body):
-    role: str
+    role: Role
     content: str | None = ""
     images: list[str] | None = None
     thinking: str | None = None
