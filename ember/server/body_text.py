@@ -9,6 +9,7 @@ import json
 import re
 
 from ember.server.errors import APIError, bad_request
+from ember.tokenizer.tokenizer import lone_surrogate
 
 # A `\uD800`..`\uDFFF` escape: without one, a body cannot hold a surrogate (raw ones are invalid UTF-8).
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abcdefABCDEF]")
@@ -56,23 +57,15 @@ def _first_bad_text(value) -> tuple[str, int] | None:
     while pending:
         item, path = pending.pop()
         if isinstance(item, str):
-            if (surrogate := _lone_surrogate(item)) is not None:
-                return path, surrogate
+            if (found := lone_surrogate(item)) is not None:
+                return path, found[1]
         elif isinstance(item, dict):
             for key, child in reversed(item.items()):
                 name = key.encode("utf-8", "backslashreplace").decode()  # the path itself must be valid text
                 child_path = f"{path}.{name}" if path else name
-                if (surrogate := _lone_surrogate(key)) is not None:
-                    return child_path, surrogate
+                if (found := lone_surrogate(key)) is not None:
+                    return child_path, found[1]
                 pending.append((child, child_path))
         elif isinstance(item, list):
             pending.extend((child, f"{path}.{i}" if path else str(i)) for i, child in reversed(list(enumerate(item))))
-    return None
-
-
-def _lone_surrogate(text: str) -> int | None:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as err:
-        return ord(text[err.start])
     return None

@@ -28,17 +28,24 @@ FIM_TOKEN_NAMES = (
 )
 
 
-def _check_characters(text: str) -> None:
-    """JSON may escape half a UTF-16 surrogate pair ("\\ud800"), which Python decodes to a str no tokenizer
-    can encode (it is no character): refused by name rather than failing inside `tokenizers`."""
+def lone_surrogate(text: str) -> tuple[int, int] | None:
+    """(index, code point) of the first lone UTF-16 surrogate in `text`, else None. JSON may escape half a
+    surrogate pair ("\\ud800"), which Python decodes to a str no tokenizer can encode (it is no character)."""
     if text.isascii():
-        return
+        return None
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as err:
-        raise TokenizerError(f"the text holds a lone UTF-16 surrogate U+{ord(text[err.start]):04X} at character "
-                             f"{err.start}, which is not a character (JSON \\uD800-\\uDFFF escapes come in "
-                             "pairs)") from None
+        return err.start, ord(text[err.start])
+    return None
+
+
+def _check_characters(text: str) -> None:
+    """A lone surrogate is refused by name rather than failing inside `tokenizers`."""
+    if (found := lone_surrogate(text)) is not None:
+        index, surrogate = found
+        raise TokenizerError(f"the text holds a lone UTF-16 surrogate U+{surrogate:04X} at character {index}, "
+                             "which is not a character (JSON \\uD800-\\uDFFF escapes come in pairs)")
 
 
 class Tokenizer:
