@@ -67,15 +67,17 @@ def add_parser(sub) -> None:
                             "flight exceed --max-num-seqs per replica)")
 
 
-class _Server:
-    """uvicorn's server, except that SIGTERM/SIGINT start our graceful shutdown and the exit code stays 0."""
+class GracefulServer:
+    """uvicorn's server, except that SIGTERM/SIGINT call `on_exit` (to start our graceful shutdown) and the exit
+    code stays 0."""
 
-    def __new__(cls, config, state):
+    def __new__(cls, config, on_exit=None):
         import uvicorn
 
         class Server(uvicorn.Server):
             def handle_exit(self, sig, frame):
-                state.begin_shutdown()
+                if on_exit is not None:
+                    on_exit()
                 super().handle_exit(sig, frame)
 
             @contextlib.contextmanager
@@ -191,7 +193,7 @@ def run(args: argparse.Namespace) -> int:
     config = uvicorn.Config(create_app(state), host=args.host, port=args.port, log_level="warning",
                             timeout_graceful_shutdown=args.shutdown_grace + 5, access_log=False,
                             timeout_keep_alive=5)
-    server = _Server(config, state)
+    server = GracefulServer(config, state.begin_shutdown)
     server.run(sockets=sockets)
     if state.load_error is not None:
         raise state.load_error
