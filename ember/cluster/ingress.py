@@ -35,6 +35,9 @@ log = logging.getLogger("ember.cluster")
 REPLICA_HEADER = b"x-ember-replica"
 REPLICA_TIMEOUT_S = 5.0  # for one replica's /health or /metrics: one that takes longer answers "unresponsive"
 FAN_OUT_TIMEOUT_S = 10.0  # for them all (Ray Serve's broadcast has one deadline for every replica)
+# Requests go straight to the replica's inter-deployment gRPC server (token-authenticated, TLS when Ray's is on),
+# pickled: a third of the CPU of a Ray actor call with cloudpickle, on both ends (docs/scale-out.md, "Measured").
+TRANSPORT = {"_by_reference": False, "request_serialization": "pickle", "response_serialization": "pickle"}
 
 
 def stream_error(path: str, content_type: str, err: APIError) -> bytes:
@@ -63,6 +66,12 @@ def wants_stream(path: str, body: dict | None) -> bool:
     return bool(stream) if stream is not None else path.startswith("/api/")
 
 
+async def _disconnect(request: Request) -> None:
+    """Returns when the client has gone (the rest of a body read only up to its limit is skipped)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 class EmberIngress:
     """The ASGI app; `replicas` is a deployment handle to the EmberReplica deployment."""
 
@@ -78,15 +87,16 @@ class EmberIngress:
             # The handle's router runs on this event loop (no thread hop per request): made where it runs.
             if not self.replicas.is_initialized:
                 self.replicas._init(_run_router_in_separate_loop=False)
-            self.forward = self.replicas.options(method_name="forward", stream=True)
-            self.answer = self.replicas.options(method_name="answer")
+            self.forward = self.replicas.options(method_name="forward", stream=True, **TRANSPORT)
+            self.answer = self.replicas.options(method_name="answer", **TRANSPORT)
         response = await self.handle(Request(scope, receive))
         await response(scope, receive, send)
 
     async def handle(self, request: Request) -> Response:
         body = await self._body(request)
         began = time.perf_counter()
-        parsed = parse_body(body)
+        # A body over the limit is refused by the replica: it must not claim prefixes in the router's table.
+        parsed = parse_body(body) if len(body) <= self.max_body_bytes else None
         forwarded = ForwardedRequest(
             request.method, request.url.path, request.scope.get("query_string", b""),
             list(request.scope.get("headers", [])), body,
@@ -114,9 +124,12 @@ class EmberIngress:
         leaves first."""
         call = self.answer.remote(forwarded)
         answer = asyncio.ensure_future(call)
-        gone = asyncio.ensure_future(request.receive())  # the body is read: what comes next is the disconnect
+        gone = asyncio.ensure_future(_disconnect(request))
         try:
             await asyncio.wait((answer, gone), return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:  # the server is stopping
+            call.cancel()
+            raise
         finally:
             gone.cancel()
         if not answer.done():

@@ -26,6 +26,10 @@ APP_NAME = "ember"
 REPLICA_DEPLOYMENT = "EmberReplica"
 INSTALL_HINT = "--replicas needs Ray Serve, which is not installed: pip install 'ember[ray]'"
 _QUIET = {"log_level": "WARNING", "enable_access_log": False}
+# The gRPC messages between the ingress and the replicas carry whole requests and answers: gRPC's default 4 MiB
+# limit would refuse a body near --max-body or a large answer (embeddings of many inputs). Read by Ray Serve when
+# it is imported, here and in the replicas.
+GRPC_LIMIT = {"RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(2**30)}
 
 
 @dataclass
@@ -48,7 +52,8 @@ class ReplicaPlan:
         wait at the router, which can still send them elsewhere); the autoscaler aims at one batch each. A
         replica being stopped lets its requests finish for --shutdown-grace seconds, as `ember serve` does."""
         options: dict[str, Any] = {
-            "ray_actor_options": {"num_cpus": self.cpus, "num_gpus": self.gpus},
+            "ray_actor_options": {"num_cpus": self.cpus, "num_gpus": self.gpus,
+                                  "runtime_env": {"env_vars": GRPC_LIMIT}},
             "max_ongoing_requests": 2 * max_num_seqs,
             "graceful_shutdown_timeout_s": shutdown_grace,
             "graceful_shutdown_wait_loop_s": 0.5,
@@ -87,6 +92,8 @@ def plan_replicas(args: argparse.Namespace) -> ReplicaPlan:
 
 
 def _start_ray(address: str | None, plan: ReplicaPlan):
+    for name, value in GRPC_LIMIT.items():
+        os.environ.setdefault(name, value)
     if not address:
         # Ray's single-machine mode (its default on macOS and Windows): the node's address is 127.0.0.1, and
         # Ray's own services listen there instead of on every interface. Read when Ray is imported.
