@@ -2,6 +2,8 @@
 
     python benchmarks/replicas.py                                   # the bundled model
     python benchmarks/replicas.py --model /work/bench/b1-Q4_K_M.gguf --requests 8 --max-tokens 16 --no-overhead
+    python benchmarks/replicas.py --overhead-only --samples 400     # only the latency and CPU the ingress adds
+    python benchmarks/replicas.py --floor --samples 1000            # Ray Serve's own cost per call, no ember
 
 For each replica count: starts `ember serve MODEL --replicas N --replica-cpus 1 -t 1` (a local Ray instance on
 loopback), warms every replica, then sends --requests chat requests (distinct prompts, greedy, ignore_eos,
@@ -166,6 +168,55 @@ def percentiles(values: list[float]) -> str:
     return f"p50 {statistics.median(values) * 1e3:.2f} ms, p90 {cuts[-1] * 1e3:.2f} ms"
 
 
+def transport_floor(samples: int) -> None:
+    """Ray Serve's own cost per call, without ember: a deployment that answers at once, called as the ingress
+    calls a replica (the same handle options, from a driver's event loop, a ForwardedRequest as argument)."""
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+    from ray import serve
+
+    from ember.cluster.forwarding import ForwardedRequest, ResponseStart
+    from ember.cluster.ingress import TRANSPORT
+
+    class Echo:
+        async def answer(self, request: ForwardedRequest) -> tuple[ResponseStart, bytes]:
+            return ResponseStart(200, [(b"content-type", b"application/json")], "echo"), request.body
+
+    ray.init(address="local", include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+    try:
+        serve.start(proxy_location="Disabled")
+        handle = serve.run(serve.deployment(Echo, ray_actor_options={"num_cpus": 0}).bind(), name="floor",
+                           route_prefix=None)
+        replica = next(process.pid for process in psutil.process_iter()
+                       if "ServeReplica:floor:Echo" in " ".join(process.cmdline()))
+        body = b'{"model": "m", "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]}'
+        request = ForwardedRequest("POST", "/v1/chat/completions", b"", [(b"content-type", b"application/json")],
+                                   body, ("127.0.0.1", 1))
+        roles = {"driver (the ingress's side)": os.getpid(), "replica": replica}
+
+        async def calls() -> tuple[list[float], dict[str, float]]:
+            handle._init(_run_router_in_separate_loop=False)
+            answer = handle.options(method_name="answer", **TRANSPORT)
+            for _ in range(20):
+                await answer.remote(request)
+            idle_before = cpu_seconds(roles)
+            await asyncio.sleep(2)
+            idle = {name: (value - idle_before[name]) / 2 for name, value in cpu_seconds(roles).items()}
+            times, before, began = [], cpu_seconds(roles), time.perf_counter()
+            for _ in range(samples):
+                start = time.perf_counter()
+                await answer.remote(request)
+                times.append(time.perf_counter() - start)
+            seconds, after = time.perf_counter() - began, cpu_seconds(roles)
+            return times, {name: (after[name] - before[name] - idle[name] * seconds) / samples for name in after}
+
+        times, cpu = asyncio.run(calls())
+    finally:
+        ray.shutdown()  # the local instance, Serve with it
+    print(f"Ray Serve call floor ({samples} calls, load average {os.getloadavg()[0]:.2f}): {percentiles(times)}; "
+          "CPU per call, less idle: " + ", ".join(f"{name} {value * 1e3:.2f} ms" for name, value in cpu.items()))
+
+
 def model_name(url: str) -> str:
     return httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]["id"]
 
@@ -179,7 +230,12 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=30, help="requests timed for the routing overhead")
     parser.add_argument("--no-overhead", action="store_true", help="skip the routing-overhead measurement")
     parser.add_argument("--overhead-only", action="store_true", help="only the routing-overhead measurement")
+    parser.add_argument("--floor", action="store_true",
+                        help="only Ray Serve's own cost per call (a deployment that answers at once), no ember")
     args = parser.parse_args()
+    if args.floor:
+        transport_floor(args.samples)
+        return
     label = args.model or "ember-default (bundled)"
     if args.overhead_only:
         server = Server(args.model, "--replicas", "1", "--replica-cpus", "1")

@@ -73,24 +73,39 @@ async def _disconnect(request: Request) -> None:
 
 
 class EmberIngress:
-    """The ASGI app; `replicas` is a deployment handle to the EmberReplica deployment."""
+    """The ASGI app; `replicas` is a deployment handle to the EmberReplica deployment; `on_shutdown` (blocking,
+    run in a thread) takes the application down when the server stops."""
 
-    def __init__(self, replicas, max_body_bytes: int):
+    def __init__(self, replicas, max_body_bytes: int, on_shutdown=None):
         self.replicas = replicas
         self.max_body_bytes = max_body_bytes
-        self.forward = self.answer = None  # the handles' per-method copies, made on the serving event loop
+        self.on_shutdown = on_shutdown
+        self.forward = self.answer = None  # the handle's per-method copies, made on the serving event loop
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":  # uvicorn runs with lifespan="off"; websockets are not served
-            return
-        if self.forward is None:
-            # The handle's router runs on this event loop (no thread hop per request): made where it runs.
-            if not self.replicas.is_initialized:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+        elif scope["type"] == "http":  # websockets are not served
+            response = await self.handle(Request(scope, receive))
+            await response(scope, receive, send)
+
+    async def _lifespan(self, receive, send) -> None:
+        """The handle's router runs on the server's event loop (no thread hop per request): it is made when the
+        loop starts; the application is taken down and the router shut down before the loop ends (the router
+        follows the application's updates until then)."""
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
                 self.replicas._init(_run_router_in_separate_loop=False)
-            self.forward = self.replicas.options(method_name="forward", stream=True, **TRANSPORT)
-            self.answer = self.replicas.options(method_name="answer", **TRANSPORT)
-        response = await self.handle(Request(scope, receive))
-        await response(scope, receive, send)
+                self.forward = self.replicas.options(method_name="forward", stream=True, **TRANSPORT)
+                self.answer = self.replicas.options(method_name="answer", **TRANSPORT)
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                if self.on_shutdown is not None:
+                    await asyncio.to_thread(self.on_shutdown)
+                await self.replicas.shutdown_async()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
 
     async def handle(self, request: Request) -> Response:
         body = await self._body(request)

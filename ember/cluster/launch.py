@@ -151,25 +151,33 @@ def serve_replicas(args: argparse.Namespace, settings: Settings, pool_options: d
     ray = _start_ray(args.ray_address, plan)
     # After ray.init, which installs its own handlers: ours take the application down before Ray.
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    taken_down = threading.Event()
+
+    def take_down() -> None:
+        if not taken_down.is_set():
+            taken_down.set()
+            _take_down(settings.shutdown_grace)
+
     try:
-        server = _front(_deploy(args, plan, settings, pool_options, max_num_seqs), settings)
+        server = _front(_deploy(args, plan, settings, pool_options, max_num_seqs), settings, take_down)
         starting = False
         server.run(sockets=sockets)  # until SIGINT/SIGTERM, then lets the requests in flight finish
     finally:
-        _stop(ray, remote=bool(args.ray_address), grace=settings.shutdown_grace)
+        take_down()  # when the server did not get to it (a failed start)
+        ray.shutdown()  # the local Ray instance, and Serve on it, end with us
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return 0
 
 
-def _front(replicas, settings: Settings):
+def _front(replicas, settings: Settings, on_shutdown):
     """The HTTP server of the ingress (ember.cluster.ingress) over the replicas' deployment handle."""
     import uvicorn
 
     from ember.cli.serve import GracefulServer
     from ember.cluster.ingress import EmberIngress
 
-    config = uvicorn.Config(EmberIngress(replicas, settings.max_body_bytes), lifespan="off", log_level="warning",
+    config = uvicorn.Config(EmberIngress(replicas, settings.max_body_bytes, on_shutdown), lifespan="on", log_level="warning",
                             access_log=False, timeout_keep_alive=5,
                             timeout_graceful_shutdown=settings.shutdown_grace + 5)
     return GracefulServer(config)
@@ -198,13 +206,18 @@ def _deploy(args: argparse.Namespace, plan: ReplicaPlan, settings: Settings, poo
     return handle
 
 
-def _stop(ray, remote: bool, grace: float) -> None:
-    """Take the application down (the replicas finish or abort their requests), then leave Ray; the local Ray
-    instance ends with us. Bounded: a cluster that stopped answering must not keep the command alive."""
+def _take_down(grace: float) -> None:
+    """Take the application down (the replicas finish or abort their requests). Bounded: a cluster that stopped
+    answering must not keep the command alive."""
     from ray import serve
+    from ray.serve.exceptions import RayServeException
 
-    worker = threading.Thread(target=serve.delete if remote else serve.shutdown,
-                              args=(APP_NAME,) if remote else (), daemon=True)
+    def take_down() -> None:
+        try:
+            serve.delete(APP_NAME)
+        except RayServeException:  # Serve did not start: nothing to take down
+            pass
+
+    worker = threading.Thread(target=take_down, daemon=True)
     worker.start()
     worker.join(grace + 15)
-    ray.shutdown()
