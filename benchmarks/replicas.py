@@ -103,6 +103,7 @@ async def throughput(url: str, model: str, requests: int, concurrency: int, max_
 
 # Processes of a `--replicas` server, by what their command line (Ray's process title) contains.
 ROLES = (("ProxyActor", "Serve proxy"), ("EmberIngress", "ingress"), ("EmberReplica", "replica"),
+         ("ServeReplica:floor", "replica"),
          ("ServeController", "Serve controller"), ("raylet", "raylet"), ("gcs_server", "GCS"))
 
 
@@ -133,9 +134,10 @@ def paired_latencies(via_ray: str, plain: str, model: str, samples: int,
                      roots: dict[str, int]) -> tuple[dict[str, list[float]], dict[str, float]]:
     """One-token requests, alternately to each server: latencies through Ray ("ray"), of the plain server
     ("plain"), the ingress's own part of those through Ray ("ingress"); and the CPU seconds per request pair
-    each process role spent on them, less what it spends idle."""
+    each process role spent on them, less what it spends idle. Then the ingress's own part of requests that
+    leave the engine alone (GET /v1/models: "ingress, no engine")."""
     body = {"model": model, "max_tokens": 1, "temperature": 0, "messages": [{"role": "user", "content": "hi"}]}
-    times: dict[str, list[float]] = {"ray": [], "plain": [], "ingress": []}
+    times: dict[str, list[float]] = {"ray": [], "plain": [], "ingress": [], "ingress, no engine": []}
     with httpx.Client(timeout=60) as client:
         def one(url: str, timed: bool) -> None:
             began = time.perf_counter()
@@ -156,6 +158,9 @@ def paired_latencies(via_ray: str, plain: str, model: str, samples: int,
             for url in (via_ray, plain) if i % 2 else (plain, via_ray):
                 one(url, True)
         seconds, after = time.perf_counter() - began, cpu_seconds(roots)
+        for _ in range(samples):
+            timing = client.get(f"{via_ray}/v1/models").raise_for_status().headers["server-timing"]
+            times["ingress, no engine"].append(float(timing.split("dur=")[1]) / 1e3)
     per_request = {}
     for name in after:
         idle_rate = (idle_after.get(name, 0.0) - idle_before.get(name, 0.0)) / idle_seconds
@@ -187,12 +192,10 @@ def transport_floor(samples: int) -> None:
         serve.start(proxy_location="Disabled")
         handle = serve.run(serve.deployment(Echo, ray_actor_options={"num_cpus": 0}).bind(), name="floor",
                            route_prefix=None)
-        replica = next(process.pid for process in psutil.process_iter()
-                       if "ServeReplica:floor:Echo" in " ".join(process.cmdline()))
         body = b'{"model": "m", "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]}'
         request = ForwardedRequest("POST", "/v1/chat/completions", b"", [(b"content-type", b"application/json")],
                                    body, ("127.0.0.1", 1))
-        roles = {"driver (the ingress's side)": os.getpid(), "replica": replica}
+        roles = {"driver (the ingress's side)": os.getpid()}  # Ray's processes, the replica's too, are its children
 
         async def calls() -> tuple[list[float], dict[str, float]]:
             handle._init(_run_router_in_separate_loop=False)
@@ -273,6 +276,7 @@ def overhead(ray_server: Server, model: str | None, name: str, samples: int, lab
           f"  through the Ray ingress {percentiles(times['ray'])}\n"
           f"  paired difference      {percentiles(added)}\n"
           f"  ingress (Server-Timing) {percentiles(times['ingress'])}\n"
+          f"  ingress, GET /v1/models {percentiles(times['ingress, no engine'])}\n"
           f"  CPU per request, less idle: " + ", ".join(f"{role} {seconds * 1e3:.2f} ms"
                                                         for role, seconds in sorted(cpu.items())))
 
