@@ -49,6 +49,15 @@ def test_ollama_generate_keys_on_its_system_prompt_first():
     assert a[:shared] == b[:shared] and a[shared:] != b[shared:]
 
 
+def test_the_ingress_streams_what_the_client_may_get_as_a_stream():
+    from ember.cluster.ingress import wants_stream
+
+    assert wants_stream("/v1/chat/completions", {"stream": True})
+    assert not wants_stream("/v1/chat/completions", {}) and not wants_stream("/completion", {"stream": False})
+    assert wants_stream("/api/chat", {}) and wants_stream("/api/pull", {"name": "m"})  # Ollama streams by default
+    assert not wants_stream("/api/generate", {"stream": False}) and not wants_stream("/v1/models", None)
+
+
 def _json(body: dict) -> bytes:
     import json
 

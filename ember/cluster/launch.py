@@ -162,6 +162,8 @@ def serve_replicas(args: argparse.Namespace, settings: Settings, pool_options: d
         server = _front(_deploy(args, plan, settings, pool_options, max_num_seqs), settings, take_down)
         starting = False
         server.run(sockets=sockets)  # until SIGINT/SIGTERM, then lets the requests in flight finish
+        if not server.started:  # uvicorn logged why (the ingress's startup failed)
+            raise EmberError(f"the ingress did not start on {args.host}:{args.port}")
     finally:
         take_down()  # when the server did not get to it (a failed start)
         ray.shutdown()  # the local Ray instance, and Serve on it, end with us
