@@ -136,7 +136,7 @@ def serve_replicas(args: argparse.Namespace, settings: Settings, pool_options: d
 
         pool_options = {**pool_options, "max_memory": default_max_memory(
             pool_options.get("engine_args", {}).get("device", "auto")) // plan.most}
-    from ember.cli.serve import listen
+    from ember.server.listener import listen
 
     sockets = listen(args.host, args.port)  # taken first: a port in use fails at once, before Ray starts
     starting = True
@@ -176,11 +176,11 @@ def _front(replicas, settings: Settings, on_shutdown):
     """The HTTP server of the ingress (ember.cluster.ingress) over the replicas' deployment handle."""
     import uvicorn
 
-    from ember.cli.serve import GracefulServer
     from ember.cluster.ingress import EmberIngress
+    from ember.server.listener import GracefulServer
 
-    config = uvicorn.Config(EmberIngress(replicas, settings.max_body_bytes, on_shutdown), lifespan="on", log_level="warning",
-                            access_log=False, timeout_keep_alive=5,
+    ingress = EmberIngress(replicas, settings.max_body_bytes, on_shutdown)
+    config = uvicorn.Config(ingress, lifespan="on", log_level="warning", access_log=False, timeout_keep_alive=5,
                             timeout_graceful_shutdown=settings.shutdown_grace + 5)
     return GracefulServer(config)
 
