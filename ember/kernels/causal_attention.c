@@ -55,10 +55,10 @@ typedef struct {
     const float *q, *k, *v;
     float *out;
     const int64_t *blocks;
-    int64_t n, ctx, start, window, keys_padded;
+    int64_t n, ctx, start, window, keys_padded, kt_stride;
     int heads, kv_heads, head_dim, block_size, group;
     float scale;
-    float *kt; /* [kv_heads][head_dim][keys_padded] */
+    float *kt; /* [kv_heads][head_dim][kt_stride]: keys_padded keys, then a cache line of padding */
     int64_t tasks_per_head;
     int failed;
 } causal_job_t;
@@ -73,44 +73,42 @@ static void transpose_keys(void *ctx, int64_t chunk) {
     const int hd = j->head_dim;
     const int64_t t0 = chunk * KEY_BLOCK;
     for (int h = 0; h < j->kv_heads; h++) {
-        float *dst = j->kt + (int64_t)h * hd * j->keys_padded;
+        float *dst = j->kt + (int64_t)h * hd * j->kt_stride;
         for (int64_t t = t0; t < t0 + KEY_BLOCK; t++) {
             if (t < j->ctx) {
                 const float *row = j->k + (slot_at(j, t) * j->kv_heads + h) * hd;
-                for (int d = 0; d < hd; d++) dst[d * j->keys_padded + t] = row[d];
+                for (int d = 0; d < hd; d++) dst[d * j->kt_stride + t] = row[d];
             } else
-                for (int d = 0; d < hd; d++) dst[d * j->keys_padded + t] = 0.0f;
+                for (int d = 0; d < hd; d++) dst[d * j->kt_stride + t] = 0.0f;
         }
     }
 }
 
-/* Scores of NR query rows (pointers) against keys [k0, k1), multiples of KEY_BLOCK, into s[NR][ld]. */
-INLINE void score_tile(const float *const *qr, const float *kt, int64_t keys_padded, int hd, int64_t k0, int64_t k1,
-                       float scale, float *s, int64_t ld, const int NR) {
+/* Scores of NR query rows (pointers) against the KEY_BLOCK keys from kb, into s[NR][ld] (s at key kb). */
+INLINE void score_block(const float *const *qr, const float *kt, int64_t kt_stride, int hd, int64_t kb, float scale,
+                        float *s, int64_t ld, const int NR) {
+    vf acc[S_NR][S_NG];
+    for (int r = 0; r < NR; r++)
+        for (int g = 0; g < S_NG; g++) acc[r][g] = VZERO();
+    for (int d = 0; d < hd; d++) {
+        vf kv[S_NG];
+        for (int g = 0; g < S_NG; g++) kv[g] = VLOAD(kt + d * kt_stride + kb + g * VL);
+        for (int r = 0; r < NR; r++) {
+            const vf qv = VSET1(qr[r][d]);
+            for (int g = 0; g < S_NG; g++) acc[r][g] = VFMA(qv, kv[g], acc[r][g]);
+        }
+    }
     const vf sc = VSET1(scale);
-    for (int64_t kb = k0; kb < k1; kb += KEY_BLOCK) {
-        vf acc[S_NR][S_NG];
-        for (int r = 0; r < NR; r++)
-            for (int g = 0; g < S_NG; g++) acc[r][g] = VZERO();
-        for (int d = 0; d < hd; d++) {
-            vf kv[S_NG];
-            for (int g = 0; g < S_NG; g++) kv[g] = VLOAD(kt + d * keys_padded + kb + g * VL);
-            for (int r = 0; r < NR; r++) {
-                const vf qv = VSET1(qr[r][d]);
-                for (int g = 0; g < S_NG; g++) acc[r][g] = VFMA(qv, kv[g], acc[r][g]);
-            }
-        }
-        for (int r = 0; r < NR; r++)
-            for (int g = 0; g < S_NG; g++) VSTORE(s + r * ld + kb - k0 + g * VL, VMUL(acc[r][g], sc));
-    }
+    for (int r = 0; r < NR; r++)
+        for (int g = 0; g < S_NG; g++) VSTORE(s + r * ld + g * VL, VMUL(acc[r][g], sc));
 }
 
-/* out rows (pointers) = p[NR][ld] (keys k0 ..) @ values, head_dim values d0 .. d0 + NV * VL. */
+/* out rows (pointers) += p[NR][ld] (p at key k0) @ value rows k0 .. k1, head_dim values d0 .. d0 + NV * VL. */
 INLINE void value_tile(const float *p, int64_t ld, const float *const *vrows, int64_t k0, int64_t k1, int d0,
-                       float *const *outr, const float *inv, const int NR, const int NV) {
+                       float *const *outr, const int NR, const int NV) {
     vf acc[PV_NR][PV_NV];
     for (int r = 0; r < NR; r++)
-        for (int v = 0; v < NV; v++) acc[r][v] = VZERO();
+        for (int v = 0; v < NV; v++) acc[r][v] = VLOAD(outr[r] + d0 + v * VL);
     for (int64_t t = k0; t < k1; t++) {
         vf vv[PV_NV];
         for (int v = 0; v < NV; v++) vv[v] = VLOAD(vrows[t] + d0 + v * VL);
@@ -120,7 +118,7 @@ INLINE void value_tile(const float *p, int64_t ld, const float *const *vrows, in
         }
     }
     for (int r = 0; r < NR; r++)
-        for (int v = 0; v < NV; v++) VSTORE(outr[r] + d0 + v * VL, VMUL(acc[r][v], VSET1(inv[r])));
+        for (int v = 0; v < NV; v++) VSTORE(outr[r] + d0 + v * VL, acc[r][v]);
 }
 
 /* Each constant row count its own loop (registers), for the last tile of a task. */
@@ -137,100 +135,104 @@ INLINE void value_tile(const float *p, int64_t ld, const float *const *vrows, in
         default: break;                                                                                          \
         }
 
-static __thread float *tile_scores;
-static __thread int64_t tile_scores_cap;
+static __thread float *task_scores;
+static __thread int64_t task_scores_cap;
 static __thread const float **value_rows;
 static __thread int64_t value_rows_cap;
 
-/* Rows of one task: KV head h, score tiles task * TASK_TILES .. of its rows (position-major: row = i * group +
- * head within the group). */
+/* Rows of one task: KV head h, rows r0 .. r1 of its n * group (position-major: row = i * group + head within
+ * the group), TASK_TILES score tiles. Key blocks are the outer loop and the tiles the inner one, so each block of
+ * keys and of values is read from memory once per task and then served from L1 to every tile. */
 static void causal_task(void *ctx, int64_t task) {
     causal_job_t *j = ctx;
     const int h = (int)(task / j->tasks_per_head), hd = j->head_dim, group = j->group;
     const int64_t rows = j->n * group, first = j->ctx - j->n;
-    int64_t r0 = task % j->tasks_per_head * TASK_TILES * S_NR, r1 = r0 + TASK_TILES * S_NR;
-    if (r1 > rows) r1 = rows;
-    if (tile_scores_cap < S_NR * j->keys_padded || value_rows_cap < j->ctx) {
-        free(tile_scores);
+    const int64_t r0 = task % j->tasks_per_head * TASK_TILES * S_NR;
+    const int64_t r1 = r0 + TASK_TILES * S_NR < rows ? r0 + TASK_TILES * S_NR : rows;
+    const int64_t p_first = first + r0 / group, p_last = first + (r1 - 1) / group;
+    /* keys [k0, k1): from the first row's window start (rounded down to a block) to the last row's position */
+    const int64_t lowest = j->window > 0 && p_first - j->window + 1 > 0 ? p_first - j->window + 1 : 0;
+    const int64_t k0 = lowest / KEY_BLOCK * KEY_BLOCK, k1 = (p_last + KEY_BLOCK) / KEY_BLOCK * KEY_BLOCK;
+    const int64_t ld = k1 - k0 + 16; /* as kt_stride: rows a power of two apart would share L1 sets */
+    if (task_scores_cap < TASK_TILES * S_NR * j->kt_stride || value_rows_cap < j->ctx) {
+        free(task_scores);
         free(value_rows);
-        tile_scores = aligned_alloc(64, sizeof(float) * (size_t)(S_NR * j->keys_padded));
+        task_scores = aligned_alloc(64, sizeof(float) * (size_t)(TASK_TILES * S_NR * j->kt_stride));
         value_rows = malloc(sizeof(float *) * (size_t)j->ctx);
-        tile_scores_cap = tile_scores ? S_NR * j->keys_padded : 0;
+        task_scores_cap = task_scores ? TASK_TILES * S_NR * j->kt_stride : 0;
         value_rows_cap = value_rows ? j->ctx : 0;
-        if (!tile_scores || !value_rows) {
+        if (!task_scores || !value_rows) {
             j->failed = 1;
             return;
         }
     }
-    /* value rows of this head for every key this task reads: the block table is walked once */
-    const int64_t last_key = first + (r1 - 1) / group;
-    int64_t lowest = 0;
-    if (j->window > 0 && first + r0 / group - j->window + 1 > 0) lowest = first + r0 / group - j->window + 1;
-    for (int64_t t = lowest; t <= last_key; t++) value_rows[t] = j->v + (slot_at(j, t) * j->kv_heads + h) * hd;
-    const float *kt = j->kt + (int64_t)h * hd * j->keys_padded;
-    for (int64_t a = r0; a < r1; a += S_NR) {
-        const int nr = (int)(r1 - a < S_NR ? r1 - a : S_NR);
-        const float *qr[S_NR];
-        float *outr[S_NR];
-        int64_t pos[S_NR];
-        for (int r = 0; r < nr; r++) {
-            const int64_t i = (a + r) / group, head = (int64_t)h * group + (a + r) % group;
-            qr[r] = j->q + (i * j->heads + head) * hd;
-            outr[r] = j->out + (i * j->heads + head) * hd;
-            pos[r] = first + i;
-        }
-        /* keys [k0, k1): from the first row's window start (rounded down to a block) to the last row's position */
-        int64_t k0 = 0;
-        if (j->window > 0 && pos[0] - j->window + 1 > 0) k0 = (pos[0] - j->window + 1) / KEY_BLOCK * KEY_BLOCK;
-        const int64_t k1 = (pos[nr - 1] + KEY_BLOCK) / KEY_BLOCK * KEY_BLOCK;
-        const int64_t ld = k1 - k0;
-        float *s = tile_scores;
-#define SCORE(NR_) score_tile(qr, kt, j->keys_padded, hd, k0, k1, j->scale, s, ld, NR_)
-        ROWS_SWITCH(nr, SCORE, S_NR)
+    for (int64_t t = lowest; t <= p_last; t++) value_rows[t] = j->v + (slot_at(j, t) * j->kv_heads + h) * hd;
+    const float *qr[TASK_TILES * S_NR];
+    float *outr[TASK_TILES * S_NR];
+    for (int64_t a = r0; a < r1; a++) {
+        const int64_t i = a / group, head = (int64_t)h * group + a % group;
+        qr[a - r0] = j->q + (i * j->heads + head) * hd;
+        outr[a - r0] = j->out + (i * j->heads + head) * hd;
+        memset(outr[a - r0], 0, sizeof(float) * (size_t)hd);
+    }
+    const float *kt = j->kt + (int64_t)h * hd * j->kt_stride;
+    float *s = task_scores; /* [r1 - r0][ld] */
+    for (int64_t kb = k0; kb < k1; kb += KEY_BLOCK)
+        for (int64_t a = r0; a < r1; a += S_NR) {
+            const int nr = (int)(r1 - a < S_NR ? r1 - a : S_NR);
+            if (kb > first + (a + nr - 1) / group) continue; /* past every row of this tile */
+#define SCORE(NR_) score_block(qr + (a - r0), kt, j->kt_stride, hd, kb, j->scale, s + (a - r0) * ld + kb - k0, ld, NR_)
+            ROWS_SWITCH(nr, SCORE, S_NR)
 #undef SCORE
-        float inv[S_NR];
-        int64_t lo_all = pos[nr - 1], hi_all = 0;
-        for (int r = 0; r < nr; r++) {
-            float *sr = s + r * ld;
-            const int64_t lo = j->window > 0 && pos[r] - j->window + 1 > k0 ? pos[r] - j->window + 1 : k0,
-                          hi = pos[r] + 1;
-            lo_all = lo < lo_all ? lo : lo_all;
-            hi_all = hi > hi_all ? hi : hi_all;
-            float mx = -INFINITY;
-            for (int64_t t = lo; t < hi; t++) mx = sr[t - k0] > mx ? sr[t - k0] : mx;
-            for (int64_t t = k0; t < lo; t++) sr[t - k0] = 0.0f;
-            for (int64_t t = hi; t < k1; t++) sr[t - k0] = 0.0f;
-            __m256 vsum = _mm256_setzero_ps();
-            int64_t t = lo;
-            for (; t + 8 <= hi; t += 8) {
-                const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(sr + t - k0), _mm256_set1_ps(mx)));
-                _mm256_storeu_ps(sr + t - k0, e);
-                vsum = _mm256_add_ps(vsum, e);
-            }
-            float sum = hsum(vsum);
-            for (; t < hi; t++) {
-                sr[t - k0] = expf(sr[t - k0] - mx);
-                sum += sr[t - k0];
-            }
-            inv[r] = 1.0f / sum;
         }
-        /* the tile's rows share keys lo_all .. hi_all (each row's own outside its range is 0) */
-        for (int b = 0; b < nr; b += PV_NR) {
-            const int nb = nr - b < PV_NR ? nr - b : PV_NR;
+    /* softmax of each row over its own keys; the other keys of [k0, k1) get probability 0 */
+    float inv[TASK_TILES * S_NR];
+    for (int64_t a = r0; a < r1; a++) {
+        float *sr = s + (a - r0) * ld;
+        const int64_t pos = first + a / group, hi = pos + 1;
+        const int64_t lo = j->window > 0 && pos - j->window + 1 > k0 ? pos - j->window + 1 : k0;
+        float mx = -INFINITY;
+        for (int64_t t = lo; t < hi; t++) mx = sr[t - k0] > mx ? sr[t - k0] : mx;
+        for (int64_t t = k0; t < lo; t++) sr[t - k0] = 0.0f;
+        for (int64_t t = hi; t < k1; t++) sr[t - k0] = 0.0f;
+        __m256 vsum = _mm256_setzero_ps();
+        int64_t t = lo;
+        for (; t + 8 <= hi; t += 8) {
+            const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(sr + t - k0), _mm256_set1_ps(mx)));
+            _mm256_storeu_ps(sr + t - k0, e);
+            vsum = _mm256_add_ps(vsum, e);
+        }
+        float sum = hsum(vsum);
+        for (; t < hi; t++) {
+            sr[t - k0] = expf(sr[t - k0] - mx);
+            sum += sr[t - k0];
+        }
+        inv[a - r0] = 1.0f / sum;
+    }
+    /* values: KEY_BLOCK keys at a time for every row group, the sums kept in the output rows */
+    for (int64_t kb = lowest; kb <= p_last; kb += KEY_BLOCK) {
+        const int64_t ke = kb + KEY_BLOCK <= p_last + 1 ? kb + KEY_BLOCK : p_last + 1;
+        for (int64_t b = r0; b < r1; b += PV_NR) {
+            const int nb = (int)(r1 - b < PV_NR ? r1 - b : PV_NR);
+            if (kb > first + (b + nb - 1) / group) continue;
+            const float *pb = s + (b - r0) * ld + kb - k0;
             for (int d0 = 0; d0 < hd; d0 += PV_NV * VL) {
                 const int nv = (hd - d0) / VL < PV_NV ? (hd - d0) / VL : PV_NV;
-                const float *pb = s + b * ld + (lo_all - k0);
 #define VALUES(NR_)                                                                                              \
     switch (nv) {                                                                                                \
-    case 1: value_tile(pb, ld, value_rows, lo_all, hi_all, d0, outr + b, inv + b, NR_, 1); break;                \
-    case 2: value_tile(pb, ld, value_rows, lo_all, hi_all, d0, outr + b, inv + b, NR_, 2); break;                \
-    case 3: value_tile(pb, ld, value_rows, lo_all, hi_all, d0, outr + b, inv + b, NR_, 3); break;                \
-    default: value_tile(pb, ld, value_rows, lo_all, hi_all, d0, outr + b, inv + b, NR_, PV_NV); break;           \
+    case 1: value_tile(pb, ld, value_rows, kb, ke, d0, outr + (b - r0), NR_, 1); break;                          \
+    case 2: value_tile(pb, ld, value_rows, kb, ke, d0, outr + (b - r0), NR_, 2); break;                          \
+    case 3: value_tile(pb, ld, value_rows, kb, ke, d0, outr + (b - r0), NR_, 3); break;                          \
+    default: value_tile(pb, ld, value_rows, kb, ke, d0, outr + (b - r0), NR_, PV_NV); break;                     \
     }
                 ROWS_SWITCH(nb, VALUES, PV_NR)
 #undef VALUES
             }
         }
+    }
+    for (int64_t a = r0; a < r1; a++) {
+        const vf sc = VSET1(inv[a - r0]);
+        for (int d = 0; d < hd; d += VL) VSTORE(outr[a - r0] + d, VMUL(VLOAD(outr[a - r0] + d), sc));
     }
 }
 
@@ -247,11 +249,14 @@ int ember_causal_attention(const float *q, const float *k_cache, const float *v_
                       .start = start, .window = window, .heads = heads, .kv_heads = kv_heads,
                       .head_dim = head_dim, .block_size = block_size, .group = heads / kv_heads, .scale = scale};
     j.keys_padded = (ctx + KEY_BLOCK - 1) / KEY_BLOCK * KEY_BLOCK;
+    /* one cache line more per row: at a power-of-two stride every row of a key block would fall in the same L1
+     * sets and evict each other (2x slower at 4096 keys) */
+    j.kt_stride = j.keys_padded + 16;
     j.tasks_per_head = (n * j.group + TASK_TILES * S_NR - 1) / (TASK_TILES * S_NR);
     static float *kt;
     static int64_t kt_floats;
     ember_lock();
-    const int64_t need = (int64_t)kv_heads * head_dim * j.keys_padded;
+    const int64_t need = (int64_t)kv_heads * head_dim * j.kt_stride;
     if (kt_floats < need) {
         free(kt);
         kt = aligned_alloc(64, sizeof(float) * (size_t)need);
