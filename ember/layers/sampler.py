@@ -66,7 +66,7 @@ class SamplingState:
         return self.eos_token_ids | frozenset(self.params.stop_token_ids)
 
 
-def _changes_logits(state: SamplingState) -> bool:
+def changes_logits(state: SamplingState) -> bool:
     params = state.params
     return bool(
         params.logit_bias
@@ -274,7 +274,7 @@ class Sampler:
         if logits.shape[0] != len(states):
             raise ValueError(f"{logits.shape[0]} rows of logits for {len(states)} sampling states")
         masks = grammar_masks(states, logits.shape[-1])
-        if masks is None and all(state.params.is_greedy and not _changes_logits(state) for state in states):
+        if masks is None and all(state.params.is_greedy and not changes_logits(state) for state in states):
             tokens = logits.argmax(dim=-1).tolist()
             return tokens, _logprobs(logits, states, tokens, None)
         processed = self.adjust_logits(logits, states, masks)
