@@ -86,8 +86,9 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1", help="comma list of sequences decoded together")
     parser.add_argument("--prompt-block", type=int, default=32, help="random tokens repeated to make the prompt")
     parser.add_argument("--bias", default="", metavar="B,...",
-                        help="also run n-gram with logit_bias B on one token, sampled at temperature 1: a "
-                             "controlled acceptance rate for random-weight models (100: every draft kept)")
+                        help="also run n-gram (and each draft) with logit_bias B on one token, sampled at "
+                             "temperature 1: a controlled acceptance rate for random-weight models (100: every "
+                             "draft kept)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
@@ -103,6 +104,9 @@ def main() -> None:
         biased = SamplingParams(temperature=1.0, max_tokens=args.tokens, ignore_eos=True, seed=0,
                                 logit_bias={prompt[0]: bias})
         scenarios.append((args.target, f"bias {bias:g}", biased, {"spec_ngram": args.ngram, "spec_tokens": k}))
+        # The draft samples with the same bias: its proposals agree with the target as often as the bias makes
+        # both repeat the token, whatever their weights.
+        scenarios += [(target, f"bias {bias:g}", biased, {"draft": draft, "spec_tokens": k}) for target, draft in pairs]
     results, plain = [], {}
 
     def baseline(model: str, label: str, params: SamplingParams, concurrency: int) -> float:

@@ -11,7 +11,7 @@ from scipy.stats import chisquare
 
 from ember.engine.engine import EngineArgs, LLMEngine
 from ember.engine.proposers import NgramProposer
-from ember.engine.spec_decode import Proposal, verify
+from ember.engine.spec_decode import Proposal, draw, verify
 from ember.errors import InvalidParameter
 from ember.layers.sampler import SamplingState
 from ember.llm import LLM
@@ -153,6 +153,24 @@ def test_rejection_sampling_follows_the_target_distribution():
                 tokens = tokens + [int(torch.multinomial(p1[tokens[0]], 1, generator=generator))]
             counts[tuple(tokens[:2])] = counts.get(tuple(tokens[:2]), 0) + 1
         assert _chi_square(counts, expected, samples) > 1e-3
+
+
+def test_draw_follows_each_rows_distribution_from_its_own_generator():
+    """draw(): one inverse-transform draw per row of unnormalised probabilities; a token of probability 0 never
+    comes out, and a seeded row gives the same token whatever rows are drawn beside it."""
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.3, 0.2], [2.1, 0.0, 0.9, 0.0, 0.0]])  # the second sums to 3
+    samples = 3000
+    generator = torch.Generator().manual_seed(5)
+    tokens = draw(probs.repeat(samples, 1), [generator] * 2 * samples)
+    for row in range(2):
+        counts: dict = {}
+        for token in tokens[row::2]:
+            counts[token] = counts.get(token, 0) + 1
+        expected = {t: p / float(probs[row].sum()) for t, p in enumerate(probs[row].tolist()) if p > 0}
+        assert _chi_square(counts, expected, samples) > 1e-3
+    alone = [draw(probs[:1], [torch.Generator().manual_seed(seed)])[0] for seed in range(20)]
+    beside = [draw(probs, [torch.Generator().manual_seed(seed), None])[0] for seed in range(20)]
+    assert alone == beside and len(set(alone)) > 1
 
 
 def test_sampled_outputs_follow_the_target_distribution(models):

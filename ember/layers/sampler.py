@@ -200,7 +200,8 @@ def _draw(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
 def filtered_logits(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """Temperature, top-k, top-p and min-p over adjusted logits: the softmax of the result is the
     distribution a sampling row draws from (speculative decoding verifies against it)."""
-    logits = logits / _column([p.temperature for p in params], logits)
+    if any(p.temperature != 1.0 for p in params):  # dividing by 1 changes nothing: skip a vocabulary-wide pass
+        logits = logits / _column([p.temperature for p in params], logits)
     logits = _top_k_top_p(logits, params)
     return _min_p(logits, params)
 
