@@ -102,6 +102,7 @@ def instrument_classes(timers: Timers) -> None:
     """Class-level wraps (every model in the process): inside drafting they are the draft model's."""
     timers.wrap(NativeMatmul, "__call__", "matmuls")
     timers.wrap(attention.Attention, "_decode", "attention kernel")  # ember/kernels/attention.c
+    timers.wrap(attention.Attention, "_prefill", "attention kernel")  # causal_attention.c (prefill chunks)
     timers.wrap(attention.Attention, "_write", "K/V write")
 
 
