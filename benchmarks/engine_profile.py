@@ -42,11 +42,11 @@ def _timed_step(engine: LLMEngine, times: dict[str, list[float]]) -> None:
         t0 = clock()
         chunks = engine.scheduler.schedule()
         t1 = clock()
-        ids, pos, meta, rows, sampled = engine.runner._build(chunks)
+        ids, pos, meta, plan, sampled = engine.runner._build(chunks)
         t2 = clock()
         hidden = engine.runner.model(ids, pos, meta)
         t3 = clock()
-        logits = engine.runner.model.compute_logits(hidden if rows is None else hidden[rows])
+        logits = engine.runner.model.compute_logits(hidden if plan.rows is None else hidden[plan.rows])
         t4 = clock()
         for chunk in chunks:
             chunk.seq.num_computed_tokens += chunk.num_tokens
@@ -55,7 +55,7 @@ def _timed_step(engine: LLMEngine, times: dict[str, list[float]]) -> None:
         tokens, logprobs = engine.sampler(logits, [r.sampling for r in requests])
         t5 = clock()
         for r, t, lp in zip(requests, tokens, logprobs, strict=True):
-            engine._advance(r, t, lp)
+            engine._advance(r, [t], [lp] if lp else None)
         t6 = clock()
     for name, value in (("schedule", t1 - t0), ("prepare inputs", t2 - t1), ("model forward", t3 - t2),
                         ("logits", t4 - t3), ("bookkeeping+sampling", t5 - t4), ("detokenize+stop", t6 - t5)):

@@ -56,7 +56,9 @@ def main() -> None:
     print("| model | test | llama.cpp t/s | ember t/s | ember / llama.cpp |")
     print("|---|---|---:|---:|---:|")
     for model in args.models:
-        tests = [(f"pp{args.n_prompt}", args.n_prompt, 0), (f"tg{args.n_gen}", 0, args.n_gen)]
+        # -p 0 or -n 0 skips that test
+        tests = [(name, p, n) for name, p, n in ((f"pp{args.n_prompt}", args.n_prompt, 0),
+                                                  (f"tg{args.n_gen}", 0, args.n_gen)) if p or n]
         for name, p, n in tests:
             ref = llama_bench(args.llama_bench, model, args.threads, args.repetitions, p, n)
             ours = ember_bench(model, args.threads, args.repetitions, p, n)

@@ -35,7 +35,7 @@
 #include <stdlib.h>
 
 
-int ember_kernels_abi(void) { return 6; }
+int ember_kernels_abi(void) { return 7; }
 
 /* What the build uses for integer dot products: 2 = AVX-512 VNNI, 1 = AVX-VNNI, 0 = AVX2 maddubs. */
 int ember_kernels_isa(void) {
@@ -1171,8 +1171,6 @@ static int block_values(int type) {
 
 int ember_supports(int type) { return quant_kernel(type) != NULL || type == T_BF16 || type == T_F16; }
 
-#define MAX_SEGMENTS 8
-
 /* What ember_matmul applies to x before multiplying (folded into the pass that quantizes it). */
 enum { PREP_NONE = 0, PREP_RMS_NORM = 1, PREP_SILU_GATE = 2 };
 
@@ -1262,6 +1260,15 @@ static size_t scratch_bytes;
 int ember_matmul(const float *x, int64_t B, int64_t K, int nseg, const void *const *w, const int *types,
                  const int64_t *rows, const int64_t *row_bytes, float *y, int64_t ldy, int prep, const float *norm_w,
                  float eps, int nthreads) {
+    ember_lock();
+    const int rc = ember_matmul_locked(x, B, K, nseg, w, types, rows, row_bytes, y, ldy, prep, norm_w, eps, nthreads);
+    ember_unlock();
+    return rc;
+}
+
+int ember_matmul_locked(const float *x, int64_t B, int64_t K, int nseg, const void *const *w, const int *types,
+                        const int64_t *rows, const int64_t *row_bytes, float *y, int64_t ldy, int prep,
+                        const float *norm_w, float eps, int nthreads) {
     if (nseg < 1 || nseg > MAX_SEGMENTS || B < 1 || K < 1) return -1;
     job_t j = {.nseg = nseg, .x = x, .B = B, .K = K, .ldy = ldy, .y = y, .x_in = x, .prep = prep, .norm_w = norm_w,
                .eps = eps};
@@ -1293,15 +1300,11 @@ int ember_matmul(const float *x, int64_t B, int64_t K, int nseg, const void *con
                  nf = quantized ? (size_t)B * (K / 32) : 0, nh = bf16 ? (size_t)B * K : 0,
                  nn = prep ? (size_t)B * K : 0;
     const size_t need = (nq + nu + 63) / 64 * 64 + 2 * sizeof(float) * nf + (2 * nh + 3) / 4 * 4 + 4 * nn + 64;
-    ember_lock();
     if (need > scratch_bytes) {
         free(scratch);
         scratch = aligned_alloc(64, (need + 63) / 64 * 64);
         scratch_bytes = scratch ? need : 0;
-        if (!scratch) {
-            ember_unlock();
-            return -1;
-        }
+        if (!scratch) return -1;
     }
     float *d = (float *)(scratch + (nq + nu + 63) / 64 * 64);
     if (quantized) j.act = (act_t){.q = scratch, .d = d, .m = d + nf, .K = K};
@@ -1320,6 +1323,5 @@ int ember_matmul(const float *x, int64_t B, int64_t K, int nseg, const void *con
     per = per < 2 ? 2 : per + (per & 1);
     j.rows_per_chunk = tiled ? GEMM_R : per;
     ember_parallel_for(nthreads, matmul_job, &j, (total + j.rows_per_chunk - 1) / j.rows_per_chunk);
-    ember_unlock();
     return j.failed ? -1 : 0;
 }
