@@ -25,7 +25,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from ember.engine.engine import EngineArgs, LLMEngine
-from ember.kernels import attention, decoder, matmul
+from ember.kernels import decoder, matmul
+from ember.layers import attention as attention_layer
 from ember.sampling_params import SamplingParams
 
 
@@ -105,7 +106,7 @@ def _timed_step(engine: LLMEngine, clock: _Clock) -> None:
 
 def _instrument() -> None:
     _Clock.wrap(matmul.NativeMatmul, "__call__", lambda self, *a: f"matmul K={self.in_features} N={self.out_features}")
-    _Clock.wrap(attention, "decode_attention", lambda *a: "decode attention")
+    _Clock.wrap(attention_layer, "decode_attention", lambda *a: "decode attention")  # the layers' own name
     _Clock.wrap(decoder.DecodeLayers, "__call__", lambda *a: "native decode stack")
 
 

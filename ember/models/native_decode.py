@@ -16,6 +16,7 @@ import torch
 
 from ember.kernels.decoder import DecodeLayers, LayerWeights
 from ember.kernels.native import library
+from ember.models.decoder import DecoderModel
 from ember.quant.linear import FusedLinear, QuantLinear
 
 MAX_GROUP_DIM = 8192  # attention.c's limit on query heads per KV head x head_dim
@@ -51,9 +52,9 @@ def _layer_weights(layer) -> LayerWeights | None:
 
 def build(model) -> DecodeLayers | None:
     """The native stack for a DecoderModel's layers with their current caches, or None where it does not apply."""
-    layers = list(model.layers)
-    if not enabled() or not layers or library() is None:
+    if not enabled() or not isinstance(model, DecoderModel) or not len(model.layers) or library() is None:
         return None
+    layers = list(model.layers)
     first = layers[0].self_attn
     heads, kv_heads, head_dim = first.num_heads, first.num_kv_heads, first.head_dim
     if head_dim % 8 or heads % kv_heads or heads // kv_heads * head_dim > MAX_GROUP_DIM or model.rotary.dim % 2:
