@@ -1212,7 +1212,14 @@ static void prepare_job(void *ctx, int64_t b) {
     if (j->prep == PREP_SILU_GATE) { /* x_in row = [gate | up], 2K wide: silu(gate) * up */
         const float *gate = j->x_in + b * 2 * j->K, *up = gate + j->K;
         float *xn = (float *)j->x + b * j->K;
-        for (int64_t k = 0; k < j->K; k++) xn[k] = gate[k] / (1.0f + expf(-gate[k])) * up[k];
+        int64_t k = 0;
+        for (; k + 8 <= j->K; k += 8) { /* vectorized: a scalar expf here was ~8 us a layer on one thread */
+            const __m256 g = _mm256_loadu_ps(gate + k);
+            const __m256 e = exp256(_mm256_sub_ps(_mm256_setzero_ps(), g));
+            _mm256_storeu_ps(xn + k, _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), e)),
+                                                   _mm256_loadu_ps(up + k)));
+        }
+        for (; k < j->K; k++) xn[k] = gate[k] / (1.0f + expf(-gate[k])) * up[k];
     } else if (j->prep == PREP_RMS_NORM) { /* x * rsqrt(mean(x^2) + eps) * w, in float32 */
         const float *x = j->x_in + b * j->K;
         float *xn = (float *)j->x + b * j->K;
