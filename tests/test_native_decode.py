@@ -12,9 +12,11 @@ from ember.engine.block_manager import BlockManager
 from ember.engine.model_runner import ModelRunner
 from ember.engine.scheduler import ScheduledChunk
 from ember.engine.sequence import Sequence
+from ember.kernels.native import NATIVE_TYPES
 from ember.layers.lora import attach_lora
 from ember.loader.model import load_model
-from ember.quant.ggml import GGMLType, random_rows
+from ember.quant.embedding import QuantEmbedding
+from ember.quant.ggml import FLOAT_TYPES, GGMLType, dequantize, random_rows
 from ember.quant.linear import QuantLinear
 from tests.test_kernels import ISAS, needs_native
 from tests.tiny_models import build_tiny_model, copy_tokenizer
@@ -131,3 +133,16 @@ def test_prefill_steps_and_lora_keep_the_module_path(tmp_path, testdata):
     assert runner._build([ScheduledChunk(seq, 1)])[2].native_layers is not None  # a decode
     runner.lora = attach_lora(loaded.model)  # adapters wrap the projections: the stack would skip them
     assert runner._build([ScheduledChunk(seq, 1)])[2].native_layers is None
+
+
+@needs_native
+@pytest.mark.parametrize("ggml_type", sorted(t for t in NATIVE_TYPES if t not in FLOAT_TYPES), ids=lambda t: t.name)
+def test_quantized_embedding_lookup_equals_dequantize(isa, ggml_type):
+    """The native row lookup gives gguf-order dequantize()'s bits; out-of-range ids still raise."""
+    rows = random_rows(ggml_type, 50, 512, seed=1)
+    table = QuantEmbedding(rows, ggml_type, (50, 512), torch.float32, torch.device("cpu"))
+    assert table._lib is not None
+    ids = torch.tensor([3, 49, 0, 3])
+    assert torch.equal(table(ids), dequantize(rows[ids], ggml_type, (4, 512)))
+    with pytest.raises(IndexError):
+        table(torch.tensor([1, 50]))

@@ -1346,3 +1346,36 @@ int ember_matmul_locked(const float *x, int64_t B, int64_t K, int nseg, const vo
     ember_parallel_for(nthreads, matmul_job, &j, (total + j.rows_per_chunk - 1) / j.rows_per_chunk);
     return j.failed ? -1 : 0;
 }
+
+/* ------------------------------------------------------------------------------ rows of a quantized table */
+
+/* out[i, 0..K) = row ids[i] of a quantized weight [*, row_bytes], dequantized as ember.quant.ggml.dequantize
+ * does (scale * q + offset in float32, rounded the same way: no FMA contraction): a quantized embedding's
+ * lookup. Returns 0, or -1 for a type without a 32-value unit here (the caller keeps its torch path). */
+__attribute__((optimize("fp-contract=off"))) int ember_get_rows(const uint8_t *w, int type, int64_t row_bytes,
+                                                               int64_t K, const int64_t *ids, int64_t n,
+                                                               float *out) {
+    if (!gemm_supports(type) && type != T_Q8_0 && type != T_IQ4_NL && type != T_IQ4_XS) return -1;
+    if (K % block_values(type)) return -1;
+    /* the types whose unit holds signed values; Q4_0/Q5_0 hold q + 8 / q + 16 with the offset in o */
+    const int is_signed = type == T_Q8_0 || type == T_Q6_K || type == T_IQ4_NL || type == T_IQ4_XS;
+    const int bias = type == T_Q4_0 ? 8 : type == T_Q5_0 ? 16 : 0;
+    for (int64_t i = 0; i < n; i++) {
+        const uint8_t *row = w + ids[i] * row_bytes;
+        float *y = out + i * K;
+        for (int64_t g = 0; g < K / 32; g++) {
+            unit_t u;
+            u.s2 = 0.0f;
+            unit_of(type, row, g, &u);
+            int8_t q[32];
+            _mm256_storeu_si256((__m256i *)q, u.q);
+            for (int t = 0; t < 32; t++) {
+                const int v = is_signed ? q[t] : (int)(uint8_t)q[t] - bias;
+                const float s = type == T_Q6_K && t >= 16 ? u.s2 : u.s;
+                const float prod = s * (float)v;
+                y[32 * g + t] = bias || is_signed ? prod : prod + u.o;
+            }
+        }
+    }
+    return 0;
+}

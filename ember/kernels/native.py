@@ -157,6 +157,8 @@ def _bind(path: Path) -> ctypes.CDLL:
     lib.ember_decode_attention.restype = ctypes.c_int
     lib.ember_decode_layers.argtypes = [p, i32, i64, i64, i32, i32, i32, i32, p, i64, p, p, p, p, i64, i64, p, i32, i32]
     lib.ember_decode_layers.restype = ctypes.c_int
+    lib.ember_get_rows.argtypes = [p, i32, i64, i64, p, i64, p]
+    lib.ember_get_rows.restype = ctypes.c_int
     return lib
 
 
