@@ -25,7 +25,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from ember.engine.engine import EngineArgs, LLMEngine
-from ember.kernels import decoder, matmul
+from ember.kernels import decode_layers, matmul
 from ember.layers import attention as attention_layer
 from ember.sampling_params import SamplingParams
 
@@ -107,7 +107,7 @@ def _timed_step(engine: LLMEngine, clock: _Clock) -> None:
 def _instrument() -> None:
     _Clock.wrap(matmul.NativeMatmul, "__call__", lambda self, *a: f"matmul K={self.in_features} N={self.out_features}")
     _Clock.wrap(attention_layer, "decode_attention", lambda *a: "decode attention")  # the layers' own name
-    _Clock.wrap(decoder.DecodeLayers, "__call__", lambda *a: "native decode stack")
+    _Clock.wrap(decode_layers.DecodeLayers, "__call__", lambda *a: "native decode stack")
 
 
 def profile_batch(engine: LLMEngine, batch: int, prompt_len: int, steps: int, rows: int) -> None:

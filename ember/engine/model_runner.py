@@ -11,7 +11,7 @@ import torch
 from ember.config import ModelConfig
 from ember.engine.scheduler import ScheduledChunk
 from ember.engine.sequence import Sequence
-from ember.kernels.decoder import DecodeLayers
+from ember.kernels.decode_layers import DecodeLayers
 from ember.layers import kv_cache
 from ember.layers.attention import AttentionMetadata, PrefillSlice
 from ember.layers.lora import LoraBatch, LoraLayers

@@ -1,4 +1,4 @@
-/* A whole stack of Llama-style decoder layers for a decode-only step, in one call (ember.kernels.decoder).
+/* A whole stack of Llama-style decoder layers for a decode-only step, in one call (ember.kernels.decode_layers).
  *
  * Per layer, on x [B, hidden] float32 (the residual stream, updated in place):
  *   qkv = rmsnorm(x) @ [Wq | Wk | Wv]^T (+ bias)         one fused ember_matmul, the norm in its input pass
@@ -27,7 +27,7 @@ typedef struct {
     int64_t rows[MAX_SEGMENTS], row_bytes[MAX_SEGMENTS];
 } linear_t;
 
-/* One layer's weights and cache (ember.kernels.decoder.Layer mirrors this struct). */
+/* One layer's weights and cache (ember.kernels.decode_layers._Layer mirrors this struct). */
 typedef struct {
     linear_t qkv, o, gate_up, down;
     const float *attn_norm, *mlp_norm; /* the RMSNorms' effective float32 weights */

@@ -57,7 +57,7 @@ class NativeMatmul:
     @property
     def segments(self) -> list[tuple[int, int, int, int]]:
         """(address, GGML type, rows, row bytes) of each weight, in output order: for callers that run this
-        product inside a larger native call (ember.kernels.decoder)."""
+        product inside a larger native call (ember.kernels.decode_layers)."""
         return [(self._ptrs[i], self._types[i], self._rows[i], self._row_bytes[i]) for i in range(self._n)]
 
     def __call__(self, x: torch.Tensor, norm: tuple[torch.Tensor, float] | None = None,

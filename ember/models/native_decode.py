@@ -1,4 +1,4 @@
-"""The decoder's layers as one native call on decode-only steps (ember.kernels.decoder), where they allow it.
+"""The decoder's layers as one native call on decode-only steps (ember.kernels.decode_layers), where they allow it.
 
 It applies to Llama-order layers (llama, mistral, qwen2 with its q/k/v bias, ...) whose projections all run on the
 native kernels with the norms folded in (CausalLM.fuse_projections: float32 activations on a CPU with the
@@ -14,7 +14,7 @@ import os
 
 import torch
 
-from ember.kernels.decoder import DecodeLayers, LayerWeights
+from ember.kernels.decode_layers import DecodeLayers, LayerWeights
 from ember.kernels.native import library
 from ember.models.decoder import DecoderModel
 from ember.quant.linear import FusedLinear, QuantLinear
