@@ -5,6 +5,11 @@
 For each batch size: fills B sequences with prompts (prefill, not timed), then runs N decode steps through
 `LLMEngine.step()` with the phases timed separately (scheduler, input preparation, model forward, logits,
 sampling, detokenize/stop checks), and prints torch.profiler's table of the same steps sorted by self CPU time.
+The native kernel calls are timed too, by kind (each matrix product by its K -> N shape, decode attention, the
+whole native decode stack): what is left of the forward is the Python/torch glue. Every time is given as wall
+time and as the main thread's CPU time; with `--threads 1` all the work runs on the main thread, so its CPU
+time is the step's work whatever else loads the machine (wall times move with the load).
+`EMBER_NATIVE_DECODE=0` profiles the module-by-module path instead of the native decode stack.
 """
 
 # ruff: noqa: I001  (ember before torch: it sets OMP_WAIT_POLICY for its kernels' thread pool)
@@ -20,6 +25,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from ember.engine.engine import EngineArgs, LLMEngine
+from ember.kernels import decode_layers, matmul
+from ember.layers import attention as attention_layer
 from ember.sampling_params import SamplingParams
 
 
@@ -35,50 +42,98 @@ def _fill(engine: LLMEngine, batch: int, prompt_len: int, tag: str) -> None:
         engine.step()
 
 
-def _timed_step(engine: LLMEngine, times: dict[str, list[float]]) -> None:
+class _Clock:
+    """Wall and main-thread CPU milliseconds, summed by name over one step; `current` is the one being filled."""
+
+    current: _Clock | None = None
+
+    def __init__(self):
+        self.wall: dict[str, float] = defaultdict(float)
+        self.cpu: dict[str, float] = defaultdict(float)
+
+    def add(self, name: str, wall: float, cpu: float) -> None:
+        self.wall[name] += wall * 1e3
+        self.cpu[name] += cpu * 1e3
+
+    @staticmethod
+    def wrap(owner, attr: str, name_of) -> None:
+        """Time every call of owner.attr, under name_of(*args), into the current clock."""
+        inner = getattr(owner, attr)
+
+        def timed(*args, **kwargs):
+            w, c = time.perf_counter(), time.thread_time()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                if _Clock.current is not None:
+                    _Clock.current.add(name_of(*args), time.perf_counter() - w, time.thread_time() - c)
+
+        setattr(owner, attr, timed)
+
+
+PHASES = ("schedule", "prepare inputs", "model forward", "logits", "bookkeeping+sampling", "detokenize+stop")
+
+
+def _timed_step(engine: LLMEngine, clock: _Clock) -> None:
     """engine.step() split into its phases (same calls, same order)."""
-    clock = time.perf_counter
+    marks = []
+
+    def mark():
+        marks.append((time.perf_counter(), time.thread_time()))
+
     with torch.inference_mode():
-        t0 = clock()
+        mark()
         chunks = engine.scheduler.schedule()
-        t1 = clock()
-        ids, pos, meta, rows, sampled = engine.runner._build(chunks)
-        t2 = clock()
+        mark()
+        ids, pos, meta, plan, sampled = engine.runner._build(chunks)
+        mark()
         hidden = engine.runner.model(ids, pos, meta)
-        t3 = clock()
-        logits = engine.runner.model.compute_logits(hidden if rows is None else hidden[rows])
-        t4 = clock()
+        mark()
+        logits = engine.runner.model.compute_logits(hidden if plan.rows is None else hidden[plan.rows])
+        mark()
         for chunk in chunks:
             chunk.seq.num_computed_tokens += chunk.num_tokens
             engine.block_manager.register_computed(chunk.seq)
         requests = [engine.requests[c.seq.request_id] for c in sampled]
         tokens, logprobs = engine.sampler(logits, [r.sampling for r in requests])
-        t5 = clock()
+        mark()
         for r, t, lp in zip(requests, tokens, logprobs, strict=True):
-            engine._advance(r, t, lp)
-        t6 = clock()
-    for name, value in (("schedule", t1 - t0), ("prepare inputs", t2 - t1), ("model forward", t3 - t2),
-                        ("logits", t4 - t3), ("bookkeeping+sampling", t5 - t4), ("detokenize+stop", t6 - t5)):
-        times[name].append(value * 1e3)
+            engine._advance(r, [t], [lp] if lp else None)
+        mark()
+    for name, (w0, c0), (w1, c1) in zip(PHASES, marks[:-1], marks[1:], strict=True):
+        clock.add(name, w1 - w0, c1 - c0)
+
+
+def _instrument() -> None:
+    _Clock.wrap(matmul.NativeMatmul, "__call__", lambda self, *a: f"matmul K={self.in_features} N={self.out_features}")
+    _Clock.wrap(attention_layer, "decode_attention", lambda *a: "decode attention")  # the layers' own name
+    _Clock.wrap(decode_layers.DecodeLayers, "__call__", lambda *a: "native decode stack")
 
 
 def profile_batch(engine: LLMEngine, batch: int, prompt_len: int, steps: int, rows: int) -> None:
     """rows=0: phase timings only, no torch.profiler table."""
     _fill(engine, batch, prompt_len, f"b{batch}")
     engine.step()  # warm-up decode
-    times: dict[str, list[float]] = defaultdict(list)
-    walls = []
+    clocks = []
     for _ in range(steps):
-        start = time.perf_counter()
-        _timed_step(engine, times)
-        walls.append((time.perf_counter() - start) * 1e3)
+        clocks.append(_Clock())
+        _Clock.current = clocks[-1]
+        _timed_step(engine, clocks[-1])
+    _Clock.current = None
+    walls = [sum(c.wall[n] for n in PHASES) for c in clocks]
     # Other jobs on the machine add stalls to some steps: the minimum is the least disturbed estimate.
     wall, best = statistics.median(walls), min(walls)
     print(f"\n=== batch {batch}: {steps} decode steps, median {wall:.1f} ms/step ({batch * 1e3 / wall:.1f} tok/s), "
           f"min {best:.1f} ms/step ({batch * 1e3 / best:.1f} tok/s) ===")
-    for name, values in times.items():
-        median = statistics.median(values)
-        print(f"  {name:22s} median {median:8.2f} ms  ({100 * median / wall:5.1f}%)  min {min(values):8.2f} ms")
+    print(f"  {'':28s} {'wall ms':>9s} {'cpu ms':>9s}   (medians over the steps; cpu: the main thread's)")
+    kernels = sorted(n for n in clocks[0].wall if n not in PHASES)
+    for name in PHASES + ("native kernel calls (in forward and logits):",) + tuple(kernels):
+        if name.endswith(":"):
+            print(f"  {name}")
+            continue
+        w = statistics.median(c.wall[name] for c in clocks)
+        cpu = statistics.median(c.cpu[name] for c in clocks)
+        print(f"  {name:28s} {w:9.2f} {cpu:9.2f}")
     if rows:
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(steps):
@@ -104,6 +159,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     engine = LLMEngine(args.model, EngineArgs(dtype=args.dtype, kv_memory=args.kv_memory,
                                               max_num_seqs=max(batches), max_batched_tokens=2048))
+    _instrument()
     for batch in batches:
         profile_batch(engine, batch, args.prompt_len, args.steps, args.rows)
 

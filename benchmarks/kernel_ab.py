@@ -27,6 +27,15 @@ from ember.kernels import native
 from ember.quant.ggml import GGMLType, random_rows
 
 
+def _random_weight(t: GGMLType, out_f: int, in_f: int, seed: int) -> torch.Tensor:
+    """uint8 rows of a random weight: GGML blocks, or bf16/f16 values for the float types."""
+    if t in (GGMLType.BF16, GGMLType.F16):
+        dtype = torch.bfloat16 if t == GGMLType.BF16 else torch.float16
+        w = torch.randn(out_f, in_f, generator=torch.Generator().manual_seed(seed))
+        return w.to(dtype).view(torch.uint8)
+    return random_rows(t, out_f, in_f, seed=seed)
+
+
 def build(source_dir: Path, isa: str, out_dir: Path, name: str) -> ctypes.CDLL:
     """The kernel library from the C files in `source_dir`, compiled with ember's flags for `isa`."""
     cc = native.compiler()
@@ -95,7 +104,7 @@ def main() -> None:
         for isa in args.isa.split(","):
             libs = {"old": build(old_dir, isa, tmp_dir, "old"), "new": build(Path(args.new_dir), isa, tmp_dir, "new")}
             for t in types:
-                weights = [random_rows(t, out_f, in_f, seed=i) for i in range(args.matrices)]
+                weights = [_random_weight(t, out_f, in_f, seed=i) for i in range(args.matrices)]
                 one_row: dict[str, float] = {}
                 for batch in batches:
                     x = torch.randn(batch, in_f)

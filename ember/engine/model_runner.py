@@ -11,9 +11,11 @@ import torch
 from ember.config import ModelConfig
 from ember.engine.scheduler import ScheduledChunk
 from ember.engine.sequence import Sequence
+from ember.kernels.decode_layers import DecodeLayers
 from ember.layers import kv_cache
 from ember.layers.attention import AttentionMetadata, PrefillSlice
 from ember.layers.lora import LoraBatch, LoraLayers
+from ember.models import native_decode
 from ember.models.decoder import CausalLM
 
 
@@ -69,6 +71,8 @@ class ModelRunner:
             attn.v_scale = self.v_scale[index] if quantized else None
         self._scratch: dict = {}  # the attention layers' gather buffers, reused by every step
         self.lora: LoraLayers | None = None  # the model's low-rank paths, once an adapter is loaded
+        self._native_layers: DecodeLayers | None = None  # built at the first decode-only step
+        self._native_checked = False
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -171,6 +175,8 @@ class ModelRunner:
             meta.decode_lens = torch.tensor(lens, device=self.device)
             meta.decode_width = width
             meta.decode_padded = min(lens) != width
+        if decodes and not prefills and self.lora is None:
+            meta.native_layers = self.native_layers()
         if self.lora is not None:  # which rows use which adapter, in the order of the rows above
             row_slots = [chunk.seq.lora_slot for chunk in ordered for _ in range(chunk.num_tokens)]
             self.lora.batch = LoraBatch.from_rows(row_slots, self.device)
@@ -182,6 +188,14 @@ class ModelRunner:
             rows = torch.tensor(logit_rows, dtype=torch.long, device=self.device)
         plan = _LogitPlan(rows, sample_index if scored else None, scored)
         return ids, pos, meta, plan, sampled
+
+    def native_layers(self) -> DecodeLayers | None:
+        """The model's layers over this runner's cache as one native call for decode-only steps, or None where
+        that does not apply (ember.models.native_decode); LoRA steps never use it (adapters wrap the layers)."""
+        if not self._native_checked and self.device.type == "cpu":
+            self._native_layers = native_decode.build(self.model.model)
+        self._native_checked = True
+        return self._native_layers
 
     @torch.inference_mode()
     def run(self, chunks: list[ScheduledChunk]) -> tuple[list[ScheduledChunk], torch.Tensor, list[PromptScores]]:

@@ -130,6 +130,19 @@ int ember_decode_attention(const float *q, const void *k_cache, const void *v_ca
                            const float *v_scale, float *out, int64_t D, int heads, int kv_heads, int head_dim,
                            const int64_t *blocks, int64_t max_blocks, int64_t start, const int64_t *lens,
                            int block_size, float scale, float softcap, int64_t window, int nthreads) {
+    ember_lock();
+    const int rc = ember_decode_attention_locked(q, k_cache, v_cache, k_scale, v_scale, out, D, heads, kv_heads,
+                                                 head_dim, blocks, max_blocks, start, lens, block_size, scale,
+                                                 softcap, window, nthreads);
+    ember_unlock();
+    return rc;
+}
+
+int ember_decode_attention_locked(const float *q, const void *k_cache, const void *v_cache, const float *k_scale,
+                                  const float *v_scale, float *out, int64_t D, int heads, int kv_heads,
+                                  int head_dim, const int64_t *blocks, int64_t max_blocks, int64_t start,
+                                  const int64_t *lens, int block_size, float scale, float softcap, int64_t window,
+                                  int nthreads) {
     if (D < 1 || kv_heads < 1 || heads % kv_heads || head_dim % 8 || heads / kv_heads * head_dim > MAX_GROUP_DIM ||
         block_size < 1)
         return -1;
@@ -139,8 +152,6 @@ int ember_decode_attention(const float *q, const void *k_cache, const void *v_ca
                     .max_blocks = max_blocks, .start = start, .window = window, .heads = heads,
                     .kv_heads = kv_heads, .head_dim = head_dim, .block_size = block_size, .scale = scale,
                     .softcap = softcap};
-    ember_lock();
     ember_parallel_for(nthreads, attn_task, &j, D * kv_heads);
-    ember_unlock();
     return j.failed ? -1 : 0;
 }

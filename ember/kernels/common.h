@@ -25,6 +25,20 @@ void ember_unlock(void);
 /* fn(ctx, c) for every c < chunks on up to nthreads threads (the caller's included); returns when all ran. */
 void ember_parallel_for(int nthreads, job_fn fn, void *ctx, int64_t chunks);
 
+/* Weights per fused call (q/k/v, gate/up): ggml_matmul.c's limit. */
+#define MAX_SEGMENTS 8
+
+/* ember_matmul and ember_decode_attention without taking the library lock: for a caller that holds it across
+ * several kernels (decode_layers.c). Arguments as the public entries'. */
+int ember_matmul_locked(const float *x, int64_t B, int64_t K, int nseg, const void *const *w, const int *types,
+                        const int64_t *rows, const int64_t *row_bytes, float *y, int64_t ldy, int prep,
+                        const float *norm_w, float eps, int nthreads);
+int ember_decode_attention_locked(const float *q, const void *k_cache, const void *v_cache, const float *k_scale,
+                                  const float *v_scale, float *out, int64_t D, int heads, int kv_heads,
+                                  int head_dim, const int64_t *blocks, int64_t max_blocks, int64_t start,
+                                  const int64_t *lens, int block_size, float scale, float softcap, int64_t window,
+                                  int nthreads);
+
 INLINE float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));

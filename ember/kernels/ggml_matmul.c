@@ -39,7 +39,7 @@
 #include <stdlib.h>
 
 
-int ember_kernels_abi(void) { return 6; }
+int ember_kernels_abi(void) { return 7; }
 
 /* What the build uses for integer dot products: 2 = AVX-512 VNNI, 1 = AVX-VNNI, 0 = AVX2 maddubs. */
 int ember_kernels_isa(void) {
@@ -295,6 +295,14 @@ static void quantize_row_0(const float *x, int64_t K, int8_t *q, float *d, float
  * up to QUANT_NB rows of x pass. 8 keeps a sum per row of x in registers on AVX2 too (16 vector registers). */
 #define QUANT_NB 8
 
+/* Weight rows are prefetched this many rows ahead: the hardware prefetchers alone leave one core's stream of
+ * DRAM reads short of what the memory can deliver (decode reads every weight once per token). */
+#define PREFETCH_ROWS 4
+
+INLINE void prefetch_row(const uint8_t *p, int64_t bytes) {
+    for (int64_t i = 0; i < bytes; i += 64) _mm_prefetch((const char *)p + i, _MM_HINT_T0);
+}
+
 /* The rows r0..r1 of a weight against every row of x, QUANT_NB rows of x at a time (NAME##_tile below; its
  * last argument, the number of rows, is a constant in each case so that each count gets its own loop). */
 #define DEFINE_ROWS(NAME)                                                                                        \
@@ -304,6 +312,7 @@ static void quantize_row_0(const float *x, int64_t K, int8_t *q, float *d, float
             const int64_t nb = B - b < QUANT_NB ? B - b : QUANT_NB;                                              \
             for (int64_t r = r0; r < r1; r++) {                                                                  \
                 const uint8_t *row = w + r * row_bytes;                                                          \
+                prefetch_row(row + PREFETCH_ROWS * row_bytes, row_bytes);                                        \
                 float *out = y + b * ldy + r;                                                                    \
                 switch (nb) {                                                                                    \
                 case 8: NAME##_tile(row, a, b, out, ldy, 8); break;                                              \
@@ -1065,8 +1074,10 @@ INLINE float bf16_scalar(uint16_t h) {
                         NAME##_tile(w + r * K, K, xb + h * K, K, y + (b + h) * ldy + r, ldy, 2, 2);              \
             for (int64_t j = 0; j < nb; j++) {                                                                   \
                 int64_t rr = r;                                                                                  \
-                for (; rr + 4 <= r1; rr += 4)                                                                    \
+                for (; rr + 4 <= r1; rr += 4) {                                                                  \
+                    if (B == 1) prefetch_row((const uint8_t *)(w + (rr + PREFETCH_ROWS) * K), 4 * 2 * K);        \
                     NAME##_tile(w + rr * K, K, xb + j * K, K, y + (b + j) * ldy + rr, ldy, 4, 1);                \
+                }                                                                                                \
                 for (; rr < r1; rr++) NAME##_tile(w + rr * K, K, xb + j * K, K, y + (b + j) * ldy + rr, ldy, 1, 1); \
             }                                                                                                    \
         }                                                                                                        \
@@ -1129,7 +1140,10 @@ static void bf16dot_rows(const uint8_t *wbytes, int64_t r0_, int64_t r1_, const 
             for (; r + 4 <= r1; r += 4) bf16dot_tile(w + r * K, K, xb, y + b * ldy + r, ldy, 4, TILE_B);
         for (int64_t j = 0; j < nb; j++) {
             int64_t rr = r;
-            for (; rr + 4 <= r1; rr += 4) bf16dot_tile(w + rr * K, K, xb + j * K, y + (b + j) * ldy + rr, ldy, 4, 1);
+            for (; rr + 4 <= r1; rr += 4) {
+                if (B == 1) prefetch_row((const uint8_t *)(w + (rr + PREFETCH_ROWS) * K), 4 * 2 * K);
+                bf16dot_tile(w + rr * K, K, xb + j * K, y + (b + j) * ldy + rr, ldy, 4, 1);
+            }
             for (; rr < r1; rr++) bf16dot_tile(w + rr * K, K, xb + j * K, y + (b + j) * ldy + rr, ldy, 1, 1);
         }
     }
@@ -1179,8 +1193,6 @@ static int block_values(int type) {
 
 int ember_supports(int type) { return quant_kernel(type) != NULL || type == T_BF16 || type == T_F16; }
 
-#define MAX_SEGMENTS 8
-
 /* What ember_matmul applies to x before multiplying (folded into the pass that quantizes it). */
 enum { PREP_NONE = 0, PREP_RMS_NORM = 1, PREP_SILU_GATE = 2 };
 
@@ -1208,7 +1220,14 @@ static void prepare_job(void *ctx, int64_t b) {
     if (j->prep == PREP_SILU_GATE) { /* x_in row = [gate | up], 2K wide: silu(gate) * up */
         const float *gate = j->x_in + b * 2 * j->K, *up = gate + j->K;
         float *xn = (float *)j->x + b * j->K;
-        for (int64_t k = 0; k < j->K; k++) xn[k] = gate[k] / (1.0f + expf(-gate[k])) * up[k];
+        int64_t k = 0;
+        for (; k + 8 <= j->K; k += 8) { /* vectorized: a scalar expf here was ~8 us a layer on one thread */
+            const __m256 g = _mm256_loadu_ps(gate + k);
+            const __m256 e = exp256(_mm256_sub_ps(_mm256_setzero_ps(), g));
+            _mm256_storeu_ps(xn + k, _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), e)),
+                                                   _mm256_loadu_ps(up + k)));
+        }
+        for (; k < j->K; k++) xn[k] = gate[k] / (1.0f + expf(-gate[k])) * up[k];
     } else if (j->prep == PREP_RMS_NORM) { /* x * rsqrt(mean(x^2) + eps) * w, in float32 */
         const float *x = j->x_in + b * j->K;
         float *xn = (float *)j->x + b * j->K;
@@ -1270,6 +1289,15 @@ static size_t scratch_bytes;
 int ember_matmul(const float *x, int64_t B, int64_t K, int nseg, const void *const *w, const int *types,
                  const int64_t *rows, const int64_t *row_bytes, float *y, int64_t ldy, int prep, const float *norm_w,
                  float eps, int nthreads) {
+    ember_lock();
+    const int rc = ember_matmul_locked(x, B, K, nseg, w, types, rows, row_bytes, y, ldy, prep, norm_w, eps, nthreads);
+    ember_unlock();
+    return rc;
+}
+
+int ember_matmul_locked(const float *x, int64_t B, int64_t K, int nseg, const void *const *w, const int *types,
+                        const int64_t *rows, const int64_t *row_bytes, float *y, int64_t ldy, int prep,
+                        const float *norm_w, float eps, int nthreads) {
     if (nseg < 1 || nseg > MAX_SEGMENTS || B < 1 || K < 1) return -1;
     job_t j = {.nseg = nseg, .x = x, .B = B, .K = K, .ldy = ldy, .y = y, .x_in = x, .prep = prep, .norm_w = norm_w,
                .eps = eps};
@@ -1301,15 +1329,11 @@ int ember_matmul(const float *x, int64_t B, int64_t K, int nseg, const void *con
                  nf = quantized ? (size_t)B * (K / 32) : 0, nh = bf16 ? (size_t)B * K : 0,
                  nn = prep ? (size_t)B * K : 0;
     const size_t need = (nq + nu + 63) / 64 * 64 + 2 * sizeof(float) * nf + (2 * nh + 3) / 4 * 4 + 4 * nn + 64;
-    ember_lock();
     if (need > scratch_bytes) {
         free(scratch);
         scratch = aligned_alloc(64, (need + 63) / 64 * 64);
         scratch_bytes = scratch ? need : 0;
-        if (!scratch) {
-            ember_unlock();
-            return -1;
-        }
+        if (!scratch) return -1;
     }
     float *d = (float *)(scratch + (nq + nu + 63) / 64 * 64);
     if (quantized) j.act = (act_t){.q = scratch, .d = d, .m = d + nf, .K = K};
@@ -1328,6 +1352,38 @@ int ember_matmul(const float *x, int64_t B, int64_t K, int nseg, const void *con
     per = per < 2 ? 2 : per + (per & 1);
     j.rows_per_chunk = tiled ? GEMM_R : per;
     ember_parallel_for(nthreads, matmul_job, &j, (total + j.rows_per_chunk - 1) / j.rows_per_chunk);
-    ember_unlock();
     return j.failed ? -1 : 0;
+}
+
+/* ------------------------------------------------------------------------------ rows of a quantized table */
+
+/* out[i, 0..K) = row ids[i] of a quantized weight [*, row_bytes], dequantized as ember.quant.ggml.dequantize
+ * does (scale * q + offset in float32, rounded the same way: no FMA contraction): a quantized embedding's
+ * lookup. Returns 0, or -1 for a type without a 32-value unit here (the caller keeps its torch path). */
+__attribute__((optimize("fp-contract=off"))) int ember_get_rows(const uint8_t *w, int type, int64_t row_bytes,
+                                                               int64_t K, const int64_t *ids, int64_t n,
+                                                               float *out) {
+    if (!gemm_supports(type) && type != T_Q8_0 && type != T_IQ4_NL && type != T_IQ4_XS) return -1;
+    if (K % block_values(type)) return -1;
+    /* the types whose unit holds signed values; Q4_0/Q5_0 hold q + 8 / q + 16 with the offset in o */
+    const int is_signed = type == T_Q8_0 || type == T_Q6_K || type == T_IQ4_NL || type == T_IQ4_XS;
+    const int bias = type == T_Q4_0 ? 8 : type == T_Q5_0 ? 16 : 0;
+    for (int64_t i = 0; i < n; i++) {
+        const uint8_t *row = w + ids[i] * row_bytes;
+        float *y = out + i * K;
+        for (int64_t g = 0; g < K / 32; g++) {
+            unit_t u;
+            u.s2 = 0.0f;
+            unit_of(type, row, g, &u);
+            int8_t q[32];
+            _mm256_storeu_si256((__m256i *)q, u.q);
+            for (int t = 0; t < 32; t++) {
+                const int v = is_signed ? q[t] : (int)(uint8_t)q[t] - bias;
+                const float s = type == T_Q6_K && t >= 16 ? u.s2 : u.s;
+                const float prod = s * (float)v;
+                y[32 * g + t] = bias || is_signed ? prod : prod + u.o;
+            }
+        }
+    }
+    return 0;
 }

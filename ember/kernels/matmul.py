@@ -54,6 +54,12 @@ class NativeMatmul:
         self._row_bytes = (ctypes.c_int64 * n)(*(w.shape[1] for w in self._weights))
         self.out_features = sum(w.shape[0] for w in self._weights)
 
+    @property
+    def segments(self) -> list[tuple[int, int, int, int]]:
+        """(address, GGML type, rows, row bytes) of each weight, in output order: for callers that run this
+        product inside a larger native call (ember.kernels.decode_layers)."""
+        return [(self._ptrs[i], self._types[i], self._rows[i], self._row_bytes[i]) for i in range(self._n)]
+
     def __call__(self, x: torch.Tensor, norm: tuple[torch.Tensor, float] | None = None,
                  silu_gate: bool = False) -> torch.Tensor:
         """x [B, K] (any float dtype) -> float32 [B, out_features], with, applied to x first inside the call (in

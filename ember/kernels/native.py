@@ -1,4 +1,5 @@
-"""Build and load the C kernels of this folder (ggml_matmul.c, attention.c, causal_attention.c, pool.c) for this CPU's ISA,
+"""Build and load the C kernels of this folder (ggml_matmul.c, attention.c, causal_attention.c,
+decode_layers.c, pool.c) for this CPU's ISA,
 called through ctypes.
 
 The ISA comes from the CPU's flags at run time (`isa()`): ``avx512`` (AVX-512 F/BW/VL + VNNI), ``avx2``
@@ -34,14 +35,14 @@ from ember.formats.ggml_types import GGMLType
 logger = logging.getLogger(__name__)
 
 FOLDER = Path(__file__).parent
-SOURCES = ("ggml_matmul.c", "attention.c", "causal_attention.c", "pool.c")
+SOURCES = ("ggml_matmul.c", "attention.c", "causal_attention.c", "decode_layers.c", "pool.c")
 HEADERS = ("common.h",)
 # The types ggml_matmul.c multiplies directly (the others stay on the torch path).
 NATIVE_TYPES = frozenset({
     GGMLType.F16, GGMLType.BF16, GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q8_0,
     GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K, GGMLType.IQ4_NL, GGMLType.IQ4_XS,
 })
-ABI = 6
+ABI = 7
 BASE_FLAGS = ("-O3", "-shared", "-fPIC", "-std=gnu11", "-pthread", f"-I{FOLDER}")
 ISA_FLAGS = {
     "avx2": ("-mavx2", "-mfma", "-mf16c", "-mtune=native"),
@@ -157,6 +158,10 @@ def _bind(path: Path) -> ctypes.CDLL:
     lib.ember_decode_attention.restype = ctypes.c_int
     lib.ember_causal_attention.argtypes = [p, p, p, p, i64, i64, i32, i32, i32, p, i64, i32, f32, i64, i32]
     lib.ember_causal_attention.restype = ctypes.c_int
+    lib.ember_decode_layers.argtypes = [p, i32, i64, i64, i32, i32, i32, i32, p, i64, p, p, p, p, i64, i64, p, i32, i32]
+    lib.ember_decode_layers.restype = ctypes.c_int
+    lib.ember_get_rows.argtypes = [p, i32, i64, i64, p, i64, p]
+    lib.ember_get_rows.restype = ctypes.c_int
     return lib
 
 

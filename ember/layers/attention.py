@@ -52,6 +52,8 @@ class AttentionMetadata:
     decode_width: int = 0  # max_context: the longest decode context this step
     decode_padded: bool = False  # whether some decode context is shorter than decode_width (needs a mask)
     prefills: list[PrefillSlice] = field(default_factory=list)
+    # A decode-only step's whole layer stack as one native call (ember.models.native_decode), when it applies.
+    native_layers: object | None = None
     # Reusable outputs of the block gathers, by name (the runner passes one dict for all its steps): every
     # layer's gather has the same size, and a fresh multi-MB tensor per call would be page-faulted in anew.
     scratch: dict = field(default_factory=dict)

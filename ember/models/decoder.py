@@ -66,6 +66,11 @@ class DecoderModel(nn.Module):
             # Gemma rounds the scale to the activation dtype before multiplying.
             x = x * torch.tensor(self.embed_scale, dtype=x.dtype)
         cos, sin = self.rotary.prepare(*self.rotary.cos_sin(positions), x.dtype)
+        if meta.native_layers is not None and x.dtype == torch.float32:
+            x = x.contiguous()
+            meta.native_layers(x, cos.view(x.shape[0], -1), sin.view(x.shape[0], -1), meta.slot_mapping,
+                               meta.decode_lens, meta.decode_blocks, meta.decode_start, meta.block_size)
+            return self.norm(x)
         for layer in self.layers:
             x = layer(x, cos, sin, self.rotary, meta)
         return self.norm(x)

@@ -105,7 +105,7 @@ class QuantLinear(nn.Module):
         if device.type == "cpu" and kernels.available(self.ggml_type, self.in_features):
             self.backend = "native"
             self.register_buffer("rows", rows, persistent=False)
-            self._native = kernels.NativeMatmul([(rows, self.ggml_type)], self.in_features)
+            self.native = kernels.NativeMatmul([(rows, self.ggml_type)], self.in_features)
         elif self.ggml_type in INT4_TYPES and _int4_supported(device, dtype, self.out_features, self.in_features):
             self.backend = "int4"
             q, scale, zero = int4_params(rows, self.ggml_type, self.out_features, self.in_features)
@@ -168,7 +168,7 @@ class QuantLinear(nn.Module):
         """This layer applied to silu(gate) * up, from gate_up = [..., 2 * in_features] = [gate | up]: the native
         kernel forms the product while preparing its input (native backend only)."""
         lead = gate_up.shape[:-1]
-        y = self._native(gate_up.reshape(-1, 2 * self.in_features), silu_gate=True).to(self.dtype)
+        y = self.native(gate_up.reshape(-1, 2 * self.in_features), silu_gate=True).to(self.dtype)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*lead, self.out_features)
@@ -177,7 +177,7 @@ class QuantLinear(nn.Module):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         if self.backend == "native":
-            y = self._native(x2).to(self.dtype)
+            y = self.native(x2).to(self.dtype)
         elif self.backend == "int4":
             x2 = x2.to(self.dtype).contiguous()
             if x2.device.type == "cpu":
@@ -202,20 +202,20 @@ class FusedLinear(nn.Module):
 
     def __init__(self, parts: list[QuantLinear], norm: RMSNorm | None = None):
         super().__init__()
-        self._norm = None if norm is None else (norm.effective_weight().contiguous(), norm.eps)
+        self.folded_norm = None if norm is None else (norm.effective_weight().contiguous(), norm.eps)
         self.sizes = [p.out_features for p in parts]
         self.dtype = parts[0].dtype
-        self._native = kernels.NativeMatmul([(p.rows, p.ggml_type) for p in parts], parts[0].in_features)
-        self._parts = parts  # a plain list: the parts stay registered where they are
+        self.native = kernels.NativeMatmul([(p.rows, p.ggml_type) for p in parts], parts[0].in_features)
+        self.parts = parts  # a plain list: the parts stay registered where they are
 
     def joined(self, x: torch.Tensor) -> torch.Tensor:
         """The parts' outputs side by side, [..., sum of out_features], before their biases."""
-        y = self._native(x.reshape(-1, self._native.in_features), self._norm).to(self.dtype)
+        y = self.native(x.reshape(-1, self.native.in_features), self.folded_norm).to(self.dtype)
         return y.reshape(*x.shape[:-1], -1)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         outs = self.joined(x).split(self.sizes, dim=-1)
-        return tuple(o if p.bias is None else o + p.bias.to(o.dtype) for o, p in zip(outs, self._parts, strict=True))
+        return tuple(o if p.bias is None else o + p.bias.to(o.dtype) for o, p in zip(outs, self.parts, strict=True))
 
 
 def fuse_linears(parts: list[nn.Module], norm: RMSNorm | None = None) -> FusedLinear | None:
