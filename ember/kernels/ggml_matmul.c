@@ -779,18 +779,16 @@ DEFINE_ROWS(q6_k512)
  * values of each of the GEMM_R rows; a broadcast of 4 bytes of x then multiplies all GEMM_R rows at once
  * (vpdpbusd, or maddubs + madd), summed in int32 over a block of 16 or 32 values, then scaled in float32.
  * The unpacking costs a few operations per weight once per tile, shared by every row of x.
- * x enters as unsigned (x + 128) since the instructions take one unsigned operand: each block subtracts
- * 128 * sum(w), precomputed with the tile. */
+ * x enters as unsigned (x + 128) since the instructions take one unsigned operand: each block's integer sum
+ * starts from -128 * sum(w), precomputed with the tile. */
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
 #define GEMM_R 16
 #define GEMM_NB 8
 #define GEMM_ANY_W 1 /* vpdpbusd sums in int32: any int8 weight */
 typedef __m512i ivec;
 typedef __m512 fvec;
-#define IV_ZERO() _mm512_setzero_si512()
 #define IV_LOAD(p) _mm512_load_si512((const void *)(p))
 #define IV_SET1(v) _mm512_set1_epi32(v)
-#define IV_SUB(a, b) _mm512_sub_epi32(a, b)
 #define DOT4(acc, xu, w) _mm512_dpbusd_epi32(acc, xu, w)
 #define FV_ZERO() _mm512_setzero_ps()
 #define FV_LOAD(p) _mm512_load_ps(p)
@@ -805,10 +803,8 @@ typedef __m512 fvec;
 #define GEMM_ANY_W 0 /* maddubs pairs of (x + 128) * w saturate int16 for |w| > 64: small weights only */
 typedef __m256i ivec;
 typedef __m256 fvec;
-#define IV_ZERO() _mm256_setzero_si256()
 #define IV_LOAD(p) _mm256_load_si256((const __m256i *)(p))
 #define IV_SET1(v) _mm256_set1_epi32(v)
-#define IV_SUB(a, b) _mm256_sub_epi32(a, b)
 #define DOT4(acc, xu, w) _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(xu, w), _mm256_set1_epi16(1)))
 #define FV_ZERO() _mm256_setzero_ps()
 #define FV_LOAD(p) _mm256_load_ps(p)
@@ -820,16 +816,20 @@ typedef __m256 fvec;
 #endif
 /* Rows of x from which the tiles beat the direct kernels (which unpack each weight block once per 8 rows of x),
  * measured with benchmarks/kernel_ab.py (direct-only against tiles-only builds, 5632 x 2048 matrices from DRAM,
- * rows 8..64): on AVX-512 the crossover is ~32 rows for the unsigned 32-value types, ~40 for Q8_0, ~48 for
- * Q4_K/Q5_K and ~64 for Q6_K; on AVX2, where the tiles' dot product is maddubs + madd, the direct loops win up
- * to ~56 rows for Q6_K and ~64 for Q4_0, and at any batch for Q4_K/Q5_K. IQ4_XS keeps its earlier 16. */
+ * docs/benchmarks.md). AVX-512, since the tiles are written with register transposes: ~10 rows for Q4_K, ~12
+ * for Q4_0, ~13 for Q6_K, ~16 for Q8_0 (the other types keep the thresholds measured before: 32, 40, 48). On
+ * AVX2, where the tiles' dot product is maddubs + madd, the direct loops win up to ~56 rows for Q6_K and ~64
+ * for Q4_0, and at any batch for Q4_K/Q5_K. IQ4_XS keeps its earlier 16. */
 static int64_t gemm_min_b(int type) {
     switch (type) {
 #if defined(__AVX512BW__)
-    case T_Q4_0: case T_Q4_1: case T_Q5_0: case T_Q5_1: return 32;
-    case T_Q8_0: case T_IQ4_NL: return 40;
-    case T_Q4_K: case T_Q5_K: return 48;
-    case T_Q6_K: return 64;
+    case T_Q4_K: return 10;
+    case T_Q4_0: return 12;
+    case T_Q6_K: return 13;
+    case T_Q8_0: return 16;
+    case T_Q4_1: case T_Q5_0: case T_Q5_1: return 32;
+    case T_IQ4_NL: return 40;
+    case T_Q5_K: return 48;
 #else
     case T_Q4_0: case T_Q4_1: case T_Q5_0: case T_Q5_1: return 64;
     case T_Q6_K: return 56;
@@ -843,7 +843,7 @@ typedef struct {
     int8_t *w;  /* [block][G / 4][GEMM_R][4] */
     float *s;   /* [block][GEMM_R] scale */
     float *o;   /* [block][GEMM_R] offset (w = s * q + o) */
-    int32_t *c; /* [block][GEMM_R] 128 * sum(q) */
+    int32_t *c; /* [block][GEMM_R] -128 * sum(q): what x + 128 adds, the start of each block's integer sum */
 } tile_t;
 
 /* Values per tile block: 16 for Q6_K (a scale per 16 values), 32 for the others. */
@@ -859,7 +859,7 @@ static int gemm_supports(int type) {
 }
 
 /* Unit g (32 values) of a row of any quantized type. */
-static void unit_of(int type, const uint8_t *row, int64_t g, unit_t *w) {
+INLINE void unit_of(int type, const uint8_t *row, int64_t g, unit_t *w) {
     w->o = 0.0f;
     switch (type) {
     case T_Q4_0: unit_q4_0(row + 18 * g, 0, w); break;
@@ -875,6 +875,155 @@ static void unit_of(int type, const uint8_t *row, int64_t g, unit_t *w) {
     }
 }
 
+#if GEMM_R == 16
+/* AVX-512: the tile is written with register transposes. Each row gives 64 values at a time in one vector, in
+ * order; the 16 rows' vectors are transposed as 16 x 16 dwords, which leaves 4 values of every row in each
+ * vector: the tile's layout, stored whole. 128 * sum(q) per block comes from the transposed vectors (one
+ * vpdpbusd per 4 values of 16 rows). Q4_K and Q6_K take their scales once per super-block and row in vectors
+ * (scattered to the [block][row] layout); the other types per 32-value unit (unit_of). */
+
+/* r[i] = dword i of every r[0..15] (a 16 x 16 dword transpose) */
+INLINE void transpose16x16(__m512i r[16]) {
+    __m512i t[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    /* r[4g + m], lane L: dword 4L + m of rows 4g .. 4g + 3 */
+    for (int g = 0; g < 16; g += 4) {
+        r[g] = _mm512_unpacklo_epi64(t[g], t[g + 2]);
+        r[g + 1] = _mm512_unpackhi_epi64(t[g], t[g + 2]);
+        r[g + 2] = _mm512_unpacklo_epi64(t[g + 1], t[g + 3]);
+        r[g + 3] = _mm512_unpackhi_epi64(t[g + 1], t[g + 3]);
+    }
+    /* a 4 x 4 transpose of 128-bit lanes for each m */
+    for (int m = 0; m < 4; m++) {
+        const __m512i s0 = _mm512_shuffle_i32x4(r[m], r[4 + m], 0x44), s1 = _mm512_shuffle_i32x4(r[m], r[4 + m], 0xEE);
+        const __m512i s2 = _mm512_shuffle_i32x4(r[8 + m], r[12 + m], 0x44);
+        const __m512i s3 = _mm512_shuffle_i32x4(r[8 + m], r[12 + m], 0xEE);
+        t[m] = _mm512_shuffle_i32x4(s0, s2, 0x88);
+        t[4 + m] = _mm512_shuffle_i32x4(s0, s2, 0xDD);
+        t[8 + m] = _mm512_shuffle_i32x4(s1, s3, 0x88);
+        t[12 + m] = _mm512_shuffle_i32x4(s1, s3, 0xDD);
+    }
+    for (int i = 0; i < 16; i++) r[i] = t[i];
+}
+
+/* Values 64i .. 64i + 63 of a Q4_K row (chunk i of 32 bytes of qs: low nibbles, then high nibbles). */
+INLINE __m512i chunk_q4_k(const uint8_t *row, int64_t i) {
+    const __m256i b = _mm256_loadu_si256((const __m256i *)(row + 144 * (i / 4) + 16 + 32 * (i % 4)));
+    const __m256i low4 = _mm256_set1_epi8(0x0F);
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(b, low4)),
+                              _mm256_and_si256(_mm256_srli_epi16(b, 4), low4), 1);
+}
+
+/* Values 64i .. 64i + 63 of a Q6_K row, q - 32 (see q6_k512_tile for the bit layout). */
+INLINE __m512i chunk_q6_k(const uint8_t *row, int64_t i) {
+    const uint8_t *blk = row + 210 * (i / 4);
+    const int half = (int)(i % 4) / 2, v = (int)(i % 2);
+    const __m512i ql = _mm512_loadu_si512((const void *)(blk + 64 * half));
+    const __m256i qh256 = _mm256_loadu_si256((const __m256i *)(blk + 128 + 32 * half));
+    const __m512i qh = _mm512_inserti64x4(_mm512_castsi256_si512(qh256), qh256, 1);
+    const __m512i shift = _mm512_inserti64x4(_mm512_set1_epi16((short)(4 * v)), _mm256_set1_epi16((short)(4 * v + 2)), 1);
+    const __m512i lo = _mm512_and_si512(v ? _mm512_srli_epi16(ql, 4) : ql, _mm512_set1_epi8(0x0F));
+    const __m512i hi = _mm512_and_si512(_mm512_srlv_epi16(qh, shift), _mm512_set1_epi8(3));
+    return _mm512_sub_epi8(_mm512_or_si512(lo, _mm512_slli_epi16(hi, 4)), _mm512_set1_epi8(32));
+}
+
+/* The scales of super-block sb of 16 rows in the tile's [block][row] layout: a vector per row (Q4_K: d * sc_j
+ * for its 8 sub-blocks, then -dmin * m_j; Q6_K: d * sc_j for its 16 blocks of 16), transposed like the values.
+ * Q6_K has no offsets (its tile is read without them). Rows past the matrix get zeros. */
+INLINE void k_scales16(int type, const uint8_t *w, int64_t row_bytes, int nrows, int64_t sb, tile_t *t) {
+    __m512i v[16];
+    for (int r = 0; r < 16; r++) {
+        __m512 s = _mm512_setzero_ps();
+        if (r < nrows && type == T_Q4_K) {
+            const uint8_t *blk = w + r * row_bytes + 144 * sb;
+            const __m128i sm = k4_scales_mins(blk + 4);
+            const __m512 factor = _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_set1_ps(f16(blk))),
+                                                                      _mm256_castps_pd(_mm256_set1_ps(-f16(blk + 2))), 1));
+            s = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(sm)), factor);
+        } else if (r < nrows) {
+            const uint8_t *blk = w + r * row_bytes + 210 * sb;
+            s = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + 192)))),
+                              _mm512_set1_ps(f16(blk + 208)));
+        }
+        v[r] = _mm512_castps_si512(s);
+    }
+    transpose16x16(v);
+    if (type == T_Q4_K)
+        for (int j = 0; j < 8; j++) {
+            _mm512_store_si512((void *)(t->s + (8 * sb + j) * 16), v[j]);
+            _mm512_store_si512((void *)(t->o + (8 * sb + j) * 16), v[8 + j]);
+        }
+    else
+        for (int j = 0; j < 16; j++) _mm512_store_si512((void *)(t->s + (16 * sb + j) * 16), v[j]);
+}
+
+/* Values 64i .. 64i + 63 of a row of another type: two units from unit_of (one where K / 32 is odd and this is
+ * the last chunk), their scales and offsets written to the tile as they come. */
+INLINE __m512i chunk_units(int type, const uint8_t *row, int64_t i, int64_t units, int r, int present, tile_t *t) {
+    __m256i q[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+    for (int h = 0; h < 2 && 2 * i + h < units; h++) {
+        unit_t u = {.q = _mm256_setzero_si256()};
+        if (present) unit_of(type, row, 2 * i + h, &u);
+        else u.s = 0.0f;
+        if (type == T_Q4_0 || type == T_Q5_0) { /* w = s * (q - 8 or 16): no offset needed */
+            u.q = _mm256_sub_epi8(u.q, _mm256_set1_epi8(present ? (type == T_Q4_0 ? 8 : 16) : 0));
+            u.o = 0.0f;
+        }
+        q[h] = u.q;
+        t->s[(2 * i + h) * 16 + r] = u.s;
+        t->o[(2 * i + h) * 16 + r] = u.o;
+    }
+    return _mm512_inserti64x4(_mm512_castsi256_si512(q[0]), q[1], 1);
+}
+
+#define TILE_PREFETCH 256
+/* TYPE: a constant in each instance (0: `type`), so that the per-row work of the common types has no type
+ * switch. */
+INLINE void unpack_tile16(int type, const uint8_t *w, int64_t row_bytes, int nrows, int64_t K, tile_t *t,
+                          const int TYPE) {
+    const int G = gemm_block(type);
+    const int64_t units = K / 32;
+    const __m512i k128 = _mm512_set1_epi8((char)0x80);
+    for (int64_t i = 0; i < (units + 1) / 2; i++) {
+        const int n4 = 2 * i + 1 < units ? 16 : 8; /* the 4-value groups of this chunk inside K */
+        __m512i v[16];
+        if ((TYPE == T_Q4_K || TYPE == T_Q6_K) && i % 4 == 0) k_scales16(TYPE, w, row_bytes, nrows, i / 4, t);
+        /* 16 rows read side by side are 16 streams, more than the hardware prefetcher follows: each row's bytes
+         * are requested TILE_PREFETCH bytes ahead */
+        const int64_t ahead = (2 * i + 2) * row_bytes / units + TILE_PREFETCH;
+        for (int r = 0; r < 16; r++) {
+            const uint8_t *row = w + r * row_bytes;
+            const int present = r < nrows;
+            if (present && ahead < row_bytes) _mm_prefetch((const char *)(row + ahead), _MM_HINT_T0);
+            if (TYPE == T_Q4_K || TYPE == T_Q6_K) {
+                v[r] = !present ? _mm512_setzero_si512() : TYPE == T_Q4_K ? chunk_q4_k(row, i) : chunk_q6_k(row, i);
+            } else {
+                v[r] = chunk_units(TYPE ? TYPE : type, row, i, units, r, present, t);
+            }
+        }
+        transpose16x16(v);
+        for (int k = 0; k < n4; k++) _mm512_store_si512((void *)(t->w + 64 * (16 * i + k)), v[k]);
+        for (int h = 0; h < n4 * 4 / G; h++) { /* block (64 i + G h) / G */
+            __m512i c = _mm512_setzero_si512();
+            for (int k = 0; k < G / 4; k++) c = _mm512_dpbusd_epi32(c, k128, v[h * (G / 4) + k]);
+            _mm512_store_si512((void *)(t->c + (64 / G * i + h) * 16), _mm512_sub_epi32(_mm512_setzero_si512(), c));
+        }
+    }
+}
+
+static void unpack_tile(int type, const uint8_t *w, int64_t row_bytes, int nrows, int64_t K, tile_t *t) {
+    switch (type) {
+    case T_Q4_K: unpack_tile16(type, w, row_bytes, nrows, K, t, T_Q4_K); break;
+    case T_Q6_K: unpack_tile16(type, w, row_bytes, nrows, K, t, T_Q6_K); break;
+    case T_Q4_0: unpack_tile16(type, w, row_bytes, nrows, K, t, T_Q4_0); break;
+    case T_Q8_0: unpack_tile16(type, w, row_bytes, nrows, K, t, T_Q8_0); break;
+    default: unpack_tile16(type, w, row_bytes, nrows, K, t, 0); break;
+    }
+}
+#else
 /* Rows [0, nrows) of `w` (nrows <= GEMM_R; the rest of the tile is zero) -> the tile. */
 static void unpack_tile(int type, const uint8_t *w, int64_t row_bytes, int nrows, int64_t K, tile_t *t) {
     const int G = gemm_block(type);
@@ -903,11 +1052,13 @@ static void unpack_tile(int type, const uint8_t *w, int64_t row_bytes, int nrows
                 }
                 t->s[blk * GEMM_R + r] = h ? u.s2 : u.s;
                 t->o[blk * GEMM_R + r] = u.o;
-                t->c[blk * GEMM_R + r] = 128 * c;
+                t->c[blk * GEMM_R + r] = -128 * c;
             }
         }
     }
 }
+
+#endif
 
 /* The types whose tile keeps an offset (w = s * q + o); Q4_0/Q5_0 are centred when unpacked instead. */
 static int gemm_offset(int type) { return type == T_Q4_1 || type == T_Q5_1 || type == T_Q4_K || type == T_Q5_K; }
@@ -920,7 +1071,8 @@ INLINE void gemm_micro(const tile_t *t, int64_t nblk, const int G, const int OFF
     for (int j = 0; j < NB; j++) acc[j] = FV_ZERO();
     for (int64_t blk = 0; blk < nblk; blk++) {
         ivec ia[GEMM_NB];
-        for (int j = 0; j < NB; j++) ia[j] = IV_ZERO();
+        const ivec c = IV_LOAD(t->c + blk * GEMM_R);
+        for (int j = 0; j < NB; j++) ia[j] = c;
         const int8_t *wb = t->w + blk * G * GEMM_R;
         const uint8_t *xb = xu + blk * G;
         for (int k4 = 0; k4 < G / 4; k4++) {
@@ -932,10 +1084,9 @@ INLINE void gemm_micro(const tile_t *t, int64_t nblk, const int G, const int OFF
             }
         }
         const fvec s = FV_LOAD(t->s + blk * GEMM_R), o = FV_LOAD(t->o + blk * GEMM_R);
-        const ivec c = IV_LOAD(t->c + blk * GEMM_R);
         const int64_t g32 = blk * G / 32;
         for (int j = 0; j < NB; j++) {
-            acc[j] = FV_FMA(FV_CVT(IV_SUB(ia[j], c)), FV_MUL(s, FV_SET1(xd[j * groups + g32])), acc[j]);
+            acc[j] = FV_FMA(FV_CVT(ia[j]), FV_MUL(s, FV_SET1(xd[j * groups + g32])), acc[j]);
             if (OFF) acc[j] = FV_FMA(o, FV_SET1(xm[j * groups + g32]), acc[j]);
         }
     }
@@ -979,12 +1130,27 @@ static int gemm_rows(int type, const uint8_t *w, int64_t row_bytes, int64_t r0, 
         float *out = y + b * ldy + r0;
         /* G, OFF and NB as constants: each combination its own loop */
 #define MICRO(G_, OFF_, NB_) gemm_micro(t, nblk, G_, OFF_, xb, K, xd, xm, groups, out, ldy, nrows, NB_)
+#if GEMM_NB == 8
 #define MICRO_ROWS(G_, OFF_)                                                                                     \
-    if (nb == GEMM_NB) MICRO(G_, OFF_, GEMM_NB);                                                                 \
-    else                                                                                                         \
-        for (int64_t j = 0; j < nb; j++)                                                                         \
-            gemm_micro(t, nblk, G_, OFF_, xb + j * K, K, xd + j * groups, xm + j * groups, groups, out + j * ldy, ldy, \
-                       nrows, 1);
+    switch (nb) {                                                                                                \
+    case 8: MICRO(G_, OFF_, 8); break;                                                                           \
+    case 7: MICRO(G_, OFF_, 7); break;                                                                           \
+    case 6: MICRO(G_, OFF_, 6); break;                                                                           \
+    case 5: MICRO(G_, OFF_, 5); break;                                                                           \
+    case 4: MICRO(G_, OFF_, 4); break;                                                                           \
+    case 3: MICRO(G_, OFF_, 3); break;                                                                           \
+    case 2: MICRO(G_, OFF_, 2); break;                                                                           \
+    default: MICRO(G_, OFF_, 1); break;                                                                          \
+    }
+#else
+#define MICRO_ROWS(G_, OFF_)                                                                                     \
+    switch (nb) {                                                                                                \
+    case 4: MICRO(G_, OFF_, 4); break;                                                                           \
+    case 3: MICRO(G_, OFF_, 3); break;                                                                           \
+    case 2: MICRO(G_, OFF_, 2); break;                                                                           \
+    default: MICRO(G_, OFF_, 1); break;                                                                          \
+    }
+#endif
         if (G == 16) {
             MICRO_ROWS(16, 0)
         } else if (offset) {
