@@ -817,7 +817,7 @@ typedef __m256 fvec;
 /* Rows of x from which the tiles beat the direct kernels (which unpack each weight block once per 8 rows of x),
  * measured with benchmarks/kernel_ab.py (direct-only against tiles-only builds, 5632 x 2048 matrices from DRAM,
  * docs/benchmarks.md), since the tiles are written with register transposes. AVX-512: ~10 rows for Q4_K, ~12
- * for Q4_0, ~13 for Q6_K, ~16 for Q8_0. AVX2 (maddubs, int16 sums widened every 2-4 steps): ~16 for Q6_K, ~24
+ * for Q4_0, ~13 for Q6_K, 16-20 for Q8_0. AVX2 (maddubs, int16 sums widened every 2-4 steps): ~16 for Q6_K, ~24
  * for Q4_0; the direct Q4_K/Q5_K loops win at any batch. The other types keep the thresholds measured before
  * the transposes (32-64); IQ4_XS keeps its earlier 16. */
 static int64_t gemm_min_b(int type) {
@@ -826,7 +826,7 @@ static int64_t gemm_min_b(int type) {
     case T_Q4_K: return 10;
     case T_Q4_0: return 12;
     case T_Q6_K: return 13;
-    case T_Q8_0: return 16;
+    case T_Q8_0: return 20;
     case T_Q4_1: case T_Q5_0: case T_Q5_1: return 32;
     case T_IQ4_NL: return 40;
     case T_Q5_K: return 48;
