@@ -108,10 +108,11 @@ INLINE void scale_min_k4(int j, const uint8_t *q, int *sc, int *m) {
 
 /* A unit of a weight row: 32 values in int8 lanes (unsigned 0..31, or signed), its scale s, and its offset o
  * (w = s * q + o) for unsigned types. The direct kernels below inline these per type; the GEMM path unpacks
- * whole tiles with them. */
+ * whole tiles with them. Q6_K's unit has its values only: its 16-value scales are read per super-block
+ * (k_scales16 / k_scales8). */
 typedef struct {
     __m256i q;
-    float s, s2, o; /* s2: the scale of values 16..31 where the type has 16-value scales (Q6_K) */
+    float s, o;
 } unit_t;
 
 INLINE void unit_q4_0(const uint8_t *b, int u, unit_t *w) {
@@ -192,13 +193,9 @@ INLINE void unit_q5_k(const uint8_t *b, int u, unit_t *w) {
 
 /* Q6_K: 128 bytes of low nibbles, 64 of 2-bit highs, 16 int8 scales (one per 16 values), fp16 d. In each half
  * of 128 values, unit k takes the low (k < 2) or high nibbles of ql[32 * (k & 1)...] and bits 2k..2k+1 of
- * qh; values are q - 32 (signed). */
+ * qh; values are q - 32 (signed). The values only (see unit_t). */
 INLINE void unit_q6_k(const uint8_t *b, int u, unit_t *w) {
     const int half = u / 4, k = u % 4;
-    const float d = f16(b + 208);
-    const int8_t *sc = (const int8_t *)(b + 192) + 8 * half + 2 * k;
-    w->s = d * (float)sc[0];
-    w->s2 = d * (float)sc[1];
     const __m256i ql = _mm256_loadu_si256((const __m256i *)(b + 64 * half + 32 * (k & 1)));
     const __m256i qh = _mm256_loadu_si256((const __m256i *)(b + 128 + 32 * half));
     const __m256i lo = _mm256_and_si256(k >> 1 ? _mm256_srli_epi16(ql, 4) : ql, _mm256_set1_epi8(0x0F));
@@ -885,8 +882,8 @@ INLINE void unit_of(int type, const uint8_t *row, int64_t g, unit_t *w) {
 /* AVX-512: the tile is written with register transposes. Each row gives 64 values at a time in one vector, in
  * order; the 16 rows' vectors are transposed as 16 x 16 dwords, which leaves 4 values of every row in each
  * vector: the tile's layout, stored whole. 128 * sum(q) per block comes from the transposed vectors (one
- * vpdpbusd per 4 values of 16 rows). Q4_K and Q6_K take their scales once per super-block and row in vectors
- * (scattered to the [block][row] layout); the other types per 32-value unit (unit_of). */
+ * vpdpbusd per 4 values of 16 rows). Q4_K and Q6_K take their scales once per super-block and row in vectors,
+ * transposed to the [block][row] layout the same way; the other types per 32-value unit (unit_of). */
 
 /* r[i] = dword i of every r[0..15] (a 16 x 16 dword transpose) */
 INLINE void transpose16x16(__m512i r[16]) {
