@@ -75,7 +75,8 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 # Every row count the direct loops specialise (1..8 rows of x per pass, then a second pass) and the tile paths
-# (from 16 to 64 rows by type and ISA: ggml_matmul.c's gemm_min_b), with a remainder after the tiles' 4 or 8 rows.
+# (from 10 to 64 rows by type and ISA: ggml_matmul.c's gemm_min_b), with every remainder (1..7) after the tiles'
+# 4 or 8 rows of x; 40 weight rows leave a partial last tile (16 + 16 + 8 on AVX-512).
 BATCHES = [*range(1, 21), 23, 37, 47, 50, 67]
 
 

@@ -111,10 +111,11 @@ INLINE void scale_min_k4(int j, const uint8_t *q, int *sc, int *m) {
 
 /* A unit of a weight row: 32 values in int8 lanes (unsigned 0..31, or signed), its scale s, and its offset o
  * (w = s * q + o) for unsigned types. The direct kernels below inline these per type; the GEMM path unpacks
- * whole tiles with them. */
+ * whole tiles with them. Q6_K's unit has its values only: its 16-value scales are read per super-block
+ * (k_scales16 / k_scales8). */
 typedef struct {
     __m256i q;
-    float s, s2, o; /* s2: the scale of values 16..31 where the type has 16-value scales (Q6_K) */
+    float s, o;
 } unit_t;
 
 INLINE void unit_q4_0(const uint8_t *b, int u, unit_t *w) {
@@ -195,13 +196,9 @@ INLINE void unit_q5_k(const uint8_t *b, int u, unit_t *w) {
 
 /* Q6_K: 128 bytes of low nibbles, 64 of 2-bit highs, 16 int8 scales (one per 16 values), fp16 d. In each half
  * of 128 values, unit k takes the low (k < 2) or high nibbles of ql[32 * (k & 1)...] and bits 2k..2k+1 of
- * qh; values are q - 32 (signed). */
+ * qh; values are q - 32 (signed). The values only (see unit_t). */
 INLINE void unit_q6_k(const uint8_t *b, int u, unit_t *w) {
     const int half = u / 4, k = u % 4;
-    const float d = f16(b + 208);
-    const int8_t *sc = (const int8_t *)(b + 192) + 8 * half + 2 * k;
-    w->s = d * (float)sc[0];
-    w->s2 = d * (float)sc[1];
     const __m256i ql = _mm256_loadu_si256((const __m256i *)(b + 64 * half + 32 * (k & 1)));
     const __m256i qh = _mm256_loadu_si256((const __m256i *)(b + 128 + 32 * half));
     const __m256i lo = _mm256_and_si256(k >> 1 ? _mm256_srli_epi16(ql, 4) : ql, _mm256_set1_epi8(0x0F));
@@ -792,18 +789,16 @@ DEFINE_ROWS(q6_k512)
  * values of each of the GEMM_R rows; a broadcast of 4 bytes of x then multiplies all GEMM_R rows at once
  * (vpdpbusd, or maddubs + madd), summed in int32 over a block of 16 or 32 values, then scaled in float32.
  * The unpacking costs a few operations per weight once per tile, shared by every row of x.
- * x enters as unsigned (x + 128) since the instructions take one unsigned operand: each block subtracts
- * 128 * sum(w), precomputed with the tile. */
+ * x enters as unsigned (x + 128) since the instructions take one unsigned operand: each block's integer sum
+ * starts from -128 * sum(w), precomputed with the tile. */
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
 #define GEMM_R 16
 #define GEMM_NB 8
 #define GEMM_ANY_W 1 /* vpdpbusd sums in int32: any int8 weight */
 typedef __m512i ivec;
 typedef __m512 fvec;
-#define IV_ZERO() _mm512_setzero_si512()
 #define IV_LOAD(p) _mm512_load_si512((const void *)(p))
 #define IV_SET1(v) _mm512_set1_epi32(v)
-#define IV_SUB(a, b) _mm512_sub_epi32(a, b)
 #define DOT4(acc, xu, w) _mm512_dpbusd_epi32(acc, xu, w)
 #define FV_ZERO() _mm512_setzero_ps()
 #define FV_LOAD(p) _mm512_load_ps(p)
@@ -818,10 +813,8 @@ typedef __m512 fvec;
 #define GEMM_ANY_W 0 /* maddubs pairs of (x + 128) * w saturate int16 for |w| > 64: small weights only */
 typedef __m256i ivec;
 typedef __m256 fvec;
-#define IV_ZERO() _mm256_setzero_si256()
 #define IV_LOAD(p) _mm256_load_si256((const __m256i *)(p))
 #define IV_SET1(v) _mm256_set1_epi32(v)
-#define IV_SUB(a, b) _mm256_sub_epi32(a, b)
 #define DOT4(acc, xu, w) _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(xu, w), _mm256_set1_epi16(1)))
 #define FV_ZERO() _mm256_setzero_ps()
 #define FV_LOAD(p) _mm256_load_ps(p)
@@ -833,19 +826,24 @@ typedef __m256 fvec;
 #endif
 /* Rows of x from which the tiles beat the direct kernels (which unpack each weight block once per 8 rows of x),
  * measured with benchmarks/kernel_ab.py (direct-only against tiles-only builds, 5632 x 2048 matrices from DRAM,
- * rows 8..64): on AVX-512 the crossover is ~32 rows for the unsigned 32-value types, ~40 for Q8_0, ~48 for
- * Q4_K/Q5_K and ~64 for Q6_K; on AVX2, where the tiles' dot product is maddubs + madd, the direct loops win up
- * to ~56 rows for Q6_K and ~64 for Q4_0, and at any batch for Q4_K/Q5_K. IQ4_XS keeps its earlier 16. */
+ * docs/benchmarks.md), since the tiles are written with register transposes. AVX-512: ~10 rows for Q4_K, ~12
+ * for Q4_0, ~13 for Q6_K, 16-20 for Q8_0. AVX2 (maddubs, int16 sums widened every 2-4 steps): ~16 for Q6_K, ~24
+ * for Q4_0; the direct Q4_K/Q5_K loops win at any batch. The other types keep the thresholds measured before
+ * the transposes (32-64); IQ4_XS keeps its earlier 16. */
 static int64_t gemm_min_b(int type) {
     switch (type) {
 #if defined(__AVX512BW__)
-    case T_Q4_0: case T_Q4_1: case T_Q5_0: case T_Q5_1: return 32;
-    case T_Q8_0: case T_IQ4_NL: return 40;
-    case T_Q4_K: case T_Q5_K: return 48;
-    case T_Q6_K: return 64;
+    case T_Q4_K: return 10;
+    case T_Q4_0: return 12;
+    case T_Q6_K: return 13;
+    case T_Q8_0: return 20;
+    case T_Q4_1: case T_Q5_0: case T_Q5_1: return 32;
+    case T_IQ4_NL: return 40;
+    case T_Q5_K: return 48;
 #else
-    case T_Q4_0: case T_Q4_1: case T_Q5_0: case T_Q5_1: return 64;
-    case T_Q6_K: return 56;
+    case T_Q6_K: return 16;
+    case T_Q4_0: return 24;
+    case T_Q4_1: case T_Q5_0: case T_Q5_1: return 64;
     case T_Q4_K: case T_Q5_K: return INT64_MAX;
 #endif
     default: return 16;
@@ -856,7 +854,7 @@ typedef struct {
     int8_t *w;  /* [block][G / 4][GEMM_R][4] */
     float *s;   /* [block][GEMM_R] scale */
     float *o;   /* [block][GEMM_R] offset (w = s * q + o) */
-    int32_t *c; /* [block][GEMM_R] 128 * sum(q) */
+    int32_t *c; /* [block][GEMM_R] -128 * sum(q): what x + 128 adds, the start of each block's integer sum */
 } tile_t;
 
 /* Values per tile block: 16 for Q6_K (a scale per 16 values), 32 for the others. */
@@ -872,7 +870,7 @@ static int gemm_supports(int type) {
 }
 
 /* Unit g (32 values) of a row of any quantized type. */
-static void unit_of(int type, const uint8_t *row, int64_t g, unit_t *w) {
+INLINE void unit_of(int type, const uint8_t *row, int64_t g, unit_t *w) {
     w->o = 0.0f;
     switch (type) {
     case T_Q4_0: unit_q4_0(row + 18 * g, 0, w); break;
@@ -888,54 +886,287 @@ static void unit_of(int type, const uint8_t *row, int64_t g, unit_t *w) {
     }
 }
 
-/* Rows [0, nrows) of `w` (nrows <= GEMM_R; the rest of the tile is zero) -> the tile. */
-static void unpack_tile(int type, const uint8_t *w, int64_t row_bytes, int nrows, int64_t K, tile_t *t) {
+/* Bytes ahead of the unpacking at which each of a tile's rows is prefetched (the rows read side by side are
+ * more streams than the hardware prefetcher follows). */
+#define TILE_PREFETCH 256
+
+#if GEMM_R == 16
+/* AVX-512: the tile is written with register transposes. Each row gives 64 values at a time in one vector, in
+ * order; the 16 rows' vectors are transposed as 16 x 16 dwords, which leaves 4 values of every row in each
+ * vector: the tile's layout, stored whole. 128 * sum(q) per block comes from the transposed vectors (one
+ * vpdpbusd per 4 values of 16 rows). Q4_K and Q6_K take their scales once per super-block and row in vectors,
+ * transposed to the [block][row] layout the same way; the other types per 32-value unit (unit_of). */
+
+/* r[i] = dword i of every r[0..15] (a 16 x 16 dword transpose) */
+INLINE void transpose16x16(__m512i r[16]) {
+    __m512i t[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    /* r[4g + m], lane L: dword 4L + m of rows 4g .. 4g + 3 */
+    for (int g = 0; g < 16; g += 4) {
+        r[g] = _mm512_unpacklo_epi64(t[g], t[g + 2]);
+        r[g + 1] = _mm512_unpackhi_epi64(t[g], t[g + 2]);
+        r[g + 2] = _mm512_unpacklo_epi64(t[g + 1], t[g + 3]);
+        r[g + 3] = _mm512_unpackhi_epi64(t[g + 1], t[g + 3]);
+    }
+    /* a 4 x 4 transpose of 128-bit lanes for each m */
+    for (int m = 0; m < 4; m++) {
+        const __m512i s0 = _mm512_shuffle_i32x4(r[m], r[4 + m], 0x44), s1 = _mm512_shuffle_i32x4(r[m], r[4 + m], 0xEE);
+        const __m512i s2 = _mm512_shuffle_i32x4(r[8 + m], r[12 + m], 0x44);
+        const __m512i s3 = _mm512_shuffle_i32x4(r[8 + m], r[12 + m], 0xEE);
+        t[m] = _mm512_shuffle_i32x4(s0, s2, 0x88);
+        t[4 + m] = _mm512_shuffle_i32x4(s0, s2, 0xDD);
+        t[8 + m] = _mm512_shuffle_i32x4(s1, s3, 0x88);
+        t[12 + m] = _mm512_shuffle_i32x4(s1, s3, 0xDD);
+    }
+    for (int i = 0; i < 16; i++) r[i] = t[i];
+}
+
+/* Values 64i .. 64i + 63 of a Q4_K row (chunk i of 32 bytes of qs: low nibbles, then high nibbles). */
+INLINE __m512i chunk_q4_k(const uint8_t *row, int64_t i) {
+    const __m256i b = _mm256_loadu_si256((const __m256i *)(row + 144 * (i / 4) + 16 + 32 * (i % 4)));
+    const __m256i low4 = _mm256_set1_epi8(0x0F);
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(b, low4)),
+                              _mm256_and_si256(_mm256_srli_epi16(b, 4), low4), 1);
+}
+
+/* Values 64i .. 64i + 63 of a Q6_K row, q - 32 (see q6_k512_tile for the bit layout). */
+INLINE __m512i chunk_q6_k(const uint8_t *row, int64_t i) {
+    const uint8_t *blk = row + 210 * (i / 4);
+    const int half = (int)(i % 4) / 2, v = (int)(i % 2);
+    const __m512i ql = _mm512_loadu_si512((const void *)(blk + 64 * half));
+    const __m256i qh256 = _mm256_loadu_si256((const __m256i *)(blk + 128 + 32 * half));
+    const __m512i qh = _mm512_inserti64x4(_mm512_castsi256_si512(qh256), qh256, 1);
+    const __m512i shift =
+        _mm512_inserti64x4(_mm512_set1_epi16((short)(4 * v)), _mm256_set1_epi16((short)(4 * v + 2)), 1);
+    const __m512i lo = _mm512_and_si512(v ? _mm512_srli_epi16(ql, 4) : ql, _mm512_set1_epi8(0x0F));
+    const __m512i hi = _mm512_and_si512(_mm512_srlv_epi16(qh, shift), _mm512_set1_epi8(3));
+    return _mm512_sub_epi8(_mm512_or_si512(lo, _mm512_slli_epi16(hi, 4)), _mm512_set1_epi8(32));
+}
+
+/* The scales of super-block sb of 16 rows in the tile's [block][row] layout: a vector per row (Q4_K: d * sc_j
+ * for its 8 sub-blocks, then -dmin * m_j; Q6_K: d * sc_j for its 16 blocks of 16), transposed like the values.
+ * Q6_K has no offsets (its tile is read without them). Rows past the matrix get zeros. */
+INLINE void k_scales16(int type, const uint8_t *w, int64_t row_bytes, int nrows, int64_t sb, tile_t *t) {
+    __m512i v[16];
+    for (int r = 0; r < 16; r++) {
+        __m512 s = _mm512_setzero_ps();
+        if (r < nrows && type == T_Q4_K) {
+            const uint8_t *blk = w + r * row_bytes + 144 * sb;
+            const __m128i sm = k4_scales_mins(blk + 4);
+            const __m512d d = _mm512_castps_pd(_mm512_set1_ps(f16(blk)));
+            const __m512 factor =
+                _mm512_castpd_ps(_mm512_insertf64x4(d, _mm256_castps_pd(_mm256_set1_ps(-f16(blk + 2))), 1));
+            s = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(sm)), factor);
+        } else if (r < nrows) {
+            const uint8_t *blk = w + r * row_bytes + 210 * sb;
+            s = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + 192)))),
+                              _mm512_set1_ps(f16(blk + 208)));
+        }
+        v[r] = _mm512_castps_si512(s);
+    }
+    transpose16x16(v);
+    if (type == T_Q4_K)
+        for (int j = 0; j < 8; j++) {
+            _mm512_store_si512((void *)(t->s + (8 * sb + j) * 16), v[j]);
+            _mm512_store_si512((void *)(t->o + (8 * sb + j) * 16), v[8 + j]);
+        }
+    else
+        for (int j = 0; j < 16; j++) _mm512_store_si512((void *)(t->s + (16 * sb + j) * 16), v[j]);
+}
+
+/* Values 64i .. 64i + 63 of a row of another type: two units from unit_of (one where K / 32 is odd and this is
+ * the last chunk), their scales and offsets written to the tile as they come. */
+INLINE __m512i chunk_units(int type, const uint8_t *row, int64_t i, int64_t units, int r, int present, tile_t *t) {
+    __m256i q[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+    for (int h = 0; h < 2 && 2 * i + h < units; h++) {
+        unit_t u = {.q = _mm256_setzero_si256()};
+        if (present) unit_of(type, row, 2 * i + h, &u);
+        else u.s = 0.0f;
+        if (type == T_Q4_0 || type == T_Q5_0) { /* w = s * (q - 8 or 16): no offset needed */
+            u.q = _mm256_sub_epi8(u.q, _mm256_set1_epi8(present ? (type == T_Q4_0 ? 8 : 16) : 0));
+            u.o = 0.0f;
+        }
+        q[h] = u.q;
+        t->s[(2 * i + h) * 16 + r] = u.s;
+        t->o[(2 * i + h) * 16 + r] = u.o;
+    }
+    return _mm512_inserti64x4(_mm512_castsi256_si512(q[0]), q[1], 1);
+}
+
+/* TYPE: a constant in each instance (0: `type`), so that the per-row work of the common types has no type
+ * switch. */
+INLINE void unpack_tile16(int type, const uint8_t *w, int64_t row_bytes, int nrows, int64_t K, tile_t *t,
+                          const int TYPE) {
     const int G = gemm_block(type);
-    const int64_t units = K / 32, per_unit = 32 / G; /* tile blocks per unit */
-    const __m256i ones = _mm256_set1_epi8(1);
-    for (int r = 0; r < GEMM_R; r++) {
-        for (int64_t g = 0; g < units; g++) {
-            int32_t q[8], sums[8];
-            unit_t u = {.q = _mm256_setzero_si256()};
-            if (r < nrows) unit_of(type, w + r * row_bytes, g, &u);
-            else u.s = u.s2 = 0.0f;
-            if (G == 32) u.s2 = u.s;
-            if (type == T_Q4_0 || type == T_Q5_0) { /* w = s * (q - 8 or 16): no offset needed */
-                u.q = _mm256_sub_epi8(u.q, _mm256_set1_epi8(type == T_Q4_0 ? 8 : 16));
-                u.o = 0.0f;
+    const int64_t units = K / 32;
+    const __m512i k128 = _mm512_set1_epi8((char)0x80);
+    for (int64_t i = 0; i < (units + 1) / 2; i++) {
+        const int n4 = 2 * i + 1 < units ? 16 : 8; /* the 4-value groups of this chunk inside K */
+        __m512i v[16];
+        if ((TYPE == T_Q4_K || TYPE == T_Q6_K) && i % 4 == 0) k_scales16(TYPE, w, row_bytes, nrows, i / 4, t);
+        const int64_t ahead = (2 * i + 2) * row_bytes / units + TILE_PREFETCH;
+        for (int r = 0; r < 16; r++) {
+            const uint8_t *row = w + r * row_bytes;
+            const int present = r < nrows;
+            if (present && ahead < row_bytes) _mm_prefetch((const char *)(row + ahead), _MM_HINT_T0);
+            if (TYPE == T_Q4_K || TYPE == T_Q6_K) {
+                v[r] = !present ? _mm512_setzero_si512() : TYPE == T_Q4_K ? chunk_q4_k(row, i) : chunk_q6_k(row, i);
+            } else {
+                v[r] = chunk_units(TYPE ? TYPE : type, row, i, units, r, present, t);
             }
-            _mm256_storeu_si256((__m256i *)q, u.q);
-            _mm256_storeu_si256((__m256i *)sums, dot_u8s8(ones, u.q)); /* 4-value sums */
-            for (int h = 0; h < per_unit; h++) {
-                const int64_t blk = g * per_unit + h;
-                int32_t *dst = (int32_t *)t->w + blk * (G / 4) * GEMM_R + r;
-                int32_t c = 0;
-                for (int k4 = 0; k4 < G / 4; k4++) {
-                    dst[k4 * GEMM_R] = q[h * (G / 4) + k4];
-                    c += sums[h * (G / 4) + k4];
-                }
-                t->s[blk * GEMM_R + r] = h ? u.s2 : u.s;
-                t->o[blk * GEMM_R + r] = u.o;
-                t->c[blk * GEMM_R + r] = 128 * c;
-            }
+        }
+        transpose16x16(v);
+        for (int k = 0; k < n4; k++) _mm512_store_si512((void *)(t->w + 64 * (16 * i + k)), v[k]);
+        for (int h = 0; h < n4 * 4 / G; h++) { /* block (64 i + G h) / G */
+            __m512i c = _mm512_setzero_si512();
+            for (int k = 0; k < G / 4; k++) c = _mm512_dpbusd_epi32(c, k128, v[h * (G / 4) + k]);
+            _mm512_store_si512((void *)(t->c + (64 / G * i + h) * 16), _mm512_sub_epi32(_mm512_setzero_si512(), c));
         }
     }
 }
 
+static void unpack_tile(int type, const uint8_t *w, int64_t row_bytes, int nrows, int64_t K, tile_t *t) {
+    switch (type) {
+    case T_Q4_K: unpack_tile16(type, w, row_bytes, nrows, K, t, T_Q4_K); break;
+    case T_Q6_K: unpack_tile16(type, w, row_bytes, nrows, K, t, T_Q6_K); break;
+    case T_Q4_0: unpack_tile16(type, w, row_bytes, nrows, K, t, T_Q4_0); break;
+    case T_Q8_0: unpack_tile16(type, w, row_bytes, nrows, K, t, T_Q8_0); break;
+    default: unpack_tile16(type, w, row_bytes, nrows, K, t, 0); break;
+    }
+}
+#else
+/* AVX2: the same with 8 rows, one 32-value unit per row at a time and 8 x 8 dword transposes. */
+
+/* r[i] = dword i of every r[0..7] (an 8 x 8 dword transpose) */
+INLINE void transpose8x8(__m256i r[8]) {
+    __m256i t[8];
+    for (int i = 0; i < 8; i += 2) {
+        t[i] = _mm256_unpacklo_epi32(r[i], r[i + 1]);
+        t[i + 1] = _mm256_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    /* r[4g + m], lane L: dword 4L + m of rows 4g .. 4g + 3 */
+    for (int g = 0; g < 8; g += 4) {
+        r[g] = _mm256_unpacklo_epi64(t[g], t[g + 2]);
+        r[g + 1] = _mm256_unpackhi_epi64(t[g], t[g + 2]);
+        r[g + 2] = _mm256_unpacklo_epi64(t[g + 1], t[g + 3]);
+        r[g + 3] = _mm256_unpackhi_epi64(t[g + 1], t[g + 3]);
+    }
+    for (int m = 0; m < 4; m++) {
+        t[m] = _mm256_permute2x128_si256(r[m], r[4 + m], 0x20);
+        t[4 + m] = _mm256_permute2x128_si256(r[m], r[4 + m], 0x31);
+    }
+    for (int i = 0; i < 8; i++) r[i] = t[i];
+}
+
+/* The scales of super-block sb of 8 rows in the tile's [block][row] layout (see k_scales16): Q4_K d * sc_j and
+ * -dmin * m_j, Q6_K d * sc_j for its blocks 0-7 and 8-15, two vectors per row, each set transposed. */
+INLINE void k_scales8(int type, const uint8_t *w, int64_t row_bytes, int nrows, int64_t sb, tile_t *t) {
+    __m256i a[8], b[8];
+    for (int r = 0; r < 8; r++) {
+        __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
+        if (r < nrows && type == T_Q4_K) {
+            const uint8_t *blk = w + r * row_bytes + 144 * sb;
+            const __m128i sm = k4_scales_mins(blk + 4);
+            lo = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(sm)), _mm256_set1_ps(f16(blk)));
+            hi = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(sm, 8))),
+                               _mm256_set1_ps(-f16(blk + 2)));
+        } else if (r < nrows) {
+            const uint8_t *blk = w + r * row_bytes + 210 * sb;
+            const __m128i sc = _mm_loadu_si128((const __m128i *)(blk + 192));
+            const __m256 d = _mm256_set1_ps(f16(blk + 208));
+            lo = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc)), d);
+            hi = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(sc, 8))), d);
+        }
+        a[r] = _mm256_castps_si256(lo);
+        b[r] = _mm256_castps_si256(hi);
+    }
+    transpose8x8(a);
+    transpose8x8(b);
+    for (int j = 0; j < 8; j++) {
+        if (type == T_Q4_K) {
+            _mm256_store_si256((__m256i *)(t->s + (8 * sb + j) * 8), a[j]);
+            _mm256_store_si256((__m256i *)(t->o + (8 * sb + j) * 8), b[j]);
+        } else {
+            _mm256_store_si256((__m256i *)(t->s + (16 * sb + j) * 8), a[j]);
+            _mm256_store_si256((__m256i *)(t->s + (16 * sb + 8 + j) * 8), b[j]);
+        }
+    }
+}
+
+INLINE void unpack_tile8(int type, const uint8_t *w, int64_t row_bytes, int nrows, int64_t K, tile_t *t,
+                         const int TYPE) {
+    const int G = gemm_block(type), kquant = TYPE == T_Q4_K || TYPE == T_Q6_K;
+    const int64_t units = K / 32;
+    const __m256i k128 = _mm256_set1_epi8((char)0x80), ones = _mm256_set1_epi16(1);
+    for (int64_t g = 0; g < units; g++) {
+        if (kquant && g % 8 == 0) k_scales8(TYPE, w, row_bytes, nrows, g / 8, t);
+        const int64_t ahead = (g + 1) * row_bytes / units + TILE_PREFETCH;
+        __m256i v[8];
+        for (int r = 0; r < 8; r++) {
+            const uint8_t *row = w + r * row_bytes;
+            unit_t u = {.q = _mm256_setzero_si256()};
+            if (r < nrows) {
+                if (ahead < row_bytes) _mm_prefetch((const char *)(row + ahead), _MM_HINT_T0);
+                unit_of(TYPE ? TYPE : type, row, g, &u);
+            } else {
+                u.s = u.o = 0.0f;
+            }
+            if (type == T_Q4_0 || type == T_Q5_0) { /* w = s * (q - 8 or 16): no offset needed */
+                u.q = _mm256_sub_epi8(u.q, _mm256_set1_epi8(r < nrows ? (type == T_Q4_0 ? 8 : 16) : 0));
+                u.o = 0.0f;
+            }
+            v[r] = u.q;
+            if (!kquant) { /* the K-quants' scales come per super-block (k_scales8) */
+                t->s[g * 8 + r] = u.s;
+                t->o[g * 8 + r] = u.o;
+            }
+        }
+        transpose8x8(v);
+        for (int k = 0; k < 8; k++) _mm256_store_si256((__m256i *)(t->w + 32 * (8 * g + k)), v[k]);
+        for (int h = 0; h < 32 / G; h++) { /* block (32 g + G h) / G; pairs 128 * (q + q') fit int16 */
+            __m256i c = _mm256_setzero_si256();
+            for (int k = 0; k < G / 4; k++)
+                c = _mm256_add_epi32(c, _mm256_madd_epi16(_mm256_maddubs_epi16(k128, v[h * (G / 4) + k]), ones));
+            _mm256_store_si256((__m256i *)(t->c + (32 / G * g + h) * 8), _mm256_sub_epi32(_mm256_setzero_si256(), c));
+        }
+    }
+}
+
+static void unpack_tile(int type, const uint8_t *w, int64_t row_bytes, int nrows, int64_t K, tile_t *t) {
+    switch (type) {
+    case T_Q4_K: unpack_tile8(type, w, row_bytes, nrows, K, t, T_Q4_K); break;
+    case T_Q6_K: unpack_tile8(type, w, row_bytes, nrows, K, t, T_Q6_K); break;
+    case T_Q4_0: unpack_tile8(type, w, row_bytes, nrows, K, t, T_Q4_0); break;
+    default: unpack_tile8(type, w, row_bytes, nrows, K, t, 0); break;
+    }
+}
+#endif
+
 /* The types whose tile keeps an offset (w = s * q + o); Q4_0/Q5_0 are centred when unpacked instead. */
 static int gemm_offset(int type) { return type == T_Q4_1 || type == T_Q5_1 || type == T_Q4_K || type == T_Q5_K; }
 
+/* AVX2 (maddubs): how many 4-value steps of int16 pair sums may be added before widening to int32. A pair of
+ * (x + 128) * w is at most 255 * 2 * |w|: 4 steps for |w| <= 16 (Q4_0, Q4_1, Q5_0 centred, Q4_K), 2 for
+ * |w| <= 32 (Q5_1, Q5_K, Q6_K). */
+static int gemm_sums16(int type) { return type == T_Q5_1 || type == T_Q5_K || type == T_Q6_K ? 2 : 4; }
+
 /* NB rows of x (unsigned, x + 128) against a tile: y[j * ldy + r] for r < nrows. */
-INLINE void gemm_micro(const tile_t *t, int64_t nblk, const int G, const int OFF, const uint8_t *xu, int64_t K,
-                       const float *xd, const float *xm, int64_t groups, float *y, int64_t ldy, int nrows,
+INLINE void gemm_micro(const tile_t *t, int64_t nblk, const int G, const int OFF, const int S, const uint8_t *xu,
+                       int64_t K, const float *xd, const float *xm, int64_t groups, float *y, int64_t ldy, int nrows,
                        const int NB) {
     fvec acc[GEMM_NB];
     for (int j = 0; j < NB; j++) acc[j] = FV_ZERO();
     for (int64_t blk = 0; blk < nblk; blk++) {
         ivec ia[GEMM_NB];
-        for (int j = 0; j < NB; j++) ia[j] = IV_ZERO();
+        const ivec c = IV_LOAD(t->c + blk * GEMM_R);
+        for (int j = 0; j < NB; j++) ia[j] = c;
         const int8_t *wb = t->w + blk * G * GEMM_R;
         const uint8_t *xb = xu + blk * G;
+#if GEMM_ANY_W
+        (void)S;
         for (int k4 = 0; k4 < G / 4; k4++) {
             const ivec wv = IV_LOAD(wb + k4 * 4 * GEMM_R);
             for (int j = 0; j < NB; j++) {
@@ -944,11 +1175,27 @@ INLINE void gemm_micro(const tile_t *t, int64_t nblk, const int G, const int OFF
                 ia[j] = DOT4(ia[j], IV_SET1(x4), wv);
             }
         }
+#else
+        /* maddubs pairs of S steps summed in int16 (gemm_sums16 keeps them in range), then widened by one madd */
+        for (int k4 = 0; k4 < G / 4; k4 += S) {
+            __m256i p16[GEMM_NB];
+            for (int u = 0; u < S; u++) {
+                const ivec wv = IV_LOAD(wb + (k4 + u) * 4 * GEMM_R);
+                for (int j = 0; j < NB; j++) {
+                    int32_t x4;
+                    memcpy(&x4, xb + j * K + 4 * (k4 + u), 4);
+                    const __m256i p = _mm256_maddubs_epi16(IV_SET1(x4), wv);
+                    p16[j] = u ? _mm256_add_epi16(p16[j], p) : p;
+                }
+            }
+            for (int j = 0; j < NB; j++)
+                ia[j] = _mm256_add_epi32(ia[j], _mm256_madd_epi16(p16[j], _mm256_set1_epi16(1)));
+        }
+#endif
         const fvec s = FV_LOAD(t->s + blk * GEMM_R), o = FV_LOAD(t->o + blk * GEMM_R);
-        const ivec c = IV_LOAD(t->c + blk * GEMM_R);
         const int64_t g32 = blk * G / 32;
         for (int j = 0; j < NB; j++) {
-            acc[j] = FV_FMA(FV_CVT(IV_SUB(ia[j], c)), FV_MUL(s, FV_SET1(xd[j * groups + g32])), acc[j]);
+            acc[j] = FV_FMA(FV_CVT(ia[j]), FV_MUL(s, FV_SET1(xd[j * groups + g32])), acc[j]);
             if (OFF) acc[j] = FV_FMA(o, FV_SET1(xm[j * groups + g32]), acc[j]);
         }
     }
@@ -982,7 +1229,7 @@ static int gemm_rows(int type, const uint8_t *w, int64_t row_bytes, int64_t r0, 
         t->c = (int32_t *)(mem + wbytes + 2 * vbytes);
         tile_scratch_k = K;
     }
-    const int nrows = (int)(r1 - r0), G = gemm_block(type), offset = gemm_offset(type);
+    const int nrows = (int)(r1 - r0), G = gemm_block(type), offset = gemm_offset(type), sums16 = gemm_sums16(type);
     unpack_tile(type, w + r0 * row_bytes, row_bytes, nrows, K, t);
     const int64_t nblk = K / G;
     for (int64_t b = 0; b < B; b += GEMM_NB) {
@@ -990,20 +1237,37 @@ static int gemm_rows(int type, const uint8_t *w, int64_t row_bytes, int64_t r0, 
         const uint8_t *xb = xu + b * K;
         const float *xd = a->d + b * groups, *xm = a->m + b * groups;
         float *out = y + b * ldy + r0;
-        /* G, OFF and NB as constants: each combination its own loop */
-#define MICRO(G_, OFF_, NB_) gemm_micro(t, nblk, G_, OFF_, xb, K, xd, xm, groups, out, ldy, nrows, NB_)
-#define MICRO_ROWS(G_, OFF_)                                                                                     \
-    if (nb == GEMM_NB) MICRO(G_, OFF_, GEMM_NB);                                                                 \
-    else                                                                                                         \
-        for (int64_t j = 0; j < nb; j++)                                                                         \
-            gemm_micro(t, nblk, G_, OFF_, xb + j * K, K, xd + j * groups, xm + j * groups, groups, out + j * ldy, ldy, \
-                       nrows, 1);
+        /* G, OFF, S and NB as constants: each combination its own loop */
+#define MICRO(G_, OFF_, S_, NB_) gemm_micro(t, nblk, G_, OFF_, S_, xb, K, xd, xm, groups, out, ldy, nrows, NB_)
+#if GEMM_NB == 8
+#define MICRO_ROWS(G_, OFF_, S_)                                                                                 \
+    switch (nb) {                                                                                                \
+    case 8: MICRO(G_, OFF_, S_, 8); break;                                                                       \
+    case 7: MICRO(G_, OFF_, S_, 7); break;                                                                       \
+    case 6: MICRO(G_, OFF_, S_, 6); break;                                                                       \
+    case 5: MICRO(G_, OFF_, S_, 5); break;                                                                       \
+    case 4: MICRO(G_, OFF_, S_, 4); break;                                                                       \
+    case 3: MICRO(G_, OFF_, S_, 3); break;                                                                       \
+    case 2: MICRO(G_, OFF_, S_, 2); break;                                                                       \
+    default: MICRO(G_, OFF_, S_, 1); break;                                                                      \
+    }
+#else
+#define MICRO_ROWS(G_, OFF_, S_)                                                                                 \
+    switch (nb) {                                                                                                \
+    case 4: MICRO(G_, OFF_, S_, 4); break;                                                                       \
+    case 3: MICRO(G_, OFF_, S_, 3); break;                                                                       \
+    case 2: MICRO(G_, OFF_, S_, 2); break;                                                                       \
+    default: MICRO(G_, OFF_, S_, 1); break;                                                                      \
+    }
+#endif
         if (G == 16) {
-            MICRO_ROWS(16, 0)
+            MICRO_ROWS(16, 0, 2)
+        } else if (offset && sums16 == 4) {
+            MICRO_ROWS(32, 1, 4)
         } else if (offset) {
-            MICRO_ROWS(32, 1)
+            MICRO_ROWS(32, 1, 2)
         } else {
-            MICRO_ROWS(32, 0)
+            MICRO_ROWS(32, 0, 4)
         }
 #undef MICRO_ROWS
 #undef MICRO
