@@ -1637,13 +1637,15 @@ __attribute__((optimize("fp-contract=off"))) int ember_get_rows(const uint8_t *w
         float *y = out + i * K;
         for (int64_t g = 0; g < K / 32; g++) {
             unit_t u;
-            u.s2 = 0.0f;
             unit_of(type, row, g, &u);
             int8_t q[32];
             _mm256_storeu_si256((__m256i *)q, u.q);
+            /* Q6_K's unit holds values only: d times the int8 scale of each 16 values (block: ql, qh, scales, d) */
+            const uint8_t *q6 = row + 210 * (g / 8);
+            const float d6 = type == T_Q6_K ? _cvtsh_ss(*(const uint16_t *)(q6 + 208)) : 0.0f;
             for (int t = 0; t < 32; t++) {
                 const int v = is_signed ? q[t] : (int)(uint8_t)q[t] - bias;
-                const float s = type == T_Q6_K && t >= 16 ? u.s2 : u.s;
+                const float s = type == T_Q6_K ? d6 * (float)(int8_t)q6[192 + 2 * (g % 8) + (t >= 16)] : u.s;
                 const float prod = s * (float)v;
                 y[32 * g + t] = bias || is_signed ? prod : prod + u.o;
             }
