@@ -215,7 +215,10 @@ async def list_models(request: Request):
     loaded = state.pool.list()
     names = {e.name for e in loaded}
     cards = [model_card(e) for e in loaded] + lora_cards(state)
-    cards += [available_card(m) for m in await available_models(state) if m.name not in names | set(state.pool.lora)]
+    # The model `ember serve` was started with comes first while it still loads: clients (`ember bench serve`
+    # among them) take the first listed model when told none
+    available = sorted(await available_models(state), key=lambda m: not state.pool.serves(m.name))
+    cards += [available_card(m) for m in available if m.name not in names | set(state.pool.lora)]
     return {"object": "list", "data": cards}
 
 
