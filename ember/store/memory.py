@@ -28,8 +28,8 @@ weights  = what ember holds after loading the file on that device (ember.loader.
            Safetensors: each floating tensor's elements × the bytes of the dtype it will be loaded in
            (integer/quantized tensors keep their own size).
 KV cache = 2 (K, V) × layers × KV heads × head dim × context × bytes of the activation dtype (the cache's);
-           with --kv-cache-dtype int8, 2 × layers × KV heads × (head dim × 1 + 4) × context (int8 values and a
-           float32 scale per token and KV head)
+           with --kv-cache-dtype int8, 2 × layers × KV heads × (head dim × 1 + 2) × context (int8 values and a
+           float16 scale per token and KV head)
 overhead = overhead_bytes: RUNTIME_BYTES (allocator pools, kernel workspaces, the
            framework) + ENGINE_BYTES (one loaded engine's own objects) + fp32 activations of one 512-token
            prefill batch + the tokenizer (~297 bytes a vocabulary entry); the model pool budgets with these too
@@ -62,7 +62,7 @@ FLOAT_TYPES = {"F64", "F32", "F16", "BF16"}
 CONTEXT_STEP = 256
 # --kv-cache-dtype: "auto" keeps K/V in the activation dtype; a quantized cache stores (bytes a value, bytes of
 # the scale of each token's KV head): ember.layers.kv_cache.
-KV_CACHE_QUANT = {"int8": (1, 4)}
+KV_CACHE_QUANT = {"int8": (1, 2)}  # int8 values, a float16 scale
 KV_CACHE_DTYPES = ("auto", *KV_CACHE_QUANT)
 
 PREFILL_BATCH = 512
