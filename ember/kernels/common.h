@@ -11,6 +11,7 @@
 #define EMBER_KERNELS_COMMON_H
 
 #include <immintrin.h>
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -30,6 +31,24 @@ INLINE float hsum(__m256 v) {
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
+}
+
+/* Input preparations the kernels fold in (the caller passes the un-prepared activations):
+ * out[k] = silu(gate[k]) * up[k], k < n, from a row [gate | up] (the MLP's gated product); */
+INLINE void silu_gate_row(const float *gate_up, int64_t n, float *out) {
+    const float *up = gate_up + n;
+    for (int64_t k = 0; k < n; k++) out[k] = gate_up[k] / (1.0f + expf(-gate_up[k])) * up[k];
+}
+
+/* out = x * rsqrt(mean(x^2) + eps) * w in float32 (RMSNorm, as ember.layers.norm rounds it). */
+INLINE void rms_norm_row(const float *x, int64_t n, const float *w, float eps, float *out) {
+    __m256 ss = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 8 <= n; k += 8) ss = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), _mm256_loadu_ps(x + k), ss);
+    float sum = hsum(ss);
+    for (; k < n; k++) sum += x[k] * x[k];
+    const float inv = 1.0f / sqrtf(sum / (float)n + eps);
+    for (k = 0; k < n; k++) out[k] = x[k] * inv * w[k];
 }
 
 #endif

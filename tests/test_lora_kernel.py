@@ -1,0 +1,104 @@
+"""The native LoRA kernel (ember/kernels/lora.c) on both ISA builds, and the dtype adapters are held in."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ember.engine.engine import EngineArgs
+from ember.errors import InvalidParameter, ModelLoadError
+from ember.kernels import native
+from ember.kernels.lora import lora_delta
+from ember.layers.norm import RMSNorm
+from ember.loader.dtypes import resolve_lora_dtype_name
+from tests.test_kernels import isa, needs_native  # noqa: F401  (isa: the fixture running each ISA build)
+
+AVX512_FLAGS = frozenset(native.ISA_REQUIRES["avx512"])
+
+
+def _case(dtype: torch.dtype):
+    """Three adapters (ranks 3, 8, 5) stacked as ember.layers.lora holds them, rows of each and of the base
+    model, and the float64 reference: each row times its own adapter only. Shapes with SIMD tails."""
+    gen = torch.Generator().manual_seed(0)
+    ranks, in_f, out_f = [3, 8, 5], 70, 45
+    a = [torch.randn(r, in_f, generator=gen).to(dtype) for r in ranks]
+    b = [torch.randn(out_f, r, generator=gen).to(dtype) for r in ranks]
+    a_all, bt_all = torch.cat(a), torch.cat([m.t() for m in b]).contiguous()
+    offsets = [0, 3, 11, 16]
+    slots = [0, 1, 2, None, 1, 0, 2, 2, None]  # None: a base-model row
+    ranges = torch.tensor([(0, 0) if s is None else (offsets[s], offsets[s + 1]) for s in slots],
+                          dtype=torch.int32).t().contiguous()
+    x = torch.randn(len(slots), in_f, generator=gen)
+    wide = torch.randn(len(slots), out_f + 7, generator=gen)  # y is a view into it (row stride out_f + 7)
+    expected = wide[:, 3:3 + out_f].double().clone()
+    for t, s in enumerate(slots):
+        if s is not None:
+            expected[t] += (x[t].double() @ a[s].double().t()) @ b[s].double().t()
+    return x, wide, a_all, bt_all, ranges, expected
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_adds_each_rows_own_adapter(isa, dtype):  # noqa: F811
+    x, wide, a_all, bt_all, ranges, expected = _case(dtype)
+    before = wide.clone()
+    assert lora_delta(x, wide[:, 3:48], a_all, bt_all, ranges)  # the kernel ran (not a fallback)
+    torch.testing.assert_close(wide[:, 3:48].double(), expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(wide[:, :3], before[:, :3]) and torch.equal(wide[:, 48:], before[:, 48:])
+
+
+@needs_native
+@pytest.mark.parametrize("prep", ["rms_norm", "silu_gate"])
+def test_kernel_folds_in_the_fused_projections_input_preparation(isa, prep):  # noqa: F811
+    """RMSNorm (the fused q/k/v and gate/up kernels take the un-normed x) and the down projection's silu(gate) * up
+    (its kernel takes [gate | up]) applied inside the kernel equal torch's, then the same low-rank product."""
+    x, wide, a_all, bt_all, ranges, _ = _case(torch.bfloat16)
+    gen = torch.Generator().manual_seed(1)
+    if prep == "rms_norm":
+        norm = RMSNorm(x.shape[1], 1e-5)
+        norm.weight = torch.nn.Parameter(torch.randn(x.shape[1], generator=gen))
+        raw, prepared, args = x * 3, norm(x * 3), {"norm": (norm.effective_weight().contiguous(), norm.eps)}
+    else:
+        raw = torch.randn(x.shape[0], 2 * x.shape[1], generator=gen)
+        prepared, args = F.silu(raw[:, :x.shape[1]]) * raw[:, x.shape[1]:], {"silu_gate": True}
+    expected = wide[:, 3:48].clone()
+    assert lora_delta(prepared, expected, a_all, bt_all, ranges)
+    assert lora_delta(raw, wide[:, 3:48], a_all, bt_all, ranges, **args)
+    torch.testing.assert_close(wide[:, 3:48], expected, rtol=1e-5, atol=1e-5)
+
+
+@needs_native
+def test_kernel_refuses_what_it_does_not_read():
+    x, wide, a_all, bt_all, ranges, _ = _case(torch.float32)
+    assert not lora_delta(x, wide[:, 3:48], a_all.half(), bt_all.half(), ranges)  # float16 adapters: torch's path
+    assert not lora_delta(x.double(), wide[:, 3:48].double(), a_all, bt_all, ranges)
+    assert not lora_delta(x, wide[:, 3:48], a_all, bt_all, ranges.long())
+
+
+@pytest.mark.parametrize(("flags", "env", "activation", "device", "expected"), [
+    (AVX512_FLAGS | {"avx512_bf16"}, {}, "float32", "cpu", "bfloat16"),  # native bf16: half the bytes read
+    (AVX512_FLAGS | {"avx512_bf16"}, {"EMBER_ISA": "avx2"}, "float32", "cpu", "float32"),
+    (AVX512_FLAGS | {"avx512_bf16"}, {"EMBER_NATIVE_KERNELS": "0"}, "float32", "cpu", "float32"),
+    (AVX512_FLAGS, {}, "float32", "cpu", "float32"),  # AVX-512 without BF16: bf16 would be emulated
+    (AVX512_FLAGS | {"avx512_bf16"}, {}, "bfloat16", "cpu", "bfloat16"),
+    (AVX512_FLAGS | {"avx512_bf16"}, {}, "float16", "cuda", "float16"),
+    (AVX512_FLAGS | {"avx512_bf16"}, {}, "float32", "cuda", "float32"),
+])
+def test_auto_lora_dtype_follows_the_cpu(monkeypatch, flags, env, activation, device, expected):
+    monkeypatch.setattr(native, "cpu_flags", lambda: frozenset(flags))
+    monkeypatch.setattr(native.platform, "machine", lambda: "x86_64")
+    monkeypatch.delenv("EMBER_ISA", raising=False)
+    monkeypatch.delenv("EMBER_NATIVE_KERNELS", raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert resolve_lora_dtype_name("auto", activation, device) == expected
+
+
+def test_explicit_lora_dtype():
+    assert resolve_lora_dtype_name("fp32", "float32", "cpu") == "float32"
+    assert resolve_lora_dtype_name("bf16", "float32", "cpu") == "bfloat16"
+    with pytest.raises(ModelLoadError, match="lora_dtype"):
+        resolve_lora_dtype_name("int4", "float32", "cpu")
+    with pytest.raises(InvalidParameter, match="lora_dtype"):
+        EngineArgs(lora_dtype="int4")
