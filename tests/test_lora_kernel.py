@@ -1,4 +1,5 @@
-"""The native LoRA kernel (ember/kernels/lora.c) on both ISA builds, and the dtype adapters are held in."""
+"""The native LoRA kernel (ember/kernels/lora.c) on both ISA builds, the dtype adapters are held in, and the
+estimator counting them in it."""
 
 from __future__ import annotations
 
@@ -7,12 +8,17 @@ import torch
 import torch.nn.functional as F
 
 from ember.engine.engine import EngineArgs
+from ember.engine.lora import LoraRegistry
+from ember.engine.lora_spec import LoraSpec
 from ember.errors import InvalidParameter, ModelLoadError
 from ember.kernels import native
 from ember.kernels.lora import lora_delta
 from ember.layers.norm import RMSNorm
 from ember.loader.dtypes import resolve_lora_dtype_name
+from ember.loader.model import load_model
+from ember.store.memory import estimate_memory
 from tests.test_kernels import isa, needs_native  # noqa: F401  (isa: the fixture running each ISA build)
+from tests.test_lora import DATA
 
 AVX512_FLAGS = frozenset(native.ISA_REQUIRES["avx512"])
 
@@ -102,3 +108,15 @@ def test_explicit_lora_dtype():
         resolve_lora_dtype_name("int4", "float32", "cpu")
     with pytest.raises(InvalidParameter, match="lora_dtype"):
         EngineArgs(lora_dtype="int4")
+
+
+@pytest.mark.parametrize("lora_dtype", ["auto", "float32", "bfloat16"])
+def test_estimator_counts_adapters_in_their_dtype(testdata, lora_dtype):
+    """What estimate_memory adds for an adapter is what the registry holds once it is loaded, in the same dtype."""
+    base, adapter = testdata / "gguf" / "tiny-llama-hf", DATA / "peft"
+    registry = LoraRegistry(load_model(base, dtype="float32", device="cpu"), lora_dtype)
+    held = registry.read(LoraSpec("a", str(adapter))).nbytes
+    assert str(registry.dtype).removeprefix("torch.") == resolve_lora_dtype_name(lora_dtype, "float32", "cpu")
+    without = estimate_memory(base, 256, "float32", "cpu")
+    with_adapter = estimate_memory(base, 256, "float32", "cpu", adapters=[adapter], lora_dtype=lora_dtype)
+    assert with_adapter.weights_bytes - without.weights_bytes == held
