@@ -14,6 +14,10 @@
 #include <stdlib.h>
 
 #define OUT_CHUNK 256 /* outputs per task */
+/* Below this many multiply-adds a call runs on the calling thread alone: a decode step's call (16 rows of rank
+ * 16 through a 2048-wide projection: ~1M) takes tens of microseconds, which waking the pool's workers costs too,
+ * and on a loaded machine far more (a descheduled worker holds the call until it runs again). */
+#define PARALLEL_FMAS (4 << 20)
 
 enum { LORA_PREP_NONE, LORA_PREP_RMS_NORM, LORA_PREP_SILU_GATE };
 
@@ -123,8 +127,12 @@ int ember_lora(const float *x, int64_t ldx, float *y, int64_t ldy, int64_t rows,
     if (rows < 1 || in < 1 || out < 1 || cols < 1 || prep < LORA_PREP_NONE || prep > LORA_PREP_SILU_GATE ||
         (prep == LORA_PREP_RMS_NORM && !norm_w) || (prep != LORA_PREP_NONE && !xe))
         return -1;
-    for (int64_t t = 0; t < rows; t++)
+    int64_t own = 0; /* the columns the rows multiply, summed */
+    for (int64_t t = 0; t < rows; t++) {
         if (lo[t] < 0 || hi[t] > cols || lo[t] > hi[t]) return -1;
+        own += hi[t] - lo[t];
+    }
+    if (own * (in + out) < PARALLEL_FMAS) nthreads = 1;
     lora_job_t j = {.x = x, .y = y, .h = h, .a = a, .b = bt, .lo = lo, .hi = hi, .rows = rows, .in = in, .out = out,
                     .cols = cols, .ldx = ldx, .ldy = ldy, .bf16 = bf16, .xe = xe, .prep = prep, .norm_w = norm_w,
                     .eps = eps};
