@@ -74,7 +74,8 @@ def test_peft_adapter_equals_merged_model(family, lora_dtype, tmp_path, testdata
     loaded = load_model(base, dtype="float32", device="cpu")
     registry = LoraRegistry(loaded, lora_dtype)
     adapter = registry.load(LoraSpec("a", str(tmp_path / "adapter")))
-    assert all(a.dtype == b.dtype == getattr(torch, lora_dtype) for a, b in adapter.weights.pairs.values())
+    held = [pair for module in registry.layers.modules.values() for pair in module.pairs.values()]
+    assert held and all(a.dtype == b.dtype == getattr(torch, lora_dtype) for a, b in held)
     got = prefill_logits(loaded.model, loaded.config, PROMPT, lora=registry.layers, lora_slot=adapter.slot)
     assert (got - expected).abs().max().item() <= 1e-4
     # The base model is unchanged for sequences without the adapter (slot 0).

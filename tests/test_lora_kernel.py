@@ -13,6 +13,7 @@ from ember.engine.lora_spec import LoraSpec
 from ember.errors import InvalidParameter, ModelLoadError
 from ember.kernels import native
 from ember.kernels.lora import lora_delta
+from ember.layers.lora import LoraBatch, LoraLayers, LoraLinear
 from ember.layers.norm import RMSNorm
 from ember.loader.dtypes import resolve_lora_dtype_name
 from ember.loader.model import load_model
@@ -122,3 +123,34 @@ def test_estimator_counts_adapters_in_their_dtype(testdata, lora_dtype):
     without = estimate_memory(base, 256, "float32", "cpu")
     with_adapter = estimate_memory(base, 256, "float32", "cpu", adapters=[adapter], lora_dtype=lora_dtype)
     assert with_adapter.weights_bytes - without.weights_bytes == held
+
+
+@pytest.mark.parametrize("path", ["native", "torch"])
+@pytest.mark.parametrize("ranks", [(3, 8, 5), (300, 200, 400)])  # the second: 700 kept, past MAX_STACKED_RANK
+def test_layer_paths_equal_each_rows_own_adapter(monkeypatch, path, ranks):
+    """LoraLinear over a plain linear base: the native kernel, torch's masked stacked form and its loop over
+    adapters (past MAX_STACKED_RANK) all add each row's own adapter, for a mixed batch and a one-adapter batch;
+    an adapter removed leaves the others' spans right."""
+    if path == "torch":
+        monkeypatch.setenv("EMBER_NATIVE_KERNELS", "0")
+    elif native.library() is None:
+        pytest.skip("native kernels unavailable")
+    gen = torch.Generator().manual_seed(2)
+    layers = LoraLayers()
+    linear = LoraLinear(torch.nn.Linear(48, 40, bias=False), layers)
+    pairs = {slot: (torch.randn(r, 48, generator=gen) / 8, torch.randn(40, r, generator=gen) / 8)
+             for slot, r in zip((1, 2, 3), ranks, strict=True)}
+    for slot, pair in pairs.items():
+        linear.add(slot, pair)
+    linear.remove(2)
+    x = torch.randn(7, 48, generator=gen)
+    for slots in ([1, 0, 3, 3, 2, 1, 0], [3] * 7):  # slot 2 was removed: its rows get the base output
+        layers.batch = LoraBatch.from_rows(slots, x.device)
+        with torch.no_grad():
+            got = linear(x)
+            expected = linear.base(x)
+            for t, slot in enumerate(slots):
+                if slot in (1, 3):
+                    a, b = pairs[slot]
+                    expected[t] += x[t] @ a.t() @ b.t()
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)

@@ -76,6 +76,7 @@ class LoraRegistry:
         used = {a.slot for a in self.adapters.values()}
         slot = next(s for s in itertools.count(1) if s not in used)
         self._layers.add(slot, weights.pairs)
+        weights.pairs = {}  # the layers hold them now (stacked): one copy in memory, as the estimator counts
         adapter = self.adapters[weights.name] = Adapter(weights, slot, next(self._uids))
         return adapter
 

@@ -1,15 +1,16 @@
 """LoRA's low-rank path, added beside every projection of every decoder layer (all families share it).
 
 `attach_lora` wraps each layer's q/k/v/o and gate/up/down projections (and the fused q/k/v and gate/up calls)
-once; the base weights are untouched (quantized ones stay quantized: nothing is merged). Each wrapper keeps
-the (A, B) pairs of the adapters loaded into it, by slot, and the same pairs stacked: A_all [sum of ranks, in]
-and B_all^T [sum of ranks, out] (transposed: each column's outputs contiguous for the native kernel). Before a step, the model runner sets `batch`: which rows of the
+once; the base weights are untouched (quantized ones stay quantized: nothing is merged). Each wrapper holds
+the (A, B) pairs of the adapters loaded into it once, stacked: A_all [sum of ranks, in] and B_all^T [sum of
+ranks, out] (transposed: each column's outputs contiguous for the native kernel); each adapter's columns are a
+span of a StackLayout. Before a step, the model runner sets `batch`: which rows of the
 flat batch use which adapter. A projection then adds y = x A^T B^T row by row with each row's own adapter (the
 adapter's scale is folded into B), in the first of these that applies:
 
 * the native kernel (ember/kernels/lora.c; CPU, float32 activations, adapters in float32 or bfloat16): one
-  call over the stacked pairs, each row given its adapter's column range; each A and B row is read once and
-  each row multiplies only its own adapter's columns, whatever the mix;
+  call over the stacked pairs, each row given its adapter's column range: each row multiplies only its own
+  adapter's columns, whatever the mix, and B is read once per call;
 * rows of several adapters: h = x A_all^T, then each row keeps only its own adapter's columns (a 0/1 mask) and
   y += h B_all^T. Two matmuls and one multiply whatever the mix: measured faster than a loop over the adapters
   present and than gathering each row's A/B for a bmm (benchmarks/lora.py). Past MAX_STACKED_RANK the masked
@@ -108,42 +109,54 @@ class LoraLayers:
 
     def add(self, slot: int, pairs: dict[str, Pair]) -> None:
         for name, pair in pairs.items():
-            module = self.modules[name]
-            module.set_pairs({**module.pairs, slot: pair})
+            self.modules[name].add(slot, pair)
 
     def remove(self, slot: int) -> None:
         for module in self.modules.values():
-            if slot in module.pairs:
-                module.set_pairs({s: p for s, p in module.pairs.items() if s != slot})
+            module.remove(slot)
 
 
 class LoraLinear(nn.Module):
-    """A projection plus the low-rank paths of the adapters loaded into it."""
+    """A projection plus the low-rank paths of the adapters loaded into it, held once: stacked."""
 
     def __init__(self, base: nn.Module, layers: LoraLayers):
         super().__init__()
         self.base = base
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.pairs: dict[int, Pair] = {}
         self._layers = layers  # a plain reference: the shared state is no submodule
         self._stacked: tuple[torch.Tensor, torch.Tensor, StackLayout] | None = None  # A_all, B_all^T, their layout
 
-    def set_pairs(self, pairs: dict[int, Pair]) -> None:
-        """The adapters of this projection by slot; the stacked form is rebuilt from them."""
-        self.pairs = pairs
-        self._stacked = None
-        if pairs and sum(a.shape[0] for a, _ in pairs.values()) <= MAX_STACKED_RANK:
-            a_all = torch.cat([a for a, _ in pairs.values()])
-            bt_all = torch.cat([b.t() for _, b in pairs.values()]).contiguous()  # B^T: [sum of ranks, out]
-            ranks = tuple((slot, a.shape[0]) for slot, (a, _) in pairs.items())
-            self._stacked = (a_all, bt_all, self._layers.layout(ranks, a_all.device))
+    @property
+    def pairs(self) -> dict[int, Pair]:
+        """Each loaded adapter's (A, B) by slot: views of the stacked tensors."""
+        if self._stacked is None:
+            return {}
+        a_all, bt_all, layout = self._stacked
+        return {slot: (a_all[lo:hi], bt_all[lo:hi].t()) for slot, (lo, hi) in layout.spans.items()}
+
+    def _restack(self, parts: list[tuple[int, torch.Tensor, torch.Tensor]]) -> None:
+        """parts: (slot, A [r, in], B^T [r, out]) of every adapter this projection keeps."""
+        self._stacked = None  # the old stack is freed before the new one is built
+        if parts:
+            a_all = torch.cat([a for _, a, _ in parts])
+            bt_all = torch.cat([bt for _, _, bt in parts]).contiguous()
+            layout = self._layers.layout(tuple((slot, a.shape[0]) for slot, a, _ in parts), a_all.device)
+            self._stacked = (a_all, bt_all, layout)
+
+    def add(self, slot: int, pair: Pair) -> None:
+        a, b = pair
+        self._restack([(s, a_, b_.t()) for s, (a_, b_) in self.pairs.items()] + [(slot, a, b.t())])
+
+    def remove(self, slot: int) -> None:
+        if slot in self.pairs:
+            self._restack([(s, a, b.t()) for s, (a, b) in self.pairs.items() if s != slot])
 
     def _groups(self) -> Iterator[tuple[Pair, torch.Tensor | None]]:
-        batch = self._layers.batch
-        if batch is None or not self.pairs:
+        batch, pairs = self._layers.batch, self.pairs
+        if batch is None or not pairs:
             return
         for slot, rows in batch.groups:
-            pair = self.pairs.get(slot)
+            pair = pairs.get(slot)
             if pair is not None:
                 yield pair, rows
 
@@ -153,22 +166,21 @@ class LoraLinear(nn.Module):
         module and its effective weight): x is normed first; `silu_gate`: x is [gate | up] and the input is
         silu(gate) * up. The native kernel folds either in; the torch paths compute it."""
         batch = self._layers.batch
-        if batch is None or not self.pairs:
+        if batch is None or self._stacked is None:
             return
         y2 = y.view(-1, self.out_features)
-        if self._stacked is not None:
-            a_all, bt_all, layout = self._stacked
-            ranges = batch.ranges(layout)
-            if ranges is None or lora_delta(x.reshape(-1, x.shape[-1]), y2, a_all, bt_all, ranges,
-                                            None if norm is None else (norm[1], norm[0].eps), silu_gate):
-                return
+        a_all, bt_all, layout = self._stacked
+        ranges = batch.ranges(layout)
+        if ranges is None or lora_delta(x.reshape(-1, x.shape[-1]), y2, a_all, bt_all, ranges,
+                                        None if norm is None else (norm[1], norm[0].eps), silu_gate):
+            return
         if norm is not None:
             x = norm[0](x)
         if silu_gate:
             gate, up = x.chunk(2, dim=-1)
             x = F.silu(gate) * up
         x2 = x.reshape(-1, self.in_features)
-        if self._stacked is not None and batch.row_slots is not None:
+        if batch.row_slots is not None and a_all.shape[0] <= MAX_STACKED_RANK:
             h = F.linear(x2.to(a_all.dtype), a_all).mul_(batch.mask(layout, a_all.dtype))
             y2.add_(torch.mm(h, bt_all).to(y2.dtype))
             return
@@ -183,11 +195,7 @@ class LoraLinear(nn.Module):
     def active(self) -> bool:
         """Whether a row of this step uses an adapter loaded into this projection."""
         batch = self._layers.batch
-        if batch is None or not self.pairs:
-            return False
-        if self._stacked is not None:
-            return batch.ranges(self._stacked[2]) is not None
-        return next(self._groups(), None) is not None
+        return batch is not None and self._stacked is not None and batch.ranges(self._stacked[2]) is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
