@@ -56,8 +56,9 @@ def main() -> None:
     print("| model | test | llama.cpp t/s | ember t/s | ember / llama.cpp |")
     print("|---|---|---:|---:|---:|")
     for model in args.models:
+        # -p 0 or -n 0 leaves that test out (llama-bench reports nothing for a 0-token test)
         tests = [(f"pp{args.n_prompt}", args.n_prompt, 0), (f"tg{args.n_gen}", 0, args.n_gen)]
-        for name, p, n in tests:
+        for name, p, n in (t for t in tests if t[1] or t[2]):
             ref = llama_bench(args.llama_bench, model, args.threads, args.repetitions, p, n)
             ours = ember_bench(model, args.threads, args.repetitions, p, n)
             print(f"| {model.name} | {name} | {ref:.1f} | {ours:.1f} | {ours / ref:.2f} |", flush=True)

@@ -100,6 +100,29 @@ def test_matmul_matches_reference(isa, t):
 
 
 @needs_native
+@pytest.mark.parametrize("in_f", [544, 1058, 515], ids=lambda k: f"K{k}")
+def test_bf16_prefill_gemm_matches_reference(isa, in_f):
+    """Prefill-sized x on bf16 weights: with AVX512-BF16, whole 64-row panels go through the packed GEMM and
+    the remaining rows (and an odd K) through the dot-product tiles. 229 rows = 3 panels + 37; 64..69 rows of x
+    leave every remainder (0..5) after the 6-row micro-tiles; K 544 is whole 16-pair blocks of the packing
+    transpose, 1058 leaves a tail of pairs, 515 is odd. One and two threads split the rows differently."""
+    rows, w = weight(GGMLType.BF16, 229, in_f, seed=in_f)
+    layer = kernels.NativeMatmul([(rows, GGMLType.BF16)], in_f)
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            for batch in range(64, 70):
+                x = torch.randn(batch, in_f)
+                y = layer(x)
+                ref = llamacpp_activations(x, GGMLType.BF16) @ w.T
+                row_err = (y.double() - ref).norm(dim=1) / ref.norm(dim=1)
+                assert row_err.max().item() < 2e-6, (n, batch)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_native
 @pytest.mark.parametrize("t", [GGMLType.Q4_K, GGMLType.Q6_K, GGMLType.Q8_0, GGMLType.Q4_0], ids=lambda t: t.name)
 @pytest.mark.parametrize("batch", [6, 20])
 def test_isa_paths_and_thread_counts_agree(t, batch, monkeypatch):

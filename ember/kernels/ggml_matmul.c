@@ -23,7 +23,8 @@
  *
  * bf16/f16 weights: AVX512-BF16 dot products on x rounded to bf16 where the CPU has them (llama.cpp's scheme),
  * else widened to float32 in registers (shift / F16C) and multiplied with FMAs; 16 weight rows stay in L2 while
- * many rows of x pass.
+ * many rows of x pass. From 64 rows of x with AVX512-BF16, an outer-product GEMM on 64-row panels packed
+ * (transposed in registers) into L2 instead: no horizontal sums, 1.3-1.4x the tiles at 512 rows.
  *
  * Rows are handed out to the pool's threads (common.h) in chunks; one call runs at a time (the library lock),
  * since the pool and the activation scratch are shared. AVX-512 VNNI / AVX-VNNI / AVX512-BF16 are used when
@@ -1127,6 +1128,107 @@ static void bf16dot_rows(const uint8_t *wbytes, int64_t r0_, int64_t r1_, const 
         }
     }
 }
+
+/* Many rows of x (prefill): an outer-product GEMM, as BLAS libraries do. 64 weight rows are packed so that one
+ * 512-bit load holds one pair of k-values of 16 rows; each pair of x's values is broadcast, so every vdpbf16ps
+ * adds to 16 different outputs, and no horizontal sums remain (the dot-product tiles above spend ~15 % of a
+ * prefill on them). 6 rows of x x 4 groups of 16 weight rows: 24 accumulators, 4 loads + 6 broadcasts per 24
+ * products. The 64 packed rows (256 KB at K = 2048) stay in L2 while all of x passes. */
+#define BF16_PANEL_GROUPS 4
+#define BF16_PANEL_ROWS (16 * BF16_PANEL_GROUPS)
+#define BF16_GEMM_NB 6
+#define BF16_GEMM_MIN_B 64 /* below this, packing costs more than it saves (at 2048 x 2048, one thread) */
+
+static __thread uint32_t *bf16_panel;
+static __thread int64_t bf16_panel_pairs;
+
+/* 16 rows x 16 dwords at src (row stride in dwords) transposed: column q stored 16 dwords at dst + q * dstride.
+ * Four rounds of in-register shuffles (32-bit and 64-bit interleaves, then 128-bit lane moves twice). */
+INLINE void transpose_16x16(const uint32_t *src, int64_t stride, uint32_t *dst, int64_t dstride) {
+    __m512i r[16], t[16];
+    for (int i = 0; i < 16; i++) r[i] = _mm512_loadu_si512((const void *)(src + i * stride));
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    /* r[4 m + c], 128-bit lane L: column 4 L + c of rows 4 m .. 4 m + 3 */
+    for (int i = 0; i < 16; i += 4) {
+        r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+        r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+        r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+        r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+    }
+    for (int c = 0; c < 4; c++) {
+        const __m512i a = _mm512_shuffle_i32x4(r[c], r[4 + c], 0x88), b = _mm512_shuffle_i32x4(r[c], r[4 + c], 0xDD);
+        const __m512i e = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0x88),
+                      f = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0xDD);
+        _mm512_store_si512((void *)(dst + c * dstride), _mm512_shuffle_i32x4(a, e, 0x88));
+        _mm512_store_si512((void *)(dst + (4 + c) * dstride), _mm512_shuffle_i32x4(b, f, 0x88));
+        _mm512_store_si512((void *)(dst + (8 + c) * dstride), _mm512_shuffle_i32x4(a, e, 0xDD));
+        _mm512_store_si512((void *)(dst + (12 + c) * dstride), _mm512_shuffle_i32x4(b, f, 0xDD));
+    }
+}
+
+/* panel[(p * GROUPS + g) * 16 + i] = pair p of row 16 g + i */
+static void pack_bf16_panel(const uint32_t *w, int64_t K2, uint32_t *panel) {
+    int64_t p0 = 0;
+    for (; p0 + 16 <= K2; p0 += 16)
+        for (int g = 0; g < BF16_PANEL_GROUPS; g++)
+            transpose_16x16(w + 16 * g * K2 + p0, K2, panel + p0 * BF16_PANEL_ROWS + 16 * g, BF16_PANEL_ROWS);
+    for (; p0 < K2; p0++)
+        for (int i = 0; i < BF16_PANEL_ROWS; i++) panel[p0 * BF16_PANEL_ROWS + i] = w[i * K2 + p0];
+}
+
+INLINE void bf16_gemm_tile(const uint32_t *panel, int64_t K2, const uint32_t *x, float *y, int64_t ldy,
+                           const int NB) {
+    __m512 acc[BF16_GEMM_NB][BF16_PANEL_GROUPS];
+    for (int j = 0; j < NB; j++)
+        for (int g = 0; g < BF16_PANEL_GROUPS; g++) acc[j][g] = _mm512_setzero_ps();
+    for (int64_t p = 0; p < K2; p++) {
+        __m512i wv[BF16_PANEL_GROUPS];
+        for (int g = 0; g < BF16_PANEL_GROUPS; g++)
+            wv[g] = _mm512_load_si512((const void *)(panel + (p * BF16_PANEL_GROUPS + g) * 16));
+        for (int j = 0; j < NB; j++) {
+            const __m512i xv = _mm512_set1_epi32((int)x[j * K2 + p]);
+            for (int g = 0; g < BF16_PANEL_GROUPS; g++)
+                acc[j][g] = _mm512_dpbf16_ps(acc[j][g], (__m512bh)xv, (__m512bh)wv[g]);
+        }
+    }
+    for (int j = 0; j < NB; j++)
+        for (int g = 0; g < BF16_PANEL_GROUPS; g++) _mm512_storeu_ps(y + j * ldy + 16 * g, acc[j][g]);
+}
+
+/* Rows r0..r1 against all B rows of x; whole panels here, the rest (and odd K) through the tiles above. */
+static int bf16_gemm_rows(const uint8_t *wbytes, int64_t r0, int64_t r1, const uint16_t *x, int64_t K, int64_t B,
+                          float *y, int64_t ldy) {
+    const int64_t K2 = K / 2;
+    int64_t r = r0;
+    if (K % 2 == 0 && r1 - r0 >= BF16_PANEL_ROWS) {
+        if (bf16_panel_pairs < K2) {
+            free(bf16_panel);
+            bf16_panel = aligned_alloc(64, sizeof(uint32_t) * BF16_PANEL_ROWS * (size_t)K2);
+            bf16_panel_pairs = bf16_panel ? K2 : 0;
+            if (!bf16_panel) return -1;
+        }
+        const uint32_t *w = (const uint32_t *)wbytes, *x2 = (const uint32_t *)x;
+        for (; r + BF16_PANEL_ROWS <= r1; r += BF16_PANEL_ROWS) {
+            pack_bf16_panel(w + r * K2, K2, bf16_panel);
+            int64_t b = 0;
+            for (; b + BF16_GEMM_NB <= B; b += BF16_GEMM_NB)
+                bf16_gemm_tile(bf16_panel, K2, x2 + b * K2, y + b * ldy + r, ldy, BF16_GEMM_NB);
+            switch (B - b) { /* the last rows of x in one pass: NB as a constant in each */
+            case 5: bf16_gemm_tile(bf16_panel, K2, x2 + b * K2, y + b * ldy + r, ldy, 5); break;
+            case 4: bf16_gemm_tile(bf16_panel, K2, x2 + b * K2, y + b * ldy + r, ldy, 4); break;
+            case 3: bf16_gemm_tile(bf16_panel, K2, x2 + b * K2, y + b * ldy + r, ldy, 3); break;
+            case 2: bf16_gemm_tile(bf16_panel, K2, x2 + b * K2, y + b * ldy + r, ldy, 2); break;
+            case 1: bf16_gemm_tile(bf16_panel, K2, x2 + b * K2, y + b * ldy + r, ldy, 1); break;
+            default: break;
+            }
+        }
+    }
+    if (r < r1) bf16dot_rows(wbytes, r, r1, x, K, B, y, ldy);
+    return 0;
+}
 #else
 #define HAVE_BF16_DOT 0
 DEFINE_HALF_KERNEL(bf16, widen_bf16, bf16_scalar)
@@ -1228,7 +1330,10 @@ static void matmul_job(void *ctx, int64_t chunk) {
         float *y = j->y + lo; /* this segment's columns */
         if (j->type[s] == T_BF16) {
 #if HAVE_BF16_DOT
-            bf16dot_rows(j->w[s], r0 - lo, e - lo, j->xbf16, j->K, j->B, y, j->ldy);
+            if (j->B < BF16_GEMM_MIN_B)
+                bf16dot_rows(j->w[s], r0 - lo, e - lo, j->xbf16, j->K, j->B, y, j->ldy);
+            else if (bf16_gemm_rows(j->w[s], r0 - lo, e - lo, j->xbf16, j->K, j->B, y, j->ldy))
+                j->failed = 1;
 #else
             bf16_rows(j->w[s], r0 - lo, e - lo, j->x, j->K, j->B, y, j->ldy);
 #endif
@@ -1308,6 +1413,10 @@ int ember_matmul(const float *x, int64_t B, int64_t K, int nseg, const void *con
     int64_t per = total / ((int64_t)nthreads * 8);
     per = per < 2 ? 2 : per + (per & 1);
     j.rows_per_chunk = tiled ? GEMM_R : per;
+#if HAVE_BF16_DOT
+    if (bf16 && B >= BF16_GEMM_MIN_B) /* whole panels */
+        j.rows_per_chunk = (per + BF16_PANEL_ROWS - 1) / BF16_PANEL_ROWS * BF16_PANEL_ROWS;
+#endif
     ember_parallel_for(nthreads, matmul_job, &j, (total + j.rows_per_chunk - 1) / j.rows_per_chunk);
     ember_unlock();
     return j.failed ? -1 : 0;

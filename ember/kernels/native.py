@@ -1,5 +1,5 @@
-"""Build and load the C kernels of this folder (ggml_matmul.c, attention.c, lora.c, pool.c) for this CPU's ISA,
-called through ctypes.
+"""Build and load the C kernels of this folder (ggml_matmul.c, attention.c, causal_attention.c, lora.c, pool.c)
+for this CPU's ISA, called through ctypes.
 
 The ISA comes from the CPU's flags at run time (`isa()`): ``avx512`` (AVX-512 F/BW/VL + VNNI), ``avx2``
 (AVX2 + FMA + F16C), or ``none`` (other CPUs: callers keep their torch path). ``EMBER_ISA=avx2`` forces the
@@ -34,7 +34,7 @@ from ember.formats.ggml_types import GGMLType
 logger = logging.getLogger(__name__)
 
 FOLDER = Path(__file__).parent
-SOURCES = ("ggml_matmul.c", "attention.c", "lora.c", "pool.c")
+SOURCES = ("ggml_matmul.c", "attention.c", "causal_attention.c", "lora.c", "pool.c")
 HEADERS = ("common.h",)
 # The types ggml_matmul.c multiplies directly (the others stay on the torch path).
 NATIVE_TYPES = frozenset({
@@ -155,6 +155,8 @@ def _bind(path: Path) -> ctypes.CDLL:
     f32, i32 = ctypes.c_float, ctypes.c_int
     lib.ember_decode_attention.argtypes = [p, p, p, p, p, p, i64, i32, i32, i32, p, i64, i64, p, i32, f32, f32, i64, i32]
     lib.ember_decode_attention.restype = ctypes.c_int
+    lib.ember_causal_attention.argtypes = [p, p, p, p, i64, i64, i32, i32, i32, p, i64, i32, f32, i64, i32]
+    lib.ember_causal_attention.restype = ctypes.c_int
     lib.ember_lora.argtypes = [p, i64, p, i64, i64, i64, i64, p, p, i64, i32, p, p, p, p, i32, p, f32, i32]
     lib.ember_lora.restype = ctypes.c_int
     return lib

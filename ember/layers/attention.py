@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ember.config import ModelConfig
-from ember.kernels.attention import decode_attention
+from ember.kernels.attention import causal_attention, decode_attention
 from ember.layers import kv_cache
 from ember.layers.mlp import make_linear
 from ember.layers.norm import RMSNorm
@@ -187,6 +187,17 @@ class Attention(nn.Module):
         return out.reshape(batch, self.num_heads, self.head_dim)
 
     def _prefill(self, q, k, v, piece: PrefillSlice, index: int, meta: AttentionMetadata) -> torch.Tensor:
+        # The native kernel: a fresh prompt's own K/V as they are, or the float32 cache in place
+        if not piece.reads_cache:
+            out = causal_attention(q, k.contiguous(), v.contiguous(), piece.length, None, 0, meta.block_size,
+                                   self.scale, self.softcap, self.window)
+        elif self.k_scale is None:
+            out = causal_attention(q, self.k_cache, self.v_cache, piece.context_len, piece.context_blocks,
+                                   piece.context_start, meta.block_size, self.scale, self.softcap, self.window)
+        else:
+            out = None
+        if out is not None:
+            return out
         if not piece.reads_cache:  # a fresh prompt: attend its own K/V directly, no cache read
             keys, values = k, v
             mask = None if self.window is None else meta.prefill_mask(index, self.window, q.device)
