@@ -205,7 +205,7 @@ def test_blocks_free_to_zero_after_aborts(tiny_dir):
 
 def test_cache_bytes_and_blocks_in_a_fixed_kv_memory(tiny_dir):
     """The allocated int8 cache is what kv_bytes_per_token says (1 byte a value + a float16 scale per head):
-    a fixed --kv-memory holds (head_dim * 2 bytes) / (head_dim + 4) times the blocks of a bfloat16 cache."""
+    a fixed --kv-memory holds (head_dim * 2 bytes) / (head_dim + 2) times the blocks of a bfloat16 cache."""
     budget = 2**20
     caches = {}
     for dtype, kv in (("bfloat16", "auto"), ("float32", "auto"), ("float32", "int8")):
