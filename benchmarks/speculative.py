@@ -5,7 +5,8 @@
 
 Every run decodes greedily from the same prompt, a random block of tokens repeated (an input a model can
 copy: what n-gram lookup is for). The rate counts tokens after each sequence's first, timed from when every
-sequence has its first token, so prefill is left out. For each speculative run it reports the measured
+sequence has its first token, so prefill is left out (`--clock cpu`: per second of the process's CPU time,
+steadier than wall time on a shared machine). For each speculative run it reports the measured
 acceptance rate α, the mean accepted length L (tokens a sequence gains per verification), the mean K used
 (the engine backs K off when drafts fail), the draft's cost c (its plain decode time per token over the
 target's) and the ideal speed-up for them, L / (1 + K c): what the run would gain if verifying K + 1 tokens
@@ -38,19 +39,22 @@ def copy_prompt(length: int, repeats: int, seed: int = 0) -> list[int]:
     return block * repeats
 
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
 def decode_rate(engine: LLMEngine, prompt: list[int], params: SamplingParams, concurrency: int,
-                tag: str) -> tuple[float, dict]:
-    """Decode tokens/s after the first token, and the spec_* counters of the run."""
+                tag: str, clock=time.perf_counter) -> tuple[float, dict]:
+    """Decode tokens/s after the first token (per second of `clock`), and the spec_* counters of the run."""
     before = engine.stats()
     for i in range(concurrency):
         engine.add_request(f"{tag}-{i}", prompt, params)
     started: set[str] = set()
     while len(started) < concurrency:
         started.update(out.request_id for out in engine.step() if out.token_ids)
-    start, generated = time.perf_counter(), 0
+    start, generated = clock(), 0
     while engine.has_work():
         generated += sum(len(out.token_ids) for out in engine.step())
-    seconds = time.perf_counter() - start
+    seconds = clock() - start
     after = engine.stats()
     return generated / seconds, {k: after[k] - before.get(k, 0) for k in after if k.startswith("spec_")}
 
@@ -60,10 +64,10 @@ def ideal_speedup(mean_accepted_length: float, mean_k: float, cost: float) -> fl
 
 
 def run(target: str, spec: dict, prompt: list[int], params: SamplingParams, concurrency: int,
-        threads: int) -> dict:
+        threads: int, clock=time.perf_counter) -> dict:
     engine = LLMEngine(target, EngineArgs(max_num_seqs=concurrency, threads=threads, max_model_len=1024, **spec))
     decode_rate(engine, prompt, replace(params, max_tokens=8), concurrency, "warmup")
-    rate, counters = decode_rate(engine, prompt, params, concurrency, "timed")
+    rate, counters = decode_rate(engine, prompt, params, concurrency, "timed", clock)
     del engine
     gc.collect()
     result = {"target": Path(target).name, "spec": spec, "concurrency": concurrency, "tokens_per_s": rate}
@@ -86,9 +90,13 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1", help="comma list of sequences decoded together")
     parser.add_argument("--prompt-block", type=int, default=32, help="random tokens repeated to make the prompt")
     parser.add_argument("--bias", default="", metavar="B,...",
-                        help="also run n-gram with logit_bias B on one token, sampled at temperature 1: a "
-                             "controlled acceptance rate for random-weight models (100: every draft kept)")
+                        help="also run n-gram (and each draft) with logit_bias B on one token, sampled at "
+                             "temperature 1: a controlled acceptance rate for random-weight models (100: every "
+                             "draft kept)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--clock", choices=CLOCKS, default="wall",
+                        help="what a second is: wall time, or the process's CPU time (all its threads), the "
+                             "steadier measure on a machine other jobs share")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
 
@@ -103,11 +111,14 @@ def main() -> None:
         biased = SamplingParams(temperature=1.0, max_tokens=args.tokens, ignore_eos=True, seed=0,
                                 logit_bias={prompt[0]: bias})
         scenarios.append((args.target, f"bias {bias:g}", biased, {"spec_ngram": args.ngram, "spec_tokens": k}))
+        # The draft samples with the same bias: its proposals agree with the target as often as the bias makes
+        # both repeat the token, whatever their weights.
+        scenarios += [(target, f"bias {bias:g}", biased, {"draft": draft, "spec_tokens": k}) for target, draft in pairs]
     results, plain = [], {}
 
     def baseline(model: str, label: str, params: SamplingParams, concurrency: int) -> float:
         if (model, label, concurrency) not in plain:
-            result = run(model, {}, prompt, params, concurrency, args.threads)
+            result = run(model, {}, prompt, params, concurrency, args.threads, CLOCKS[args.clock])
             result["params"] = label
             plain[(model, label, concurrency)] = result["tokens_per_s"]
             results.append(result)
@@ -118,7 +129,7 @@ def main() -> None:
         for target, label, params, spec in scenarios:
             base = baseline(target, label, params, concurrency)
             cost = base / baseline(spec["draft"], label, params, concurrency) if "draft" in spec else 0.0
-            result = run(target, spec, prompt, params, concurrency, args.threads)
+            result = run(target, spec, prompt, params, concurrency, args.threads, CLOCKS[args.clock])
             result.update(params=label, speedup=result["tokens_per_s"] / base)
             if "alpha" in result:
                 result["draft_cost"] = cost
@@ -126,7 +137,7 @@ def main() -> None:
                 result["of_ideal"] = result["speedup"] / result["ideal_speedup"]
             results.append(result)
             print(json.dumps(result), flush=True)
-    print("\n| target | sampling | speculation | c | tok/s | speed-up | α | mean accepted len | mean K | "
+    print(f"\n{args.clock} clock\n\n| target | sampling | speculation | c | tok/s | speed-up | α | mean accepted len | mean K | "
           "draft cost c | ideal | achieved / ideal |\n|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         spec = r["spec"]

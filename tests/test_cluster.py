@@ -49,6 +49,15 @@ def test_ollama_generate_keys_on_its_system_prompt_first():
     assert a[:shared] == b[:shared] and a[shared:] != b[shared:]
 
 
+def test_the_ingress_streams_what_the_client_may_get_as_a_stream():
+    from ember.cluster.ingress import wants_stream
+
+    assert wants_stream("/v1/chat/completions", {"stream": True})
+    assert not wants_stream("/v1/chat/completions", {}) and not wants_stream("/completion", {"stream": False})
+    assert wants_stream("/api/chat", {}) and wants_stream("/api/pull", {"name": "m"})  # Ollama streams by default
+    assert not wants_stream("/api/generate", {"stream": False}) and not wants_stream("/v1/models", None)
+
+
 def _json(body: dict) -> bytes:
     import json
 
@@ -214,6 +223,17 @@ def test_health_and_metrics_are_aggregated_over_the_replicas(cluster):
     assert replicas == set(health.json()["replica_status"]) and len(replicas) == 2
 
 
+def test_a_body_over_the_size_limit_is_the_replicas_413(cluster):
+    # The ingress reads a body up to just past --max-body (4 MiB) and forwards that much: over gRPC's default
+    # message limit, which the ingress-replica transport raises, so the replica's guard answers (not a transport
+    # error, 503), and the rest of the body is no sign that the client left (499).
+    body = b'{"prompt": "' + b"x" * (5 * 2**20) + b'"}'
+    response = httpx.post(f"{cluster.url}/v1/completions", content=body, timeout=60,
+                          headers={"content-type": "application/json"})
+    assert response.status_code == 413, response.text
+    assert response.json()["error"]["code"] == "body_too_large" and response.headers["x-ember-replica"]
+
+
 def _chat(url: str, system: str, question: str) -> httpx.Response:
     body = {"model": "ember-default", "max_tokens": 1, "temperature": 0,
             "messages": [{"role": "system", "content": system}, {"role": "user", "content": question}]}
@@ -255,15 +275,20 @@ def _engine_totals(url: str) -> tuple[float, float]:
     return held, sum(s.value for s in families["ember_generation_tokens"].samples)
 
 
-def test_a_client_that_leaves_mid_stream_frees_its_replica(cluster):
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_client_that_leaves_frees_its_replica(cluster, stream):
     _, generated_before = _engine_totals(cluster.url)
-    body = {"model": "ember-default", "max_tokens": 900, "ignore_eos": True, "stream": True,
+    body = {"model": "ember-default", "max_tokens": 900, "ignore_eos": True, "stream": stream,
             "messages": [{"role": "user", "content": "Tell a long story"}]}
-    with httpx.stream("POST", f"{cluster.url}/v1/chat/completions", json=body, timeout=60) as response:
-        assert response.status_code == 200
-        lines = response.iter_lines()
-        for _ in range(3):
-            next(lines)
+    if stream:  # leaves after a few chunks
+        with httpx.stream("POST", f"{cluster.url}/v1/chat/completions", json=body, timeout=60) as response:
+            assert response.status_code == 200
+            lines = response.iter_lines()
+            for _ in range(3):
+                next(lines)
+    else:  # leaves before the answer (one whole-answer call to the replica, cancelled)
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{cluster.url}/v1/chat/completions", json=body, timeout=httpx.Timeout(60, read=0.25))
     deadline = time.monotonic() + 20
     while _engine_totals(cluster.url)[0] and time.monotonic() < deadline:
         time.sleep(0.2)

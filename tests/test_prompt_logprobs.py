@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from ember.engine.engine import EngineArgs, LLMEngine
+from ember.kernels import native
 from ember.sampling_params import SamplingParams
 from tests.tiny_models import build_tiny_model, copy_tokenizer
 
@@ -137,10 +138,15 @@ def test_lm_eval_scoring_request(server, served_reference):
         expected = served_reference(prompt)
         got = torch.tensor(scored["token_logprobs"][1:])
         want = expected[torch.arange(len(prompt) - 1), torch.tensor(prompt[1:])]
-        assert (got - want).abs().max().item() < 1e-3
+        # The model's weights are bf16: on a CPU with AVX512-BF16 its activations are rounded to bf16 before
+        # each product (llama.cpp's scheme), and a 512-row step sums in another order than the reference's
+        # single 21- or 701-row pass (packed GEMM vs dot-product tiles), so a rounding of x may land on the
+        # other side: ~1e-2 apart at most here. A chunking or position error would be off by whole units.
+        atol = 3e-2 if native.bf16_dot(native.isa()) else 1e-3
+        assert (got - want).abs().max().item() < atol
         # top_logprobs: the most likely token's log-probability at each position (lm-eval's greedy check)
         best = [max(top.values()) for top in scored["top_logprobs"][1:]]
-        assert torch.allclose(torch.tensor(best), expected[:-1].max(dim=-1).values, atol=1e-3)
+        assert torch.allclose(torch.tensor(best), expected[:-1].max(dim=-1).values, atol=atol)
 
 
 def test_generation_unchanged_by_scoring(server):

@@ -11,7 +11,7 @@ from scipy.stats import chisquare
 
 from ember.engine.engine import EngineArgs, LLMEngine
 from ember.engine.proposers import NgramProposer
-from ember.engine.spec_decode import Proposal, verify
+from ember.engine.spec_decode import Proposal, draw, verify
 from ember.errors import InvalidParameter
 from ember.layers.sampler import SamplingState
 from ember.llm import LLM
@@ -153,6 +153,57 @@ def test_rejection_sampling_follows_the_target_distribution():
                 tokens = tokens + [int(torch.multinomial(p1[tokens[0]], 1, generator=generator))]
             counts[tuple(tokens[:2])] = counts.get(tuple(tokens[:2]), 0) + 1
         assert _chi_square(counts, expected, samples) > 1e-3
+
+
+def test_draw_follows_each_rows_distribution_from_its_own_generator():
+    """draw(): one inverse-transform draw per row of unnormalised probabilities; a token of probability 0 never
+    comes out, and a seeded row gives the same token whatever rows are drawn beside it."""
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.3, 0.2], [2.1, 0.0, 0.9, 0.0, 0.0]])  # the second sums to 3
+    samples = 3000
+    generator = torch.Generator().manual_seed(5)
+    tokens = draw(probs.repeat(samples, 1), [generator] * 2 * samples)
+    for row in range(2):
+        counts: dict = {}
+        for token in tokens[row::2]:
+            counts[token] = counts.get(token, 0) + 1
+        expected = {t: p / float(probs[row].sum()) for t, p in enumerate(probs[row].tolist()) if p > 0}
+        assert _chi_square(counts, expected, samples) > 1e-3
+    alone = [draw(probs[:1], [torch.Generator().manual_seed(seed)])[0] for seed in range(20)]
+    beside = [draw(probs, [torch.Generator().manual_seed(seed), None])[0] for seed in range(20)]
+    assert alone == beside and len(set(alone)) > 1
+
+
+def test_verify_in_one_batch_equals_each_item_alone():
+    """Greedy rows (plain, and with a penalty and bias that depend on the drafts before them) and seeded
+    sampling rows (n-gram and draft-model proposals) verified together give each item's own result."""
+    vocab = 12
+
+    def items():
+        q = (torch.randn(3, vocab, generator=torch.Generator().manual_seed(4)) * 2).softmax(-1)
+        specs = [
+            (SamplingParams(temperature=0, logprobs=2), None, [3, 5, 7]),
+            (SamplingParams(temperature=1.0, seed=1), None, [2, 2]),
+            (SamplingParams(temperature=0, repetition_penalty=1.5, logit_bias={4: 0.5}), None, [4, 4, 9]),
+            (SamplingParams(temperature=0.7, top_k=5, seed=2, logprobs=1), q, [1, 6, 0]),
+        ]
+        result = []
+        for index, (params, probs, drafts) in enumerate(specs):
+            generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+            state = SamplingState(params, generator, [1, 4, 2], [4])
+            rows = torch.randn(len(drafts) + 1, vocab, generator=torch.Generator().manual_seed(index)) * 3
+            for position in range(index % 3 + 1):  # the first 1 to 3 drafts are likely kept
+                rows[position, drafts[position]] += 8
+            result.append((rows, state, Proposal(drafts, probs)))
+        return result
+
+    together = verify(items())
+    alone = [verify([item])[0] for item in items()]
+    for (tokens, logprobs), (want_tokens, want_logprobs) in zip(together, alone, strict=True):
+        assert tokens == want_tokens
+        assert (logprobs is None) == (want_logprobs is None)
+        for a, b in zip(logprobs or [], want_logprobs or [], strict=True):
+            assert (a.token_id, a.top) == (b.token_id, b.top) and a.logprob == pytest.approx(b.logprob)
+    assert len({len(tokens) for tokens, _ in together}) > 1  # acceptance differs between the items
 
 
 def test_sampled_outputs_follow_the_target_distribution(models):

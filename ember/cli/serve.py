@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import errno
 import os
-import signal
-import socket
 import sys
 
 from ember.cli.options import _size, add_model_options, engine_args, existing_adapters
+from ember.server.listener import GracefulServer, listen
 
 
 def add_parser(sub) -> None:
@@ -65,58 +62,6 @@ def add_parser(sub) -> None:
     scale.add_argument("--max-replicas", type=int, default=None, metavar="B",
                        help="autoscale: never more replicas than B (Ray Serve adds replicas when the requests in "
                             "flight exceed --max-num-seqs per replica)")
-
-
-class _Server:
-    """uvicorn's server, except that SIGTERM/SIGINT start our graceful shutdown and the exit code stays 0."""
-
-    def __new__(cls, config, state):
-        import uvicorn
-
-        class Server(uvicorn.Server):
-            def handle_exit(self, sig, frame):
-                state.begin_shutdown()
-                super().handle_exit(sig, frame)
-
-            @contextlib.contextmanager
-            def capture_signals(self):
-                # uvicorn re-raises the caught signal after shutdown (exit status 143); a clean stop is 0.
-                previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
-                try:
-                    yield
-                finally:
-                    for sig, handler in previous.items():
-                        signal.signal(sig, handler)
-
-        return Server(config)
-
-
-def listen(host: str, port: int, backlog: int = 2048) -> list[socket.socket]:
-    """Listening sockets on every address of `host` (as asyncio's create_server would open), taken before
-    any model loads: a port already in use fails at once, as one line, instead of after the load with
-    uvicorn's logged error."""
-    from ember.errors import EmberError
-
-    sockets: list[socket.socket] = []
-    try:
-        addresses = dict.fromkeys(info[:3] + (info[4],) for info in socket.getaddrinfo(
-            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE))
-        for family, kind, proto, address in addresses:
-            sock = socket.socket(family, kind, proto)
-            sockets.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # its IPv4 twin has a socket of its own
-            sock.bind(address)
-            sock.listen(backlog)  # now: binding alone would not keep a second server off the port
-    except OSError as err:
-        for sock in sockets:
-            sock.close()
-        reason = err.strerror or str(err)
-        hint = " (another server, an `ember serve` perhaps, holds it: stop it or choose another --port)" \
-            if err.errno == errno.EADDRINUSE else ""
-        raise EmberError(f"cannot listen on {host}:{port}: {reason.lower()}{hint}") from None
-    return sockets
 
 
 def run(args: argparse.Namespace) -> int:
@@ -191,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
     config = uvicorn.Config(create_app(state), host=args.host, port=args.port, log_level="warning",
                             timeout_graceful_shutdown=args.shutdown_grace + 5, access_log=False,
                             timeout_keep_alive=5)
-    server = _Server(config, state)
+    server = GracefulServer(config, state.begin_shutdown)
     server.run(sockets=sockets)
     if state.load_error is not None:
         raise state.load_error

@@ -108,8 +108,12 @@ async def replay(app, request: ForwardedRequest, replica: str = "") -> AsyncIter
             task.cancel()
 
 
-async def collect(app, request: ForwardedRequest, replica: str, timeout: float) -> tuple[ResponseStart, bytes]:
-    """The whole answer of a short request (/health, /metrics); a 503 when the app takes longer than `timeout`."""
+async def collect(app, request: ForwardedRequest, replica: str,
+                  timeout: float | None = None) -> tuple[ResponseStart, bytes]:
+    """The whole answer of a request (its ResponseStart's `elapsed` covers the body too); a 503 when the app takes
+    longer than `timeout` (for /health, /metrics)."""
+    began = time.perf_counter()
+
     async def run() -> tuple[ResponseStart, bytes]:
         start, body = None, b""
         async for item in replay(app, request, replica):
@@ -119,6 +123,7 @@ async def collect(app, request: ForwardedRequest, replica: str, timeout: float) 
                 body += item
         if start is None:
             raise RuntimeError(f"{request.path} ended without a response")
+        start.elapsed = time.perf_counter() - began
         return start, body
 
     try:

@@ -1,6 +1,9 @@
-"""The HTTP ingress of a Ray Serve deployment of ember: every request is read, keyed by its prompt's prefix
-(ember.cluster.prefix) and relayed to the replica the router picks (ember.cluster.router); the answer streams
-back chunk by chunk. /health and /metrics ask every replica and merge the answers (ember.cluster.aggregate).
+"""The HTTP ingress of a Ray Serve deployment of ember: an ASGI app, served by uvicorn in the `ember serve`
+process itself (no Serve HTTP proxy, no ingress actor: one Ray hop per request, not three). Every request is
+read, keyed by its prompt's prefix (ember.cluster.prefix) and relayed through a deployment handle to the replica
+the router picks (ember.cluster.router). An answer the client wants streamed comes back chunk by chunk; any other
+comes back whole from one call (one Ray message each way, no generator). /health and /metrics ask every replica
+and merge the answers (ember.cluster.aggregate).
 
 Every relayed response says what the ingress added to it: `Server-Timing: ingress;dur=MS` is the time from the
 body read to the response start, less the replica's own part (the routing key, the router, the Ray hops).
@@ -22,16 +25,19 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from ember.cluster.aggregate import merge_health, merge_metrics
 from ember.cluster.forwarding import ForwardedRequest, ResponseStart
-from ember.cluster.prefix import routing_key
+from ember.cluster.prefix import parse_body, prefix_key
 from ember.server.errors import APIError, error_body, error_response
 from ember.server.metrics import CONTENT_TYPE
 from ember.server.openai_api import sse
 
-log = logging.getLogger("ray.serve")  # Serve writes it to the replica's log file
+log = logging.getLogger("ember.cluster")
 
 REPLICA_HEADER = b"x-ember-replica"
 REPLICA_TIMEOUT_S = 5.0  # for one replica's /health or /metrics: one that takes longer answers "unresponsive"
 FAN_OUT_TIMEOUT_S = 10.0  # for them all (Ray Serve's broadcast has one deadline for every replica)
+# Requests go straight to the replica's inter-deployment gRPC server (token-authenticated, TLS when Ray's is on),
+# pickled: a third of the CPU of a Ray actor call with cloudpickle, on both ends (docs/scale-out.md, "Measured").
+TRANSPORT = {"_by_reference": False, "request_serialization": "pickle", "response_serialization": "pickle"}
 
 
 def stream_error(path: str, content_type: str, err: APIError) -> bytes:
@@ -51,24 +57,72 @@ def replica_failed(err: BaseException) -> APIError:
                     code="replica_failed", headers={"Retry-After": "1"})
 
 
-class EmberIngress:
-    def __init__(self, replicas, max_body_bytes: int):
-        self.replicas = replicas
-        self.forward = replicas.options(method_name="forward", stream=True)
-        self.max_body_bytes = max_body_bytes
+def wants_stream(path: str, body: dict | None) -> bool:
+    """Whether the answer may be a stream: `"stream": true`, or no `stream` field on an API whose default is to
+    stream (Ollama's /api/*). Only decides the transport: a streamed answer relayed whole is still right."""
+    if body is None:
+        return False
+    stream = body.get("stream")
+    return bool(stream) if stream is not None else path.startswith("/api/")
 
-    async def __call__(self, request: Request) -> Response:
+
+async def _disconnect(request: Request) -> None:
+    """Returns when the client has gone (the rest of a body read only up to its limit is skipped)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+class EmberIngress:
+    """The ASGI app; `replicas` is a deployment handle to the EmberReplica deployment; `on_shutdown` (blocking,
+    run in a thread) takes the application down when the server stops."""
+
+    def __init__(self, replicas, max_body_bytes: int, on_shutdown=None):
+        self.replicas = replicas
+        self.max_body_bytes = max_body_bytes
+        self.on_shutdown = on_shutdown
+        self.forward = self.answer = None  # the handle's per-method copies, made on the serving event loop
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+        elif scope["type"] == "http":  # websockets are not served
+            response = await self.handle(Request(scope, receive))
+            await response(scope, receive, send)
+
+    async def _lifespan(self, receive, send) -> None:
+        """The handle's router runs on the server's event loop (no thread hop per request): it is made when the
+        loop starts; the application is taken down and the router shut down before the loop ends (the router
+        follows the application's updates until then)."""
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                self.replicas._init(_run_router_in_separate_loop=False)
+                self.forward = self.replicas.options(method_name="forward", stream=True, **TRANSPORT)
+                self.answer = self.replicas.options(method_name="answer", **TRANSPORT)
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                if self.on_shutdown is not None:
+                    await asyncio.to_thread(self.on_shutdown)
+                await self.replicas.shutdown_async()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def handle(self, request: Request) -> Response:
         body = await self._body(request)
         began = time.perf_counter()
+        # A body over the limit is refused by the replica: it must not claim prefixes in the router's table.
+        parsed = parse_body(body) if len(body) <= self.max_body_bytes else None
         forwarded = ForwardedRequest(
             request.method, request.url.path, request.scope.get("query_string", b""),
             list(request.scope.get("headers", [])), body,
-            tuple(request.scope["client"]) if request.scope.get("client") else None, routing_key(body))
+            tuple(request.scope["client"]) if request.scope.get("client") else None, prefix_key(parsed))
         if request.method == "GET" and forwarded.path == "/health":
             return await self._health(forwarded)
         if request.method == "GET" and forwarded.path == "/metrics":
             return await self._metrics(forwarded)
-        return await self._relay(forwarded, began)
+        if wants_stream(forwarded.path, parsed):
+            return await self._relay(forwarded, began)
+        return await self._relay_whole(forwarded, began, request)
 
     async def _body(self, request: Request) -> bytes:
         """The body, read up to one byte past the limit: the replica's guard answers 413 for what is over."""
@@ -79,6 +133,38 @@ class EmberIngress:
             if size > self.max_body_bytes:
                 break
         return b"".join(chunks)
+
+    async def _relay_whole(self, forwarded: ForwardedRequest, began: float, request: Request) -> Response:
+        """One call that returns the whole answer; the call is cancelled (the replica aborts) if the client
+        leaves first."""
+        call = self.answer.remote(forwarded)
+        answer = asyncio.ensure_future(call)
+        gone = asyncio.ensure_future(_disconnect(request))
+        try:
+            await asyncio.wait((answer, gone), return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:  # the server is stopping
+            call.cancel()
+            raise
+        finally:
+            gone.cancel()
+        if not answer.done():
+            call.cancel()
+            answer.cancel()
+            return Response(status_code=499)  # nobody is there to read it
+        try:
+            start, body = answer.result()
+        except Exception as err:  # the replica died, or was taken away, before it answered
+            log.warning("%s %s failed on its replica: %r", forwarded.method, forwarded.path, err)
+            return error_response(forwarded.path, replica_failed(err))
+        response = Response(body, status_code=start.status)
+        response.raw_headers = [*start.headers, *self._added(start, began)]
+        return response
+
+    @staticmethod
+    def _added(start: ResponseStart, began: float) -> list[tuple[bytes, bytes]]:
+        """The headers the ingress adds: the replica's name, and its own time (less the replica's)."""
+        added_ms = (time.perf_counter() - began - start.elapsed) * 1e3
+        return [(REPLICA_HEADER, start.replica.encode()), (b"server-timing", f"ingress;dur={added_ms:.2f}".encode())]
 
     async def _relay(self, forwarded: ForwardedRequest, began: float) -> Response:
         stream = self.forward.remote(forwarded)
@@ -92,7 +178,7 @@ class EmberIngress:
             log.warning("%s %s failed on its replica: %r", forwarded.method, forwarded.path, err)
             return error_response(forwarded.path, replica_failed(err))
         assert isinstance(start, ResponseStart)
-        added_ms = (time.perf_counter() - began - start.elapsed) * 1e3
+        added = self._added(start, began)
         content_type = start.header(b"content-type")
 
         async def chunks():
@@ -114,8 +200,7 @@ class EmberIngress:
                     stream.cancel()
 
         response = StreamingResponse(chunks(), status_code=start.status)
-        response.raw_headers = [*start.headers, (REPLICA_HEADER, start.replica.encode()),
-                                (b"server-timing", f"ingress;dur={added_ms:.2f}".encode())]
+        response.raw_headers = [*start.headers, *added]
         return response
 
     async def _fan_out(self, forwarded: ForwardedRequest) -> tuple[dict[str, tuple[ResponseStart, bytes]], int]:

@@ -1,10 +1,12 @@
 """`ember serve MODEL --replicas N`: ember as a Ray Serve application, on a local Ray instance or an existing
 cluster (`--ray-address`), until SIGINT/SIGTERM.
 
-The application is two deployments: `EmberReplica` (N copies, each one model pool with its engine, its CPUs and
-GPUs reserved from Ray) and `EmberIngress`, the HTTP entry (ember.cluster.ingress) that routes with
-ember.cluster.router. With --min-replicas/--max-replicas, Ray Serve's autoscaler sizes the replica count on the
-requests each replica has in flight.
+The application is one deployment, `EmberReplica` (N copies, each one model pool with its engine, its CPUs and
+GPUs reserved from Ray). Its HTTP entry is this process: uvicorn on --host:--port serves ember.cluster.ingress,
+which routes each request with ember.cluster.router and calls the replica it picks through a deployment handle
+(Serve's own HTTP proxy is not started: it would add a hop and an actor to every request). With
+--min-replicas/--max-replicas, Ray Serve's autoscaler sizes the replica count on the requests each replica has
+in flight.
 """
 
 from __future__ import annotations
@@ -21,8 +23,13 @@ from ember.errors import EmberError, InvalidParameter
 from ember.server.state import Settings
 
 APP_NAME = "ember"
+REPLICA_DEPLOYMENT = "EmberReplica"
 INSTALL_HINT = "--replicas needs Ray Serve, which is not installed: pip install 'ember[ray]'"
 _QUIET = {"log_level": "WARNING", "enable_access_log": False}
+# The gRPC messages between the ingress and the replicas carry whole requests and answers: gRPC's default 4 MiB
+# limit would refuse a body near --max-body or a large answer (embeddings of many inputs). Read by Ray Serve when
+# it is imported, here and in the replicas.
+GRPC_LIMIT = {"RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(2**30)}
 
 
 @dataclass
@@ -45,7 +52,8 @@ class ReplicaPlan:
         wait at the router, which can still send them elsewhere); the autoscaler aims at one batch each. A
         replica being stopped lets its requests finish for --shutdown-grace seconds, as `ember serve` does."""
         options: dict[str, Any] = {
-            "ray_actor_options": {"num_cpus": self.cpus, "num_gpus": self.gpus},
+            "ray_actor_options": {"num_cpus": self.cpus, "num_gpus": self.gpus,
+                                  "runtime_env": {"env_vars": GRPC_LIMIT}},
             "max_ongoing_requests": 2 * max_num_seqs,
             "graceful_shutdown_timeout_s": shutdown_grace,
             "graceful_shutdown_wait_loop_s": 0.5,
@@ -84,6 +92,8 @@ def plan_replicas(args: argparse.Namespace) -> ReplicaPlan:
 
 
 def _start_ray(address: str | None, plan: ReplicaPlan):
+    for name, value in GRPC_LIMIT.items():
+        os.environ.setdefault(name, value)
     if not address:
         # Ray's single-machine mode (its default on macOS and Windows): the node's address is 127.0.0.1, and
         # Ray's own services listen there instead of on every interface. Read when Ray is imported.
@@ -126,48 +136,68 @@ def serve_replicas(args: argparse.Namespace, settings: Settings, pool_options: d
 
         pool_options = {**pool_options, "max_memory": default_max_memory(
             pool_options.get("engine_args", {}).get("device", "auto")) // plan.most}
-    serving = threading.Event()
-    stop = threading.Event()
+    from ember.server.listener import listen
+
+    sockets = listen(args.host, args.port)  # taken first: a port in use fails at once, before Ray starts
+    starting = True
+    server = None
 
     def on_signal(*_) -> None:
-        stop.set()
-        if not serving.is_set():
+        if starting:
             raise KeyboardInterrupt  # during the start: unwind, and take down what was started
+        if server is not None:
+            server.should_exit = True
 
     ray = _start_ray(args.ray_address, plan)
     # After ray.init, which installs its own handlers: ours take the application down before Ray.
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    taken_down = threading.Event()
+
+    def take_down() -> None:
+        if not taken_down.is_set():
+            taken_down.set()
+            _take_down(settings.shutdown_grace)
+
     try:
-        _deploy(args, plan, settings, pool_options, max_num_seqs)
-        serving.set()
-        while not stop.wait(0.5):
-            pass
+        server = _front(_deploy(args, plan, settings, pool_options, max_num_seqs), settings, take_down)
+        starting = False
+        server.run(sockets=sockets)  # until SIGINT/SIGTERM, then lets the requests in flight finish
+        if not server.started:  # uvicorn logged why (the ingress's startup failed)
+            raise EmberError(f"the ingress did not start on {args.host}:{args.port}")
     finally:
-        _stop(ray, remote=bool(args.ray_address), grace=settings.shutdown_grace)
+        take_down()  # when the server did not get to it (a failed start)
+        ray.shutdown()  # the local Ray instance, and Serve on it, end with us
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return 0
 
 
+def _front(replicas, settings: Settings, on_shutdown):
+    """The HTTP server of the ingress (ember.cluster.ingress) over the replicas' deployment handle."""
+    import uvicorn
+
+    from ember.cluster.ingress import EmberIngress
+    from ember.server.listener import GracefulServer
+
+    ingress = EmberIngress(replicas, settings.max_body_bytes, on_shutdown)
+    config = uvicorn.Config(ingress, lifespan="on", log_level="warning", access_log=False, timeout_keep_alive=5,
+                            timeout_graceful_shutdown=settings.shutdown_grace + 5)
+    return GracefulServer(config)
+
+
 def _deploy(args: argparse.Namespace, plan: ReplicaPlan, settings: Settings, pool_options: dict[str, Any],
-            max_num_seqs: int) -> None:
+            max_num_seqs: int):
+    """Deploy the replicas; their deployment handle."""
     import ray
     from ray import serve
 
-    from ember.cluster.ingress import EmberIngress
     from ember.cluster.replica import EmberReplica
 
-    try:
-        serve.start(http_options={"host": args.host, "port": args.port}, logging_config=_QUIET)
-    except Exception as err:  # Serve's HTTP proxy could not start (the port is taken)
-        raise EmberError(f"could not listen on {args.host}:{args.port}: {_last_line(err)}") from None
-    replica = serve.deployment(EmberReplica, name="EmberReplica",
+    serve.start(proxy_location="Disabled", logging_config=_QUIET)
+    replica = serve.deployment(EmberReplica, name=REPLICA_DEPLOYMENT,
                                **plan.deployment_options(max_num_seqs, settings.shutdown_grace))
-    ingress = serve.deployment(EmberIngress, name="EmberIngress", ray_actor_options={"num_cpus": 0},
-                               max_ongoing_requests=10_000, logging_config=_QUIET)
     try:
-        serve.run(ingress.bind(replica.bind(settings, pool_options), settings.max_body_bytes),
-                  name=APP_NAME, route_prefix="/", blocking=False)
+        handle = serve.run(replica.bind(settings, pool_options), name=APP_NAME, route_prefix=None, blocking=False)
     except RuntimeError as err:  # a replica could not start (its model did not load): Serve says why
         raise EmberError(f"the replicas did not start: {_last_line(err)}") from None
     host = f"[{args.host}]" if ":" in args.host else args.host
@@ -175,15 +205,21 @@ def _deploy(args: argparse.Namespace, plan: ReplicaPlan, settings: Settings, poo
         f"{plan.replicas} replicas, autoscaled within [{plan.min_replicas or 1}, {plan.most}]"
     print(f"ember serving {args.model or 'the default model'} on http://{host}:{args.port} ({scale} on Ray at "
           f"{ray.get_runtime_context().gcs_address})", flush=True)
+    return handle
 
 
-def _stop(ray, remote: bool, grace: float) -> None:
-    """Take the application down (the replicas finish or abort their requests), then leave Ray; the local Ray
-    instance ends with us. Bounded: a cluster that stopped answering must not keep the command alive."""
+def _take_down(grace: float) -> None:
+    """Take the application down (the replicas finish or abort their requests). Bounded: a cluster that stopped
+    answering must not keep the command alive."""
     from ray import serve
+    from ray.serve.exceptions import RayServeException
 
-    worker = threading.Thread(target=serve.delete if remote else serve.shutdown,
-                              args=(APP_NAME,) if remote else (), daemon=True)
+    def take_down() -> None:
+        try:
+            serve.delete(APP_NAME)
+        except RayServeException:  # Serve did not start: nothing to take down
+            pass
+
+    worker = threading.Thread(target=take_down, daemon=True)
     worker.start()
     worker.join(grace + 15)
-    ray.shutdown()

@@ -38,14 +38,24 @@ def prefix_hashes(text: str, salt: str = "") -> tuple[int, ...]:
     return tuple(hashes)
 
 
-def routing_key(body: bytes) -> tuple[int, ...]:
-    """The prefix hashes of a raw request body; () for a body that is not a JSON object (nothing to match on:
-    the replica will answer it, with its own error if it is malformed)."""
+def parse_body(body: bytes) -> dict | None:
+    """A request body's JSON object; None for anything else (nothing to route on: the replica will answer it,
+    with its own error if it is malformed)."""
     try:
         parsed = json.loads(body) if body else None
     except (ValueError, RecursionError):
+        return None
+    return parsed if isinstance(parsed, dict) else None
+
+
+def prefix_key(body: dict | None) -> tuple[int, ...]:
+    """The prefix hashes of a parsed request body (parse_body); () when it has no prompt."""
+    if body is None:
         return ()
-    if not isinstance(parsed, dict):
-        return ()
-    model = parsed.get("model")
-    return prefix_hashes(prompt_text(parsed), model if isinstance(model, str) else "")
+    model = body.get("model")
+    return prefix_hashes(prompt_text(body), model if isinstance(model, str) else "")
+
+
+def routing_key(body: bytes) -> tuple[int, ...]:
+    """The prefix hashes of a raw request body; () for a body that is not a JSON object."""
+    return prefix_key(parse_body(body))

@@ -30,6 +30,10 @@ class EmberReplica:
         async for item in replay(self.app, request, self.name):
             yield item
 
+    async def answer(self, request: ForwardedRequest) -> tuple[ResponseStart, bytes]:
+        """The whole answer in one reply: for requests whose answer is not a stream (one Ray message each way)."""
+        return await collect(self.app, request, self.name)
+
     async def probe(self, request: ForwardedRequest, timeout: float) -> tuple[ResponseStart, bytes]:
         """A short request's whole answer (the ingress sends /health and /metrics to every replica)."""
         return await collect(self.app, request, self.name, timeout)

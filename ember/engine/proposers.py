@@ -142,13 +142,16 @@ class DraftModel:
             step_logits = torch.stack([logits[id(shadow.seq)] for _, shadow, _, _ in active])
             views = [state_after(state, proposals[index].tokens) for index, _, state, _ in active]
             adjusted, probs = distributions(step_logits, views)
-            for row, (index, _, state, _) in enumerate(active):
-                if state.params.is_greedy:
-                    token = int(adjusted[row].argmax())
-                else:
-                    token = draw(probs[row], state.generator)
-                    drafts[index].append(probs[row])
-                proposals[index].tokens.append(token)
+            greedy = [row for row, (_, _, state, _) in enumerate(active) if state.params.is_greedy]
+            tokens = dict(zip(greedy, adjusted[greedy].argmax(-1).tolist(), strict=True)) if greedy else {}
+            if probs is not None:
+                sampled = [row for row in range(len(active)) if row not in tokens]
+                drawn = draw(probs, [active[row][2].generator for row in sampled])
+                for at, (row, token) in enumerate(zip(sampled, drawn, strict=True)):
+                    tokens[row] = token
+                    drafts[active[row][0]].append(probs[at])
+            for row, (index, _, _, _) in enumerate(active):
+                proposals[index].tokens.append(tokens[row])
             active = [entry for entry in active if len(proposals[entry[0]].tokens) < entry[3]]
             for index, shadow, _, _ in active:
                 shadow.seq.token_ids.append(proposals[index].tokens[-1])

@@ -20,7 +20,14 @@ from dataclasses import dataclass
 
 import torch
 
-from ember.layers.sampler import Sampler, SamplingState, TokenLogprob, _logprobs, filtered_logits
+from ember.layers.sampler import (
+    Sampler,
+    SamplingState,
+    TokenLogprob,
+    _logprobs,
+    changes_logits,
+    filtered_logits,
+)
 
 
 @dataclass
@@ -39,62 +46,129 @@ def state_after(state: SamplingState, drafted: list[int]) -> SamplingState:
 
 
 def distributions(logits: torch.Tensor, states: list[SamplingState]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per row: the sampler's adjusted logits (greedy rows take their argmax) and, for sampling rows, the
-    probabilities it draws from (other rows' are left zero; None when no row samples)."""
-    adjusted = Sampler.adjust_logits(logits, states)
+    """The sampler's adjusted logits of every row (greedy rows take their argmax; `logits` itself when no
+    state changes them) and the probabilities the sampling rows draw from, one row each in their order
+    (None when no row samples)."""
+    adjusted = Sampler.adjust_logits(logits, states) if any(map(changes_logits, states)) else logits
     random_rows = [row for row, state in enumerate(states) if not state.params.is_greedy]
     if not random_rows:
         return adjusted, None
-    probs = torch.zeros_like(adjusted)
-    probs[random_rows] = filtered_logits(adjusted[random_rows], [states[r].params for r in random_rows]).softmax(-1)
-    return adjusted, probs
+    rows = adjusted if len(random_rows) == len(states) else adjusted[random_rows]
+    return adjusted, filtered_logits(rows, [states[r].params for r in random_rows]).softmax(-1)
 
 
-def draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:
-    """One token from unnormalised probabilities `probs` [vocab]."""
-    return int(torch.multinomial(probs, 1, generator=generator))
+def draw(probs: torch.Tensor, generators: list[torch.Generator | None]) -> list[int]:
+    """One token per row of unnormalised probabilities `probs` [n, vocab], each from one uniform of its
+    row's generator (None: torch's global one) by inverse transform: the first token whose cumulative
+    probability exceeds it. One cumulative sum for all rows costs a tenth of torch.multinomial per row on a
+    32k vocabulary. A token of probability 0 is never drawn: its cumulative sum equals its predecessor's."""
+    cdf = probs.cumsum(-1, dtype=torch.float64)
+    uniforms = torch.cat([torch.rand(1, dtype=torch.float64, generator=g, device=probs.device) for g in generators])
+    tokens = torch.searchsorted(cdf, (uniforms * cdf[:, -1])[:, None], right=True)[:, 0].tolist()
+    vocab = probs.shape[-1]
+    for row, token in enumerate(tokens):
+        if token >= vocab:  # the uniform times the total rounded up to the total: the last possible token
+            tokens[row] = int(probs[row].nonzero()[-1])
+    return tokens
 
 
-def _accept(adjusted: torch.Tensor, probs: torch.Tensor | None, state: SamplingState, proposal: Proposal) -> list[int]:
-    """The tokens one verified chunk yields: the accepted drafts, then the target's own token."""
-    drafts = proposal.tokens
-    if state.params.is_greedy:
-        best = adjusted.argmax(dim=-1).tolist()
-        kept = 0
-        while kept < len(drafts) and drafts[kept] == best[kept]:
-            kept += 1
-        return drafts[:kept] + [best[kept]]
-    generator = state.generator
-    for index, token in enumerate(drafts):
-        p = probs[index]
-        q = proposal.probs[index] if proposal.probs is not None else None
-        q_token = 1.0 if q is None else float(q[token])
-        uniform = float(torch.rand((), generator=generator, device=p.device))
-        if uniform * q_token < float(p[token]):
-            continue
-        residual = p.clone() if q is None else (p - q).clamp_min_(0)
-        residual[token] = 0  # p(d) < q(d) here, so max(0, p - q) is already 0 at d; exact for point masses
-        return drafts[:index] + [draw(residual if float(residual.sum()) > 0 else p, generator)]
-    return drafts + [draw(probs[len(drafts)], generator)]
+def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
+    """torch.cat(parts), without the copy when the parts are consecutive rows of one tensor (the engine
+    passes slices of the step's logits, in order when every sampled chunk verifies drafts)."""
+    first = parts[0]
+    offset = first.storage_offset()
+    for part in parts:
+        if (not part.is_contiguous() or part.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()
+                or part.storage_offset() != offset or part.shape[1:] != first.shape[1:]):
+            return torch.cat(parts)
+        offset += part.numel()
+    return first.as_strided((sum(part.shape[0] for part in parts), *first.shape[1:]), first.stride())
 
 
 def verify(items: list[tuple[torch.Tensor, SamplingState, Proposal]]
            ) -> list[tuple[list[int], list[TokenLogprob] | None]]:
     """For each (logits [k + 1, vocab] of a verified chunk, the request's state, its k-token proposal):
-    the tokens to emit (1 to k + 1) and their logprobs when the request asked for them."""
+    the tokens to emit (1 to k + 1) and their logprobs when the request asked for them.
+
+    Every row of every item is adjusted, filtered and normalised in one batch; greedy rows take one argmax
+    for all; sampling items draw their k acceptance uniforms at once, then one token each (at the first
+    rejection, from the residual; else from the last position), all drawn together."""
     states: list[SamplingState] = []
     for _, state, proposal in items:
-        states += [state_after(state, proposal.tokens[:i]) for i in range(len(proposal.tokens) + 1)]
-    logits = torch.cat([rows for rows, _, _ in items])
-    adjusted, probs = distributions(logits, states)
+        if changes_logits(state):  # penalties and min_tokens see the drafts before each position
+            states += [state_after(state, proposal.tokens[:i]) for i in range(len(proposal.tokens) + 1)]
+        else:  # nothing depends on the tokens generated: the request's own state serves every position
+            states += [state] * (len(proposal.tokens) + 1)
+    adjusted, probs = distributions(_joined([rows for rows, _, _ in items]), states)
+    greedy_rows = [row for row, state in enumerate(states) if state.params.is_greedy]
+    best = (adjusted if len(greedy_rows) == len(states) else adjusted[greedy_rows]).argmax(-1).tolist()
+
+    tokens_of: list[list[int]] = []
+    # Sampling items: (index in items, first row in probs); the rows and tokens whose p(d) decides.
+    sampling: list[tuple[int, int]] = []
+    draft_rows: list[int] = []
+    draft_tokens: list[int] = []
+    greedy_at = random_at = 0
+    for index, (rows, state, proposal) in enumerate(items):
+        drafts = proposal.tokens
+        if state.params.is_greedy:
+            argmax = best[greedy_at : greedy_at + rows.shape[0]]
+            kept = 0
+            while kept < len(drafts) and drafts[kept] == argmax[kept]:
+                kept += 1
+            tokens_of.append(drafts[:kept] + [argmax[kept]])
+            greedy_at += rows.shape[0]
+        else:
+            sampling.append((index, random_at))
+            draft_rows += range(random_at, random_at + len(drafts))
+            draft_tokens += drafts
+            tokens_of.append([])
+            random_at += rows.shape[0]
+    if sampling:
+        _accept_sampled(items, sampling, probs, draft_rows, draft_tokens, tokens_of)
     results = []
-    start = 0
-    for rows, state, proposal in items:
-        span = slice(start, start + rows.shape[0])
-        tokens = _accept(adjusted[span], None if probs is None else probs[span], state, proposal)
+    for (rows, state, _), tokens in zip(items, tokens_of, strict=True):
         logprobs = None
-        if state.params.logprobs is not None:
-            logprobs = _logprobs(rows[: len(tokens)], states[span][: len(tokens)], tokens)
+        if state.params.logprobs is not None:  # under the raw logits: only the params of the state matter
+            logprobs = _logprobs(rows[: len(tokens)], [state] * len(tokens), tokens)
         results.append((tokens, logprobs))
-        start = span.stop
     return results
+
+
+def _accept_sampled(items, sampling: list[tuple[int, int]], probs: torch.Tensor, draft_rows: list[int],
+                    draft_tokens: list[int], tokens_of: list[list[int]]) -> None:
+    """Rejection sampling for the sampling items: fills their tokens_of entries. Draft d drawn from q is
+    kept with probability min(1, p(d) / q(d)); the first rejected position draws from norm(max(0, p - q))."""
+    p_drafts = probs[draft_rows, draft_tokens].tolist() if draft_rows else []
+    # (row of probs to draw from, rejected draft or None, its q row or None), one per sampling item.
+    draws: list[tuple[int, int | None, torch.Tensor | None]] = []
+    generators = []
+    at = 0
+    for index, first_row in sampling:
+        _, state, proposal = items[index]
+        drafts, k = proposal.tokens, len(proposal.tokens)
+        p_d = p_drafts[at : at + k]
+        at += k
+        q_d = [1.0] * k if proposal.probs is None else proposal.probs[range(k), drafts].tolist()
+        uniforms = torch.rand(k, generator=state.generator, device=probs.device).tolist() if k else []
+        kept = 0
+        while kept < k and uniforms[kept] * q_d[kept] < p_d[kept]:
+            kept += 1
+        tokens_of[index] = drafts[:kept]
+        if kept < k:
+            draws.append((first_row + kept, drafts[kept], None if proposal.probs is None else proposal.probs[kept]))
+        else:
+            draws.append((first_row + k, None, None))
+        generators.append(state.generator)
+    target = probs[[row for row, _, _ in draws]]
+    for i, (_, rejected, q) in enumerate(draws):
+        if rejected is None:
+            continue
+        if q is not None:
+            target[i] = (target[i] - q).clamp_min_(0)
+        target[i, rejected] = 0  # p(d) < q(d) here, so max(0, p - q) is already 0 at d; exact for point masses
+    empty = (target.sum(-1) <= 0).nonzero()[:, 0].tolist()  # p = q exactly: draw from p itself
+    if empty:
+        target[empty] = probs[[draws[i][0] for i in empty]]
+    for (index, _), token in zip(sampling, draw(target, generators), strict=True):
+        tokens_of[index].append(token)

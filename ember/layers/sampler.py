@@ -66,7 +66,7 @@ class SamplingState:
         return self.eos_token_ids | frozenset(self.params.stop_token_ids)
 
 
-def _changes_logits(state: SamplingState) -> bool:
+def changes_logits(state: SamplingState) -> bool:
     params = state.params
     return bool(
         params.logit_bias
@@ -200,7 +200,8 @@ def _draw(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
 def filtered_logits(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """Temperature, top-k, top-p and min-p over adjusted logits: the softmax of the result is the
     distribution a sampling row draws from (speculative decoding verifies against it)."""
-    logits = logits / _column([p.temperature for p in params], logits)
+    if any(p.temperature != 1.0 for p in params):  # dividing by 1 changes nothing: skip a vocabulary-wide pass
+        logits = logits / _column([p.temperature for p in params], logits)
     logits = _top_k_top_p(logits, params)
     return _min_p(logits, params)
 
@@ -274,7 +275,7 @@ class Sampler:
         if logits.shape[0] != len(states):
             raise ValueError(f"{logits.shape[0]} rows of logits for {len(states)} sampling states")
         masks = grammar_masks(states, logits.shape[-1])
-        if masks is None and all(state.params.is_greedy and not _changes_logits(state) for state in states):
+        if masks is None and all(state.params.is_greedy and not changes_logits(state) for state in states):
             tokens = logits.argmax(dim=-1).tolist()
             return tokens, _logprobs(logits, states, tokens, None)
         processed = self.adjust_logits(logits, states, masks)
