@@ -2,8 +2,9 @@
  * through the block table (no gather into a contiguous copy).
  *
  * Cache float32 [slots, kv_heads, head_dim], or int8 with a float16 scale per slot and KV head ([slots,
- * kv_heads]: --kv-cache-dtype int8, ember.layers.kv_cache; F16C converts it, in both builds): each int8 row is dequantized once into a small
- * buffer as it is read, for the whole query group, so no float copy of the cache is ever made.
+ * kv_heads]: --kv-cache-dtype int8, ember.layers.kv_cache; F16C widens it, in both builds): each int8 row is
+ * dequantized once into a small buffer as it is read, for the whole query group, so no float copy of the cache
+ * is ever made.
  * q and out float32 [D, heads, head_dim]. Each task is one
  * (sequence, KV head): the query heads of its group read every key and value row once. Scores in float32,
  * softmax with the maximum subtracted; a sliding window keeps the last `window` keys and tanh soft-capping
@@ -46,8 +47,8 @@ INLINE int64_t slot_of(const attn_job_t *j, int64_t d, int64_t t) {
 }
 
 /* Row `slot` of KV head kvh: the float32 cache row itself, or the int8 row times its scale, written to buf. */
-INLINE const float *cache_row(const void *cache, const uint16_t *scales, int64_t slot, int kvh, int kv_heads, int hd,
-                              float *buf) {
+INLINE const float *cache_row(const void *cache, const uint16_t *scales, int64_t slot, int kvh, int kv_heads,
+                              int hd, float *buf) {
     const int64_t at = slot * kv_heads + kvh;
     if (!scales) return (const float *)cache + at * hd;
     const int8_t *q = (const int8_t *)cache + at * hd;
@@ -124,8 +125,8 @@ static void attn_task(void *ctx, int64_t task) {
 }
 
 /* out[D, heads, head_dim] = attention of q[D, heads, head_dim] over each sequence's first lens[d] cached
- * tokens; k_scale/v_scale NULL for a float32 cache, else the float16 scales of an int8 one. Returns 0, or -1 when the
- * shapes are outside what this kernel takes (the caller keeps torch's). */
+ * tokens; k_scale/v_scale NULL for a float32 cache, else the float16 scales of an int8 one. Returns 0, or -1
+ * when the shapes are outside what this kernel takes (the caller keeps torch's). */
 int ember_decode_attention(const float *q, const void *k_cache, const void *v_cache, const uint16_t *k_scale,
                            const uint16_t *v_scale, float *out, int64_t D, int heads, int kv_heads, int head_dim,
                            const int64_t *blocks, int64_t max_blocks, int64_t start, const int64_t *lens,
