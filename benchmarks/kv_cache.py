@@ -83,12 +83,13 @@ def _perturbed_writes(floor: str):
 
 
 def quality(args) -> None:
-    loaded = _load(args.model)
+    loaded = _load(args.model, args.dtype)
     logprobs = {}
     perturbed = "auto, K/V rounded to bf16" if args.floor == "bf16" else f"auto, K/V x (1 + {args.floor} N(0,1))"
     runs = [*CACHES, *([perturbed] if args.floor else [])]
     for cache in runs:
-        engine = _engine(loaded, kv_cache_dtype=cache if cache in CACHES else "auto", max_model_len=args.length + 8,
+        engine = _engine(loaded, dtype=args.dtype, kv_cache_dtype=cache if cache in CACHES else "auto",
+                         max_model_len=args.length + 8,
                          max_num_seqs=1, max_batched_tokens=args.chunk, kv_memory=None)
         if args.random:
             prompt = torch.randint(3, engine.vocab_size, (args.length,), generator=torch.Generator().manual_seed(0))
@@ -104,12 +105,15 @@ def quality(args) -> None:
                         logprobs[cache] = [lp.logprob for lp in out.prompt_logprobs[1:]]
         print(f"{cache}: scored {args.length} tokens in {time.perf_counter() - started:.1f} s")
     print(f"mean logprob of the prompt's tokens (auto cache): {statistics.mean(logprobs['auto']):.3f}")
-    for other in runs[1:]:
-        deltas = [abs(a - b) for a, b in zip(logprobs["auto"], logprobs[other], strict=True)]
+    # Against the auto (activation-dtype) cache; with --floor, int8 also against the perturbed run (with
+    # --floor bf16: a bf16 cache, the reference).
+    pairs = [("auto", other) for other in runs[1:]] + ([(runs[2], "int8")] if args.floor else [])
+    for reference, other in pairs:
+        deltas = [abs(a - b) for a, b in zip(logprobs[reference], logprobs[other], strict=True)]
         past = deltas[args.chunk - 1:]  # prompt_logprobs[1:]: index i scores token i + 1
         for name, values in (("all positions", deltas), (f"positions >= {args.chunk}", past)):
             values = sorted(values)
-            print(f"{other} vs auto, {name:18s} n={len(values):5d}  |Δ logprob| median "
+            print(f"{other} vs {reference}, {name:18s} n={len(values):5d}  |Δ logprob| median "
                   f"{statistics.median(values):.4f}  p90 {values[int(len(values) * 0.9)]:.4f}  max {values[-1]:.4f}")
 
 
@@ -198,6 +202,7 @@ def main() -> None:
     q.add_argument("--length", type=int, default=2048)
     q.add_argument("--chunk", type=int, default=256, help="prefill tokens per step")
     q.add_argument("--random", action="store_true", help="random token ids instead of the repo's docs")
+    q.add_argument("--dtype", default="auto", help="activation dtype (auto: float32 on CPU)")
     q.add_argument("--floor", default=None, metavar="REL|bf16",
                    help="also score with an auto cache whose K/V carry relative noise REL (e.g. 1e-5), or are "
                         "rounded to bf16: how much any perturbation of the cache moves this model")

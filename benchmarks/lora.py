@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -47,8 +48,8 @@ def write_adapter(folder: Path, model, rank: int, seed: int) -> None:
     (folder / "adapter_config.json").write_text(json.dumps(config))
 
 
-def decode_rate(engine: LLMEngine, loras: list[str | None], steps: int, prompt_len: int) -> float:
-    """Tokens per second over `steps` decode steps of len(loras) sequences (prefill not timed)."""
+def decode_steps(engine: LLMEngine, loras: list[str | None], steps: int, prompt_len: int) -> list[float]:
+    """The seconds of each of `steps` decode steps of len(loras) sequences (prefill not timed)."""
     generator = torch.Generator().manual_seed(0)
     vocab = engine.vocab_size
     for index, lora in enumerate(loras):
@@ -57,13 +58,14 @@ def decode_rate(engine: LLMEngine, loras: list[str | None], steps: int, prompt_l
                                                                ignore_eos=True, lora=lora, use_prefix_cache=False))
     while any(engine.requests[f"r{i}"].seq.num_output_tokens == 0 for i in range(len(loras))):
         engine.step()
-    started = time.perf_counter()
+    seconds = []
     for _ in range(steps):
+        started = time.perf_counter()
         engine.step()
-    seconds = time.perf_counter() - started
+        seconds.append(time.perf_counter() - started)
     while engine.has_work():
         engine.step()
-    return steps * len(loras) / seconds
+    return seconds
 
 
 def micro(tokens: int, features: int, rank: int, adapters: int, repeats: int = 50) -> dict[str, float]:
@@ -129,17 +131,24 @@ def main() -> None:
     print(f"{args.adapters} adapters of rank {args.rank}: {engine.lora.nbytes / 2**20:.1f} MiB", flush=True)
     plans = {"base": [None] * args.seqs, "mixed": [names[i % len(names)] for i in range(args.seqs)]}
     rates: dict[str, list[float]] = {name: [] for name in plans}
+    steps: dict[str, list[float]] = {name: [] for name in plans}
     for _ in range(args.rounds):
         for name, loras in plans.items():  # interleaved: a slow moment of the machine hits both alike
-            rates[name].append(decode_rate(engine, loras, args.steps, args.prompt_len))
+            seconds = decode_steps(engine, loras, args.steps, args.prompt_len)
+            steps[name] += seconds
+            rates[name].append(args.seqs * len(seconds) / sum(seconds))
             print(f"{name}: {rates[name][-1]:.1f} tok/s", flush=True)
     base, mixed = max(rates["base"]), max(rates["mixed"])
     # Each round's two runs are adjacent in time: their ratio is the least disturbed by others' load.
     ratios = sorted(m / b for m, b in zip(rates["mixed"], rates["base"], strict=True))
     print(f"decode, {args.seqs} sequences: base {base:.1f} tok/s, {args.adapters} adapters mixed {mixed:.1f} tok/s "
           f"(best rounds); mixed/base per round {[round(r, 2) for r in ratios]}, median "
-          f"{ratios[len(ratios) // 2]:.2f}")
-
+          f"{statistics.median(ratios):.2f}")
+    # Single steps: their median and fastest are the least touched by other jobs' bursts.
+    print("mixed/base throughput from step times: median step "
+          f"{statistics.median(steps['base']) / statistics.median(steps['mixed']):.2f}, fastest step "
+          f"{min(steps['base']) / min(steps['mixed']):.2f} ({len(steps['base'])} steps each; base median "
+          f"{statistics.median(steps['base']) * 1000:.0f} ms, mixed {statistics.median(steps['mixed']) * 1000:.0f} ms)")
 
 if __name__ == "__main__":
     main()

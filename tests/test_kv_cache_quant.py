@@ -117,16 +117,21 @@ def test_int8_prefill_chunk_equals_float_attention_over_the_dequantized_cache(bl
 
 
 def test_quantize_per_token_per_head():
-    x = torch.randn(5, KV_HEADS, HEAD_DIM, generator=torch.Generator().manual_seed(3)) * torch.tensor([1.0, 40.0])[:,
+    x = torch.randn(7, KV_HEADS, HEAD_DIM, generator=torch.Generator().manual_seed(3)) * torch.tensor([1.0, 40.0])[:,
                                                                                                         None]
     x[2, 1] = 0.0  # an all-zero row: scale 0, dequantizes to zeros
+    x[5, 0] *= 1e9  # beyond float16's range times 127: the scale saturates at float16's largest value
+    x[6, 0] *= 1e-9  # a scale below float16's smallest subnormal: 0, the row (all below 1e-8) dequantizes to zeros
     q, scale = kv_cache.quantize(x)
-    assert q.dtype == torch.int8 and scale.shape == (5, KV_HEADS)
-    torch.testing.assert_close(scale, x.abs().amax(-1) / 127)
-    assert q.abs().amax(-1)[scale > 0].eq(127).all()  # each row's extreme maps to ±127
+    assert q.dtype == torch.int8 and scale.dtype == torch.float16 and scale.shape == (7, KV_HEADS)
+    assert torch.equal(scale[:5], (x[:5].abs().amax(-1) / 127).half())
+    assert scale[5, 0] == torch.finfo(torch.float16).max and scale[6, 0] == 0 and scale.isfinite().all()
+    rows = (scale > 0) & (torch.arange(7) != 5)[:, None]
+    assert q.abs().amax(-1)[rows].eq(127).all()  # each row's extreme maps to ±127 (the scale's rounding included)
     err = (kv_cache.dequantize(q, scale, torch.float32) - x).abs()
-    assert (err <= scale[..., None] / 2 + 1e-6).all()
+    assert (err[rows] <= scale[rows].float()[..., None] / 2 * (1 + 1e-6)).all()
     assert kv_cache.dequantize(q, scale, torch.float32)[2, 1].eq(0).all()
+    assert err[6, 0].max() < 1e-8
 
 
 def test_forward_writes_quantized_rows_into_the_slots():
@@ -199,8 +204,8 @@ def test_blocks_free_to_zero_after_aborts(tiny_dir):
 
 
 def test_cache_bytes_and_blocks_in_a_fixed_kv_memory(tiny_dir):
-    """The allocated int8 cache is what kv_bytes_per_token says (1 byte a value + a float32 scale per head):
-    a fixed --kv-memory holds (head_dim * 2 bytes) / (head_dim + 4) times the blocks of a bfloat16 cache."""
+    """The allocated int8 cache is what kv_bytes_per_token says (1 byte a value + a float16 scale per head):
+    a fixed --kv-memory holds (head_dim * 2 bytes) / (head_dim + 2) times the blocks of a bfloat16 cache."""
     budget = 2**20
     caches = {}
     for dtype, kv in (("bfloat16", "auto"), ("float32", "auto"), ("float32", "int8")):
@@ -210,9 +215,9 @@ def test_cache_bytes_and_blocks_in_a_fixed_kv_memory(tiny_dir):
         assert per_token == kv_bytes_per_token(config, engine.loaded.dtype.itemsize, kv)
         caches[dtype, kv] = engine.num_blocks, per_token
     d = config.head_dim
-    assert caches["float32", "int8"][1] == 2 * config.num_layers * config.num_kv_heads * (d + 4)
-    assert caches["float32", "int8"][1] / caches["bfloat16", "auto"][1] == (d + 4) / (2 * d)
-    assert caches["float32", "int8"][0] >= caches["bfloat16", "auto"][0] * 2 * d // (d + 4)
+    assert caches["float32", "int8"][1] == 2 * config.num_layers * config.num_kv_heads * (d + 2)
+    assert caches["float32", "int8"][1] / caches["bfloat16", "auto"][1] == (d + 2) / (2 * d)
+    assert caches["float32", "int8"][0] >= caches["bfloat16", "auto"][0] * 2 * d // (d + 2)
 
 
 def test_estimators_count_the_quantized_cache(tiny_dir):
@@ -220,7 +225,7 @@ def test_estimators_count_the_quantized_cache(tiny_dir):
     int8 = estimate_memory(tiny_dir, 1024, "float32", "cpu", kv_cache_dtype="int8")
     config = model_config(tiny_dir)
     assert int8.weights_bytes == auto.weights_bytes
-    assert int8.kv_bytes == 1024 * 2 * config.num_layers * config.num_kv_heads * (config.head_dim + 4)
+    assert int8.kv_bytes == 1024 * 2 * config.num_layers * config.num_kv_heads * (config.head_dim + 2)
     option = estimates.option(config, "Q4_K_M", 1024, kv_cache_dtype="int8")
     assert option.kv_bytes == int8.kv_bytes and option.kv_cache_dtype == "int8"
     assert estimates.option(config, "Q4_K_M", 1024).kv_bytes == 1024 * kv_bytes_per_token(config, 2)
@@ -240,10 +245,12 @@ def test_invalid_kv_cache_dtype_is_a_clear_error(capsys):
 
 @needs_native
 def test_kernel_refuses_mismatched_scales():
-    """A cache with one scale tensor and not the other is refused (the caller keeps the torch path)."""
+    """A cache with one scale tensor and not the other, or float32 scales, is refused (the caller keeps the torch path)."""
     cache = torch.zeros(8, KV_HEADS, HEAD_DIM, dtype=torch.int8)
-    scales = torch.zeros(8, KV_HEADS)
+    scales = torch.zeros(8, KV_HEADS, dtype=torch.float16)
     q = torch.randn(1, HEADS, HEAD_DIM)
+    wide = scales.float()  # float32 scales are not what the kernel reads
+    assert decode_attention(q, cache, cache, torch.tensor([3]), None, 0, 4, 1.0, None, None, wide, wide) is None
     assert decode_attention(q, cache, cache, torch.tensor([3]), None, 0, 4, 1.0, None, None, scales, None) is None
     assert decode_attention(q, cache, cache, torch.tensor([3]), None, 0, 4, 1.0, None, None, scales,
                             scales) is not None

@@ -27,9 +27,10 @@ ALL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 
 
 def make_peft_adapter(base_dir, out_dir, seed: int, r: int = 4, alpha: float = 8.0, rslora: bool = False,
-                      targets=None):
+                      targets=None, bf16_values: bool = False):
     """A random PEFT adapter for the model in base_dir (lora_B randomized: PEFT initialises it to zero);
-    returns PEFT's merged model for reference."""
+    returns PEFT's merged model for reference. `bf16_values`: every A and B value is a bfloat16 one (stored as
+    float32), so an adapter held in bfloat16 loses nothing (with a power-of-two scale folded into B)."""
     import peft
     import transformers
 
@@ -43,6 +44,8 @@ def make_peft_adapter(base_dir, out_dir, seed: int, r: int = 4, alpha: float = 8
         for name, p in wrapped.named_parameters():
             if "lora_" in name:
                 p.normal_(0, 0.2)
+                if bf16_values:
+                    p.copy_(p.bfloat16())
     wrapped.save_pretrained(out_dir)
     return wrapped.merge_and_unload().eval()
 
@@ -54,17 +57,25 @@ def tiny_llama(tmp_path_factory, testdata):
     return directory
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "phi3", "gemma2"])
-def test_peft_adapter_equals_merged_model(family, tmp_path, testdata):
+@pytest.mark.parametrize(("family", "lora_dtype"), [("llama", "float32"), ("qwen2", "float32"), ("phi3", "float32"),
+                                                    ("gemma2", "float32"), ("llama", "bfloat16"),
+                                                    ("phi3", "bfloat16")])
+def test_peft_adapter_equals_merged_model(family, lora_dtype, tmp_path, testdata):
+    """fp32 logits within 1e-4 of PEFT's merged model. Adapters held in bfloat16 (the default on CPUs with
+    AVX512-BF16: ember.loader.dtypes.resolve_lora_dtype_name) are checked with bf16-valued adapters, which that
+    dtype holds exactly: what is compared is the bf16 kernel path, not the rounding."""
     base = build_tiny_model(family, tmp_path / "base")
     copy_tokenizer(testdata / "gguf" / "tiny-llama-hf", base)
-    rslora = family == "qwen2"
-    merged = make_peft_adapter(base, tmp_path / "adapter", seed=1, rslora=rslora, targets=TARGETS.get(family))
+    rslora = family == "qwen2"  # scale alpha / sqrt(r) = 4, as alpha / r = 2: powers of two, exact in bf16
+    merged = make_peft_adapter(base, tmp_path / "adapter", seed=1, rslora=rslora, targets=TARGETS.get(family),
+                               bf16_values=lora_dtype == "bfloat16")
     with torch.no_grad():
         expected = merged(torch.tensor([PROMPT])).logits[0]
     loaded = load_model(base, dtype="float32", device="cpu")
-    registry = LoraRegistry(loaded)
+    registry = LoraRegistry(loaded, lora_dtype)
     adapter = registry.load(LoraSpec("a", str(tmp_path / "adapter")))
+    held = [pair for module in registry.layers.modules.values() for pair in module.pairs.values()]
+    assert held and all(a.dtype == b.dtype == getattr(torch, lora_dtype) for a, b in held)
     got = prefill_logits(loaded.model, loaded.config, PROMPT, lora=registry.layers, lora_slot=adapter.slot)
     assert (got - expected).abs().max().item() <= 1e-4
     # The base model is unchanged for sequences without the adapter (slot 0).

@@ -31,8 +31,11 @@ def add_model_options(parser: argparse.ArgumentParser, kv_default: str, *, threa
         group.add_argument("-t", "--threads", type=int, default=None, metavar="N",
                            help="CPU threads (default: torch's, one per physical core)")
     if lora is not None:
-        parser.add_argument_group("LoRA adapters (docs/lora.md)").add_argument(
-            "--lora", action="append", default=None, metavar="[NAME=]PATH[:SCALE]", help=lora)
+        adapters = parser.add_argument_group("LoRA adapters (docs/lora.md)")
+        adapters.add_argument("--lora", action="append", default=None, metavar="[NAME=]PATH[:SCALE]", help=lora)
+        adapters.add_argument("--lora-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                              help="adapters' dtype (auto: bfloat16 on CPUs with AVX512-BF16 running float32, else "
+                                   "the activation dtype)")
     spec = parser.add_argument_group("speculative decoding (docs/speculative.md)")
     spec.add_argument("--draft", default=None, metavar="MODEL",
                       help="a smaller model with the same vocabulary drafts tokens the model verifies")
@@ -48,7 +51,7 @@ def engine_args(args: argparse.Namespace, **command) -> dict:
         "dtype": args.dtype, "device": args.device, "max_model_len": args.max_model_len,
         "kv_memory": args.kv_memory, "kv_cache_dtype": args.kv_cache_dtype, "block_size": args.block_size, "max_batched_tokens": args.max_batched_tokens,
         "draft": args.draft, "spec_ngram": args.spec_ngram, "spec_tokens": args.spec_tokens,
-        "lora": getattr(args, "lora", None),
+        "lora": getattr(args, "lora", None), "lora_dtype": getattr(args, "lora_dtype", "auto"),
         **command,
     }
 

@@ -25,6 +25,7 @@ from ember.engine.speculator import Candidate, Speculator
 from ember.engine.stop import StopChecker
 from ember.errors import InvalidParameter, OutOfResources
 from ember.layers.sampler import Sampler, SamplingState, token_logprobs
+from ember.loader.dtypes import DTYPE_ALIASES, DTYPE_BYTES
 from ember.loader.lora import LoraWeights
 from ember.loader.model import LoadedModel, load_model
 from ember.sampling_params import SamplingParams
@@ -60,6 +61,9 @@ class EngineArgs:
     # LoRA adapters loaded at start (docs/lora.md): "name=path", "name=path:scale", a bare path (named after its
     # file) or LoraSpec objects; requests pick one by name (SamplingParams.lora).
     lora: list | str | None = None
+    # The dtype adapters are held in: "auto" (bfloat16 for float32 activations on a CPU with AVX512-BF16, else the
+    # activation dtype: ember.loader.dtypes.resolve_lora_dtype_name), float32, bfloat16 or float16.
+    lora_dtype: str = "auto"
 
     def __post_init__(self):
         for name in ("block_size", "max_num_seqs", "max_batched_tokens"):
@@ -80,6 +84,9 @@ class EngineArgs:
                                          or self.threads < 1):
             raise InvalidParameter("threads", f"must be a positive integer, got {self.threads!r}")
         self.lora = lora_specs(self.lora)
+        lora_dtype = DTYPE_ALIASES.get(str(self.lora_dtype), str(self.lora_dtype))
+        if lora_dtype != "auto" and lora_dtype not in DTYPE_BYTES:
+            raise InvalidParameter("lora_dtype", f"must be auto, float32, bfloat16 or float16, got {self.lora_dtype!r}")
 
 
 @dataclass
@@ -152,7 +159,7 @@ class LLMEngine:
             self.speculator = Speculator(self.args.spec_tokens, self.args.spec_ngram, draft, self.loaded,
                                          self.num_blocks, block_size, self.args.max_batched_tokens,
                                          self.args.max_num_seqs)
-        self.lora = LoraRegistry(self.loaded)
+        self.lora = LoraRegistry(self.loaded, self.args.lora_dtype)
         for spec in self.args.lora:
             self.add_lora(self.lora.read(spec))
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(config.eos_token_ids)

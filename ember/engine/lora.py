@@ -13,9 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
+
 from ember.engine.lora_spec import LoraSpec, check_name
 from ember.errors import InvalidParameter, LoraError, LoraInUse, LoraNotFound
 from ember.layers.lora import LoraLayers, attach_lora
+from ember.loader.dtypes import resolve_lora_dtype_name
 from ember.loader.lora import LoraWeights, read_lora
 
 if TYPE_CHECKING:
@@ -37,8 +40,10 @@ class Adapter:
 
 
 class LoraRegistry:
-    def __init__(self, loaded: LoadedModel):
+    def __init__(self, loaded: LoadedModel, lora_dtype: str = "auto"):
         self.loaded = loaded
+        name = resolve_lora_dtype_name(lora_dtype, str(loaded.dtype).removeprefix("torch."), loaded.device.type)
+        self.dtype: torch.dtype = getattr(torch, name)  # what the adapters' A and B are held in
         self.adapters: dict[str, Adapter] = {}
         self._layers: LoraLayers | None = None  # the model is wrapped on the first load
         self._uids = itertools.count(1)
@@ -58,7 +63,7 @@ class LoraRegistry:
             raise LoraError(f"lora_name {spec.name!r} is the base model's name")
         if not Path(spec.path).exists():
             raise LoraError(f"adapter {spec.name!r}: {spec.path} does not exist")
-        return read_lora(spec.name, spec.path, self.loaded.model, self.loaded.dtype, self.loaded.device, spec.scale)
+        return read_lora(spec.name, spec.path, self.loaded.model, self.dtype, self.loaded.device, spec.scale)
 
     def add(self, weights: LoraWeights) -> Adapter:
         """Register read weights (on the engine thread)."""
@@ -71,6 +76,7 @@ class LoraRegistry:
         used = {a.slot for a in self.adapters.values()}
         slot = next(s for s in itertools.count(1) if s not in used)
         self._layers.add(slot, weights.pairs)
+        weights.pairs = {}  # the layers hold them now (stacked): one copy in memory, as the estimator counts
         adapter = self.adapters[weights.name] = Adapter(weights, slot, next(self._uids))
         return adapter
 

@@ -1,9 +1,10 @@
 /* Decode attention over the paged KV cache: one query token per sequence against its context, read in place
  * through the block table (no gather into a contiguous copy).
  *
- * Cache float32 [slots, kv_heads, head_dim], or int8 with a float32 scale per slot and KV head ([slots,
- * kv_heads]: --kv-cache-dtype int8, ember.layers.kv_cache): each int8 row is dequantized once into a small
- * buffer as it is read, for the whole query group, so no float copy of the cache is ever made.
+ * Cache float32 [slots, kv_heads, head_dim], or int8 with a float16 scale per slot and KV head ([slots,
+ * kv_heads]: --kv-cache-dtype int8, ember.layers.kv_cache; F16C widens it, in both builds): each int8 row is
+ * dequantized once into a small buffer as it is read, for the whole query group, so no float copy of the cache
+ * is ever made.
  * q and out float32 [D, heads, head_dim]. Each task is one
  * (sequence, KV head): the query heads of its group read every key and value row once. Scores in float32,
  * softmax with the maximum subtracted; a sliding window keeps the last `window` keys and tanh soft-capping
@@ -19,7 +20,7 @@
 typedef struct {
     const float *q;
     const void *k, *v;              /* float32 rows, or int8 rows when k_scale/v_scale are set */
-    const float *k_scale, *v_scale; /* [slots, kv_heads] or NULL (a float32 cache) */
+    const uint16_t *k_scale, *v_scale; /* float16 [slots, kv_heads], or NULL (a float32 cache) */
     float *out;
     const int64_t *blocks, *lens; /* blocks: [D, max_blocks] or NULL (one sequence from slot `start`) */
     int64_t max_blocks, start, window;
@@ -46,12 +47,12 @@ INLINE int64_t slot_of(const attn_job_t *j, int64_t d, int64_t t) {
 }
 
 /* Row `slot` of KV head kvh: the float32 cache row itself, or the int8 row times its scale, written to buf. */
-INLINE const float *cache_row(const void *cache, const float *scales, int64_t slot, int kvh, int kv_heads, int hd,
-                              float *buf) {
+INLINE const float *cache_row(const void *cache, const uint16_t *scales, int64_t slot, int kvh, int kv_heads,
+                              int hd, float *buf) {
     const int64_t at = slot * kv_heads + kvh;
     if (!scales) return (const float *)cache + at * hd;
     const int8_t *q = (const int8_t *)cache + at * hd;
-    const __m256 s = _mm256_set1_ps(scales[at]);
+    const __m256 s = _mm256_set1_ps(_cvtsh_ss(scales[at]));
     for (int i = 0; i < hd; i += 8) {
         const __m256i w = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(q + i)));
         _mm256_store_ps(buf + i, _mm256_mul_ps(_mm256_cvtepi32_ps(w), s));
@@ -124,10 +125,10 @@ static void attn_task(void *ctx, int64_t task) {
 }
 
 /* out[D, heads, head_dim] = attention of q[D, heads, head_dim] over each sequence's first lens[d] cached
- * tokens; k_scale/v_scale NULL for a float32 cache, else the scales of an int8 one. Returns 0, or -1 when the
- * shapes are outside what this kernel takes (the caller keeps torch's). */
-int ember_decode_attention(const float *q, const void *k_cache, const void *v_cache, const float *k_scale,
-                           const float *v_scale, float *out, int64_t D, int heads, int kv_heads, int head_dim,
+ * tokens; k_scale/v_scale NULL for a float32 cache, else the float16 scales of an int8 one. Returns 0, or -1
+ * when the shapes are outside what this kernel takes (the caller keeps torch's). */
+int ember_decode_attention(const float *q, const void *k_cache, const void *v_cache, const uint16_t *k_scale,
+                           const uint16_t *v_scale, float *out, int64_t D, int heads, int kv_heads, int head_dim,
                            const int64_t *blocks, int64_t max_blocks, int64_t start, const int64_t *lens,
                            int block_size, float scale, float softcap, int64_t window, int nthreads) {
     ember_lock();
@@ -138,8 +139,8 @@ int ember_decode_attention(const float *q, const void *k_cache, const void *v_ca
     return rc;
 }
 
-int ember_decode_attention_locked(const float *q, const void *k_cache, const void *v_cache, const float *k_scale,
-                                  const float *v_scale, float *out, int64_t D, int heads, int kv_heads,
+int ember_decode_attention_locked(const float *q, const void *k_cache, const void *v_cache, const uint16_t *k_scale,
+                                  const uint16_t *v_scale, float *out, int64_t D, int heads, int kv_heads,
                                   int head_dim, const int64_t *blocks, int64_t max_blocks, int64_t start,
                                   const int64_t *lens, int block_size, float scale, float softcap, int64_t window,
                                   int nthreads) {

@@ -14,7 +14,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      v_scale: torch.Tensor | None = None) -> torch.Tensor | None:
     """softmax(q k^T * scale) v for one query token per sequence: q [D, heads, head_dim], caches
     [slots, kv_heads, head_dim], lens [D] context lengths, blocks [D * max_blocks] block ids (or None: one
-    sequence whose context is slots start.. start + lens[0]). The caches are float32, or int8 with float32
+    sequence whose context is slots start.. start + lens[0]). The caches are float32, or int8 with float16
     scales k_scale/v_scale [slots, kv_heads] (ember.layers.kv_cache), dequantized as the kernel reads them.
     float32 queries on CPU only; None where the kernel does not apply (the caller keeps its torch path)."""
     lib = library()
@@ -23,7 +23,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if (lib is None or q.device.type != "cpu" or q.dtype != torch.float32 or k_cache.dtype != cache_dtype
             or v_cache.dtype != cache_dtype or (k_scale is None) != (v_scale is None)
             or not all(t.is_contiguous() for t in caches)
-            or (k_scale is not None and (k_scale.dtype != torch.float32 or v_scale.dtype != torch.float32))):
+            or (k_scale is not None and (k_scale.dtype != torch.float16 or v_scale.dtype != torch.float16))):
         return None
     batch, heads, head_dim = q.shape
     q = q.contiguous()

@@ -33,7 +33,7 @@ typedef struct {
     const float *attn_norm, *mlp_norm; /* the RMSNorms' effective float32 weights */
     const float *qkv_bias;             /* [q + k + v columns] or NULL */
     void *k_cache, *v_cache;           /* [slots, kv_heads, head_dim]: float32, or int8 with the scales below */
-    float *k_scale, *v_scale;          /* [slots, kv_heads] or NULL */
+    uint16_t *k_scale, *v_scale;       /* float16 [slots, kv_heads] or NULL */
     float attn_eps, mlp_eps, scale, softcap;
     int64_t window;
 } layer_t;
@@ -61,22 +61,25 @@ static void rotate(const float *x, const float *cos, const float *sin, int dim, 
     for (int i = dim; i < head_dim; i++) out[i] = x[i];
 }
 
-/* ember.layers.kv_cache.quantize for one head's row: scale = max|x| / 127, q = round(x / scale). */
-static void quantize_head(const float *x, int head_dim, int8_t *q, float *scale) {
+/* ember.layers.kv_cache.quantize for one head's row: scale = max|x| / 127 (at most float16's largest) rounded to
+ * float16, q = round(x / that rounded scale), or round(x) where it is 0. */
+static void quantize_head(const float *x, int head_dim, int8_t *q, uint16_t *scale) {
     float amax = 0.0f;
     for (int i = 0; i < head_dim; i++) amax = fabsf(x[i]) > amax ? fabsf(x[i]) : amax;
-    const float s = amax / 127.0f, div = s > 0.0f ? s : 1.0f;
+    const float s = amax / 127.0f;
+    const uint16_t h = _cvtss_sh(s < 65504.0f ? s : 65504.0f, _MM_FROUND_TO_NEAREST_INT);
+    const float wide = _cvtsh_ss(h), div = wide > 0.0f ? wide : 1.0f;
     for (int i = 0; i < head_dim; i++) {
         float v = nearbyintf(x[i] / div); /* rounds half to even, as torch.round */
         q[i] = (int8_t)(v > 127.0f ? 127.0f : v < -127.0f ? -127.0f : v);
     }
-    *scale = s;
+    *scale = h;
 }
 
 /* Head h of a new token's K or V into its cache slot. */
 static void store_head(const layer_t *l, int is_v, int64_t slot, int h, int kv_heads, int head_dim, const float *x) {
     const int64_t at = slot * kv_heads + h;
-    float *scales = is_v ? l->v_scale : l->k_scale;
+    uint16_t *scales = is_v ? l->v_scale : l->k_scale;
     void *cache = is_v ? l->v_cache : l->k_cache;
     if (scales)
         quantize_head(x, head_dim, (int8_t *)cache + at * head_dim, scales + at);

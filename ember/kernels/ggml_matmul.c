@@ -1481,28 +1481,10 @@ typedef struct {
 /* Row b of x in the forms this call's kernels read: int8 blocks (and x + 128), bf16. */
 static void prepare_job(void *ctx, int64_t b) {
     job_t *j = ctx;
-    if (j->prep == PREP_SILU_GATE) { /* x_in row = [gate | up], 2K wide: silu(gate) * up */
-        const float *gate = j->x_in + b * 2 * j->K, *up = gate + j->K;
-        float *xn = (float *)j->x + b * j->K;
-        int64_t k = 0;
-        for (; k + 8 <= j->K; k += 8) { /* vectorized: a scalar expf here was ~8 us a layer on one thread */
-            const __m256 g = _mm256_loadu_ps(gate + k);
-            const __m256 e = exp256(_mm256_sub_ps(_mm256_setzero_ps(), g));
-            _mm256_storeu_ps(xn + k, _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), e)),
-                                                   _mm256_loadu_ps(up + k)));
-        }
-        for (; k < j->K; k++) xn[k] = gate[k] / (1.0f + expf(-gate[k])) * up[k];
-    } else if (j->prep == PREP_RMS_NORM) { /* x * rsqrt(mean(x^2) + eps) * w, in float32 */
-        const float *x = j->x_in + b * j->K;
-        float *xn = (float *)j->x + b * j->K;
-        __m256 ss = _mm256_setzero_ps();
-        int64_t k = 0;
-        for (; k + 8 <= j->K; k += 8) ss = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), _mm256_loadu_ps(x + k), ss);
-        float sum = hsum(ss);
-        for (; k < j->K; k++) sum += x[k] * x[k];
-        const float inv = 1.0f / sqrtf(sum / (float)j->K + j->eps);
-        for (k = 0; k < j->K; k++) xn[k] = x[k] * inv * j->norm_w[k];
-    }
+    if (j->prep == PREP_SILU_GATE) /* x_in row = [gate | up], 2K wide */
+        silu_gate_row(j->x_in + b * 2 * j->K, j->K, (float *)j->x + b * j->K);
+    else if (j->prep == PREP_RMS_NORM)
+        rms_norm_row(j->x_in + b * j->K, j->K, j->norm_w, j->eps, (float *)j->x + b * j->K);
 #if HAVE_BF16_DOT
     if (j->xbf16) to_bf16_row(j->x + b * j->K, j->K, j->xbf16 + b * j->K);
 #endif
@@ -1636,7 +1618,7 @@ __attribute__((optimize("fp-contract=off"))) int ember_get_rows(const uint8_t *w
         const uint8_t *row = w + ids[i] * row_bytes;
         float *y = out + i * K;
         for (int64_t g = 0; g < K / 32; g++) {
-            unit_t u;
+            unit_t u = {.s = 0.0f};
             unit_of(type, row, g, &u);
             int8_t q[32];
             _mm256_storeu_si256((__m256i *)q, u.q);

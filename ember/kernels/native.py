@@ -1,6 +1,5 @@
 """Build and load the C kernels of this folder (ggml_matmul.c, attention.c, causal_attention.c,
-decode_layers.c, pool.c) for this CPU's ISA,
-called through ctypes.
+decode_layers.c, lora.c, pool.c) for this CPU's ISA, called through ctypes.
 
 The ISA comes from the CPU's flags at run time (`isa()`): ``avx512`` (AVX-512 F/BW/VL + VNNI), ``avx2``
 (AVX2 + FMA + F16C), or ``none`` (other CPUs: callers keep their torch path). ``EMBER_ISA=avx2`` forces the
@@ -35,7 +34,7 @@ from ember.formats.ggml_types import GGMLType
 logger = logging.getLogger(__name__)
 
 FOLDER = Path(__file__).parent
-SOURCES = ("ggml_matmul.c", "attention.c", "causal_attention.c", "decode_layers.c", "pool.c")
+SOURCES = ("ggml_matmul.c", "attention.c", "causal_attention.c", "decode_layers.c", "lora.c", "pool.c")
 HEADERS = ("common.h",)
 # The types ggml_matmul.c multiplies directly (the others stay on the torch path).
 NATIVE_TYPES = frozenset({
@@ -162,6 +161,8 @@ def _bind(path: Path) -> ctypes.CDLL:
     lib.ember_decode_layers.restype = ctypes.c_int
     lib.ember_get_rows.argtypes = [p, i32, i64, i64, p, i64, p]
     lib.ember_get_rows.restype = ctypes.c_int
+    lib.ember_lora.argtypes = [p, i64, p, i64, i64, i64, i64, p, p, i64, i32, p, p, p, p, i32, p, f32, i32]
+    lib.ember_lora.restype = ctypes.c_int
     return lib
 
 

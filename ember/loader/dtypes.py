@@ -29,3 +29,22 @@ def resolve_dtype_name(dtype, device_kind: str, checkpoint: str | None) -> str:
     if name not in DTYPE_BYTES:
         raise ModelLoadError(f"unknown dtype {dtype!r} (use auto, float32, bfloat16 or float16)")
     return name
+
+
+def resolve_lora_dtype_name(lora_dtype, activation: str, device_kind: str) -> str:
+    """The dtype LoRA adapters are held in (EngineArgs.lora_dtype): a name or alias, or "auto" — bfloat16 for
+    float32 activations on a CPU with native bf16 arithmetic (AVX512-BF16, the avx512 kernel build), whose
+    matmuls then read half the bytes (the native LoRA kernel widens bf16 exactly; torch's bf16 matmuls are
+    native there), else the activation dtype: on an AVX2-only CPU torch only emulates bf16 arithmetic."""
+    name = str(lora_dtype or "auto").removeprefix("torch.")
+    name = DTYPE_ALIASES.get(name, name)
+    if name != "auto":
+        if name not in DTYPE_BYTES:
+            raise ModelLoadError(f"unknown lora_dtype {lora_dtype!r} (use auto, float32, bfloat16 or float16)")
+        return name
+    if activation == "float32" and device_kind == "cpu":
+        from ember.kernels import native  # torch-free
+
+        if native.enabled() and native.bf16_dot(native.isa()):
+            return "bfloat16"
+    return activation

@@ -33,7 +33,8 @@ _PEFT_KEY = re.compile(r"^base_model\.model\.(.+)\.lora_([AB])(?:\.[^.]+)?\.weig
 
 @dataclass
 class LoraWeights:
-    """One adapter read for one base model: module name -> (A [r, in], B [out, r] * scale)."""
+    """One adapter read for one base model: module name -> (A [r, in], B [out, r] * scale). Once registered, the
+    model's low-rank layers hold the tensors (ember.layers.lora) and `pairs` is emptied: they are held once."""
 
     name: str
     path: Path
@@ -41,10 +42,10 @@ class LoraWeights:
     rank: int
     scale: float  # the user's scale (the adapter's alpha / r is folded into the weights as well)
     pairs: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    nbytes: int = 0  # the pairs' bytes, as read
 
-    @property
-    def nbytes(self) -> int:
-        return sum(a.nbytes + b.nbytes for a, b in self.pairs.values())
+    def __post_init__(self):
+        self.nbytes = sum(a.nbytes + b.nbytes for a, b in self.pairs.values())
 
 
 def adapter_nbytes(path: str | Path, dtype_bytes: int = 4) -> int:

@@ -379,8 +379,9 @@ class ModelPool:
             if limit:
                 wanted = min(wanted, limit)
             adapters = [spec.path for spec in args.get("lora", ())]
+            lora_dtype = str(args.get("lora_dtype", "auto"))
             full = await asyncio.to_thread(estimate_memory, resolved.path, int(wanted), dtype, device, kv_cache_dtype,
-                                           adapters)
+                                           adapters, lora_dtype)
         except (EmberError, OSError, ValueError, KeyError) as err:
             log.warning("cannot estimate the memory %s needs (%s); loading it without a budget check", key, err)
             return None, False
@@ -403,7 +404,7 @@ class ModelPool:
                 if user_kv is None:
                     try:
                         context = await asyncio.to_thread(fit_context, resolved.path, free, int(wanted), dtype,
-                                                            device, kv_cache_dtype, adapters)
+                                                            device, kv_cache_dtype, adapters, lora_dtype)
                         fitted = True
                     except EmberError as err:
                         raise no_room(key, need, busy, err, self.max_memory) from None

@@ -28,8 +28,8 @@ weights  = what ember holds after loading the file on that device (ember.loader.
            Safetensors: each floating tensor's elements × the bytes of the dtype it will be loaded in
            (integer/quantized tensors keep their own size).
 KV cache = 2 (K, V) × layers × KV heads × head dim × context × bytes of the activation dtype (the cache's);
-           with --kv-cache-dtype int8, 2 × layers × KV heads × (head dim × 1 + 4) × context (int8 values and a
-           float32 scale per token and KV head)
+           with --kv-cache-dtype int8, 2 × layers × KV heads × (head dim × 1 + 2) × context (int8 values and a
+           float16 scale per token and KV head)
 overhead = overhead_bytes: RUNTIME_BYTES (allocator pools, kernel workspaces, the
            framework) + ENGINE_BYTES (one loaded engine's own objects) + fp32 activations of one 512-token
            prefill batch + the tokenizer (~297 bytes a vocabulary entry); the model pool budgets with these too
@@ -62,7 +62,7 @@ FLOAT_TYPES = {"F64", "F32", "F16", "BF16"}
 CONTEXT_STEP = 256
 # --kv-cache-dtype: "auto" keeps K/V in the activation dtype; a quantized cache stores (bytes a value, bytes of
 # the scale of each token's KV head): ember.layers.kv_cache.
-KV_CACHE_QUANT = {"int8": (1, 4)}
+KV_CACHE_QUANT = {"int8": (1, 2)}  # int8 values, a float16 scale
 KV_CACHE_DTYPES = ("auto", *KV_CACHE_QUANT)
 
 PREFILL_BATCH = 512
@@ -297,33 +297,37 @@ def overhead_bytes(config: ModelConfig) -> int:
     return RUNTIME_BYTES + ENGINE_BYTES + PREFILL_BATCH * per_token * 4 + tokenizer_bytes(config)
 
 
-def adapters_bytes(adapters, dtype: str) -> int:
-    """LoRA adapters' (PEFT folders, GGUF files) values as the engine holds them: in the activation dtype."""
+def adapters_bytes(adapters, dtype: str, device: str = "cpu", lora_dtype: str = "auto") -> int:
+    """LoRA adapters' (PEFT folders, GGUF files) values as the engine holds them: in the dtype
+    ember.loader.dtypes.resolve_lora_dtype_name picks for activations in `dtype` on `device`."""
     if not adapters:
         return 0  # without adapters, estimates stay free of torch (the reader below imports it)
     from ember.loader.lora import adapter_nbytes
 
-    return sum(adapter_nbytes(path, DTYPE_BYTES[dtype]) for path in adapters)
+    held = DTYPE_BYTES[dtypes.resolve_lora_dtype_name(lora_dtype, dtype, device)]
+    return sum(adapter_nbytes(path, held) for path in adapters)
 
 
 def estimate_memory(path: str | Path, context: int, dtype: str = "bfloat16", device: str = "cpu",
-                    kv_cache_dtype: str = "auto", adapters=()) -> MemoryEstimate:
+                    kv_cache_dtype: str = "auto", adapters=(), lora_dtype: str = "auto") -> MemoryEstimate:
     """Bytes to run the model at `path` on `device` with activations and `context` tokens of KV cache in
     `dtype` ("auto": as the engine resolves it on that device), the cache quantized as `kv_cache_dtype` asks,
-    with the LoRA `adapters` (paths) loaded too: they count with the weights."""
+    with the LoRA `adapters` (paths) loaded too, in `lora_dtype` (EngineArgs.lora_dtype): they count with the
+    weights."""
     if not isinstance(context, int) or context <= 0:
         raise ModelLoadError(f"context must be a positive integer, not {context!r}")
     shape = _shape(path, dtype, device)
-    return MemoryEstimate(shape.weights_bytes + adapters_bytes(adapters, shape.dtype),
+    return MemoryEstimate(shape.weights_bytes + adapters_bytes(adapters, shape.dtype, device_kind(device), lora_dtype),
                           shape.kv_bytes_per_token(kv_cache_dtype) * context, overhead_bytes(shape.config), context)
 
 
 def fit_context(path: str | Path, budget_bytes: int, wanted: int, dtype: str = "bfloat16", device: str = "cpu",
-                kv_cache_dtype: str = "auto", adapters=()) -> int:
+                kv_cache_dtype: str = "auto", adapters=(), lora_dtype: str = "auto") -> int:
     """The largest context ≤ `wanted` that fits in `budget_bytes` on `device`: `wanted` itself when it fits,
     else the largest multiple of 256 that does; EmberError when not even 256 tokens fit."""
     shape = _shape(path, dtype, device)
-    fixed = shape.weights_bytes + adapters_bytes(adapters, shape.dtype) + overhead_bytes(shape.config)
+    held = adapters_bytes(adapters, shape.dtype, device_kind(device), lora_dtype)
+    fixed = shape.weights_bytes + held + overhead_bytes(shape.config)
     per_token = shape.kv_bytes_per_token(kv_cache_dtype)
     if fixed + per_token * wanted <= budget_bytes:
         return wanted
