@@ -243,3 +243,12 @@ def test_store_endpoints(models):
         assert httpx.post(f"{srv.url}/api/pull", json={"model": "../x"}).status_code == 400
         lines = httpx.post(f"{srv.url}/api/pull", json={"model": "not-a-repo"}).text.splitlines()
         assert json.loads(lines[0]) == {"status": "pulling manifest"} and "error" in json.loads(lines[-1])
+
+
+def test_the_served_model_is_listed_first_before_it_loads(models):
+    """Clients that take the first listed model when told none (`ember bench serve`) get the model `ember serve`
+    was started with, even while it is still loading, not whichever available model sorts first."""
+    with Served(ModelPool(ENGINE_ARGS, max_memory=2**40, default_model="local/q8", preload=False)) as srv:
+        assert srv.loaded() == []
+        ids = [m["id"] for m in httpx.get(f"{srv.url}/v1/models").json()["data"]]
+        assert ids[0] == "local/q8" and {"local/alpha", "local/beta"} <= set(ids[1:]), ids
