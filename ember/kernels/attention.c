@@ -92,22 +92,8 @@ static void attn_task(void *ctx, int64_t task) {
     }
     for (int g = 0; g < group; g++) {
         float *sg = scores + g * n;
-        float mx = sg[0];
-        for (int64_t t = 1; t < n; t++) mx = sg[t] > mx ? sg[t] : mx;
-        __m256 vsum = _mm256_setzero_ps();
-        int64_t t = 0;
-        for (; t + 8 <= n; t += 8) {
-            const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(sg + t), _mm256_set1_ps(mx)));
-            _mm256_storeu_ps(sg + t, e);
-            vsum = _mm256_add_ps(vsum, e);
-        }
-        float sum = hsum(vsum);
-        for (; t < n; t++) {
-            sg[t] = expf(sg[t] - mx);
-            sum += sg[t];
-        }
-        const float inv = 1.0f / sum;
-        for (t = 0; t < n; t++) sg[t] *= inv;
+        const float inv = 1.0f / exp_minus_max(sg, n);
+        for (int64_t t = 0; t < n; t++) sg[t] *= inv;
     }
     float acc[MAX_GROUP_DIM] __attribute__((aligned(32)));
     memset(acc, 0, sizeof(float) * (size_t)(group * hd));

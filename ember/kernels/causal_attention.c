@@ -191,23 +191,9 @@ static void causal_task(void *ctx, int64_t task) {
         float *sr = s + (a - r0) * ld;
         const int64_t pos = first + a / group, hi = pos + 1;
         const int64_t lo = j->window > 0 && pos - j->window + 1 > k0 ? pos - j->window + 1 : k0;
-        float mx = -INFINITY;
-        for (int64_t t = lo; t < hi; t++) mx = sr[t - k0] > mx ? sr[t - k0] : mx;
         for (int64_t t = k0; t < lo; t++) sr[t - k0] = 0.0f;
         for (int64_t t = hi; t < k1; t++) sr[t - k0] = 0.0f;
-        __m256 vsum = _mm256_setzero_ps();
-        int64_t t = lo;
-        for (; t + 8 <= hi; t += 8) {
-            const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(sr + t - k0), _mm256_set1_ps(mx)));
-            _mm256_storeu_ps(sr + t - k0, e);
-            vsum = _mm256_add_ps(vsum, e);
-        }
-        float sum = hsum(vsum);
-        for (; t < hi; t++) {
-            sr[t - k0] = expf(sr[t - k0] - mx);
-            sum += sr[t - k0];
-        }
-        inv[a - r0] = 1.0f / sum;
+        inv[a - r0] = 1.0f / exp_minus_max(sr + (lo - k0), hi - lo);
     }
     /* values: KEY_BLOCK keys at a time for every row group, the sums kept in the output rows */
     for (int64_t kb = lowest; kb <= p_last; kb += KEY_BLOCK) {

@@ -64,6 +64,25 @@ INLINE __m256 exp256(__m256 x) {
     return _mm256_mul_ps(y, _mm256_castsi256_ps(pow2n));
 }
 
+/* The unnormalised softmax of s[0..n) in place, exp(s - max(s)), and its sum (n >= 1). */
+INLINE float exp_minus_max(float *s, int64_t n) {
+    float mx = s[0];
+    for (int64_t t = 1; t < n; t++) mx = s[t] > mx ? s[t] : mx;
+    __m256 vsum = _mm256_setzero_ps();
+    int64_t t = 0;
+    for (; t + 8 <= n; t += 8) {
+        const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(s + t), _mm256_set1_ps(mx)));
+        _mm256_storeu_ps(s + t, e);
+        vsum = _mm256_add_ps(vsum, e);
+    }
+    float sum = hsum(vsum);
+    for (; t < n; t++) {
+        s[t] = expf(s[t] - mx);
+        sum += s[t];
+    }
+    return sum;
+}
+
 /* Input preparations the kernels fold in (the caller passes the un-prepared activations):
  * out[k] = silu(gate[k]) * up[k], k < n, from a row [gate | up] (the MLP's gated product); */
 INLINE void silu_gate_row(const float *gate_up, int64_t n, float *out) {
