@@ -107,18 +107,6 @@ def test_gguf_metadata_values_are_checked(tmp_path, key, value, message):
         load_model(path)
 
 
-def test_gguf_tensor_shape_that_disagrees_with_the_metadata(tmp_path, testdata):
-    """A quantized matrix declaring half its rows used to reach QuantLinear and fail with a ValueError."""
-    from ember.loader.model import load_model
-
-    # blk.2.ffn_up.weight: n_dims (4 bytes), ne[0] = 256 (8 bytes), then ne[1] = 768 rows -> 384
-    path = _patched(tmp_path, testdata / "gguf" / "tiny-llama-Q4_0.gguf", b"blk.2.ffn_up.weight", 12,
-                    (384).to_bytes(8, "little"))
-    with pytest.raises(ModelLoadError, match=r"patched.gguf: tensor 'blk.2.ffn_up.weight' of shape \(384, 256\) "
-                                             r"does not match the metadata's \(768, 256\)"):
-        load_model(path)
-
-
 def test_load_errors_name_the_model(tmp_path, testdata):
     """An error raised where the file is not known (the config check) gets the model's folder name in front."""
     from ember.loader.model import load_model
@@ -151,12 +139,20 @@ def test_gguf_rotary_dimension_count_is_checked(tmp_path):
         load_model(path)
 
 
-def test_gguf_qk_rows_that_do_not_split_into_heads(tmp_path, testdata):
-    """63 rows of blk.0.attn_k.weight (2 KV heads) made the row unpermutation fail with a RuntimeError."""
+@pytest.mark.parametrize("tensor, rows, message", [
+    # a quantized matrix declaring half its rows (ne[1] 768 -> 384) used to reach QuantLinear and fail with a
+    # ValueError
+    (b"blk.2.ffn_up.weight", 384,
+     r"patched.gguf: tensor 'blk.2.ffn_up.weight' of shape \(384, 256\) does not match the metadata's \(768, 256\)"),
+    # 63 rows of blk.0.attn_k.weight (2 KV heads) made the row unpermutation fail with a RuntimeError
+    (b"blk.0.attn_k.weight", 63,
+     r"patched.gguf: tensor 'blk.0.attn_k.weight': 63 rows do not split into 2 heads of two rotary halves"),
+], ids=["rows-vs-metadata", "k-rows-vs-heads"])
+def test_gguf_tensor_rows_are_checked(tmp_path, testdata, tensor, rows, message):
+    """A tensor's row count patched in the file (after its name: n_dims, 4 bytes, and ne[0], 8 bytes, then
+    ne[1]) is refused with ember's error naming the file and the tensor."""
     from ember.loader.model import load_model
 
-    path = _patched(tmp_path, testdata / "gguf" / "tiny-llama-Q4_0.gguf", b"blk.0.attn_k.weight", 12,
-                    (63).to_bytes(8, "little"))
-    with pytest.raises(ModelLoadError, match=r"patched.gguf: tensor 'blk.0.attn_k.weight': 63 rows do not split "
-                                             r"into 2 heads of two rotary halves"):
+    path = _patched(tmp_path, testdata / "gguf" / "tiny-llama-Q4_0.gguf", tensor, 12, rows.to_bytes(8, "little"))
+    with pytest.raises(ModelLoadError, match=message):
         load_model(path)
