@@ -27,13 +27,9 @@ REPLICA_DEPLOYMENT = "EmberReplica"
 INSTALL_HINT = "--replicas needs Ray Serve, which is not installed: pip install 'ember[ray]'"
 _QUIET = {"log_level": "WARNING", "enable_access_log": False}
 # The gRPC messages between the ingress and the replicas carry whole requests and answers: gRPC's default 4 MiB
-# limit would refuse a body near --max-body or a large answer (embeddings of many inputs). And the replica's
-# code runs on Serve's own event loop rather than a second loop in another thread: ember's app already keeps
-# blocking work off its loop (the engine has its own thread, tokenizing large texts goes to a worker), and the
-# thread hop cost ~0.9 ms per request (paired latency 3.9-4.5 -> 3.0-3.6 ms p50 on the quiet machine,
-# benchmarks/replicas.py --overhead-only). Read by Ray Serve when it is imported, here and in the replicas.
-REPLICA_ENV = {"RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(2**30),
-               "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
+# limit would refuse a body near --max-body or a large answer (embeddings of many inputs). Read by Ray Serve when
+# it is imported, here and in the replicas.
+GRPC_LIMIT = {"RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(2**30)}
 
 
 @dataclass
@@ -57,7 +53,7 @@ class ReplicaPlan:
         replica being stopped lets its requests finish for --shutdown-grace seconds, as `ember serve` does."""
         options: dict[str, Any] = {
             "ray_actor_options": {"num_cpus": self.cpus, "num_gpus": self.gpus,
-                                  "runtime_env": {"env_vars": REPLICA_ENV}},
+                                  "runtime_env": {"env_vars": GRPC_LIMIT}},
             "max_ongoing_requests": 2 * max_num_seqs,
             "graceful_shutdown_timeout_s": shutdown_grace,
             "graceful_shutdown_wait_loop_s": 0.5,
@@ -96,7 +92,7 @@ def plan_replicas(args: argparse.Namespace) -> ReplicaPlan:
 
 
 def _start_ray(address: str | None, plan: ReplicaPlan):
-    for name, value in REPLICA_ENV.items():
+    for name, value in GRPC_LIMIT.items():
         os.environ.setdefault(name, value)
     if not address:
         # Ray's single-machine mode (its default on macOS and Windows): the node's address is 127.0.0.1, and
